@@ -1,0 +1,68 @@
+import pytest
+
+from vlmalign.config import SFTConfig, load_config, save_config
+from vlmalign.errors import ConfigError
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_base_include_and_overrides(tmp_path):
+    write(tmp_path / "model.yaml", "model:\n  num_frames: 8\n  projector: linear\n")
+    cfg_file = write(tmp_path / "sft.yaml", "base: model.yaml\nmodel:\n  num_frames: 12\ntrain:\n  lr: 1e-4\n")
+    cfg = load_config(SFTConfig, cfg_file, ["train.batch_size=3", "data.train=[a.json, b.json]"])
+    assert cfg.model.num_frames == 12  # the including file wins over its base
+    assert cfg.model.projector == "linear"  # inherited from the base
+    assert cfg.train.lr == pytest.approx(1e-4)  # YAML reads 1e-4 as a string; float fields accept it
+    assert cfg.train.batch_size == 3
+    assert cfg.data.train == ["a.json", "b.json"]
+
+
+def test_unknown_key_names_key_file_and_suggestion(tmp_path):
+    cfg_file = write(tmp_path / "bad.yaml", "train:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(SFTConfig, cfg_file)
+    msg = str(err.value)
+    assert "train.lrr" in msg and str(cfg_file) in msg and "did you mean 'train.lr'" in msg
+    assert "\n" not in msg
+
+
+def test_unknown_key_in_base_names_the_base_file(tmp_path):
+    write(tmp_path / "base.yaml", "model:\n  num_frame: 8\n")
+    cfg_file = write(tmp_path / "top.yaml", "base: base.yaml\n")
+    with pytest.raises(ConfigError, match=r"model\.num_frame.*base\.yaml.*model\.num_frames"):
+        load_config(SFTConfig, cfg_file)
+
+
+def test_wrong_type_and_literal(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.batch_size: expected an integer.*--set"):
+        load_config(SFTConfig, None, ["train.batch_size=four"])
+    with pytest.raises(ConfigError, match=r"model\.projector.*did you mean 'mlp2x_gelu'"):
+        load_config(SFTConfig, None, ["model.projector=mlp2x_gelo"])
+    with pytest.raises(ConfigError, match="true or false"):
+        load_config(SFTConfig, None, ["model.vision.frozen=3"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(SFTConfig, tmp_path / "nope.yaml")
+    bad = write(tmp_path / "broken.yaml", "train: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(SFTConfig, bad)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(SFTConfig, None, ["train.lr=0.5", "model.lora.enabled=true"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(SFTConfig, tmp_path / "config.yaml") == cfg
+
+
+def test_bundled_configs_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for path in [root / "tiny" / "sft.yaml", root / "vlm_rlaif" / "sft_7b.yaml"]:
+        cfg = load_config(SFTConfig, path)
+        assert cfg.data.train

@@ -1,0 +1,166 @@
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import tiny_model_overrides
+from vlmalign.config import ModelConfig, SFTConfig, load_config
+from vlmalign.data.formats import Turn
+from vlmalign.data.template import IGNORE_INDEX, VISUAL_TOKEN_ID, encode_conversation, encode_prompt
+from vlmalign.errors import DataError
+from vlmalign.model.projector import build_projector, spatio_temporal_pool
+from vlmalign.model.video_lm import build_model, load_model
+from vlmalign.model.vision import preprocess_frames
+
+TINY = "configs/tiny/sft.yaml"
+CLIP_1L = "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, image_size: %d, patch_size: 14}"
+
+
+def tiny(word_corpus, **extra) -> ModelConfig:
+    return load_config(SFTConfig, TINY, tiny_model_overrides(word_corpus, **extra)).model
+
+
+def test_vlm_rlaif_token_count_50_frames_576_patches_after_projector(word_corpus):
+    cfg = tiny(word_corpus, **{"model.vision.arch": CLIP_1L % 336, "model.num_frames": 50, "model.pooling": "after_projector"})
+    model = build_model(cfg)
+    assert model.vision.num_patches == 576
+    pixels = torch.randn(1, 50, 3, 336, 336)
+    feats = model.video_features(pixels)
+    assert feats.shape == (1, 50, 576, 32)
+    tokens = model.visual_tokens(feats)
+    assert tokens.shape == (1, 626, 128) and model.num_visual_tokens == 626
+    # after the projector: pool(project(x)), not project(pool(x)) (they differ for an MLP)
+    expected = spatio_temporal_pool(model.projector(feats))
+    torch.testing.assert_close(tokens, expected)
+    assert not torch.allclose(tokens, model.projector(spatio_temporal_pool(feats)))
+
+
+def test_video_chatgpt_token_count_100_frames_256_patches_before_projector(word_corpus):
+    cfg = tiny(word_corpus, **{"model.vision.arch": CLIP_1L % 224, "model.num_frames": 100,
+                               "model.pooling": "before_projector", "model.projector": "linear"})
+    model = build_model(cfg)
+    feats = torch.randn(2, 100, 256, 32)
+    tokens = model.visual_tokens(feats)
+    assert tokens.shape == (2, 356, 128) and model.num_visual_tokens == 356
+    torch.testing.assert_close(tokens, model.projector(spatio_temporal_pool(feats)))
+
+
+def test_pooling_is_temporal_then_spatial_means():
+    feats = torch.arange(2 * 3 * 4 * 1, dtype=torch.float).view(1, 3, 4, 2)  # T=3 frames, P=4 patches, D=2
+    pooled = spatio_temporal_pool(feats)
+    assert pooled.shape == (1, 3 + 4, 2)
+    torch.testing.assert_close(pooled[0, 0], feats[0, 0].mean(0))  # frame 0 averaged over patches
+    torch.testing.assert_close(pooled[0, 3], feats[0, :, 0].mean(0))  # patch 0 averaged over frames
+    with pytest.raises(ValueError, match="expected features"):
+        spatio_temporal_pool(torch.zeros(3, 4, 2))
+
+
+@pytest.mark.parametrize("kind,act", [("mlp2x_gelu", torch.nn.GELU), ("mlp2x_relu", torch.nn.ReLU)])
+def test_projector_kinds(kind, act):
+    proj = build_projector(kind, 8, 16)
+    assert isinstance(proj[1], act) and proj[0].in_features == 8 and proj[2].out_features == 16
+    assert isinstance(build_projector("linear", 8, 16), torch.nn.Linear)
+
+
+def test_preprocess_frames_resizes_and_crops():
+    frames = np.random.default_rng(0).integers(0, 255, (3, 48, 80, 3), dtype=np.uint8)
+    out = preprocess_frames(frames, 32)
+    assert out.shape == (3, 3, 32, 32) and out.dtype == torch.float32
+
+
+def test_template_masks_everything_but_answers(word_corpus):
+    model = build_model(tiny(word_corpus))
+    tok = model.tokenizer
+    turns = [Turn("user", "<video>\nwhat colour is the square?"), Turn("assistant", "it is red.")]
+    enc = encode_conversation(tok, turns, model.num_visual_tokens, 384)
+    assert enc.input_ids.count(VISUAL_TOKEN_ID) == model.num_visual_tokens
+    answer = [t for t, l in zip(enc.input_ids, enc.labels) if l != IGNORE_INDEX]
+    assert tok.decode(answer[:-1]) == "it is red." and answer[-1] == tok.eos_token_id
+    assert enc.labels[: enc.input_ids.index(VISUAL_TOKEN_ID) + model.num_visual_tokens] == [IGNORE_INDEX] * (
+        enc.input_ids.index(VISUAL_TOKEN_ID) + model.num_visual_tokens
+    )
+    prompt = encode_prompt(tok, "<video>\nwhat colour is the square?", model.num_visual_tokens)
+    assert enc.input_ids[: len(prompt)] == prompt
+    with pytest.raises(DataError, match="prompt needs .* tokens .*80 visual.*max_length is 50"):
+        encode_conversation(tok, turns, model.num_visual_tokens, 50, sample_id="s1")
+
+
+def test_visual_tokens_are_spliced_into_their_slots(word_corpus):
+    model = build_model(tiny(word_corpus))
+    tok = model.tokenizer
+    ids = torch.tensor([encode_prompt(tok, "<video>\nwhat colour?", model.num_visual_tokens)])
+    feats = torch.randn(1, 16, 64, 64)
+    embeds = model.embed(ids, feats)
+    slots = ids[0] == VISUAL_TOKEN_ID
+    torch.testing.assert_close(embeds[0, slots], model.visual_tokens(feats)[0])
+    torch.testing.assert_close(embeds[0, ~slots], model.llm.get_input_embeddings()(ids[0, ~slots]))
+    with pytest.raises(ValueError, match="visual slots"):
+        model.embed(ids, torch.randn(2, 16, 64, 64))
+
+
+def _logits(model, word_corpus):
+    tok = model.tokenizer
+    ids = torch.tensor([encode_prompt(tok, "<video>\nwhat colour is the red square?", model.num_visual_tokens)])
+    feats = torch.randn(1, 16, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model.eval()(ids, torch.ones_like(ids), feats).logits
+
+
+def test_save_and_load_give_identical_logits(word_corpus, tmp_path):
+    model = build_model(tiny(word_corpus))
+    with torch.no_grad():  # make the weights differ from any fresh init
+        for p in model.projector.parameters():
+            p.add_(0.1)
+    model.save_pretrained(tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert torch.equal(_logits(model, word_corpus), _logits(loaded, word_corpus))
+    assert (tmp_path / "m" / "llm" / "model.safetensors").is_file()  # random-init base is kept
+    assert not list((tmp_path / "m").rglob("*.bin"))
+
+
+def test_lora_adapter_saved_on_top_of_a_referenced_base(word_corpus, tmp_path):
+    base = build_model(tiny(word_corpus))
+    base.save_pretrained(tmp_path / "base")
+    cfg = tiny(word_corpus, **{"model.init_from": str(tmp_path / "base"), "model.lora.enabled": "true", "model.lora.r": 4})
+    model = build_model(cfg)
+    assert model.uses_lora
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("projector") for n in trainable)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    with model.llm.disable_adapter():  # the reference policy is the starting model
+        torch.testing.assert_close(_logits(model, word_corpus), _logits(load_model(tmp_path / "base"), word_corpus))
+    model.save_pretrained(tmp_path / "lora")
+    assert (tmp_path / "lora" / "adapter").is_dir() and not (tmp_path / "lora" / "llm").exists()
+    loaded = load_model(tmp_path / "lora")
+    torch.testing.assert_close(_logits(model, word_corpus), _logits(loaded, word_corpus))
+
+
+def test_llava_hf_checkpoint_converts(word_corpus, tmp_path):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from vlmalign.model.tokenizer import build_word_tokenizer
+
+    tok = build_word_tokenizer(["what", "colour", "is", "it", "red", "?"])
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       image_size=28, patch_size=14).to_dict(),
+        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=4).to_dict(),
+        image_token_index=1,
+    )
+    llava = LlavaForConditionalGeneration(cfg).eval()
+    llava.save_pretrained(tmp_path / "llava")
+    tok.save_pretrained(tmp_path / "llava")
+
+    model = build_model(tiny(word_corpus, **{"model.init_from": str(tmp_path / "llava"), "model.num_frames": 4}))
+    assert model.num_visual_tokens == 4 + 4
+    pixels = torch.randn(1, 4, 3, 28, 28)
+    with torch.no_grad():
+        feats = model.video_features(pixels)
+        ref_feats = llava.model.vision_tower(pixels[0], output_hidden_states=True).hidden_states[-2][:, 1:]
+        torch.testing.assert_close(feats[0], ref_feats)
+        torch.testing.assert_close(model.projector(feats[0]), llava.model.multi_modal_projector(ref_feats))
+        ids = torch.tensor([[2, 4, 5, 6]])
+        torch.testing.assert_close(model.llm(input_ids=ids).logits, llava(input_ids=ids).logits)

@@ -1,0 +1,353 @@
+"""One config schema: typed dataclasses per stage, loaded from YAML with strict validation.
+
+A stage config is a dataclass of sections (`model`, `data`, `train`, ...). YAML files may include
+other files with `base:` (a path or a list, relative to the including file; later ones win, the
+including file wins over all), and every command accepts `--set a.b=value` overrides. Unknown keys,
+wrong types and missing required fields raise `ConfigError` naming the key, the file it came from
+and, for unknown keys, the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from vlmalign.errors import ConfigError
+
+LLAMA_LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class VisionConfig:
+    backend: Literal["hf", "open_clip"] = "hf"
+    # HF name or local path of a CLIP vision model (e.g. openai/clip-vit-large-patch14-336), or an
+    # open_clip "MODEL/PRETRAINED" pair. None builds a random-initialised tower from `arch`.
+    pretrained: str | None = None
+    arch: dict[str, Any] = field(default_factory=dict)  # CLIPVisionConfig fields for random init
+    select_layer: int = -2  # LLaVA uses the penultimate layer
+    frozen: bool = True
+
+
+@dataclass
+class LLMConfig:
+    pretrained: str | None = None  # any AutoModelForCausalLM name or path; None: random init from `arch`
+    arch: dict[str, Any] = field(default_factory=dict)  # LlamaConfig fields for random init
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class TokenizerConfig:
+    pretrained: str | None = None  # defaults to llm.pretrained
+    # Tiny models: build a word-level tokenizer from the words in these files (plus the packaged
+    # prompts), so nothing is downloaded. Used only when no pretrained tokenizer is given.
+    word_corpus: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 64
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LINEAR_MODULES))
+
+
+@dataclass
+class QuantizationConfig:
+    load_in_4bit: bool = False  # QLoRA: bitsandbytes nf4 base weights (needs CUDA and llm.pretrained)
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+@dataclass
+class ModelConfig:
+    # Start from a saved vlmalign model (a run's final/ or checkpoint) or an HF `llava-hf` LLaVA-1.5
+    # checkpoint; the sections below then describe only what changes (e.g. a new LoRA).
+    init_from: str | None = None
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    projector: Literal["mlp2x_gelu", "mlp2x_relu", "linear"] = "mlp2x_gelu"
+    # Video-ChatGPT spatio-temporal mean pooling: VLM-RLAIF pools after the projector (T + P
+    # tokens of LLM width), Video-ChatGPT before a linear projector.
+    pooling: Literal["after_projector", "before_projector"] = "after_projector"
+    num_frames: int = 50
+    frame_sampling: Literal["linspace", "segments"] = "linspace"
+    train_projector: bool = True
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    gradient_checkpointing: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Data, training mechanics, run
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)  # data files (any supported format)
+    eval: list[str] = field(default_factory=list)
+    video_root: str | None = None  # relative video paths resolve here, else next to the data file
+    max_length: int = 2048  # tokens incl. visual tokens; longer prompts are an error, never truncated
+    # CLIP features of each video are computed once and stored here (safetensors); null disables.
+    feature_cache: str | None = "runs/feature_cache"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    batch_size: int = 4  # per process
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_ratio: float = 0.03
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    deepspeed: str | None = None  # zero2 | zero3 | path to a DeepSpeed JSON; used under accelerate launch
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 200  # optimizer steps between atomic checkpoints
+    keep_checkpoints: int = 2
+    tensorboard: bool = False
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"  # everything the stage writes goes here; re-running resumes from it
+    resume: bool = True
+    progress: bool = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class CurriculumConfig:
+    # answer_length: split the training data into easy (short answers) and hard stages by the
+    # answer's word count; files: each data.train file is one stage, in order; none: one mixture.
+    criterion: Literal["answer_length", "files", "none"] = "none"
+    stages: list[str] = field(default_factory=lambda: ["easy", "hard"])
+    threshold: int | None = None  # words; None: the median answer length
+    epochs_per_stage: int = 1
+
+
+@dataclass
+class SFTConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+_BASE_KEYS = ("base", "defaults")
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _merge(dst: dict, src: dict, origin: dict, source: str, prefix: str = "") -> None:
+    """Deep-merge `src` into `dst`, recording which file set each dotted key."""
+    for key, value in src.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(dst.get(key), dict):
+            _merge(dst[key], value, origin, source, dotted + ".")
+        else:
+            dst[key] = value
+            origin[dotted] = source
+
+
+def _load_with_bases(path: Path, origin: dict, seen: tuple = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: circular base include")
+    data = _read_yaml(path)
+    bases = None
+    for key in _BASE_KEYS:
+        if key in data:
+            bases = data.pop(key)
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else (bases or []):
+        _merge(merged, _load_with_bases(path.parent / base, origin, seen + (path,)), origin, str(path.parent / base))
+    _merge(merged, data, origin, str(path))
+    return merged
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _apply_override(data: dict, keys: list[str], value: Any, origin: dict) -> None:
+    node = data
+    for key in keys[:-1]:
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node = node[key]
+    node[keys[-1]] = value
+    origin[".".join(keys)] = "--set"
+
+
+def _where(origin: dict, dotted: str) -> str:
+    """The file (or --set) that set `dotted` or its nearest parent."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        if ".".join(parts[:i]) in origin:
+            return origin[".".join(parts[:i])]
+    return "defaults"
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, dotted: str, origin: dict) -> Any:
+    origin_tp = typing.get_origin(tp)
+    where = _where(origin, dotted)
+
+    def fail(expected: str) -> typing.NoReturn:
+        raise ConfigError(f"{dotted}: expected {expected}, got {type(value).__name__} {value!r} (from {where})")
+
+    if tp is Any:
+        return value
+    if origin_tp in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            fail(" or ".join(_type_name(a) for a in args))
+        non_none = [a for a in args if a is not type(None)]
+        errors = []
+        for arg in non_none:
+            try:
+                return _convert(value, arg, dotted, origin)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin_tp is Literal:
+        if value not in typing.get_args(tp):
+            close = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            fail(f"one of {_type_name(tp)}{hint}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            fail(f"a mapping for section {tp.__name__}")
+        return _build(tp, value, dotted + ".", origin)
+    if origin_tp is list:
+        if not isinstance(value, list):
+            fail("a list")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{dotted}[{i}]", origin) for i, v in enumerate(value)]
+    if origin_tp is dict:
+        if not isinstance(value, dict):
+            fail("a mapping")
+        _, val_tp = typing.get_args(tp)
+        return {str(k): _convert(v, val_tp, f"{dotted}.{k}", origin) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            fail("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("an integer")
+        return value
+    if tp is float:
+        # YAML 1.1 reads `1e-4` (no dot) as a string; accept numeric strings for float fields.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                fail("a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail("a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            fail("a string")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {dotted}")
+
+
+def _build(cls: type, data: dict, prefix: str, origin: dict) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            valid = ", ".join(fields)
+            raise ConfigError(
+                f"unknown key '{prefix}{key}' in {_where(origin, prefix + str(key))}{hint}; valid keys: {valid}"
+            )
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], prefix + name, origin)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required key '{prefix}{name}' (in {_where(origin, prefix.rstrip('.'))})")
+    return cls(**kwargs)
+
+
+T = typing.TypeVar("T")
+
+
+def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Load `schema` from a YAML file (with `base:` includes) and `a.b=value` overrides."""
+    origin: dict[str, str] = {}
+    data = _load_with_bases(Path(path), origin) if path else {}
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        _apply_override(data, keys, value, origin)
+    return _build(schema, data, "", origin)
+
+
+def config_from_dict(schema: type[T], data: dict, source: str = "dict") -> T:
+    origin = {key: source for key in data}
+    return _build(schema, data, "", origin)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)

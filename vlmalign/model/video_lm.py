@@ -1,0 +1,296 @@
+"""The video LLM: CLIP vision tower -> (pool, project | project, pool) -> visual tokens spliced into
+an `AutoModelForCausalLM` at the `<video>` slots.
+
+Saved layout (`save_pretrained`), everything in safetensors:
+    model.json            the ModelConfig plus where each component's weights come from
+    tokenizer/            always
+    projector.safetensors always
+    vision/               unless the tower is a frozen pretrained one (then it is referenced)
+    llm/                  full LLM weights when trained without LoRA or randomly initialised
+    adapter/              the LoRA adapter, when LoRA is on (the base is then referenced)
+A LoRA model started from another saved model records that model's path as its base; loading
+rebuilds the base (merging its adapter, if any) and applies this adapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vlmalign.config import ModelConfig, config_from_dict, to_dict
+from vlmalign.data.template import VISUAL_TOKEN_ID
+from vlmalign.errors import ConfigError
+from vlmalign.model.projector import build_projector, spatio_temporal_pool
+from vlmalign.model.tokenizer import load_tokenizer
+from vlmalign.model.vision import VisionTower
+
+MANIFEST = "model.json"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class VideoLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, vision: VisionTower, projector: nn.Module, llm: nn.Module, tokenizer, base: dict):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = vision
+        self.projector = projector
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.base = base  # where the LLM base weights come from: {"pretrained": name} | {"checkpoint": path} | {}
+
+    # --- visual tokens -------------------------------------------------------------------------
+    @property
+    def num_visual_tokens(self) -> int:
+        return self.cfg.num_frames + self.vision.num_patches
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.projector.parameters()).device
+
+    def video_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, T, 3, S, S] frames -> [B, T, P, D] vision features (what the feature cache stores)."""
+        b, t = pixel_values.shape[:2]
+        feats = self.vision(pixel_values.flatten(0, 1))
+        return feats.view(b, t, *feats.shape[1:])
+
+    def visual_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, T, P, D] vision features -> [B, T + P, H] LLM-width visual tokens."""
+        features = features.to(self.projector_dtype)
+        if self.cfg.pooling == "before_projector":
+            return self.projector(spatio_temporal_pool(features))
+        return spatio_temporal_pool(self.projector(features))
+
+    @property
+    def projector_dtype(self) -> torch.dtype:
+        return next(self.projector.parameters()).dtype
+
+    def embed(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with visual tokens written into the `VISUAL_TOKEN_ID` slots.
+
+        `features` holds one video per row of `input_ids` that has visual slots, in row order.
+        """
+        slots = input_ids == VISUAL_TOKEN_ID
+        embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(slots, 0))
+        rows = slots.any(dim=1)
+        if not rows.any():
+            return embeds
+        if features is None:
+            raise ValueError("input has <video> slots but no video features were given")
+        tokens = self.visual_tokens(features)
+        per_row = slots.sum(dim=1)[rows]
+        if tokens.shape[0] != int(rows.sum()) or bool((per_row != tokens.shape[1]).any()):
+            raise ValueError(
+                f"{int(rows.sum())} rows with {per_row.tolist()} visual slots, but features give "
+                f"{tokens.shape[0]} videos x {tokens.shape[1]} tokens"
+            )
+        embeds = embeds.clone()
+        embeds[slots] = tokens.reshape(-1, tokens.shape[-1]).to(embeds.dtype)
+        return embeds
+
+    def forward(self, input_ids, attention_mask, features=None, **llm_kwargs):
+        """Causal-LM forward; returns the LLM's output (logits [B, L, V])."""
+        return self.llm(inputs_embeds=self.embed(input_ids, features), attention_mask=attention_mask, **llm_kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, features=None, **gen_kwargs) -> torch.Tensor:
+        """Left-padded prompts -> new token ids only [B * num_return_sequences, L_new]."""
+        gen_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        gen_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
+        return self.llm.generate(
+            inputs_embeds=self.embed(input_ids, features), attention_mask=attention_mask, **gen_kwargs
+        )
+
+    # --- saving -------------------------------------------------------------------------------
+    @property
+    def uses_lora(self) -> bool:
+        return hasattr(self.llm, "peft_config")
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(path / "tokenizer")
+        save_file(_contiguous(self.projector.state_dict()), path / "projector.safetensors")
+        saved_vision = not (self.cfg.vision.pretrained and self.cfg.vision.frozen)
+        if saved_vision:
+            self.vision.model.save_pretrained(path / "vision")
+        if self.uses_lora:
+            self.llm.save_pretrained(path / "adapter")
+            if not self.base:  # random-init base: nothing to reference, so keep it
+                self.llm.get_base_model().save_pretrained(path / "llm")
+        else:
+            self.llm.save_pretrained(path / "llm")
+        manifest = {
+            "config": to_dict(self.cfg),
+            "vision": "saved" if saved_vision else "pretrained",
+            "base": self.base if self.uses_lora else {},
+        }
+        (path / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+
+def _contiguous(state: dict) -> dict:
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and loading
+# ---------------------------------------------------------------------------------------------
+def _prompt_corpus() -> list[Path]:
+    return sorted((Path(__file__).resolve().parents[1] / "prompts").glob("*.yaml"))
+
+
+def _load_llm(source: str | Path, cfg: ModelConfig):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": _DTYPES[cfg.llm.dtype], "trust_remote_code": cfg.llm.trust_remote_code}
+    if cfg.quantization.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        if not torch.cuda.is_available():
+            raise ConfigError("model.quantization.load_in_4bit needs a CUDA GPU (bitsandbytes nf4)")
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=cfg.quantization.quant_type,
+            bnb_4bit_use_double_quant=cfg.quantization.double_quant,
+            bnb_4bit_compute_dtype=_DTYPES[cfg.quantization.compute_dtype],
+            llm_int8_skip_modules=["lm_head"],
+        )
+    return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+
+
+def _random_llm(cfg: ModelConfig, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    arch = dict(cfg.llm.arch)
+    arch.setdefault("vocab_size", len(tokenizer))
+    try:
+        llm_config = LlamaConfig(
+            **arch,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    except TypeError as exc:
+        raise ConfigError(f"model.llm.arch: {exc}") from None
+    return LlamaForCausalLM(llm_config).to(_DTYPES[cfg.llm.dtype])
+
+
+def _apply_lora(llm, cfg: ModelConfig):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.quantization.load_in_4bit:
+        llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(llm, lora)
+
+
+def _set_trainable(model: VideoLM) -> VideoLM:
+    cfg = model.cfg
+    model.vision.requires_grad_(not cfg.vision.frozen)
+    model.projector.requires_grad_(cfg.train_projector)
+    if cfg.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable()
+        model.llm.enable_input_require_grads()
+    return model
+
+
+def build_model(cfg: ModelConfig) -> VideoLM:
+    """A trainable VideoLM from a model config: fresh, from a saved vlmalign model, or from llava-hf.
+
+    With `init_from`, the architecture comes from that checkpoint; `num_frames`, `frame_sampling`,
+    `lora`, `quantization`, `train_projector` and `gradient_checkpointing` come from `cfg`. A LoRA
+    adapter of the starting model is merged into its base before a new adapter is added, so that
+    disabling the new adapter gives back the starting model (the reference policy).
+    """
+    if cfg.init_from:
+        start = load_model(cfg.init_from)
+        start_llm = start.llm.merge_and_unload() if start.uses_lora else start.llm
+        arch = dataclasses.replace(
+            start.cfg,
+            num_frames=cfg.num_frames,
+            frame_sampling=cfg.frame_sampling,
+            lora=cfg.lora,
+            quantization=cfg.quantization,
+            train_projector=cfg.train_projector,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+            vision=dataclasses.replace(start.cfg.vision, frozen=cfg.vision.frozen),
+            init_from=None,
+        )
+        base = {"checkpoint": str(Path(cfg.init_from).resolve())}
+        llm = _apply_lora(start_llm, arch) if cfg.lora.enabled else start_llm
+        model = VideoLM(arch, start.vision, start.projector, llm, start.tokenizer, base)
+        return _set_trainable(model)
+
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.llm.pretrained, extra_corpus=_prompt_corpus())
+    vision = VisionTower(cfg.vision)
+    if cfg.llm.pretrained:
+        llm, base = _load_llm(cfg.llm.pretrained, cfg), {"pretrained": cfg.llm.pretrained}
+    else:
+        if cfg.quantization.load_in_4bit:
+            raise ConfigError("model.quantization.load_in_4bit needs model.llm.pretrained (a saved base to quantise)")
+        llm, base = _random_llm(cfg, tokenizer), {}
+    projector = build_projector(cfg.projector, vision.hidden_size, llm.config.hidden_size).to(_DTYPES[cfg.llm.dtype])
+    if cfg.lora.enabled:
+        llm = _apply_lora(llm, cfg)
+    return _set_trainable(VideoLM(cfg, vision, projector, llm, tokenizer, base))
+
+
+def load_model(path: str | Path, trainable: bool = False) -> VideoLM:
+    """Load a model saved by `VideoLM.save_pretrained`, or convert an HF llava-hf LLaVA-1.5 checkpoint."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        if (path / "config.json").is_file() and json.loads((path / "config.json").read_text()).get("model_type") == "llava":
+            from vlmalign.model.llava import load_llava_hf
+
+            return load_llava_hf(path)
+        raise ConfigError(f"not a vlmalign model directory (no {MANIFEST}): {path}")
+    manifest = json.loads((path / MANIFEST).read_text())
+    cfg = config_from_dict(ModelConfig, manifest["config"], source=str(path / MANIFEST))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+    if manifest["vision"] == "saved":
+        from transformers import CLIPVisionModel
+
+        vision = VisionTower(cfg.vision, model=CLIPVisionModel.from_pretrained(path / "vision"))
+    else:
+        vision = VisionTower(cfg.vision)
+
+    base = manifest["base"]
+    if (path / "llm").is_dir():
+        llm = _load_llm(path / "llm", cfg)
+    elif "pretrained" in base:
+        llm = _load_llm(base["pretrained"], cfg)
+    elif "checkpoint" in base:
+        if not Path(base["checkpoint"]).is_dir():
+            raise ConfigError(f"{path / MANIFEST}: base checkpoint {base['checkpoint']} no longer exists")
+        start = load_model(base["checkpoint"])
+        llm = start.llm.merge_and_unload() if start.uses_lora else start.llm
+    else:
+        raise ConfigError(f"{path / MANIFEST}: no LLM weights saved and no base recorded")
+    if (path / "adapter").is_dir():
+        from peft import PeftModel
+
+        llm = PeftModel.from_pretrained(llm, path / "adapter", is_trainable=trainable)
+
+    projector = build_projector(cfg.projector, vision.hidden_size, llm.config.hidden_size)
+    projector.load_state_dict(load_file(path / "projector.safetensors"))
+    projector.to(_DTYPES[cfg.llm.dtype])
+    model = VideoLM(cfg, vision, projector, llm, tokenizer, base)
+    if trainable:
+        return _set_trainable(model)
+    model.requires_grad_(False)
+    return model.eval()
