@@ -248,15 +248,30 @@ def build_model(cfg: ModelConfig) -> VideoLM:
     return _set_trainable(VideoLM(cfg, vision, projector, llm, tokenizer, base))
 
 
+def _model_type(path: Path) -> str | None:
+    """model_type of an HF checkpoint: a local folder's config.json, or a hub name (needs the hub)."""
+    if path.is_dir():
+        config = path / "config.json"
+        return json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    if path.exists():
+        return None
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path)).model_type
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model not found: {path} is no local folder and the hub could not provide it ({exc.__class__.__name__})") from None
+
+
 def load_model(path: str | Path, trainable: bool = False) -> VideoLM:
     """Load a model saved by `VideoLM.save_pretrained`, or convert an HF llava-hf LLaVA-1.5 checkpoint."""
     path = Path(path)
     if not (path / MANIFEST).is_file():
-        if (path / "config.json").is_file() and json.loads((path / "config.json").read_text()).get("model_type") == "llava":
+        if _model_type(path) == "llava":
             from vlmalign.model.llava import load_llava_hf
 
-            return load_llava_hf(path)
-        raise ConfigError(f"not a vlmalign model directory (no {MANIFEST}): {path}")
+            return load_llava_hf(path if path.exists() else str(path))
+        raise ConfigError(f"not a vlmalign model directory (no {MANIFEST}) nor a llava-hf checkpoint: {path}")
     manifest = json.loads((path / MANIFEST).read_text())
     cfg = config_from_dict(ModelConfig, manifest["config"], source=str(path / MANIFEST))
     from transformers import AutoTokenizer
