@@ -30,3 +30,28 @@ def tiny_model_overrides(corpus: Path, **extra) -> list[str]:
     out = [f"model.tokenizer.word_corpus=[{corpus}]"]
     out += [f"{k}={v}" for k, v in extra.items()]
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bench(tmp_path_factory) -> Path:
+    """A 12-video synthetic benchmark shared by the training tests."""
+    from vlmalign.data.synthetic import generate_benchmark
+
+    out = tmp_path_factory.mktemp("bench")
+    generate_benchmark(out, num_videos=12, seed=0, progress=False)
+    return out
+
+
+def sft_overrides(bench: Path, run_dir: Path, **extra) -> list[str]:
+    """Tiny-config overrides pointing SFT at a benchmark folder and a run dir."""
+    base = {
+        "run.dir": str(run_dir),
+        "run.progress": "false",
+        "data.train": f"[{bench}/sft_easy.json, {bench}/sft_hard.json]",
+        "data.feature_cache": str(run_dir.parent / "feature_cache"),
+        "model.tokenizer.word_corpus": f"[{bench}/sft_mix.json, {bench}/judge_train.json]",
+        "curriculum.epochs_per_stage": "1",
+        "train.batch_size": "8",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

@@ -117,7 +117,6 @@ class TrainConfig:
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: float = 1.0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    deepspeed: str | None = None  # zero2 | zero3 | path to a DeepSpeed JSON; used under accelerate launch
     seed: int = 0
     log_every: int = 10
     save_every: int = 200  # optimizer steps between atomic checkpoints

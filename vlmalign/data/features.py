@@ -114,9 +114,8 @@ class VisualInputs:
 
         unique = list(dict.fromkeys(v if isinstance(v, str) else tuple(v) for v in videos))
         missing = [v for v in unique if not self._cache_path(v if isinstance(v, str) else list(v)).is_file()]
-        bar = tqdm(total=len(missing), desc="video features", disable=not progress or not missing, unit="video")
-        for start in range(0, len(missing), batch_size):
-            chunk = [v if isinstance(v, str) else list(v) for v in missing[start : start + batch_size]]
-            self.features(chunk)
-            bar.update(len(chunk))
-        bar.close()
+        with tqdm(total=len(missing), desc="video features", disable=not progress or not missing, unit="video") as bar:
+            for start in range(0, len(missing), batch_size):
+                chunk = [v if isinstance(v, str) else list(v) for v in missing[start : start + batch_size]]
+                self.features(chunk)
+                bar.update(len(chunk))

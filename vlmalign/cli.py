@@ -1,0 +1,219 @@
+"""`vlmalign <command>`: parse arguments, load the stage's config, call that stage's `run`.
+
+Every training command takes `--config FILE` and any number of `--set key.sub=value` overrides, and
+`--launch NAME` to re-run itself under `accelerate launch` with a bundled accelerate config
+(`configs/accelerate/NAME.yaml`) or a path. Errors in user input print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from vlmalign.errors import VlmalignError
+
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+# Commands that later work will implement; each exits non-zero instead of pretending.
+PENDING = {
+    "make-instructions": "turn detailed captions into instruction data with an LLM",
+    "make-prefs": "sample answers, judge them, and write preference data",
+    "train-rm": "train a context-aware reward model on preference pairs",
+    "ppo": "optimise a policy with PPO against a reward model",
+    "dpo": "DPO, or iterative self-retrospective DPO with --iterations N",
+    "grpo-rank": "GRPO with rank-based advantages from an oracle's rankings",
+}
+EVAL_BENCHMARKS = ["synthetic", "msvd-qa", "msrvtt-qa", "tgif-qa", "activitynet-qa", "generative", "video-mme", "retrieval", "action"]
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", required=required, help="YAML config (may include others with `base:`)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=2e-5 (repeatable)")
+    p.add_argument("--launch", metavar="NAME|PATH",
+                   help="run under `accelerate launch` with configs/accelerate/NAME.yaml or a config file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlmalign", description="Align video LLMs with AI feedback.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("train-sft", help="curriculum SFT of the video LLM on instruction data")
+    _add_config_args(p)
+
+    p = sub.add_parser("generate", help="answer questions about videos with a trained model")
+    p.add_argument("--model", required=True, help="a saved model directory (e.g. runs/sft/final)")
+    p.add_argument("--video", help="one video file or frame folder")
+    p.add_argument("--question", help="the question for --video")
+    p.add_argument("--data", help="instruction or QA file: answer every question in it")
+    p.add_argument("--out", help="write answers as JSONL here (default: print)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--num-return-sequences", type=int, default=1, help="answers per question (G)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--feature-cache", default=None, help="folder for cached video features")
+
+    for name, text in PENDING.items():
+        p = sub.add_parser(name, help=f"{text} (not implemented yet)")
+        _add_config_args(p)
+        if name == "dpo":
+            p.add_argument("--iterations", type=int, default=1, help="ISR-DPO iterations T (1 = plain DPO)")
+
+    p = sub.add_parser("eval", help="evaluate a model on a benchmark")
+    p.add_argument("benchmark", choices=EVAL_BENCHMARKS)
+    p.add_argument("--model", help="a saved model directory")
+    p.add_argument("--data", help="benchmark data: for `synthetic`, the folder written by make-synthetic")
+    p.add_argument("--out", help="folder for predictions and report (default: MODEL/../eval-BENCHMARK)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
+
+    p = sub.add_parser("make-synthetic", help="write the synthetic video-QA benchmark (videos, data, oracle metadata)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--videos", type=int, default=600, help="number of videos")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frames", type=int, default=16, help="frames per video")
+    p.add_argument("--size", type=int, default=64, help="frame width and height in pixels")
+
+    p = sub.add_parser("demo", help="the embedded default: synthetic benchmark -> SFT -> held-out accuracy, on a CPU")
+    p.add_argument("--out", default="runs/demo", help="folder for the benchmark, runs and report")
+    p.add_argument("--videos", type=int, default=None, help="override the demo's number of videos")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the SFT config, e.g. --set train.max_steps=50")
+    return parser
+
+
+def _relaunch(args: argparse.Namespace, argv: list[str]) -> int:
+    bundled = CONFIGS_DIR / "accelerate" / f"{args.launch}.yaml"
+    config = bundled if bundled.is_file() else Path(args.launch)
+    if not config.is_file():
+        names = sorted(p.stem for p in (CONFIGS_DIR / "accelerate").glob("*.yaml"))
+        raise VlmalignError(f"--launch: no accelerate config {args.launch!r} (bundled: {', '.join(names)})")
+    rest = []
+    skip = False
+    for i, tok in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if tok == "--launch":
+            skip = True
+            continue
+        if tok.startswith("--launch="):
+            continue
+        rest.append(tok)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "vlmalign.cli", *rest]
+    return subprocess.call(cmd)
+
+
+def _cmd_train_sft(args) -> int:
+    from vlmalign.config import SFTConfig, load_config
+    from vlmalign.train import sft
+
+    sft.run(load_config(SFTConfig, args.config, args.overrides))
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from vlmalign.data.features import VisualInputs
+    from vlmalign.data.formats import read_instructions, read_qa, write_jsonl
+    from vlmalign.model.generation import GenerationConfig, generate_answers
+    from vlmalign.model.video_lm import load_model
+
+    if bool(args.video) == bool(args.data):
+        raise VlmalignError("generate: give either --video with --question, or --data")
+    if args.video and not args.question:
+        raise VlmalignError("generate: --video needs --question")
+    model = load_model(args.model)
+    if args.video:
+        requests = [("q0", args.video, args.question)]
+    else:
+        try:
+            requests = [(q.id, q.video, q.question) for q in read_qa(args.data)]
+        except VlmalignError:
+            requests = [(s.id, s.video, s.turns[0].text) for s in read_instructions(args.data)]
+    gen = GenerationConfig(args.max_new_tokens, args.sample, args.temperature, args.top_p, args.num_return_sequences, args.batch_size)
+    answers = generate_answers(model, VisualInputs(model, args.feature_cache), [(v, q) for _, v, q in requests], gen, progress=args.data is not None)
+    records = [{"id": i, "video": v, "question": q, "answers": a} for (i, v, q), a in zip(requests, answers)]
+    if args.out:
+        write_jsonl(args.out, records)
+    else:
+        for r in records:
+            print(json.dumps(r, ensure_ascii=False))
+    return 0
+
+
+def _cmd_make_synthetic(args) -> int:
+    from vlmalign.data.synthetic import generate_benchmark
+
+    manifest = generate_benchmark(args.out, num_videos=args.videos, seed=args.seed, num_frames=args.frames, size=args.size)
+    for name, info in manifest["files"].items():
+        print(f"{name}: {info['records']} records")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    if args.benchmark != "synthetic":
+        raise VlmalignError(f"eval {args.benchmark}: not implemented yet (available: synthetic)")
+    from vlmalign.eval.synthetic import evaluate_synthetic
+
+    if not args.model or not args.data:
+        raise VlmalignError("eval synthetic: needs --model and --data (the make-synthetic folder)")
+    out = Path(args.out) if args.out else Path(args.model).resolve().parent / "eval-synthetic"
+    report = evaluate_synthetic(args.model, args.data, out, batch_size=args.batch_size,
+                                max_new_tokens=args.max_new_tokens, limit=args.limit)
+    print(report["table"])
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from vlmalign.demo import run_demo
+
+    run_demo(args.out, videos=args.videos, overrides=args.overrides)
+    return 0
+
+
+COMMANDS = {
+    "train-sft": _cmd_train_sft,
+    "generate": _cmd_generate,
+    "make-synthetic": _cmd_make_synthetic,
+    "eval": _cmd_eval,
+    "demo": _cmd_demo,
+}
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bars say what is happening; per-shard bars from transformers only add noise."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        if getattr(args, "launch", None):
+            return _relaunch(args, argv)
+        if args.command in PENDING:
+            print(f"vlmalign {args.command}: not implemented yet ({PENDING[args.command]})", file=sys.stderr)
+            return 2
+        return COMMANDS[args.command](args)
+    except VlmalignError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: re-run the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

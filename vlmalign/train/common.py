@@ -1,0 +1,233 @@
+"""Mechanics shared by every training stage: run directory, accelerate, batch order, optimizer,
+scheduler, atomic checkpoints with resume, metrics. A stage file calls these; it never copies them.
+
+Batch order is a pure function of (seed, epoch tag, process rank, process count), so a resumed run
+skips exactly the batches it already trained on and ends with the same weights as one that was never
+interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from vlmalign.config import RunConfig, TrainConfig, save_config, to_dict
+from vlmalign.errors import VlmalignError
+
+# --- run directory and metrics --------------------------------------------------------------------
+class MetricsLogger:
+    """Appends one JSON object per call to `metrics.jsonl` (main process only); optional TensorBoard."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.writer = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, step: int, **metrics) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": round(time.time(), 3), **metrics}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+
+@dataclass
+class Runtime:
+    accelerator: object
+    run_dir: Path
+    metrics: MetricsLogger
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    def print(self, *args) -> None:
+        if self.is_main:
+            print(*args, flush=True)
+
+
+def setup_run(cfg, run: RunConfig, train: TrainConfig) -> Runtime:
+    """Create the run directory, write the resolved config, seed, and start accelerate."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(mixed_precision=train.mixed_precision)
+    run_dir = Path(run.dir)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        previous = run_dir / "config.yaml"
+        if previous.is_file() and run.resume:
+            old = yaml.safe_load(previous.read_text()) or {}
+            changed = sorted(_diff_keys(old, to_dict(cfg)))
+            if changed:
+                print(f"note: config differs from the one in {previous}: {', '.join(changed)}", flush=True)
+        save_config(cfg, previous)
+    accelerator.wait_for_everyone()
+    set_seed(train.seed)
+    metrics = MetricsLogger(run_dir, accelerator.is_main_process, train.tensorboard)
+    return Runtime(accelerator, run_dir, metrics)
+
+
+def _diff_keys(old, new, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = set(old) | set(new)
+        return [k for key in keys for k in _diff_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [prefix.rstrip(".")] if old != new else []
+
+
+# --- batches -------------------------------------------------------------------------------------
+def epoch_batches(num_items: int, batch_size: int, seed: int, tag: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """This process's micro-batches for one pass over `num_items`, shuffled by (seed, tag).
+
+    Global batches of `batch_size * world` items are cut from one permutation and split by rank, so
+    1 process x batch 2b and 2 processes x batch b see the same global batches. With several processes
+    a final incomplete global batch is dropped so every process takes the same number of steps.
+    """
+    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + tag)).tolist()
+    global_size = batch_size * world
+    batches = []
+    for start in range(0, num_items, global_size):
+        chunk = order[start : start + global_size]
+        if world > 1 and len(chunk) < global_size:
+            break
+        batches.append(chunk[rank * batch_size : (rank + 1) * batch_size])
+    return batches
+
+
+def steps_per_epoch(num_batches: int, grad_accum: int) -> int:
+    return math.ceil(num_batches / grad_accum)
+
+
+# --- optimisation ------------------------------------------------------------------------------
+def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise VlmalignError("nothing to train: every parameter is frozen (check model.lora / train_projector)")
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]  # biases and norms: no weight decay, as usual
+    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.betas))
+
+
+def build_scheduler(optimizer, train: TrainConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = int(round(train.warmup_ratio * total_steps))
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[train.scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(total_steps, 1))
+
+
+def sync_context(accelerator, model, sync: bool):
+    """Skip the gradient all-reduce on accumulation micro-steps."""
+    return nullcontext() if sync or accelerator.num_processes == 1 else accelerator.no_sync(model)
+
+
+def global_count(accelerator, count: int) -> int:
+    """Sum of `count` over processes (used to normalise losses by the global token count)."""
+    if accelerator.num_processes == 1:
+        return count
+    tensor = torch.tensor([count], device=accelerator.device)
+    return int(accelerator.reduce(tensor, reduction="sum").item())
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+class Checkpointer:
+    """`checkpoints/step-N/`: trainable weights, optimizer, scheduler, RNG and loop state.
+
+    Written to a temporary folder and renamed into place, so a crash never leaves a half checkpoint
+    that a resume would pick up; only the newest `keep` are kept.
+    """
+
+    def __init__(self, runtime: Runtime, keep: int):
+        self.runtime = runtime
+        self.root = runtime.run_dir / "checkpoints"
+        self.keep = keep
+
+    def latest(self) -> Path | None:
+        if not self.root.is_dir():
+            return None
+        done = [p for p in self.root.glob("step-*") if (p / "state.json").is_file()]
+        return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+    def save(self, step: int, model, optimizer, scheduler, state: dict) -> None:
+        rt = self.runtime
+        acc = rt.accelerator
+        final = self.root / f"step-{step}"
+        tmp = self.root / f".tmp-step-{step}"
+        if rt.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        unwrapped = acc.unwrap_model(model)
+        if rt.is_main:
+            trainable = {n: p.detach().cpu().contiguous() for n, p in unwrapped.named_parameters() if p.requires_grad}
+            save_file(trainable, tmp / "trainable.safetensors")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save({"cpu": torch.get_rng_state()}, tmp / f"rng-{rt.rank}.pt")
+        acc.wait_for_everyone()
+        if rt.is_main:
+            (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
+            os.replace(tmp, final)
+            for old in sorted(self.root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+
+    def load(self, path: Path, model, optimizer, scheduler) -> dict:
+        unwrapped = self.runtime.accelerator.unwrap_model(model)
+        params = dict(unwrapped.named_parameters())
+        for name, tensor in load_file(path / "trainable.safetensors").items():
+            if name not in params:
+                raise VlmalignError(f"{path}: checkpoint has parameter {name} that the model lacks (model config changed?)")
+            params[name].data.copy_(tensor)
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        rng = path / f"rng-{self.runtime.rank}.pt"
+        if rng.is_file():  # absent when resuming with more processes than wrote the checkpoint
+            torch.set_rng_state(torch.load(rng, weights_only=True)["cpu"])
+        return json.loads((path / "state.json").read_text())
+
+
+def save_final(runtime: Runtime, model, name: str = "final") -> Path:
+    """Save the model in the HF layout (`VideoLM.save_pretrained`) atomically under the run dir."""
+    acc = runtime.accelerator
+    acc.wait_for_everyone()
+    final = runtime.run_dir / name
+    if runtime.is_main:
+        tmp = runtime.run_dir / f".tmp-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        acc.unwrap_model(model).save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    acc.wait_for_everyone()
+    return final

@@ -1,0 +1,156 @@
+"""Curriculum SFT (VLM-RLAIF): instruction data split into easy and hard stages by answer length,
+trained one stage after the other (one epoch each by default); `curriculum.criterion: none` trains on
+the mixture. Config in (`SFTConfig`), artifacts out: `RUN/config.yaml`, `metrics.jsonl`,
+`checkpoints/step-N/`, `final/`.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from vlmalign.config import CurriculumConfig, SFTConfig
+from vlmalign.data.collate import Collator, EncodedSample, encode_instructions, model_inputs
+from vlmalign.data.features import VisualInputs
+from vlmalign.data.formats import InstructionSample, read_instructions
+from vlmalign.errors import ConfigError
+from vlmalign.losses import sft_loss
+from vlmalign.model.video_lm import MANIFEST, build_model
+from vlmalign.train.common import (
+    Checkpointer,
+    build_optimizer,
+    build_scheduler,
+    epoch_batches,
+    global_count,
+    save_final,
+    setup_run,
+    steps_per_epoch,
+    sync_context,
+)
+
+
+@dataclass
+class Pass:
+    """One epoch over one curriculum stage's data."""
+
+    stage: str
+    data: list[EncodedSample]
+    batches: list[list[int]]
+    steps: int
+
+
+def answer_words(sample: InstructionSample) -> int:
+    return sum(len(t.text.split()) for t in sample.turns if t.role == "assistant")
+
+
+def curriculum_stages(files: list[list[InstructionSample]], cfg: CurriculumConfig) -> list[tuple[str, list[InstructionSample]]]:
+    """Split the training data into named stages, in training order."""
+    if cfg.criterion == "none":
+        return [("mix", [s for f in files for s in f])]
+    if cfg.criterion == "files":
+        if len(files) != len(cfg.stages):
+            raise ConfigError(f"curriculum.criterion 'files' needs one data.train file per stage: {len(files)} files, stages {cfg.stages}")
+        return list(zip(cfg.stages, files))
+    samples = [s for f in files for s in f]
+    threshold = cfg.threshold if cfg.threshold is not None else statistics.median(answer_words(s) for s in samples)
+    split = {
+        "easy": [s for s in samples if answer_words(s) <= threshold],
+        "hard": [s for s in samples if answer_words(s) > threshold],
+    }
+    unknown = [name for name in cfg.stages if name not in split]
+    if unknown:
+        raise ConfigError(f"curriculum.stages: {unknown} not in 'easy', 'hard' (criterion answer_length)")
+    return [(name, split[name]) for name in cfg.stages if split[name]]
+
+
+def run(cfg: SFTConfig) -> Path:
+    # --- setup -------------------------------------------------------------------------------
+    if not cfg.data.train:
+        raise ConfigError("data.train: give at least one instruction data file")
+    rt = setup_run(cfg, cfg.run, cfg.train)
+    final = rt.run_dir / "final"
+    if (final / MANIFEST).is_file():
+        rt.print(f"{final} exists: this stage is complete (delete it or change run.dir to train again)")
+        return final
+    acc, train = rt.accelerator, cfg.train
+    model = build_model(cfg.model)
+    model.to(acc.device)
+
+    files = [read_instructions(path, cfg.data.video_root) for path in cfg.data.train]
+    stages = curriculum_stages(files, cfg.curriculum)
+    visual = VisualInputs(model, cfg.data.feature_cache)
+    if rt.is_main:
+        visual.precompute([s.video for _, data in stages for s in data if s.video is not None], progress=cfg.run.progress)
+    acc.wait_for_everyone()
+    collate = Collator(model.tokenizer.pad_token_id, visual)
+
+    epochs = cfg.curriculum.epochs_per_stage if cfg.curriculum.criterion != "none" else train.epochs
+    passes = []
+    for name, samples in stages:
+        data = encode_instructions(samples, model.tokenizer, model.num_visual_tokens, cfg.data.max_length)
+        for _ in range(epochs):
+            batches = epoch_batches(len(data), train.batch_size, train.seed, len(passes), rt.rank, rt.world)
+            passes.append(Pass(name, data, batches, steps_per_epoch(len(batches), train.grad_accum)))
+    total_steps = sum(p.steps for p in passes)
+    if train.max_steps is not None:
+        total_steps = min(total_steps, train.max_steps)
+    rt.print(f"SFT: stages {[(n, len(s)) for n, s in stages]}, {len(passes)} passes, {total_steps} optimizer steps")
+
+    optimizer = build_optimizer(model, train)
+    scheduler = build_scheduler(optimizer, train, total_steps)
+    model, optimizer = acc.prepare(model, optimizer)
+    checkpointer = Checkpointer(rt, train.keep_checkpoints)
+    step = 0
+    latest = checkpointer.latest() if cfg.run.resume else None
+    if latest is not None:
+        step = checkpointer.load(latest, model, optimizer, scheduler)["step"]
+        rt.print(f"resuming from {latest} (step {step})")
+
+    # --- loop --------------------------------------------------------------------------------
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, desc="sft", disable=not (rt.is_main and cfg.run.progress))
+    done = 0  # optimizer steps of earlier passes
+    for p in passes:
+        for local in range(p.steps):
+            if done + local < step:
+                continue  # trained before the resume
+            if step >= total_steps:
+                break
+            micro = p.batches[local * train.grad_accum : (local + 1) * train.grad_accum]
+            batches = [collate([p.data[i] for i in idx]) for idx in micro]
+            num_tokens = global_count(acc, sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))
+            loss_sum = 0.0
+            for j, batch in enumerate(batches):
+                with sync_context(acc, model, sync=j == len(batches) - 1), acc.autocast():
+                    logits = model(**model_inputs(acc.unwrap_model(model), batch, acc.device)).logits
+                    # sum over tokens / global token count; x world because DDP averages gradients
+                    loss = sft_loss(logits, batch["labels"].to(acc.device), num_tokens) * acc.num_processes
+                acc.backward(loss)
+                loss_sum += loss.item() / acc.num_processes
+            grad_norm = acc.clip_grad_norm_(model.parameters(), train.max_grad_norm) if train.max_grad_norm > 0 else None
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            loss_value = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), reduction="sum"))
+            bar.set_postfix(stage=p.stage, loss=f"{loss_value:.3f}")
+            if step % train.log_every == 0 or step == total_steps:
+                metrics = {"stage": p.stage, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "tokens": num_tokens}
+                if grad_norm is not None:
+                    metrics["grad_norm"] = float(grad_norm)
+                rt.metrics.log(step, **metrics)
+            if step % train.save_every == 0 and step < total_steps:
+                checkpointer.save(step, model, optimizer, scheduler, {"stage": p.stage})
+        done += p.steps
+    bar.close()
+
+    # --- artifacts ---------------------------------------------------------------------------
+    final = save_final(rt, model)
+    rt.metrics.close()
+    rt.print(f"SFT done: {step} steps, model saved to {final} (feature cache hits {visual.hits}, misses {visual.misses})")
+    return final
