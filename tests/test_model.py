@@ -112,7 +112,13 @@ def test_save_and_load_give_identical_logits(word_corpus, tmp_path):
             p.add_(0.1)
     model.save_pretrained(tmp_path / "m")
     loaded = load_model(tmp_path / "m")
-    assert torch.equal(_logits(model, word_corpus), _logits(loaded, word_corpus))
+    saved, back = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == back.keys()
+    for name in saved:
+        assert torch.equal(saved[name], back[name]), name  # every weight comes back bit for bit
+    # Same weights, same input; CPU kernels may pick other code paths for differently aligned memory,
+    # so the logits are compared to 1e-6 rather than bitwise.
+    torch.testing.assert_close(_logits(model, word_corpus), _logits(loaded, word_corpus), rtol=0, atol=1e-6)
     assert (tmp_path / "m" / "llm" / "model.safetensors").is_file()  # random-init base is kept
     assert not list((tmp_path / "m").rglob("*.bin"))
 
