@@ -1,4 +1,14 @@
-"""Answering questions about videos with a VideoLM: batched, greedy or sampled, G answers per prompt."""
+"""Answering questions about videos with a VideoLM: batched, greedy or sampled, G answers per prompt.
+
+Decoding is our own short loop rather than `transformers.generate`, for two reasons the feedback
+stages need: the prompt (system text + a few hundred visual tokens) is run once and its KV cache is
+copied to the G samples of that prompt, where `generate(num_return_sequences=G)` would run G
+identical prefills; and every sampled token's log-probability under the policy is recorded.
+
+Recorded log-probs are the model's own (temperature 1, no top-p truncation): log pi(y_t | x, y_<t).
+They are what DPO, PPO and GRPO call the sequence log-prob, whatever temperature was used to pick
+the tokens.
+"""
 
 from __future__ import annotations
 
@@ -20,44 +30,141 @@ class GenerationConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     num_return_sequences: int = 1
-    batch_size: int = 8
+    batch_size: int = 8  # prompts per forward pass (each with its G samples)
 
 
-def generate_answers(
-    model, visual: VisualInputs, requests: list[tuple[str | list[str] | None, str]], gen: GenerationConfig, progress: bool = False
-) -> list[list[str]]:
-    """For each (video, question), `gen.num_return_sequences` answers (decoded, stripped).
+@dataclass
+class Sample:
+    """One generated answer: its text, token ids (up to and including EOS if it ended) and log-probs."""
+
+    text: str
+    token_ids: list[int]
+    token_logps: list[float]
+    finished: bool  # ended with EOS rather than at max_new_tokens
+
+    @property
+    def logp(self) -> float:
+        return float(sum(self.token_logps))
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    # Left-padded rows start counting at their first real token, as in training (right padding).
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _pick(logits: torch.Tensor, gen: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    if not gen.do_sample:
+        return logits.argmax(-1)
+    logits = logits / max(gen.temperature, 1e-5)
+    if gen.top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass before it already reaches top_p (the best token always stays)
+        drop = probs.cumsum(-1) - probs >= gen.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def sample_tokens(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, features, gen: GenerationConfig,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decode G continuations of each left-padded prompt from one shared prefill.
+
+    Returns (tokens [B*G, N], token log-probs [B*G, N], lengths [B*G]); rows are prompt-major
+    (the G samples of prompt 0 first). Positions after a row's EOS hold pad / 0.
+    """
+    tokenizer, llm, g = model.tokenizer, model.llm, gen.num_return_sequences
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    out = llm(
+        inputs_embeds=model.embed(input_ids, features), attention_mask=attention_mask,
+        position_ids=_positions(attention_mask), use_cache=True,
+    )
+    cache, logits = out.past_key_values, out.logits[:, -1]
+    if g > 1:
+        cache.batch_repeat_interleave(g)
+        attention_mask = attention_mask.repeat_interleave(g, 0)
+        logits = logits.repeat_interleave(g, 0)
+    rows = logits.shape[0]
+    position = _positions(attention_mask)[:, -1]
+    finished = torch.zeros(rows, dtype=torch.bool, device=logits.device)
+    tokens, logps = [], []
+    for _ in range(gen.max_new_tokens):
+        logp_all = logits.float().log_softmax(-1)
+        nxt = _pick(logits.float(), gen, generator)
+        logp = logp_all.gather(-1, nxt[:, None]).squeeze(-1)
+        nxt = nxt.masked_fill(finished, pad)
+        tokens.append(nxt)
+        logps.append(logp.masked_fill(finished, 0.0))
+        finished = finished | (nxt == eos)
+        if bool(finished.all()):
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        position = position + 1
+        out = llm(
+            input_ids=nxt[:, None], attention_mask=attention_mask, position_ids=position[:, None],
+            past_key_values=cache, use_cache=True,
+        )
+        cache, logits = out.past_key_values, out.logits[:, -1]
+    tokens_t = torch.stack(tokens, 1)
+    logps_t = torch.stack(logps, 1)
+    # length = tokens up to and including EOS, or all of them when the row never ended
+    is_eos = tokens_t == eos
+    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full_like(is_eos[:, 0], tokens_t.shape[1], dtype=torch.long))
+    return tokens_t, logps_t, first_eos
+
+
+def _prompt_batch(model, visual: VisualInputs, chunk):
+    tokenizer = model.tokenizer
+    prompts, videos = [], []
+    for video, question in chunk:
+        if video is not None and VIDEO_TOKEN not in question:
+            question = f"{VIDEO_TOKEN}\n{question}"
+        prompts.append(encode_prompt(tokenizer, question, model.num_visual_tokens))
+        if video is not None:
+            videos.append(video)
+    input_ids = pad_sequences(prompts, tokenizer.pad_token_id, side="left").to(model.device)
+    attention = pad_sequences([[1] * len(p) for p in prompts], 0, side="left").to(model.device)
+    features = None
+    if videos:
+        stacked = torch.stack([visual.get(v) for v in videos]).to(model.device)
+        features = stacked if visual.use_features else model.video_features(stacked)
+    return input_ids, attention, features
+
+
+def sample_answers(
+    model, visual: VisualInputs, requests: list[tuple[str | list[str] | None, str]], gen: GenerationConfig,
+    progress: bool = False, generator: torch.Generator | None = None,
+) -> list[list[Sample]]:
+    """For each (video, question), `gen.num_return_sequences` samples with their log-probs.
 
     The question gets a `<video>` placeholder at its start when it has none and a video is given.
     """
-    tokenizer = model.tokenizer
-    answers: list[list[str]] = []
+    tokenizer, eos = model.tokenizer, model.tokenizer.eos_token_id
+    g = gen.num_return_sequences
+    results: list[list[Sample]] = []
     bar = tqdm(total=len(requests), desc="generate", disable=not progress, unit="q")
     for start in range(0, len(requests), gen.batch_size):
         chunk = requests[start : start + gen.batch_size]
-        prompts, videos = [], []
-        for video, question in chunk:
-            if video is not None and VIDEO_TOKEN not in question:
-                question = f"{VIDEO_TOKEN}\n{question}"
-            prompts.append(encode_prompt(tokenizer, question, model.num_visual_tokens))
-            if video is not None:
-                videos.append(video)
-        input_ids = pad_sequences(prompts, tokenizer.pad_token_id, side="left").to(model.device)
-        attention = pad_sequences([[1] * len(p) for p in prompts], 0, side="left").to(model.device)
-        features = None
-        if videos:
-            visual_in = [visual.get(v) for v in videos]
-            stacked = torch.stack(visual_in).to(model.device)
-            features = stacked if visual.use_features else model.video_features(stacked)
-        kwargs = {"max_new_tokens": gen.max_new_tokens, "num_return_sequences": gen.num_return_sequences}
-        if gen.do_sample:
-            kwargs.update(do_sample=True, temperature=gen.temperature, top_p=gen.top_p)
-        else:
-            kwargs.update(do_sample=False)
-        out = model.generate(input_ids, attention, features, **kwargs)
-        texts = tokenizer.batch_decode(out, skip_special_tokens=True)
-        g = gen.num_return_sequences
-        answers += [[t.strip() for t in texts[i * g : (i + 1) * g]] for i in range(len(chunk))]
+        tokens, logps, lengths = sample_tokens(model, *_prompt_batch(model, visual, chunk), gen, generator)
+        samples = []
+        for row in range(tokens.shape[0]):
+            n = int(lengths[row])
+            ids = tokens[row, :n].tolist()
+            finished = bool(n and ids[-1] == eos)
+            text = tokenizer.decode(ids[:-1] if finished else ids, skip_special_tokens=True).strip()
+            samples.append(Sample(text, ids, logps[row, :n].tolist(), finished))
+        results += [samples[i * g : (i + 1) * g] for i in range(len(chunk))]
         bar.update(len(chunk))
     bar.close()
-    return answers
+    return results
+
+
+def generate_answers(
+    model, visual: VisualInputs, requests: list[tuple[str | list[str] | None, str]], gen: GenerationConfig,
+    progress: bool = False,
+) -> list[list[str]]:
+    """For each (video, question), `gen.num_return_sequences` answer texts (decoded, stripped)."""
+    return [[s.text for s in group] for group in sample_answers(model, visual, requests, gen, progress)]
