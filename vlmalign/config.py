@@ -145,6 +145,138 @@ class CurriculumConfig:
 
 
 @dataclass
+class JudgeConfig:
+    # oracle: the synthetic benchmark's rule-based judge (needs `bench`); hf: a local VideoLM
+    # (`model`: a saved vlmalign/llava-hf path, or "policy" for the model being trained);
+    # openai: any OpenAI-compatible endpoint.
+    backend: Literal["oracle", "hf", "openai"] = "oracle"
+    model: str | None = None  # hf: model path; openai: the pinned model id
+    bench: str | None = None  # oracle: the synthetic benchmark folder (metadata.jsonl)
+    base_url: str | None = None  # openai: endpoint; None = the client's default
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never from config
+    temperature: float = 0.0
+    max_new_tokens: int = 64
+    concurrency: int = 8  # openai: requests in flight
+    max_retries: int = 5  # per request, on 429 / 5xx / timeouts
+    backoff_base: float = 1.0  # seconds; doubled per retry, with jitter
+    timeout: float = 60.0  # seconds per request
+    batch_size: int = 8  # hf: prompts per generate call
+    swap_check: bool = False  # compare: judge (A,B) and (B,A), keep consistent verdicts only
+    prompts: str | None = None  # a user prompt YAML file or folder overriding the packaged ones
+    cache: str | None = None  # SQLite file; None = <run dir>/judge_cache.sqlite
+
+
+@dataclass
+class SamplingConfig:
+    num_samples: int = 2  # answers per question (G)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    batch_size: int = 8  # questions per forward pass, each with its num_samples answers
+
+
+@dataclass
+class ContextConfig:
+    # What the judge reads besides the question and answers. none: nothing; narrative: the policy's
+    # clip captions joined (VLM-RLAIF); caption: a given detailed caption, the video's proxy
+    # (LLaVA-Hound; from `captions`); retrospective: ISR-DPO's refined context (iterative DPO).
+    kind: Literal["none", "narrative", "caption", "retrospective"] = "none"
+    clips: int = 3  # narrative: clips per video (each at most max_clip_len frames)
+    max_clip_len: int = 20
+    captions: str | None = None  # caption: file of detailed captions per video
+    max_new_tokens: int = 96  # narrative / retrospective: caption length
+
+
+@dataclass
+class PreferenceConfig:
+    # pairwise (VLM-RLAIF): the judge picks one of 2 answers; score_threshold (LLaVA-Hound): answers
+    # scored 1-5, chosen >= chosen_min and rejected <= rejected_max drawn at random; ranked
+    # (Oracle-RLAIF): the judge ranks all answers.
+    method: Literal["pairwise", "score_threshold", "ranked"] = "pairwise"
+    chosen_min: int = 3
+    rejected_max: int = 2
+    oracle: str | None = None  # a synthetic benchmark folder: report judge agreement with its oracle
+    limit: int | None = None  # first N questions only
+
+
+@dataclass
+class PrefsConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    policy: str = ""  # the model that answers (a saved vlmalign model, e.g. runs/tiny-sft/final)
+    data: DataConfig = field(default_factory=DataConfig)  # data.train: the question files
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    preferences: PreferenceConfig = field(default_factory=PreferenceConfig)
+    seed: int = 0
+
+
+@dataclass
+class DPOSection:
+    beta: float = 0.1
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    label_smoothing: float = 0.0
+    sft_weight: float = 0.0  # weight of an SFT (token-mean NLL) term on the chosen answers
+    average_logps: bool = False  # False: summed sequence log-probs (the papers); True: per-token mean
+
+
+@dataclass
+class LoopConfig:
+    # Iterative DPO (ISR-DPO): per iteration, the current policy answers `questions`, a context is
+    # written per `context_mode`, the judge (usually the policy itself) builds preferences, and DPO
+    # trains the next policy with the current one as reference. iterations 0: offline DPO on data.train.
+    iterations: int = 0
+    questions: list[str] = field(default_factory=list)
+    limit: int | None = None  # first N questions only
+    context_mode: Literal["none", "fixed", "renew", "retrospective"] = "retrospective"
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(num_samples=2, temperature=0.7))
+    judge: JudgeConfig = field(default_factory=lambda: JudgeConfig(backend="hf", model="policy"))
+    preferences: PreferenceConfig = field(default_factory=PreferenceConfig)
+    eval_qa: str | None = None  # synthetic-benchmark QA file: held-out accuracy after each iteration
+    eval_limit: int | None = None
+
+
+@dataclass
+class DPOConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # model.init_from: the starting policy
+    data: DataConfig = field(default_factory=DataConfig)  # data.train: preference files (offline DPO)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dpo: DPOSection = field(default_factory=DPOSection)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+
+
+@dataclass
+class GRPOSection:
+    # grpo_rank (Oracle-RLAIF): the judge ranks the G answers; advantage = group-mean delta - delta,
+    # delta = 1 - nDCG of the policy's log-prob ranking against the judge's. grpo: the judge scores
+    # each answer 1-5; advantage = (score - group mean) / group std.
+    advantage: Literal["grpo_rank", "grpo"] = "grpo_rank"
+    dcg: Literal["table", "eq10"] = "table"
+    logp_order: Literal["sum", "mean"] = "sum"  # the policy's ranking: summed or mean token log-probs
+    rollout_batch: int = 64  # prompts per rollout (each with sampling.num_samples answers)
+    mini_batch: int = 16  # sequences per forward/backward within an optimisation pass
+    num_iterations: int = 1  # optimisation passes over each rollout batch
+    clip: float = 0.2
+    beta: float = 0.04  # KL coefficient to the frozen reference (k3 estimator); 0 disables it
+    c_entropy: float = 0.0  # entropy bonus coefficient
+    aggregation: Literal["token", "sequence"] = "token"
+
+
+@dataclass
+class GRPOConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # model.init_from: the starting policy (= reference)
+    data: DataConfig = field(default_factory=DataConfig)  # data.train: question files
+    train: TrainConfig = field(default_factory=TrainConfig)  # epochs: passes over the questions
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(num_samples=5))
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    grpo: GRPOSection = field(default_factory=GRPOSection)
+    eval_qa: str | None = None  # synthetic-benchmark QA file: held-out accuracy at the end
+    eval_limit: int | None = None
+
+
+@dataclass
 class SFTConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

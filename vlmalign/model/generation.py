@@ -116,22 +116,53 @@ def sample_tokens(
     return tokens_t, logps_t, first_eos
 
 
-def _prompt_batch(model, visual: VisualInputs, chunk):
+def _prompt_batch(model, questions: list[str], features: list[torch.Tensor | None]):
+    """Left-padded prompt ids, mask and the stacked visual inputs of the rows that have a video."""
     tokenizer = model.tokenizer
-    prompts, videos = [], []
-    for video, question in chunk:
-        if video is not None and VIDEO_TOKEN not in question:
+    prompts, visual_rows = [], []
+    for question, feats in zip(questions, features):
+        if feats is not None and VIDEO_TOKEN not in question:
             question = f"{VIDEO_TOKEN}\n{question}"
         prompts.append(encode_prompt(tokenizer, question, model.num_visual_tokens))
-        if video is not None:
-            videos.append(video)
+        if feats is not None:
+            visual_rows.append(feats)
     input_ids = pad_sequences(prompts, tokenizer.pad_token_id, side="left").to(model.device)
     attention = pad_sequences([[1] * len(p) for p in prompts], 0, side="left").to(model.device)
-    features = None
-    if videos:
-        stacked = torch.stack([visual.get(v) for v in videos]).to(model.device)
-        features = stacked if visual.use_features else model.video_features(stacked)
-    return input_ids, attention, features
+    stacked = None
+    if visual_rows:
+        stacked = torch.stack(visual_rows).to(model.device)
+        if not model.cfg.vision.frozen:  # VisualInputs gives frames, not features, for a trained tower
+            stacked = model.video_features(stacked)
+    return input_ids, attention, stacked
+
+
+def sample_from_visual(
+    model, questions: list[str], visual_inputs: list[torch.Tensor | None], gen: GenerationConfig,
+    progress: bool = False, generator: torch.Generator | None = None,
+) -> list[list[Sample]]:
+    """Like `sample_answers`, for visual inputs already in hand (e.g. the frames of one clip).
+
+    `visual_inputs[i]` is what `VisualInputs.get` returns for question i's video, or None.
+    """
+    tokenizer, eos = model.tokenizer, model.tokenizer.eos_token_id
+    g = gen.num_return_sequences
+    results: list[list[Sample]] = []
+    bar = tqdm(total=len(questions), desc="generate", disable=not progress, unit="q")
+    for start in range(0, len(questions), gen.batch_size):
+        end = start + gen.batch_size
+        batch = _prompt_batch(model, questions[start:end], visual_inputs[start:end])
+        tokens, logps, lengths = sample_tokens(model, *batch, gen, generator)
+        samples = []
+        for row in range(tokens.shape[0]):
+            n = int(lengths[row])
+            ids = tokens[row, :n].tolist()
+            finished = bool(n and ids[-1] == eos)
+            text = tokenizer.decode(ids[:-1] if finished else ids, skip_special_tokens=True).strip()
+            samples.append(Sample(text, ids, logps[row, :n].tolist(), finished))
+        results += [samples[i * g : (i + 1) * g] for i in range(len(samples) // g)]
+        bar.update(len(samples) // g)
+    bar.close()
+    return results
 
 
 def sample_answers(
@@ -141,22 +172,14 @@ def sample_answers(
     """For each (video, question), `gen.num_return_sequences` samples with their log-probs.
 
     The question gets a `<video>` placeholder at its start when it has none and a video is given.
+    Visual inputs are fetched a batch at a time, so a long request list never holds them all.
     """
-    tokenizer, eos = model.tokenizer, model.tokenizer.eos_token_id
-    g = gen.num_return_sequences
     results: list[list[Sample]] = []
     bar = tqdm(total=len(requests), desc="generate", disable=not progress, unit="q")
     for start in range(0, len(requests), gen.batch_size):
         chunk = requests[start : start + gen.batch_size]
-        tokens, logps, lengths = sample_tokens(model, *_prompt_batch(model, visual, chunk), gen, generator)
-        samples = []
-        for row in range(tokens.shape[0]):
-            n = int(lengths[row])
-            ids = tokens[row, :n].tolist()
-            finished = bool(n and ids[-1] == eos)
-            text = tokenizer.decode(ids[:-1] if finished else ids, skip_special_tokens=True).strip()
-            samples.append(Sample(text, ids, logps[row, :n].tolist(), finished))
-        results += [samples[i * g : (i + 1) * g] for i in range(len(chunk))]
+        inputs = [visual.get(video) if video is not None else None for video, _ in chunk]
+        results += sample_from_visual(model, [q for _, q in chunk], inputs, gen, generator=generator)
         bar.update(len(chunk))
     bar.close()
     return results

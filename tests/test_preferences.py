@@ -1,0 +1,119 @@
+"""make-prefs: sampling, contexts, judging and pairing on the 12-video benchmark with a tiny model."""
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import sft_overrides
+from vlmalign.cli import main
+from vlmalign.config import PrefsConfig, SFTConfig, load_config
+from vlmalign.data.features import VisualInputs
+from vlmalign.data.formats import read_preference_pairs
+from vlmalign.feedback.context import clip_inputs, load_captions, narratives
+from vlmalign.feedback.preferences import make_preferences, read_questions
+from vlmalign.model.video_lm import build_model, load_model
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(tiny_bench, tmp_path_factory):
+    out = tmp_path_factory.mktemp("policy")
+    torch.manual_seed(0)
+    cfg = load_config(SFTConfig, "configs/tiny/sft.yaml", sft_overrides(tiny_bench, out / "unused"))
+    build_model(cfg.model).save_pretrained(out / "init")
+    return out / "init"
+
+
+def prefs_cfg(policy, bench, run_dir, **extra) -> PrefsConfig:
+    base = {
+        "run.dir": str(run_dir), "run.progress": "false", "policy": str(policy),
+        "data.train": f"[{bench}/sft_easy.json]", "data.feature_cache": str(run_dir.parent / "feature_cache"),
+        "sampling.max_new_tokens": "6", "sampling.batch_size": "16",
+        "judge.bench": str(bench), "preferences.oracle": str(bench), "preferences.limit": "12",
+        "context.captions": str(bench / "captions.json"),
+    }
+    base.update(extra)
+    return load_config(PrefsConfig, "configs/tiny/prefs.yaml", [f"{k}={v}" for k, v in base.items()])
+
+
+def _setup(cfg):
+    model = load_model(cfg.policy).eval()
+    visual = VisualInputs(model, cfg.data.feature_cache)
+    return model, visual, read_questions(cfg.data.train, None, cfg.preferences.limit)
+
+
+def test_ranked_preferences_carry_provenance_and_rerun_from_cache(tiny_policy, tiny_bench, tmp_path):
+    cfg = prefs_cfg(tiny_policy, tiny_bench, tmp_path / "ranked", **{
+        "preferences.method": "ranked", "sampling.num_samples": "4", "context.kind": "none"})
+    model, visual, questions = _setup(cfg)
+    path, stats = make_preferences(cfg, model, visual, questions, tmp_path / "ranked")
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert stats["questions"] == 12 and stats["judgments"] == 12
+    assert stats["pairs"] + sum(stats["dropped"].values()) == 12  # every question kept or counted
+    for r in records:
+        assert sorted(r["ranks"]) == [0, 1, 2, 3] and len(r["answers"]) == len(r["answer_logps"]) == 4
+        assert r["chosen"] == r["answers"][r["ranks"].index(0)] and r["rejected"] == r["answers"][r["ranks"].index(3)]
+        assert r["judge"].startswith("oracle:") and r["prompt_version"].startswith("oracle.rank@")
+        assert r["policy"] == str(tiny_policy) and r["method"] == "ranked"
+        assert all(lp < 0 for lp in r["answer_logps"])
+    # the oracle ranks the judge's ranking perfectly against itself
+    assert stats["oracle_agreement"]["kendall_tau"] == pytest.approx(1.0)
+    assert len(read_preference_pairs(path)) == len(records)  # the DPO reader takes the file as is
+
+    again = make_preferences(cfg, model, visual, questions, tmp_path / "ranked")[1]
+    assert again["cached"] == again["judgments"] == 12  # the re-run asks the judge nothing new
+    assert again["pairs"] == stats["pairs"]
+
+
+def test_score_threshold_drops_questions_without_a_good_and_a_bad_answer(tiny_policy, tiny_bench, tmp_path):
+    cfg = prefs_cfg(tiny_policy, tiny_bench, tmp_path / "scores", **{"sampling.num_samples": "3"})
+    model, visual, questions = _setup(cfg)
+    _, stats = make_preferences(cfg, model, visual, questions, tmp_path / "scores")
+    # an untrained model never answers right: every answer scores < 3, so no question has a pair
+    assert stats["judgments"] == 36 and stats["pairs"] == 0 and stats["dropped"] == {"no_pair": 12}
+
+
+def test_self_judge_parse_failures_are_counted_never_scored(tiny_policy, tiny_bench, tmp_path):
+    cfg = prefs_cfg(tiny_policy, tiny_bench, tmp_path / "self", **{
+        "preferences.method": "pairwise", "sampling.num_samples": "2", "context.kind": "narrative",
+        "context.clips": "3", "context.max_new_tokens": "8", "judge.backend": "hf", "judge.model": "policy",
+        "judge.max_new_tokens": "4"})
+    model, visual, questions = _setup(cfg)
+    _, stats = make_preferences(cfg, model, visual, questions, tmp_path / "self")
+    contexts = json.loads((tmp_path / "self" / "contexts.json").read_text())
+    assert len(contexts) == len({q.video for q in questions})
+    assert all(c.count("Part ") == 3 for c in contexts.values())  # three clip captions per narrative
+    parse_errors = stats["by_status"].get("parse_error", 0)
+    assert stats["pairs"] + sum(stats["dropped"].values()) == 12
+    assert stats["dropped"].get("parse_error", 0) == parse_errors  # random replies: dropped, counted
+
+
+def test_clips_cover_the_frames_in_order_at_the_model_frame_count():
+    frames = torch.arange(16).view(16, 1, 1).float()
+    clips = clip_inputs(frames, clips=3, max_clip_len=20)
+    assert [c.shape[0] for c in clips] == [16, 16, 16]
+    assert [sorted(set(c.flatten().int().tolist())) for c in clips] == [list(range(0, 6)), list(range(6, 11)), list(range(11, 16))]
+    assert all(bool((c.flatten().diff() >= 0).all()) for c in clips)  # temporal order kept
+    with pytest.raises(ValueError, match="max_clip_len"):
+        clip_inputs(torch.zeros(50, 1), clips=2, max_clip_len=20)  # 25-frame clips exceed 20
+
+
+def test_synthetic_captions_load_as_proxy_and_as_narrative(tiny_bench):
+    whole = load_captions(tiny_bench / "captions.json")
+    three = load_captions(tiny_bench / "captions.json", clips=3)
+    assert whole.keys() == three.keys() and len(whole) == 12
+    assert all(v.startswith("Part 1 of 3:") for v in three.values())
+
+
+def test_make_prefs_command(tiny_policy, tiny_bench, tmp_path, capsys):
+    run_dir = tmp_path / "cli"
+    args = ["make-prefs", "--config", "configs/tiny/prefs.yaml"]
+    for k, v in {"run.dir": run_dir, "run.progress": "false", "policy": tiny_policy, "data.train": f"[{tiny_bench}/sft_easy.json]",
+                 "data.feature_cache": tmp_path / "fc", "judge.bench": tiny_bench, "preferences.oracle": tiny_bench,
+                 "preferences.limit": 4, "sampling.max_new_tokens": 4, "context.captions": tiny_bench / "captions.json"}.items():
+        args += ["--set", f"{k}={v}"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "questions 4" in out and "preferences written to" in out
+    stats = json.loads((run_dir / "stats.json").read_text())
+    assert stats["context"] == "caption" and stats["judgments"] == 4 * 6

@@ -1,0 +1,354 @@
+"""Preference data from AI feedback (`vlmalign make-prefs`): sample, add context, judge, pair.
+
+For each question the policy samples G answers (one shared video prefix per question); a context
+(none, the policy's narrative, a caption proxy, or a retrospective context) is attached; a judge
+compares, scores or ranks the answers; and the judgments become preference records:
+
+- pairwise (VLM-RLAIF): G = 2; the judge's pick is chosen.
+- score_threshold (LLaVA-Hound): each answer scored 1-5; chosen drawn from answers scoring
+  >= chosen_min, rejected from those <= rejected_max; a question without such a pair is dropped.
+- ranked (Oracle-RLAIF): the judge's full ranking is kept; chosen = best, rejected = worst.
+
+Every record carries its provenance (all answers with their log-probs, scores or ranks, the
+context, judge id, the model that judged, prompt version, the policy that answered), in the flat
+`{"id", "video", "prompt", "chosen", "rejected"}` layout that `read_preference_pairs` and the DPO
+trainer read. Nothing is silently scored: a judgment that failed, did not parse or was inconsistent
+under swap_check drops its question and is counted under that reason.
+
+Artifacts in RUN/: `samples.jsonl`, `contexts.json`, `judge_cache.sqlite`, `preferences.jsonl`,
+`stats.json`. Re-running reuses the samples and contexts and asks the judge only what its cache
+lacks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vlmalign.config import ContextConfig, PrefsConfig, SamplingConfig, save_config
+from vlmalign.data.features import VisualInputs
+from vlmalign.data.formats import VIDEO_TOKEN, iter_json_records, read_instructions, read_qa
+from vlmalign.errors import ConfigError, DataError
+from vlmalign.feedback.context import caption_for, load_captions, narratives, retrospective_contexts
+from vlmalign.feedback.judges import JudgeRequest, Judgment, build_judge
+from vlmalign.losses import kendall_tau
+from vlmalign.model.generation import GenerationConfig, Sample, sample_answers
+
+
+@dataclass
+class Question:
+    id: str
+    video: str | list[str] | None
+    question: str  # without the <video> placeholder
+
+
+def read_questions(paths: list[str], video_root=None, limit: int | None = None) -> list[Question]:
+    """Questions from instruction data (the first user turn) or zero-shot QA files."""
+    questions: list[Question] = []
+    for path in paths:
+        first = next(iter_json_records(path), None)
+        if first is None:
+            raise DataError(f"{path}: no records")
+        record = first[1]
+        if "question" in record:
+            questions += [Question(q.id, q.video, q.question) for q in read_qa(path, video_root)]
+        else:
+            for s in read_instructions(path, video_root):
+                text = s.turns[0].text.replace(VIDEO_TOKEN, "").strip()
+                questions.append(Question(s.id, s.video, text))
+    return questions[:limit] if limit is not None else questions
+
+
+def video_key(video) -> str:
+    return video if isinstance(video, str) else "|".join(video)
+
+
+# --- sampling --------------------------------------------------------------------------------------
+def sample_candidates(
+    model, visual: VisualInputs, questions: list[Question], sampling: SamplingConfig, seed: int, progress: bool = False
+) -> list[list[Sample]]:
+    gen = GenerationConfig(
+        max_new_tokens=sampling.max_new_tokens, do_sample=True, temperature=sampling.temperature,
+        top_p=sampling.top_p, num_return_sequences=sampling.num_samples, batch_size=sampling.batch_size,
+    )
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    requests = [(q.video, q.question) for q in questions]
+    return sample_answers(model, visual, requests, gen, progress=progress, generator=generator)
+
+
+def save_samples(path: Path, questions: list[Question], samples: list[list[Sample]]) -> None:
+    rows = [
+        {"id": q.id, "answers": [{"text": s.text, "logp": s.logp, "num_tokens": len(s.token_ids), "finished": s.finished} for s in group]}
+        for q, group in zip(questions, samples)
+    ]
+    _write_jsonl(path, rows)
+
+
+def load_samples(path: Path, questions: list[Question]) -> list[list[Sample]] | None:
+    """Samples saved by an earlier run over the same questions, else None."""
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if [r["id"] for r in rows] != [q.id for q in questions]:
+        return None  # another question set: sample again
+    return [[Sample(a["text"], [], [a["logp"]], a["finished"]) for a in r["answers"]] for r in rows]
+
+
+# --- context ---------------------------------------------------------------------------------------
+def build_contexts(
+    cfg: ContextConfig, model, visual: VisualInputs, questions: list[Question], previous: dict | None = None,
+    prompts_path=None, progress: bool = False,
+) -> dict[str, str]:
+    """{video key: context} for the videos of `questions` under `cfg.kind`."""
+    videos = [q.video for q in questions if q.video is not None]
+    if cfg.kind == "none":
+        return {}
+    if cfg.kind == "caption":
+        if not cfg.captions:
+            raise ConfigError("context.kind 'caption' needs context.captions (a caption file)")
+        captions = load_captions(cfg.captions)
+        return {video_key(v): caption_for(captions, v) for v in videos}
+    if cfg.kind == "narrative":
+        return narratives(model, visual, videos, cfg.clips, cfg.max_clip_len, cfg.max_new_tokens, prompts_path=prompts_path, progress=progress)
+    return retrospective_contexts(model, visual, videos, previous, cfg.max_new_tokens, prompts_path=prompts_path, progress=progress)
+
+
+# --- judging ---------------------------------------------------------------------------------------
+def judge_candidates(judge, method: str, questions: list[Question], samples: list[list[Sample]], contexts: dict) -> list:
+    """Per question: one Judgment (pairwise, ranked) or one per answer (score_threshold)."""
+    def request(q, answers):
+        ctx = contexts.get(video_key(q.video), "") if q.video is not None else ""
+        return JudgeRequest(q.video, q.question, tuple(answers), ctx)
+
+    if method == "pairwise":
+        return judge.compare([request(q, [s.text for s in group]) for q, group in zip(questions, samples)])
+    if method == "ranked":
+        return judge.rank([request(q, [s.text for s in group]) for q, group in zip(questions, samples)])
+    flat = judge.score([request(q, [s.text]) for q, group in zip(questions, samples) for s in group])
+    g = len(samples[0]) if samples else 0
+    return [flat[i * g : (i + 1) * g] for i in range(len(questions))]
+
+
+# --- pairing ---------------------------------------------------------------------------------------
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def build_records(
+    cfg: PrefsConfig, questions: list[Question], samples: list[list[Sample]], judgments: list, contexts: dict, seed: int
+) -> tuple[list[dict], dict]:
+    """Preference records and the counts of what was dropped and why."""
+    method = cfg.preferences.method
+    rng = random.Random(seed)
+    records, dropped = [], {}
+
+    def drop(reason):
+        dropped[reason] = dropped.get(reason, 0) + 1
+
+    for q, group, judged in zip(questions, samples, judgments):
+        answers = [s.text for s in group]
+        verdicts = judged if isinstance(judged, list) else [judged]
+        bad = [j for j in verdicts if j.status != "ok"]
+        if bad:
+            drop(bad[0].status)
+            continue
+        if method == "pairwise":
+            chosen, rejected = (0, 1) if verdicts[0].value == 0 else (1, 0)
+            detail = {"choice": verdicts[0].value}
+            scores = (None, None)
+        elif method == "ranked":
+            ranks = verdicts[0].value
+            chosen, rejected = ranks.index(0), ranks.index(len(ranks) - 1)
+            detail = {"ranks": ranks}
+            scores = (None, None)
+        else:
+            values = [j.value for j in verdicts]
+            good = [i for i, v in enumerate(values) if v >= cfg.preferences.chosen_min]
+            poor = [i for i, v in enumerate(values) if v <= cfg.preferences.rejected_max]
+            if not good or not poor:
+                drop("no_pair")
+                continue
+            chosen, rejected = rng.choice(good), rng.choice(poor)
+            detail = {"scores": values}
+            scores = (values[chosen], values[rejected])
+        if answers[chosen].strip() == answers[rejected].strip():
+            drop("identical_answers")
+            continue
+        first = verdicts[0]
+        records.append({
+            "id": q.id,
+            "video": q.video,
+            "prompt": f"{VIDEO_TOKEN}\n{q.question}" if q.video is not None else q.question,
+            "chosen": answers[chosen],
+            "rejected": answers[rejected],
+            "chosen_score": scores[0],
+            "rejected_score": scores[1],
+            "method": method,
+            "answers": answers,
+            "answer_logps": [s.logp for s in group],
+            **detail,
+            "context": contexts.get(video_key(q.video), "") if q.video is not None else "",
+            "judge": first.judge,
+            "judge_model": first.model,
+            "prompt_version": first.prompt,
+            "policy": cfg.policy,
+        })
+    return records, dropped
+
+
+def judge_stats(judgments: list) -> dict:
+    flat = [j for item in judgments for j in (item if isinstance(item, list) else [item])]
+    counts: dict[str, int] = {}
+    for j in flat:
+        counts[j.status] = counts.get(j.status, 0) + 1
+    return {"judgments": len(flat), "by_status": counts, "cached": sum(j.cached for j in flat)}
+
+
+def length_stats(records: list[dict]) -> dict:
+    if not records:
+        return {"mean_chosen_words": None, "mean_rejected_words": None, "length_ratio": None}
+    chosen = statistics.fmean(_words(r["chosen"]) for r in records)
+    rejected = statistics.fmean(_words(r["rejected"]) for r in records)
+    return {"mean_chosen_words": chosen, "mean_rejected_words": rejected, "length_ratio": chosen / max(rejected, 1e-9)}
+
+
+def oracle_agreement(oracle, method: str, questions: list[Question], samples: list[list[Sample]], judgments: list) -> dict:
+    """How often the judge agrees with the synthetic benchmark's oracle, over judged questions.
+
+    pairwise: the judge picks the answer the oracle scores higher (pairs the oracle scores equal
+    are left out); score_threshold: the judge's score puts an answer on the same side of the
+    chosen/rejected line (>= 3) as the oracle's; ranked: mean Kendall tau of the two rankings.
+    """
+    agree, total, taus = 0, 0, []
+    for q, group, judged in zip(questions, samples, judgments):
+        answers = [s.text for s in group]
+        if method == "pairwise":
+            if judged.status != "ok":
+                continue
+            a, b = (oracle.score(q.video, q.question, x) for x in answers)
+            if a == b:
+                continue
+            total += 1
+            agree += int(judged.value == (0 if a > b else 1))
+        elif method == "ranked":
+            if judged.status != "ok":
+                continue
+            truth = oracle.rank(q.video, q.question, answers)
+            taus.append(float(kendall_tau(torch.tensor([judged.value]), torch.tensor([truth]))[0]))
+        else:
+            for answer, j in zip(answers, judged):
+                if j.status != "ok":
+                    continue
+                total += 1
+                agree += int((j.value >= 3) == (oracle.score(q.video, q.question, answer) >= 3))
+    if method == "ranked":
+        return {"kendall_tau": statistics.fmean(taus) if taus else None, "n": len(taus)}
+    return {"agreement": agree / total if total else None, "n": total}
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def make_preferences(
+    cfg: PrefsConfig, model, visual: VisualInputs, questions: list[Question], out_dir: Path,
+    contexts: dict | None = None, judge_model=None, progress: bool = False,
+) -> tuple[Path, dict]:
+    """Sample, judge and pair for `questions`; write everything under `out_dir`; return (preferences, stats).
+
+    `contexts` given: used as is (the iterative DPO loop computes them per its mode); otherwise built
+    per `cfg.context` and saved to contexts.json, which a re-run reuses. `judge_model` is the model
+    an `hf` judge with model "policy" uses.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    method = cfg.preferences.method
+    if method == "pairwise" and cfg.sampling.num_samples != 2:
+        raise ConfigError(f"preferences.method 'pairwise' compares 2 answers; sampling.num_samples is {cfg.sampling.num_samples}")
+    if cfg.sampling.num_samples < 2:
+        raise ConfigError("sampling.num_samples: need at least 2 answers per question to build preferences")
+
+    samples_path = out_dir / "samples.jsonl"
+    samples = load_samples(samples_path, questions) if cfg.run.resume else None
+    if samples is None:
+        samples = sample_candidates(model, visual, questions, cfg.sampling, cfg.seed, progress)
+        save_samples(samples_path, questions, samples)
+
+    if contexts is None:
+        contexts_path = out_dir / "contexts.json"
+        if cfg.run.resume and contexts_path.is_file():
+            contexts = json.loads(contexts_path.read_text(encoding="utf-8"))
+        else:
+            contexts = build_contexts(cfg.context, model, visual, questions, prompts_path=cfg.judge.prompts, progress=progress)
+            contexts_path.write_text(json.dumps(contexts, indent=1, ensure_ascii=False), encoding="utf-8")
+
+    cache = Path(cfg.judge.cache) if cfg.judge.cache else out_dir / "judge_cache.sqlite"
+    judge = build_judge(cfg.judge, cache, model=judge_model if judge_model is not None else model, visual=visual)
+    judgments = judge_candidates(judge, method, questions, samples, contexts)
+    records, dropped = build_records(cfg, questions, samples, judgments, contexts, cfg.seed)
+
+    stats = {
+        "questions": len(questions),
+        "pairs": len(records),
+        "dropped": dropped,
+        **judge_stats(judgments),
+        **length_stats(records),
+        "judge": judge.id,
+        "context": cfg.context.kind,
+    }
+    if cfg.preferences.oracle:
+        from vlmalign.feedback.oracle import Oracle
+
+        stats["oracle_agreement"] = oracle_agreement(Oracle.from_dir(cfg.preferences.oracle), method, questions, samples, judgments)
+    path = out_dir / "preferences.jsonl"
+    _write_jsonl(path, records)
+    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2), encoding="utf-8")
+    return path, stats
+
+
+def format_stats(stats: dict) -> str:
+    lines = [
+        f"questions {stats['questions']}, pairs kept {stats['pairs']}, dropped {sum(stats['dropped'].values())} {stats['dropped'] or ''}".rstrip(),
+        f"judgments {stats['judgments']} ({stats['cached']} from cache): {stats['by_status']}",
+    ]
+    if stats.get("length_ratio") is not None:
+        lines.append(
+            f"mean words chosen {stats['mean_chosen_words']:.1f}, rejected {stats['mean_rejected_words']:.1f}, ratio {stats['length_ratio']:.2f}"
+        )
+    if "oracle_agreement" in stats:
+        lines.append(f"agreement with the oracle: {stats['oracle_agreement']}")
+    return "\n".join(lines)
+
+
+def run(cfg: PrefsConfig) -> Path:
+    """`vlmalign make-prefs`: config in, RUN/preferences.jsonl and RUN/stats.json out."""
+    from accelerate.utils import set_seed
+
+    from vlmalign.model.video_lm import load_model
+
+    if not cfg.policy:
+        raise ConfigError("policy: give the model that answers (e.g. runs/tiny-sft/final)")
+    if not cfg.data.train:
+        raise ConfigError("data.train: give at least one question file")
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    set_seed(cfg.seed)
+    model = load_model(cfg.policy).eval()
+    if torch.cuda.is_available():
+        model.cuda()
+    visual = VisualInputs(model, cfg.data.feature_cache)
+    questions = read_questions(cfg.data.train, cfg.data.video_root, cfg.preferences.limit)
+    path, stats = make_preferences(cfg, model, visual, questions, run_dir, progress=cfg.run.progress)
+    print(format_stats(stats), flush=True)
+    print(f"preferences written to {path}", flush=True)
+    return path
