@@ -21,11 +21,8 @@ CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 # Commands that later work will implement; each exits non-zero instead of pretending.
 PENDING = {
     "make-instructions": "turn detailed captions into instruction data with an LLM",
-    "make-prefs": "sample answers, judge them, and write preference data",
     "train-rm": "train a context-aware reward model on preference pairs",
     "ppo": "optimise a policy with PPO against a reward model",
-    "dpo": "DPO, or iterative self-retrospective DPO with --iterations N",
-    "grpo-rank": "GRPO with rank-based advantages from an oracle's rankings",
 }
 EVAL_BENCHMARKS = ["synthetic", "msvd-qa", "msrvtt-qa", "tgif-qa", "activitynet-qa", "generative", "video-mme", "retrieval", "action"]
 
@@ -59,11 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--feature-cache", default=None, help="folder for cached video features")
 
+    p = sub.add_parser("make-prefs", help="sample answers, add context, judge them, and write preference data")
+    _add_config_args(p)
+
+    p = sub.add_parser("dpo", help="DPO on preference files, or iterative self-retrospective DPO with --iterations T")
+    _add_config_args(p)
+    p.add_argument("--iterations", type=int, default=None,
+                   help="ISR-DPO iterations T (sets loop.iterations; 0 = offline DPO on data.train)")
+
+    p = sub.add_parser("grpo-rank", help="GRPO with rank-based advantages from a judge's rankings (or plain GRPO on scores)")
+    _add_config_args(p)
+
     for name, text in PENDING.items():
         p = sub.add_parser(name, help=f"{text} (not implemented yet)")
         _add_config_args(p)
-        if name == "dpo":
-            p.add_argument("--iterations", type=int, default=1, help="ISR-DPO iterations T (1 = plain DPO)")
 
     p = sub.add_parser("eval", help="evaluate a model on a benchmark")
     p.add_argument("benchmark", choices=EVAL_BENCHMARKS)
@@ -116,6 +122,33 @@ def _cmd_train_sft(args) -> int:
     from vlmalign.train import sft
 
     sft.run(load_config(SFTConfig, args.config, args.overrides))
+    return 0
+
+
+def _cmd_make_prefs(args) -> int:
+    from vlmalign.config import PrefsConfig, load_config
+    from vlmalign.feedback import preferences
+
+    preferences.run(load_config(PrefsConfig, args.config, args.overrides))
+    return 0
+
+
+def _cmd_dpo(args) -> int:
+    from vlmalign.config import DPOConfig, load_config
+    from vlmalign.train import dpo
+
+    overrides = list(args.overrides)
+    if args.iterations is not None:
+        overrides.append(f"loop.iterations={args.iterations}")
+    dpo.run(load_config(DPOConfig, args.config, overrides))
+    return 0
+
+
+def _cmd_grpo_rank(args) -> int:
+    from vlmalign.config import GRPOConfig, load_config
+    from vlmalign.train import grpo_rank
+
+    grpo_rank.run(load_config(GRPOConfig, args.config, args.overrides))
     return 0
 
 
@@ -181,6 +214,9 @@ def _cmd_demo(args) -> int:
 COMMANDS = {
     "train-sft": _cmd_train_sft,
     "generate": _cmd_generate,
+    "make-prefs": _cmd_make_prefs,
+    "dpo": _cmd_dpo,
+    "grpo-rank": _cmd_grpo_rank,
     "make-synthetic": _cmd_make_synthetic,
     "eval": _cmd_eval,
     "demo": _cmd_demo,
