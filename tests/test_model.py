@@ -170,3 +170,12 @@ def test_llava_hf_checkpoint_converts(word_corpus, tmp_path):
         torch.testing.assert_close(model.projector(feats[0]), llava.model.multi_modal_projector(ref_feats))
         ids = torch.tensor([[2, 4, 5, 6]])
         torch.testing.assert_close(model.llm(input_ids=ids).logits, llava(input_ids=ids).logits)
+
+
+def test_a_model_started_from_a_checkpoint_trains_its_llm(word_corpus, tmp_path):
+    build_model(tiny(word_corpus)).save_pretrained(tmp_path / "start")
+    full = build_model(tiny(word_corpus, **{"model.init_from": str(tmp_path / "start")}))
+    assert all(p.requires_grad for p in full.llm.parameters())
+    lora = build_model(tiny(word_corpus, **{"model.init_from": str(tmp_path / "start"), "model.lora.enabled": "true"}))
+    trainable = [n for n, p in lora.llm.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)

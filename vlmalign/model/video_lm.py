@@ -201,6 +201,8 @@ def _set_trainable(model: VideoLM) -> VideoLM:
     cfg = model.cfg
     model.vision.requires_grad_(not cfg.vision.frozen)
     model.projector.requires_grad_(cfg.train_projector)
+    if not model.uses_lora:  # no adapter: the whole LLM trains (a loaded start model comes frozen)
+        model.llm.requires_grad_(True)
     if cfg.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable()
         model.llm.enable_input_require_grads()

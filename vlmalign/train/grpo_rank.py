@@ -178,7 +178,7 @@ def run(cfg: GRPOConfig) -> Path:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 updates += 1
-                sums["loss"] += float(loss)
+                sums["loss"] += float(loss.detach())
                 for key in ("kl", "entropy", "clip_fraction"):
                     if key in stats:
                         sums[key] += float(stats[key])
