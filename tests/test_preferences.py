@@ -55,6 +55,7 @@ def test_ranked_preferences_carry_provenance_and_rerun_from_cache(tiny_policy, t
         assert r["chosen"] == r["answers"][r["ranks"].index(0)] and r["rejected"] == r["answers"][r["ranks"].index(3)]
         assert r["judge"].startswith("oracle:") and r["prompt_version"].startswith("oracle.rank@")
         assert r["policy"] == str(tiny_policy) and r["method"] == "ranked"
+        assert r["video"].startswith("/")  # read back relative to the preference file otherwise
         assert all(lp < 0 for lp in r["answer_logps"])
     # the oracle ranks the judge's ranking perfectly against itself
     assert stats["oracle_agreement"]["kendall_tau"] == pytest.approx(1.0)

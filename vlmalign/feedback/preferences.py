@@ -65,6 +65,13 @@ def read_questions(paths: list[str], video_root=None, limit: int | None = None) 
     return questions[:limit] if limit is not None else questions
 
 
+def absolute_video(video):
+    """Video paths as absolute paths: a preference file is read relative to its own folder."""
+    if video is None:
+        return None
+    return str(Path(video).resolve()) if isinstance(video, str) else [str(Path(v).resolve()) for v in video]
+
+
 def video_key(video) -> str:
     return video if isinstance(video, str) else "|".join(video)
 
@@ -183,7 +190,7 @@ def build_records(
         first = verdicts[0]
         records.append({
             "id": q.id,
-            "video": q.video,
+            "video": absolute_video(q.video),
             "prompt": f"{VIDEO_TOKEN}\n{q.question}" if q.video is not None else q.question,
             "chosen": answers[chosen],
             "rejected": answers[rejected],
