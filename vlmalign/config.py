@@ -277,6 +277,65 @@ class GRPOConfig:
 
 
 @dataclass
+class RMSection:
+    center_coef: float = 1e-3  # weight of VLM-RLAIF's |mean(r_a + r_b)| term that keeps rewards near 0
+    # Held-out pairs for the accuracy of r_chosen > r_rejected: data.eval when given, else this share
+    # of data.train (drawn with train.seed); 0 with no data.eval: no evaluation.
+    eval_fraction: float = 0.0
+    eval_every: int = 0  # optimizer steps between evaluations (and one before the first); 0: at the end only
+    prompts: str | None = None  # a user YAML file or folder overriding the packaged reward.evaluate
+
+
+@dataclass
+class RMConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # model.init_from: the SFT policy (the backbone)
+    data: DataConfig = field(default_factory=DataConfig)  # data.train / data.eval: preference files
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-5))
+    rm: RMSection = field(default_factory=RMSection)
+
+
+@dataclass
+class PPOSection:
+    # Defaults: VLM-RLAIF's released PPO (AlpacaFarm style; CONVENTIONS section 3).
+    rollout_batch: int = 256  # questions per rollout, each with sampling.num_samples answers
+    step_batch: int = 128  # answers per optimizer step
+    micro_batch: int = 8  # answers per forward pass (gradients accumulate up to step_batch)
+    ppo_epochs: int = 2  # optimisation passes over each rollout
+    clip: float = 0.2  # policy ratio clip
+    value_clip: float = 0.2  # how far a value prediction may move from the rollout's before its loss is clipped
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 1.0
+    kl_coef: float = 0.1  # per-token k1 penalty to the starting policy
+    clamp_kl: bool = True  # floor each token's k1 estimate at 0, as the released code does
+    # Adaptive KL (Ziegler et al. 2019): move kl_coef towards this per-answer KL over kl_horizon
+    # answers; null keeps kl_coef fixed.
+    kl_target: float | None = None
+    kl_horizon: int = 10000
+    # The shaped per-token rewards (score and KL term together) are whitened, keeping their mean, or
+    # multiplied by reward_scale.
+    whiten_rewards: bool = False
+    reward_scale: float = 10.0
+    eos_penalty: float = -8.0  # added to the score of an answer cut at sampling.max_new_tokens
+    length_coef: float = -10.0  # score += length_coef * answer tokens / sampling.max_new_tokens; 0: off
+    whiten_advantages: bool = True
+
+
+@dataclass
+class PPOConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # model.init_from: the SFT policy (= reference)
+    reward_model: str = ""  # a `train-rm` final/: scores answers; a trainable copy is the value model
+    data: DataConfig = field(default_factory=DataConfig)  # data.train: question files
+    train: TrainConfig = field(default_factory=TrainConfig)  # epochs: passes over the questions; max_steps, save_every: rollouts
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(num_samples=1, temperature=1.0, max_new_tokens=896))
+    ppo: PPOSection = field(default_factory=PPOSection)
+    eval_qa: str | None = None  # synthetic-benchmark QA file: held-out accuracy at the end
+    eval_limit: int | None = None
+
+
+@dataclass
 class SFTConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -1,0 +1,125 @@
+"""Reward (and value) model: a VideoLM backbone with a scalar head on its last hidden states.
+
+The head reads the LLM's final hidden state (after the last norm, before `lm_head`) at every
+position: `forward` returns [B, L] scores. A reward model uses the score of each row's last
+attended token (`final_scores`), after the conversation and the evaluation prompt
+(`USER: {reward.evaluate} ASSISTANT:`) appended behind the answer; PPO's value model uses the
+scores at the positions that predict each answer token.
+
+Saved layout: the backbone's `VideoLM.save_pretrained` layout (so a LoRA reward model records its
+SFT base and stores only its adapter), plus
+    value_head.safetensors   the head (`weight` [1, H], `bias` [1]), always float32
+    reward.json              the evaluation prompt the model was trained with, and its prompt id
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vlmalign.config import ModelConfig
+from vlmalign.data.collate import Collator, EncodedSample, model_inputs
+from vlmalign.data.formats import VIDEO_TOKEN, Turn
+from vlmalign.data.template import IGNORE_INDEX, encode_conversation
+from vlmalign.errors import ConfigError
+from vlmalign.model.video_lm import VideoLM, build_model, load_model
+
+HEAD_FILE = "value_head.safetensors"
+REWARD_FILE = "reward.json"
+
+
+class RewardModel(nn.Module):
+    def __init__(self, backbone: VideoLM, head: nn.Linear, evaluation_prompt: str, prompt_id: str):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.evaluation_prompt = evaluation_prompt
+        self.prompt_id = prompt_id
+
+    @property
+    def tokenizer(self):
+        return self.backbone.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    def forward(self, input_ids, attention_mask, features=None) -> torch.Tensor:
+        """Scalar score at every position, [B, L] float32."""
+        embeds = self.backbone.embed(input_ids, features)
+        # The decoder alone: the LM head's [B, L, vocab] logits would be computed and thrown away.
+        hidden = self.backbone.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
+
+    def encode(self, question: str, answer: str, video, max_length: int, sample_id: str = "") -> EncodedSample:
+        """Reward-model input for one answer: the conversation, then the evaluation turn.
+
+        The question gets a `<video>` placeholder at its start when it has none and a video is given,
+        as in generation. Room for the evaluation turn is kept, so a long answer is cut rather than
+        the prompt that asks for the judgement.
+        """
+        text = question if video is None or VIDEO_TOKEN in question else f"{VIDEO_TOKEN}\n{question}"
+        tail = self.tokenizer(f"USER: {self.evaluation_prompt} ASSISTANT:", add_special_tokens=False).input_ids
+        turns = [Turn("user", text), Turn("assistant", answer)]
+        enc = encode_conversation(self.tokenizer, turns, self.backbone.num_visual_tokens, max_length - len(tail), sample_id)
+        ids = enc.input_ids + tail
+        return EncodedSample(sample_id, ids, [IGNORE_INDEX] * len(ids), video)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        self.backbone.save_pretrained(path)
+        state = {k: v.detach().float().cpu().contiguous() for k, v in self.head.state_dict().items()}
+        save_file(state, path / HEAD_FILE)
+        info = {"evaluation_prompt": self.evaluation_prompt, "prompt": self.prompt_id, "head": HEAD_FILE}
+        (path / REWARD_FILE).write_text(json.dumps(info, indent=2))
+
+
+def final_scores(scores: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] per-position scores -> [B] at each row's last attended token (either padding side)."""
+    width = attention_mask.shape[1]
+    last = width - 1 - attention_mask.flip(1).long().argmax(1)
+    return scores.gather(1, last.unsqueeze(1)).squeeze(1)
+
+
+@torch.no_grad()
+def score_samples(model: RewardModel, collate: Collator, samples: list[EncodedSample], batch_size: int) -> torch.Tensor:
+    """[N] rewards of encoded reward-model inputs, `batch_size` rows per forward pass, in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(samples), batch_size):
+        batch = collate(samples[start : start + batch_size])
+        inputs = model_inputs(model.backbone, batch, model.device)
+        out.append(final_scores(model(**inputs), inputs["attention_mask"]).float().cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def build_reward_model(cfg: ModelConfig, evaluation_prompt: str, prompt_id: str) -> RewardModel:
+    """A trainable reward model: `build_model(cfg)` (usually the SFT policy via `init_from`, LoRA per
+    cfg.lora) plus a new head with a zero bias."""
+    backbone = build_model(cfg)
+    head = nn.Linear(backbone.llm.config.hidden_size, 1)
+    # Zero bias, as VLM-RLAIF's head: the new head adds no offset, and the centering term of the
+    # loss keeps the mean reward near zero from there (the Bradley-Terry term sees differences only).
+    nn.init.zeros_(head.bias)
+    return RewardModel(backbone, head, evaluation_prompt, prompt_id)
+
+
+def load_reward_model(path: str | Path, trainable: bool = False) -> RewardModel:
+    """A reward model saved by `RewardModel.save_pretrained`; `trainable` gives a copy to train
+    further (PPO's value model: its own adapter, or all LLM weights without LoRA, and the head)."""
+    path = Path(path)
+    if not (path / HEAD_FILE).is_file() or not (path / REWARD_FILE).is_file():
+        raise ConfigError(f"not a reward model directory (no {HEAD_FILE} / {REWARD_FILE}; train one with `vlmalign train-rm`): {path}")
+    backbone = load_model(path, trainable=trainable)
+    info = json.loads((path / REWARD_FILE).read_text())
+    head = nn.Linear(backbone.llm.config.hidden_size, 1)
+    head.load_state_dict(load_file(path / HEAD_FILE))
+    model = RewardModel(backbone, head, info["evaluation_prompt"], info["prompt"])
+    head.requires_grad_(trainable)
+    return model.train(trainable)

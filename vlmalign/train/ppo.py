@@ -1,0 +1,284 @@
+"""PPO against a trained reward model (`vlmalign ppo`), as VLM-RLAIF released it (AlpacaFarm style).
+
+Models: the policy starts from the SFT checkpoint (`model.init_from`, a new LoRA per `model.lora`
+or all weights); the reference is the policy with its adapter disabled, or a frozen copy without
+LoRA; the reward model (`reward_model`, from `train-rm`) is frozen; the value model is a trainable
+copy of the reward model (its own adapter and head). Policy and value model share one optimizer.
+
+Per rollout (step = one rollout):
+1. rollout: `ppo.rollout_batch` questions, `sampling.num_samples` answers each, sampled from the
+   policy (one shared video prefix per question);
+2. reward: score = RM(question, answer + evaluation prompt) + `eos_penalty` if the answer has no
+   EOS + `length_coef` * tokens / `sampling.max_new_tokens`;
+3. old log-probs, reference log-probs and values of the sampled tokens (no dropout);
+   per-token rewards = -kl_coef * k1 KL (`losses.kl_penalized_rewards`) with the score on the last
+   token, then whitened (keeping their mean) or multiplied by `reward_scale`; GAE (gamma, lam) gives
+   advantages (whitened) and returns;
+4. `ppo.ppo_epochs` shuffled passes in optimizer steps of `step_batch` answers (`micro_batch` per
+   forward): clipped policy loss + `vf_coef` * clipped value loss, token means over the step.
+With `kl_target`, kl_coef then moves towards that per-answer KL (adaptive controller).
+
+Logged per rollout: reward (mean RM score), score (with the EOS and length terms), kl (summed k1 per
+answer, unclamped) and kl_coef, entropy, policy and value losses, clip fractions, approx_kl,
+response_length, eos_fraction, and the time split: rollout (sampling), reward (RM scoring), train
+(log-probs, values, advantages and the PPO epochs).
+
+Per-token tensors of a rollout are [N, T]: each answer's tokens left-aligned, right-padded, where
+position t holds the log-prob of answer token t and the value of the state before it.
+
+Artifacts: RUN/config.yaml, metrics.jsonl, checkpoints/step-N (N = rollouts; the policy and value
+weights, optimizer, kl_coef), final/ (the policy) and with `eval_qa` the held-out accuracy in
+RUN/eval/.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from vlmalign.config import PPOConfig
+from vlmalign.data.collate import Collator, model_inputs
+from vlmalign.data.features import VisualInputs
+from vlmalign.errors import ConfigError
+from vlmalign.feedback.preferences import read_questions
+from vlmalign.losses import (
+    IGNORE_INDEX,
+    gae_advantages,
+    kl_penalized_rewards,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+    token_entropy,
+    token_logps,
+)
+from vlmalign.model.generation import GenerationConfig, sample_answers
+from vlmalign.model.reward import RewardModel, load_reward_model, score_samples
+from vlmalign.model.video_lm import MANIFEST, build_model, load_model
+from vlmalign.train.common import Checkpointer, build_optimizer, build_scheduler, epoch_batches, save_final, setup_run
+from vlmalign.train.grpo_rank import completion_rows
+
+
+# --- per-token tensors -----------------------------------------------------------------------------
+def answer_tokens(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut each row's answer span out of [B, L] per-position values: ([B, T] left-aligned, mask).
+
+    `mask` marks one contiguous span per row (prompt before it, padding after); the result is what
+    the PPO losses take: right-padded rows with 1 on a prefix.
+    """
+    lengths = mask.sum(-1)
+    start = mask.long().argmax(-1)
+    steps = torch.arange(int(lengths.max()), device=values.device)
+    index = (start[:, None] + steps).clamp(max=values.shape[1] - 1)
+    valid = steps[None] < lengths[:, None]
+    return values.gather(1, index) * valid, valid
+
+
+def policy_forward(model, batch: dict, device, with_entropy: bool = False):
+    """(log-probs [B, T], mask [B, T], entropy [B, T] or None) of the answer tokens of `batch`."""
+    logits = model(**model_inputs(model, batch, device)).logits
+    labels = batch["labels"].to(device)
+    logps, mask = token_logps(logits, labels)
+    logps, valid = answer_tokens(logps, mask)
+    entropy = answer_tokens(token_entropy(logits, labels), mask)[0] if with_entropy else None
+    return logps, valid, entropy
+
+
+def value_forward(value: RewardModel, batch: dict, device) -> torch.Tensor:
+    """[B, T] values of the states before each answer token (position t - 1 predicts token t)."""
+    scores = value(**model_inputs(value.backbone, batch, device))[:, :-1].float()
+    return answer_tokens(scores, batch["labels"][:, 1:].to(device) != IGNORE_INDEX)[0]
+
+
+def pad_rows(chunks: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate [b, T_i] chunks along rows, right-padding to the widest."""
+    width = max(c.shape[1] for c in chunks)
+    return torch.cat([nn.functional.pad(c, (0, width - c.shape[1])) for c in chunks])
+
+
+def adapt_kl_coef(coef: float, kl: float, target: float, horizon: int, num_answers: int) -> float:
+    """Ziegler et al.'s proportional controller: nudge `coef` so the per-answer KL approaches `target`."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return coef * (1.0 + error * num_answers / horizon)
+
+
+# --- PPO -----------------------------------------------------------------------------------------
+def _check(cfg: PPOConfig) -> None:
+    if not cfg.model.init_from:
+        raise ConfigError("model.init_from: PPO starts from a saved policy (e.g. runs/tiny-sft/final)")
+    if not cfg.reward_model:
+        raise ConfigError("reward_model: give a reward model trained by `vlmalign train-rm` (e.g. runs/tiny-rm/final)")
+    if not cfg.data.train:
+        raise ConfigError("data.train: give the question file(s) to train on")
+    ppo = cfg.ppo
+    for key in ("rollout_batch", "step_batch", "micro_batch", "ppo_epochs", "kl_horizon"):
+        if getattr(ppo, key) < 1:
+            raise ConfigError(f"ppo.{key}: must be at least 1, got {getattr(ppo, key)}")
+    if cfg.sampling.num_samples < 1:
+        raise ConfigError(f"sampling.num_samples: must be at least 1, got {cfg.sampling.num_samples}")
+    if ppo.kl_target is not None and ppo.kl_target <= 0:
+        raise ConfigError(f"ppo.kl_target: must be positive (or null for a fixed kl_coef), got {ppo.kl_target}")
+
+
+def run(cfg: PPOConfig) -> Path:
+    # --- setup -------------------------------------------------------------------------------
+    _check(cfg)
+    rt = setup_run(cfg, cfg.run, cfg.train)
+    final = rt.run_dir / "final"
+    if (final / MANIFEST).is_file():
+        rt.print(f"{final} exists: this PPO run is complete")
+        return final
+    acc, ppo, g = rt.accelerator, cfg.ppo, cfg.sampling.num_samples
+    if acc.num_processes > 1:
+        raise ConfigError("ppo runs on one process for now (rollouts are not sharded across processes)")
+    policy = build_model(cfg.model).to(acc.device)
+    reference = None if policy.uses_lora else load_model(cfg.model.init_from).to(acc.device).eval()
+    reward_model = load_reward_model(cfg.reward_model).to(acc.device)
+    value = load_reward_model(cfg.reward_model, trainable=True).to(acc.device)
+    if value.tokenizer.get_vocab() != policy.tokenizer.get_vocab() or value.backbone.num_visual_tokens != policy.num_visual_tokens:
+        # The value model reads the policy's token ids, one value per answer token.
+        raise ConfigError(f"reward_model: {cfg.reward_model} must share the policy's tokenizer and visual token count "
+                          "(its copy is the value model, which reads the policy's tokens)")
+    policy_visual = VisualInputs(policy, cfg.data.feature_cache)
+    policy_collate = Collator(policy.tokenizer.pad_token_id, policy_visual)
+    value_collate = Collator(policy.tokenizer.pad_token_id, VisualInputs(value.backbone, cfg.data.feature_cache))
+    reward_collate = Collator(reward_model.tokenizer.pad_token_id, VisualInputs(reward_model.backbone, cfg.data.feature_cache))
+    questions = read_questions(cfg.data.train, cfg.data.video_root)
+    gen = GenerationConfig(
+        max_new_tokens=cfg.sampling.max_new_tokens, do_sample=True, temperature=cfg.sampling.temperature,
+        top_p=cfg.sampling.top_p, num_return_sequences=g, batch_size=cfg.sampling.batch_size,
+    )
+    rollouts = [b for e in range(cfg.train.epochs) for b in epoch_batches(len(questions), ppo.rollout_batch, cfg.train.seed, e)]
+    total = len(rollouts) if cfg.train.max_steps is None else min(len(rollouts), cfg.train.max_steps)
+    total_updates = sum(ppo.ppo_epochs * -(-len(b) * g // ppo.step_batch) for b in rollouts[:total])
+    rt.print(f"PPO: {len(questions)} questions, {total} rollouts of {ppo.rollout_batch} x {g} answers, {total_updates} optimizer steps")
+
+    actor_critic = nn.ModuleDict({"policy": policy, "value": value})
+    optimizer = build_optimizer(actor_critic, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, total_updates)
+    actor_critic, optimizer = acc.prepare(actor_critic, optimizer)
+    checkpointer = Checkpointer(rt, cfg.train.keep_checkpoints)
+    step, kl_coef = 0, ppo.kl_coef
+    latest = checkpointer.latest() if cfg.run.resume else None
+    if latest is not None:
+        state = checkpointer.load(latest, actor_critic, optimizer, scheduler)
+        step, kl_coef = state["step"], state["kl_coef"]
+        rt.print(f"resuming from {latest} (rollout {step})")
+
+    # --- loop --------------------------------------------------------------------------------
+    bar = tqdm(total=total, initial=step, desc="ppo", disable=not (rt.is_main and cfg.run.progress))
+    while step < total:
+        batch_questions = [questions[i] for i in rollouts[step]]
+        # 1. rollout
+        started = time.perf_counter()
+        actor_critic.eval()
+        generator = torch.Generator(device=acc.device).manual_seed(cfg.train.seed * 1_000_003 + step)
+        groups = sample_answers(policy, policy_visual, [(q.video, q.question) for q in batch_questions], gen, generator=generator)
+        answers = [(q, s) for q, grp in zip(batch_questions, groups) for s in grp]
+        rows = [row for q, grp in zip(batch_questions, groups) for row in completion_rows(policy, q.question, q.video, grp)]
+        rollout_time = time.perf_counter() - started
+
+        # 2. reward
+        started = time.perf_counter()
+        encoded = [reward_model.encode(q.question, s.text, q.video, cfg.data.max_length, q.id) for q, s in answers]
+        rm_scores = score_samples(reward_model, reward_collate, encoded, ppo.micro_batch)
+        finished = torch.tensor([s.finished for _, s in answers])
+        lengths = torch.tensor([len(s.token_ids) for _, s in answers], dtype=torch.float)
+        score = rm_scores + ppo.eos_penalty * (~finished) + ppo.length_coef * lengths / cfg.sampling.max_new_tokens
+        reward_time = time.perf_counter() - started
+
+        # 3. old and reference log-probs, values; shaped rewards, advantages, returns
+        started = time.perf_counter()
+        with torch.no_grad():
+            parts = {"old": [], "ref": [], "values": [], "entropy": []}
+            for start in range(0, len(rows), ppo.micro_batch):
+                chunk = rows[start : start + ppo.micro_batch]
+                batch = policy_collate(chunk)
+                old, _, entropy = policy_forward(policy, batch, acc.device, with_entropy=True)
+                if reference is not None:
+                    ref = policy_forward(reference, batch, acc.device)[0]
+                else:
+                    with policy.llm.disable_adapter():
+                        ref = policy_forward(policy, batch, acc.device)[0]
+                parts["old"].append(old.float().cpu())
+                parts["ref"].append(ref.float().cpu())
+                parts["entropy"].append(entropy.cpu())
+                parts["values"].append(value_forward(value, value_collate(chunk), acc.device).cpu())
+        old_logps, ref_logps, old_values, entropy = (pad_rows(parts[k]) for k in ("old", "ref", "values", "entropy"))
+        mask = torch.arange(old_logps.shape[1])[None] < lengths[:, None]
+        rewards = kl_penalized_rewards(score, old_logps, ref_logps, mask, kl_coef, ppo.clamp_kl)
+        # Scaling or whitening the whole shaped reward, as released, keeps the KL/score trade-off at kl_coef.
+        rewards = masked_whiten(rewards, mask, shift_mean=False) if ppo.whiten_rewards else rewards * ppo.reward_scale
+        advantages, returns = gae_advantages(rewards, old_values, mask, ppo.gamma, ppo.lam)
+        if ppo.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        rollout = {"old_logps": old_logps, "advantages": advantages, "old_values": old_values, "returns": returns}
+
+        # 4. PPO epochs over the rollout
+        actor_critic.train()
+        sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "value_clip_fraction": 0.0, "approx_kl": 0.0}
+        updates = 0
+        for epoch in range(ppo.ppo_epochs):
+            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 101 + epoch))
+            for begin in range(0, len(rows), ppo.step_batch):
+                step_rows = order[begin : begin + ppo.step_batch]
+                step_tokens = mask[step_rows].sum()
+                for micro in step_rows.split(ppo.micro_batch):
+                    chunk = [rows[i] for i in micro]
+                    with acc.autocast():
+                        logps, valid, _ = policy_forward(policy, policy_collate(chunk), acc.device)
+                        values = value_forward(value, value_collate(chunk), acc.device)
+                        r = {k: v[micro, : logps.shape[1]].to(acc.device) for k, v in rollout.items()}
+                        pg_loss, clip_fraction, approx_kl = ppo_policy_loss(logps, r["old_logps"], r["advantages"], valid, ppo.clip)
+                        vf_loss, vf_clip_fraction = ppo_value_loss(values, r["old_values"], r["returns"], valid, ppo.value_clip)
+                        # token means over the whole optimizer step, however it is split
+                        share = valid.sum() / step_tokens.to(acc.device)
+                        loss = (pg_loss + ppo.vf_coef * vf_loss) * share
+                    acc.backward(loss)
+                    for key, v in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_fraction", clip_fraction),
+                                   ("value_clip_fraction", vf_clip_fraction), ("approx_kl", approx_kl)):
+                        sums[key] += float(v.detach() * share)
+                if cfg.train.max_grad_norm > 0:
+                    acc.clip_grad_norm_(actor_critic.parameters(), cfg.train.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                updates += 1
+        train_time = time.perf_counter() - started
+
+        kl = float(((old_logps - ref_logps) * mask).sum(-1).mean())  # per answer, unclamped k1
+        metrics = {
+            "reward": float(rm_scores.mean()), "score": float(score.mean()), "kl": kl, "kl_coef": kl_coef,
+            "entropy": float(masked_mean(entropy, mask)), **{k: v / updates for k, v in sums.items()},
+            "return_mean": float(masked_mean(returns, mask)), "value_mean": float(masked_mean(old_values, mask)),
+            "response_length": float(lengths.mean()), "eos_fraction": float(finished.float().mean()),
+            "lr": scheduler.get_last_lr()[0],
+            "time_rollout": rollout_time, "time_reward": reward_time, "time_train": train_time,
+        }
+        if ppo.kl_target is not None:
+            kl_coef = adapt_kl_coef(kl_coef, kl, ppo.kl_target, ppo.kl_horizon, len(rows))
+        step += 1
+        bar.update(1)
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{kl:.3f}")
+        if step % cfg.train.log_every == 0 or step == total:
+            rt.metrics.log(step, **metrics)
+        if step % cfg.train.save_every == 0 and step < total:
+            checkpointer.save(step, actor_critic, optimizer, scheduler, {"kl_coef": kl_coef})
+    bar.close()
+
+    # --- artifacts ---------------------------------------------------------------------------
+    final = save_final(rt, policy)
+    rt.metrics.close()
+    rt.print(f"PPO done: {step} rollouts, policy saved to {final}")
+    if cfg.eval_qa and rt.is_main:
+        from vlmalign.eval.synthetic import evaluate_synthetic
+
+        qa = Path(cfg.eval_qa)
+        report = evaluate_synthetic(final, qa.parent, rt.run_dir / "eval", qa_file=qa.name, limit=cfg.eval_limit,
+                                    feature_cache=cfg.data.feature_cache, progress=False)
+        rt.print(report["table"])
+    return final
