@@ -106,7 +106,7 @@ def test_help_lists_every_subcommand():
 
 
 def test_unimplemented_stage_says_so_and_fails():
-    res = run_cli("ppo", "--config", "configs/tiny/sft.yaml")
+    res = run_cli("make-instructions", "--config", "configs/tiny/sft.yaml")
     assert res.returncode != 0 and "not implemented yet" in res.stderr and not res.stdout
 
 

@@ -21,8 +21,6 @@ CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 # Commands that later work will implement; each exits non-zero instead of pretending.
 PENDING = {
     "make-instructions": "turn detailed captions into instruction data with an LLM",
-    "train-rm": "train a context-aware reward model on preference pairs",
-    "ppo": "optimise a policy with PPO against a reward model",
 }
 EVAL_BENCHMARKS = ["synthetic", "msvd-qa", "msrvtt-qa", "tgif-qa", "activitynet-qa", "generative", "video-mme", "retrieval", "action"]
 
@@ -67,18 +65,42 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("grpo-rank", help="GRPO with rank-based advantages from a judge's rankings (or plain GRPO on scores)")
     _add_config_args(p)
 
+    p = sub.add_parser("train-rm", help="train a context-aware reward model on preference pairs")
+    _add_config_args(p)
+
+    p = sub.add_parser("ppo", help="optimise a policy with PPO against a reward model")
+    _add_config_args(p)
+
     for name, text in PENDING.items():
         p = sub.add_parser(name, help=f"{text} (not implemented yet)")
         _add_config_args(p)
 
-    p = sub.add_parser("eval", help="evaluate a model on a benchmark")
-    p.add_argument("benchmark", choices=EVAL_BENCHMARKS)
-    p.add_argument("--model", help="a saved model directory")
-    p.add_argument("--data", help="benchmark data: for `synthetic`, the folder written by make-synthetic")
-    p.add_argument("--out", help="folder for predictions and report (default: MODEL/../eval-BENCHMARK)")
+    p = sub.add_parser("eval", help="evaluate a model (or existing predictions) on a benchmark, or compare reports")
+    p.add_argument("benchmark", choices=[*EVAL_BENCHMARKS, "compare"])
+    p.add_argument("reports", nargs="*", help="compare: report.json files or eval folders to put side by side")
+    p.add_argument("--model", help="a saved model directory (e.g. runs/sft/final)")
+    p.add_argument("--data", help="the questions: a QA, multiple-choice or generative file; for `synthetic` "
+                                  "(and `generative`) also the make-synthetic folder")
+    p.add_argument("--videos", help="folder the data's video names are relative to (default: the data file's folder)")
+    p.add_argument("--predictions", help="judge this file of existing answers (Video-ChatGPT format) instead of a model")
+    p.add_argument("--temporal", help="generative: the temporal question set (its predictions with --predictions)")
+    p.add_argument("--consistency", help="generative: the consistency set, Q1/Q2 (its predictions with --predictions)")
+    p.add_argument("--judge", metavar="CONFIG|NAME",
+                   help="judge config: a YAML file with a `judge:` section, or a name in configs/judges/ "
+                        "(synthetic defaults to oracle)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the judge config, e.g. --set judge.base_url=http://localhost:8000/v1 (repeatable)")
+    p.add_argument("--out", help="output folder (default: eval-BENCHMARK beside --model or --predictions; "
+                                 "compare: compare/ in the reports' common folder)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default 64; 512 for generative")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampled (recorded)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="seed of sampled decoding")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions (of each set)")
+    p.add_argument("--feature-cache", default=None, help="folder for cached video features")
+    p.add_argument("--float-scores", action="store_true",
+                   help="keep judge scores as given (default: their integer part, as the published protocol)")
 
     p = sub.add_parser("make-synthetic", help="write the synthetic video-QA benchmark (videos, data, oracle metadata)")
     p.add_argument("--out", required=True, help="output folder")
@@ -152,6 +174,22 @@ def _cmd_grpo_rank(args) -> int:
     return 0
 
 
+def _cmd_train_rm(args) -> int:
+    from vlmalign.config import RMConfig, load_config
+    from vlmalign.train import rm
+
+    rm.run(load_config(RMConfig, args.config, args.overrides))
+    return 0
+
+
+def _cmd_ppo(args) -> int:
+    from vlmalign.config import PPOConfig, load_config
+    from vlmalign.train import ppo
+
+    ppo.run(load_config(PPOConfig, args.config, args.overrides))
+    return 0
+
+
 def _cmd_generate(args) -> int:
     from vlmalign.data.features import VisualInputs
     from vlmalign.data.formats import read_instructions, read_qa, write_jsonl
@@ -191,17 +229,9 @@ def _cmd_make_synthetic(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    if args.benchmark != "synthetic":
-        raise VlmalignError(f"eval {args.benchmark}: not implemented yet (available: synthetic)")
-    from vlmalign.eval.synthetic import evaluate_synthetic
+    from vlmalign.eval.command import run_eval
 
-    if not args.model or not args.data:
-        raise VlmalignError("eval synthetic: needs --model and --data (the make-synthetic folder)")
-    out = Path(args.out) if args.out else Path(args.model).resolve().parent / "eval-synthetic"
-    report = evaluate_synthetic(args.model, args.data, out, batch_size=args.batch_size,
-                                max_new_tokens=args.max_new_tokens, limit=args.limit)
-    print(report["table"])
-    return 0
+    return run_eval(args)
 
 
 def _cmd_demo(args) -> int:
@@ -217,6 +247,8 @@ COMMANDS = {
     "make-prefs": _cmd_make_prefs,
     "dpo": _cmd_dpo,
     "grpo-rank": _cmd_grpo_rank,
+    "train-rm": _cmd_train_rm,
+    "ppo": _cmd_ppo,
     "make-synthetic": _cmd_make_synthetic,
     "eval": _cmd_eval,
     "demo": _cmd_demo,
