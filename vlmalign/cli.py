@@ -135,6 +135,16 @@ def _relaunch(args: argparse.Namespace, argv: list[str]) -> int:
         if tok.startswith("--launch="):
             continue
         rest.append(tok)
+    import yaml
+
+    settings = yaml.safe_load(config.read_text()) or {}
+    processes = int(settings.get("num_processes", 1))
+    if settings.get("use_cpu") and processes > 1 and int(settings.get("num_machines", 1)) == 1:
+        # `accelerate launch` starts one process for a CPU config unless MPI is set up; torchrun
+        # starts them all, and ACCELERATE_USE_CPU makes accelerate join them with gloo.
+        env = {**os.environ, "ACCELERATE_USE_CPU": "true", "ACCELERATE_MIXED_PRECISION": str(settings.get("mixed_precision", "no"))}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "-m", "vlmalign.cli", *rest]
+        return subprocess.call(cmd, env=env)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "vlmalign.cli", *rest]
     return subprocess.call(cmd)
 
