@@ -287,7 +287,7 @@ def run_pipeline(out, budget: Budget = FULL, stages=STAGES, sft: str | None = No
     table = format_results(results)
     header = (f"# Synthetic benchmark: every method from one SFT start\n\nHeld-out oracle accuracy (%) on "
               f"`{pipe.bench / 'qa_test.json'}`, greedy decoding; judge of the feedback stages: "
-              f"{'the SFT model itself' if budget.self_judge else 'the oracle'}. Wall time {results['minutes']} min.\n\n")
+              f"{'the SFT model itself' if budget.self_judge else 'the oracle'}. Wall time of this invocation (finished stages are reused): {results['minutes']} min.\n\n")
     (pipe.out / "results.md").write_text(header + table + "\n")
     (pipe.out / "results.json").write_text(json.dumps(results, indent=2))
     print("\n" + table + f"\n\nresults: {pipe.out / 'results.md'} ({results['minutes']} min)", flush=True)
