@@ -61,7 +61,7 @@ def _metrics(run_dir):
 
 def test_dpo_starts_at_log2_and_learns_the_preferences(tiny_policy, oracle_pairs, tmp_path):
     run_dir = tmp_path / "dpo"
-    extra = {"train.epochs": "3", "dpo.beta": "1.0", "train.scheduler": "constant", "train.lr": "2e-3"}
+    extra = {"train.epochs": "3", "dpo.beta": "1.0", "dpo.sft_weight": "0", "train.scheduler": "constant", "train.lr": "2e-3"}
     final = dpo.run(load_config(DPOConfig, TINY_DPO, dpo_overrides(tiny_policy, oracle_pairs, run_dir, **extra)))
     metrics = _metrics(run_dir)
     # the reference is the starting policy, so the first step's margin is 0 and the loss log 2

@@ -118,3 +118,21 @@ def test_make_prefs_command(tiny_policy, tiny_bench, tmp_path, capsys):
     assert "questions 4" in out and "preferences written to" in out
     stats = json.loads((run_dir / "stats.json").read_text())
     assert stats["context"] == "caption" and stats["judgments"] == 4 * 6
+
+
+def test_pairs_with_an_empty_or_identical_answer_are_dropped_and_counted():
+    from types import SimpleNamespace
+
+    from vlmalign.config import PrefsConfig
+    from vlmalign.feedback.preferences import Question, build_records
+    from vlmalign.model.generation import Sample
+
+    cfg = PrefsConfig()  # pairwise
+    questions = [Question(f"q{i}", f"/v/{i}.mp4", "what colour?") for i in range(3)]
+    samples = [[Sample("red", [], [-1.0], True), Sample("", [], [-0.5], True)],
+               [Sample("blue", [], [-1.0], True), Sample("blue", [], [-1.0], True)],
+               [Sample("green", [], [-1.0], True), Sample("red", [], [-2.0], True)]]
+    judged = [SimpleNamespace(status="ok", value=0, judge="j", model="m", prompt="p@v1")] * 3
+    records, dropped = build_records(cfg, questions, samples, judged, {}, seed=0)
+    assert dropped == {"empty_answer": 1, "identical_answers": 1}
+    assert [(r["chosen"], r["rejected"]) for r in records] == [("green", "red")]

@@ -13,7 +13,8 @@ Every record carries its provenance (all answers with their log-probs, scores or
 context, judge id, the model that judged, prompt version, the policy that answered), in the flat
 `{"id", "video", "prompt", "chosen", "rejected"}` layout that `read_preference_pairs` and the DPO
 trainer read. Nothing is silently scored: a judgment that failed, did not parse or was inconsistent
-under swap_check drops its question and is counted under that reason.
+under swap_check drops its question and is counted under that reason, as are pairs whose two answers
+are identical or one of them empty.
 
 Artifacts in RUN/: `samples.jsonl`, `contexts.json`, `judge_cache.sqlite`, `preferences.jsonl`,
 `stats.json`. Re-running reuses the samples and contexts and asks the judge only what its cache
@@ -186,6 +187,9 @@ def build_records(
             scores = (values[chosen], values[rejected])
         if answers[chosen].strip() == answers[rejected].strip():
             drop("identical_answers")
+            continue
+        if not answers[chosen].strip() or not answers[rejected].strip():
+            drop("empty_answer")  # an answer that is only EOS: the preference readers refuse empty text
             continue
         first = verdicts[0]
         records.append({
