@@ -19,9 +19,7 @@ from vlmalign.errors import VlmalignError
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 # Commands that later work will implement; each exits non-zero instead of pretending.
-PENDING = {
-    "make-instructions": "turn detailed captions into instruction data with an LLM",
-}
+PENDING: dict[str, str] = {}
 EVAL_BENCHMARKS = ["synthetic", "msvd-qa", "msrvtt-qa", "tgif-qa", "activitynet-qa", "generative", "video-mme", "retrieval", "action"]
 
 
@@ -53,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-return-sequences", type=int, default=1, help="answers per question (G)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--feature-cache", default=None, help="folder for cached video features")
+
+    p = sub.add_parser("make-instructions", help="turn detailed video captions into instruction data with an LLM")
+    _add_config_args(p)
 
     p = sub.add_parser("make-prefs", help="sample answers, add context, judge them, and write preference data")
     _add_config_args(p)
@@ -157,6 +158,14 @@ def _cmd_train_sft(args) -> int:
     return 0
 
 
+def _cmd_make_instructions(args) -> int:
+    from vlmalign.config import InstructionsConfig, load_config
+    from vlmalign.feedback import instructions
+
+    instructions.run(load_config(InstructionsConfig, args.config, args.overrides))
+    return 0
+
+
 def _cmd_make_prefs(args) -> int:
     from vlmalign.config import PrefsConfig, load_config
     from vlmalign.feedback import preferences
@@ -254,6 +263,7 @@ def _cmd_demo(args) -> int:
 COMMANDS = {
     "train-sft": _cmd_train_sft,
     "generate": _cmd_generate,
+    "make-instructions": _cmd_make_instructions,
     "make-prefs": _cmd_make_prefs,
     "dpo": _cmd_dpo,
     "grpo-rank": _cmd_grpo_rank,

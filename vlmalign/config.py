@@ -336,6 +336,19 @@ class PPOConfig:
 
 
 @dataclass
+class InstructionsConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    captions: str = ""  # file of detailed captions per video (see feedback.context.load_captions)
+    # The LLM that writes the questions: any backend with free generation (openai or hf, not oracle).
+    judge: JudgeConfig = field(default_factory=lambda: JudgeConfig(backend="openai", max_new_tokens=512))
+    pairs_per_caption: int = 3
+    limit: int | None = None  # first N captions only
+    # Records name videos <video_root>/<stem>.mp4 (None: <stem>.mp4); readers resolve relative
+    # names against the instruction file's folder, i.e. run.dir.
+    video_root: str | None = None
+
+
+@dataclass
 class SFTConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
