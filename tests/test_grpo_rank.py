@@ -50,7 +50,11 @@ def test_grpo_runs_and_logs_what_a_researcher_watches(tiny_policy, tiny_bench, t
             assert 1 <= m["score_mean"] <= 5
     before = load_file(tiny_policy / "llm" / "model.safetensors")
     after = load_file(final / "llm" / "model.safetensors")
-    assert any(not torch.equal(before[k], after[k]) for k in before)  # the policy moved
+    moved = any(not torch.equal(before[k], after[k]) for k in before)
+    # an untrained model's answers may all score 1: zero score advantages, nothing to learn
+    assert moved == any(m["advantage_abs_mean"] > 0 for m in metrics)
+    if advantage == "grpo_rank":
+        assert moved  # rank advantages are zero only if the policy already orders like the oracle
 
 
 def test_interrupted_grpo_resumes_to_the_same_weights(tiny_policy, tiny_bench, tmp_path, monkeypatch):

@@ -37,7 +37,7 @@ from vlmalign.data.features import VisualInputs
 from vlmalign.data.formats import VIDEO_TOKEN, iter_json_records, read_instructions, read_qa
 from vlmalign.errors import ConfigError, DataError
 from vlmalign.feedback.context import caption_for, load_captions, narratives, retrospective_contexts
-from vlmalign.feedback.judges import JudgeRequest, Judgment, build_judge
+from vlmalign.feedback.judges import JudgeRequest, build_judge
 from vlmalign.losses import kendall_tau
 from vlmalign.model.generation import GenerationConfig, Sample, sample_answers
 

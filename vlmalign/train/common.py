@@ -160,6 +160,41 @@ def global_count(accelerator, count: int) -> int:
     return int(accelerator.reduce(tensor, reduction="sum").item())
 
 
+@dataclass
+class Training:
+    """What every recipe's loop works with: the wrapped model, its optimizer and schedule, the
+    checkpointer, and the step to start from (0, or the latest checkpoint's when resuming)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    checkpointer: "Checkpointer"
+    step: int
+    state: dict  # the resumed checkpoint's loop state ({} when starting fresh)
+
+
+def prepare_training(rt: "Runtime", model: torch.nn.Module, train: TrainConfig, total_steps: int, resume: bool) -> Training:
+    """Optimizer and scheduler for `total_steps` updates, accelerate wrapping, and resumption from the
+    run's latest checkpoint when `resume` is set."""
+    optimizer = build_optimizer(model, train)
+    scheduler = build_scheduler(optimizer, train, total_steps)
+    model, optimizer = rt.accelerator.prepare(model, optimizer)
+    checkpointer = Checkpointer(rt, train.keep_checkpoints)
+    latest = checkpointer.latest() if resume else None
+    state = checkpointer.load(latest, model, optimizer, scheduler) if latest is not None else {}
+    if latest is not None:
+        rt.print(f"resuming from {latest} (step {state['step']})")
+    return Training(model, optimizer, scheduler, checkpointer, state.get("step", 0), state)
+
+
+def epoch_plan(num_items: int, train: TrainConfig, rt: "Runtime") -> tuple[list[list[list[int]]], list[int], int]:
+    """Batches of every epoch, optimizer steps per epoch, and the total (capped by max_steps)."""
+    batches = [epoch_batches(num_items, train.batch_size, train.seed, e, rt.rank, rt.world) for e in range(train.epochs)]
+    steps_each = [steps_per_epoch(len(b), train.grad_accum) for b in batches]
+    total = sum(steps_each) if train.max_steps is None else min(sum(steps_each), train.max_steps)
+    return batches, steps_each, total
+
+
 # --- checkpoints -------------------------------------------------------------------------------
 class Checkpointer:
     """`checkpoints/step-N/`: trainable weights, optimizer, scheduler, RNG and loop state.

@@ -34,14 +34,11 @@ from vlmalign.errors import ConfigError, DataError
 from vlmalign.losses import dpo_loss, sequence_logps, sft_loss
 from vlmalign.model.video_lm import MANIFEST, build_model
 from vlmalign.train.common import (
-    Checkpointer,
-    build_optimizer,
-    build_scheduler,
-    epoch_batches,
+    epoch_plan,
     global_count,
+    prepare_training,
     save_final,
     setup_run,
-    steps_per_epoch,
     sync_context,
 )
 
@@ -124,20 +121,11 @@ def train(cfg: DPOConfig, pairs: list[PreferencePair]) -> Path:
     acc.wait_for_everyone()
     reference = load_file(ref_path)["logps"]
 
-    batches_per_epoch = [epoch_batches(len(encoded), train_cfg.batch_size, train_cfg.seed, e, rt.rank, rt.world) for e in range(train_cfg.epochs)]
-    steps_each = [steps_per_epoch(len(b), train_cfg.grad_accum) for b in batches_per_epoch]
-    total_steps = sum(steps_each) if train_cfg.max_steps is None else min(sum(steps_each), train_cfg.max_steps)
+    batches_per_epoch, steps_each, total_steps = epoch_plan(len(encoded), train_cfg, rt)
     rt.print(f"DPO: {len(encoded)} pairs, {train_cfg.epochs} epochs, {total_steps} optimizer steps, beta {dpo.beta} ({dpo.loss_type})")
 
-    optimizer = build_optimizer(model, train_cfg)
-    scheduler = build_scheduler(optimizer, train_cfg, total_steps)
-    model, optimizer = acc.prepare(model, optimizer)
-    checkpointer = Checkpointer(rt, train_cfg.keep_checkpoints)
-    step = 0
-    latest = checkpointer.latest() if cfg.run.resume else None
-    if latest is not None:
-        step = checkpointer.load(latest, model, optimizer, scheduler)["step"]
-        rt.print(f"resuming from {latest} (step {step})")
+    run = prepare_training(rt, model, train_cfg, total_steps, cfg.run.resume)
+    model, optimizer, scheduler, checkpointer, step = run.model, run.optimizer, run.scheduler, run.checkpointer, run.step
 
     # --- loop --------------------------------------------------------------------------------
     model.train()
@@ -225,7 +213,7 @@ def run_iterative(cfg: DPOConfig) -> Path:
     from accelerate.utils import set_seed
 
     from vlmalign.feedback.context import context_for_iteration
-    from vlmalign.feedback.preferences import make_preferences, read_questions, video_key
+    from vlmalign.feedback.preferences import make_preferences, read_questions
     from vlmalign.model.video_lm import load_model
 
     loop = cfg.loop

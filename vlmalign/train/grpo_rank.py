@@ -41,7 +41,12 @@ from vlmalign.losses import (
 )
 from vlmalign.model.generation import GenerationConfig, sample_answers
 from vlmalign.model.video_lm import MANIFEST, build_model, load_model
-from vlmalign.train.common import Checkpointer, build_optimizer, build_scheduler, epoch_batches, save_final, setup_run
+from vlmalign.train.common import (
+    epoch_batches,
+    prepare_training,
+    save_final,
+    setup_run,
+)
 
 
 def completion_rows(model, question: str, video, samples) -> list[EncodedSample]:
@@ -96,16 +101,9 @@ def run(cfg: GRPOConfig) -> Path:
     updates_per_rollout = grpo.num_iterations * -(-grpo.rollout_batch * g // grpo.mini_batch)
     rt.print(f"GRPO ({grpo.advantage}): {len(questions)} questions, {total} rollouts of {grpo.rollout_batch} x {g} answers")
 
-    optimizer = build_optimizer(model, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train, total * updates_per_rollout)
-    model, optimizer = acc.prepare(model, optimizer)
+    run = prepare_training(rt, model, cfg.train, total * updates_per_rollout, cfg.run.resume)
+    model, optimizer, scheduler, checkpointer, step = run.model, run.optimizer, run.scheduler, run.checkpointer, run.step
     policy = acc.unwrap_model(model)
-    checkpointer = Checkpointer(rt, cfg.train.keep_checkpoints)
-    step = 0
-    latest = checkpointer.latest() if cfg.run.resume else None
-    if latest is not None:
-        step = checkpointer.load(latest, model, optimizer, scheduler)["step"]
-        rt.print(f"resuming from {latest} (rollout {step})")
 
     # --- loop --------------------------------------------------------------------------------
     bar = tqdm(total=total, initial=step, desc=f"grpo ({grpo.advantage})", disable=not (rt.is_main and cfg.run.progress))

@@ -59,7 +59,12 @@ from vlmalign.losses import (
 from vlmalign.model.generation import GenerationConfig, sample_answers
 from vlmalign.model.reward import RewardModel, load_reward_model, score_samples
 from vlmalign.model.video_lm import MANIFEST, build_model, load_model
-from vlmalign.train.common import Checkpointer, build_optimizer, build_scheduler, epoch_batches, save_final, setup_run
+from vlmalign.train.common import (
+    epoch_batches,
+    prepare_training,
+    save_final,
+    setup_run,
+)
 from vlmalign.train.grpo_rank import completion_rows
 
 
@@ -158,16 +163,9 @@ def run(cfg: PPOConfig) -> Path:
     rt.print(f"PPO: {len(questions)} questions, {total} rollouts of {ppo.rollout_batch} x {g} answers, {total_updates} optimizer steps")
 
     actor_critic = nn.ModuleDict({"policy": policy, "value": value})
-    optimizer = build_optimizer(actor_critic, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train, total_updates)
-    actor_critic, optimizer = acc.prepare(actor_critic, optimizer)
-    checkpointer = Checkpointer(rt, cfg.train.keep_checkpoints)
-    step, kl_coef = 0, ppo.kl_coef
-    latest = checkpointer.latest() if cfg.run.resume else None
-    if latest is not None:
-        state = checkpointer.load(latest, actor_critic, optimizer, scheduler)
-        step, kl_coef = state["step"], state["kl_coef"]
-        rt.print(f"resuming from {latest} (rollout {step})")
+    run = prepare_training(rt, actor_critic, cfg.train, total_updates, cfg.run.resume)
+    actor_critic, optimizer, scheduler, checkpointer, step = run.model, run.optimizer, run.scheduler, run.checkpointer, run.step
+    kl_coef = run.state.get("kl_coef", ppo.kl_coef)
 
     # --- loop --------------------------------------------------------------------------------
     bar = tqdm(total=total, initial=step, desc="ppo", disable=not (rt.is_main and cfg.run.progress))

@@ -32,14 +32,11 @@ from vlmalign.losses import preference_accuracy, reward_model_loss
 from vlmalign.model.reward import HEAD_FILE, RewardModel, build_reward_model, final_scores, score_samples
 from vlmalign.prompts import load_prompt
 from vlmalign.train.common import (
-    Checkpointer,
-    build_optimizer,
-    build_scheduler,
-    epoch_batches,
+    epoch_plan,
     global_count,
+    prepare_training,
     save_final,
     setup_run,
-    steps_per_epoch,
     sync_context,
 )
 
@@ -118,20 +115,11 @@ def run(cfg: RMConfig) -> Path:
         visual.precompute([p.video for p in pairs + eval_pairs if p.video is not None], progress=cfg.run.progress)
     acc.wait_for_everyone()
 
-    batches_per_epoch = [epoch_batches(len(encoded), train_cfg.batch_size, train_cfg.seed, e, rt.rank, rt.world) for e in range(train_cfg.epochs)]
-    steps_each = [steps_per_epoch(len(b), train_cfg.grad_accum) for b in batches_per_epoch]
-    total_steps = sum(steps_each) if train_cfg.max_steps is None else min(sum(steps_each), train_cfg.max_steps)
+    batches_per_epoch, steps_each, total_steps = epoch_plan(len(encoded), train_cfg, rt)
     rt.print(f"reward model: {len(encoded)} train pairs, {len(encoded_eval)} held out, {total_steps} optimizer steps ({prompt.id})")
 
-    optimizer = build_optimizer(model, train_cfg)
-    scheduler = build_scheduler(optimizer, train_cfg, total_steps)
-    wrapped, optimizer = acc.prepare(model, optimizer)
-    checkpointer = Checkpointer(rt, train_cfg.keep_checkpoints)
-    step = 0
-    latest = checkpointer.latest() if cfg.run.resume else None
-    if latest is not None:
-        step = checkpointer.load(latest, wrapped, optimizer, scheduler)["step"]
-        rt.print(f"resuming from {latest} (step {step})")
+    run = prepare_training(rt, model, train_cfg, total_steps, cfg.run.resume)
+    wrapped, optimizer, scheduler, checkpointer, step = run.model, run.optimizer, run.scheduler, run.checkpointer, run.step
 
     def log_eval() -> dict:
         # Every process scores the whole held-out set with the unwrapped model (no collectives),

@@ -21,11 +21,9 @@ from vlmalign.errors import ConfigError
 from vlmalign.losses import sft_loss
 from vlmalign.model.video_lm import MANIFEST, build_model
 from vlmalign.train.common import (
-    Checkpointer,
-    build_optimizer,
-    build_scheduler,
     epoch_batches,
     global_count,
+    prepare_training,
     save_final,
     setup_run,
     steps_per_epoch,
@@ -100,15 +98,8 @@ def run(cfg: SFTConfig) -> Path:
         total_steps = min(total_steps, train.max_steps)
     rt.print(f"SFT: stages {[(n, len(s)) for n, s in stages]}, {len(passes)} passes, {total_steps} optimizer steps")
 
-    optimizer = build_optimizer(model, train)
-    scheduler = build_scheduler(optimizer, train, total_steps)
-    model, optimizer = acc.prepare(model, optimizer)
-    checkpointer = Checkpointer(rt, train.keep_checkpoints)
-    step = 0
-    latest = checkpointer.latest() if cfg.run.resume else None
-    if latest is not None:
-        step = checkpointer.load(latest, model, optimizer, scheduler)["step"]
-        rt.print(f"resuming from {latest} (step {step})")
+    run = prepare_training(rt, model, train, total_steps, cfg.run.resume)
+    model, optimizer, scheduler, checkpointer, step = run.model, run.optimizer, run.scheduler, run.checkpointer, run.step
 
     # --- loop --------------------------------------------------------------------------------
     model.train()
