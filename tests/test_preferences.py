@@ -10,7 +10,8 @@ from vlmalign.cli import main
 from vlmalign.config import PrefsConfig, SFTConfig, load_config
 from vlmalign.data.features import VisualInputs
 from vlmalign.data.formats import read_preference_pairs
-from vlmalign.feedback.context import clip_inputs, load_captions, narratives
+from vlmalign.feedback.context import clip_inputs, load_captions
+from vlmalign.feedback.oracle import Oracle
 from vlmalign.feedback.preferences import make_preferences, read_questions
 from vlmalign.model.video_lm import build_model, load_model
 
@@ -69,9 +70,18 @@ def test_ranked_preferences_carry_provenance_and_rerun_from_cache(tiny_policy, t
 def test_score_threshold_drops_questions_without_a_good_and_a_bad_answer(tiny_policy, tiny_bench, tmp_path):
     cfg = prefs_cfg(tiny_policy, tiny_bench, tmp_path / "scores", **{"sampling.num_samples": "3"})
     model, visual, questions = _setup(cfg)
-    _, stats = make_preferences(cfg, model, visual, questions, tmp_path / "scores")
-    # an untrained model never answers right: every answer scores < 3, so no question has a pair
-    assert stats["judgments"] == 36 and stats["pairs"] == 0 and stats["dropped"] == {"no_pair": 12}
+    path, stats = make_preferences(cfg, model, visual, questions, tmp_path / "scores")
+    oracle = Oracle.from_dir(tiny_bench)
+    samples = [json.loads(line) for line in (tmp_path / "scores" / "samples.jsonl").read_text().splitlines()]
+    expected = 0
+    for q, row in zip(questions, samples):
+        scores = [oracle.score(q.video, q.question, a["text"]) for a in row["answers"]]
+        expected += any(s >= 3 for s in scores) and any(s <= 2 for s in scores)
+    assert stats["judgments"] == 36
+    other_drops = sum(v for k, v in stats["dropped"].items() if k != "no_pair")  # empty / identical answers
+    assert stats["pairs"] + other_drops == expected and stats["dropped"].get("no_pair", 0) == 12 - expected
+    for r in (json.loads(line) for line in path.read_text().splitlines()):
+        assert r["chosen_score"] >= 3 and r["rejected_score"] <= 2 and r["scores"].count(r["chosen_score"]) >= 1
 
 
 def test_self_judge_parse_failures_are_counted_never_scored(tiny_policy, tiny_bench, tmp_path):
