@@ -44,3 +44,36 @@ def test_two_processes_match_one_process_with_twice_the_batch(tiny_bench, tmp_pa
     two = [line for line in (double / "metrics.jsonl").read_text().splitlines()]
     assert len(one) == len(two)  # written once, by rank 0
     assert [p.name for p in (double / "checkpoints").iterdir()] == ["step-2"]
+
+
+@pytest.mark.e2e
+def test_two_process_dpo_matches_one_process(tiny_bench, tmp_path):
+    from vlmalign.config import SFTConfig, load_config
+    from vlmalign.data.formats import read_instructions, write_jsonl
+    from vlmalign.feedback.oracle import Oracle
+    from vlmalign.model.video_lm import build_model
+
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    torch.manual_seed(0)
+    build_model(load_config(SFTConfig, "configs/tiny/sft.yaml", sft_overrides(tiny_bench, tmp_path / "x")).model).save_pretrained(tmp_path / "policy")
+    oracle = Oracle.from_dir(tiny_bench)
+    samples = read_instructions(tiny_bench / "sft_easy.json")[:32]
+    rows = [{"id": s.id, "video": s.video, "prompt": s.turns[0].text,
+             "chosen": oracle.reference(s.video, s.turns[0].text.replace("<video>", "").strip()),
+             "rejected": samples[(i + 5) % 32].turns[1].text} for i, s in enumerate(samples)]
+    write_jsonl(tmp_path / "pairs.jsonl", rows)
+
+    def dpo_args(run_dir, batch, *launch):
+        args = ["dpo", "--config", "configs/tiny/dpo.yaml", *launch]
+        for k, v in {"run.dir": run_dir, "run.progress": "false", "model.init_from": tmp_path / "policy",
+                     "data.train": f"[{tmp_path / 'pairs.jsonl'}]", "data.feature_cache": tmp_path / "fc",
+                     "train.batch_size": batch, "train.max_steps": 3, "train.lr": "1e-3"}.items():
+            args += ["--set", f"{k}={v}"]
+        return _cli(*args)
+
+    _run(dpo_args(tmp_path / "one", 8), repo)
+    _run(dpo_args(tmp_path / "two", 4, "--launch", "cpu_2proc"), repo)
+    a = load_file(tmp_path / "one" / "final" / "llm" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "final" / "llm" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)

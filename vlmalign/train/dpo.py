@@ -139,10 +139,12 @@ def train(cfg: DPOConfig, pairs: list[PreferencePair]) -> Path:
                 break
             micro = batches[local * train_cfg.grad_accum : (local + 1) * train_cfg.grad_accum]
             num_pairs = global_count(acc, sum(len(idx) for idx in micro))
+            step_batches = [pair_batch(collate, [encoded[i] for i in idx]) for idx in micro]
+            # the SFT term is a token mean over the chosen answers of the whole step (all processes)
+            chosen_tokens = global_count(acc, sum(int((b["labels"][: len(idx), 1:] != -100).sum()) for b, idx in zip(step_batches, micro)))
             sums = {"loss": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0, "accuracy": 0.0,
                     "chosen_logp": 0.0, "rejected_logp": 0.0, "chosen_tokens": 0.0, "rejected_tokens": 0.0}
-            for j, idx in enumerate(micro):
-                batch = pair_batch(collate, [encoded[i] for i in idx])
+            for j, (idx, batch) in enumerate(zip(micro, step_batches)):
                 n = len(idx)
                 with sync_context(acc, model, sync=j == len(micro) - 1), acc.autocast():
                     logps, logits = batch_logps(model, batch, acc.device, dpo.average_logps)
@@ -154,7 +156,7 @@ def train(cfg: DPOConfig, pairs: list[PreferencePair]) -> Path:
                     loss = losses.sum() / num_pairs * acc.num_processes
                     if dpo.sft_weight:
                         labels = batch["labels"].to(acc.device)
-                        loss = loss + dpo.sft_weight * sft_loss(logits[:n], labels[:n]) * n / num_pairs * acc.num_processes
+                        loss = loss + dpo.sft_weight * sft_loss(logits[:n], labels[:n], chosen_tokens) * acc.num_processes
                 acc.backward(loss)
                 counted = (batch["labels"][:, 1:] != -100).sum(-1).float()
                 sums["loss"] += loss.item() / acc.num_processes
