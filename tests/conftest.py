@@ -55,3 +55,19 @@ def sft_overrides(bench: Path, run_dir: Path, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tiny_bench, tmp_path_factory) -> Path:
+    """A saved, untrained tiny model built from configs/tiny/sft.yaml with the benchmark's words:
+    the starting policy (and reference, reward-model backbone) of the stage tests. Read-only."""
+    import torch
+
+    from vlmalign.config import SFTConfig, load_config
+    from vlmalign.model.video_lm import build_model
+
+    out = tmp_path_factory.mktemp("policy")
+    torch.manual_seed(0)
+    cfg = load_config(SFTConfig, str(REPO / "configs" / "tiny" / "sft.yaml"), sft_overrides(tiny_bench, out / "unused"))
+    build_model(cfg.model).save_pretrained(out / "init")
+    return out / "init"

@@ -7,25 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import sft_overrides
-from vlmalign.config import DPOConfig, SFTConfig, load_config
+from vlmalign.config import DPOConfig, load_config
 from vlmalign.data.formats import read_instructions, write_jsonl
 from vlmalign.errors import ConfigError, DataError
 from vlmalign.feedback.oracle import Oracle
-from vlmalign.model.video_lm import build_model
 from vlmalign.train import dpo
 
 TINY_DPO = "configs/tiny/dpo.yaml"
-
-
-@pytest.fixture(scope="module")
-def tiny_policy(tiny_bench, tmp_path_factory):
-    """A saved, untrained tiny model: the starting policy and reference of these tests."""
-    out = tmp_path_factory.mktemp("policy")
-    torch.manual_seed(0)
-    cfg = load_config(SFTConfig, "configs/tiny/sft.yaml", sft_overrides(tiny_bench, out / "unused"))
-    build_model(cfg.model).save_pretrained(out / "init")
-    return out / "init"
 
 
 @pytest.fixture(scope="module")

@@ -6,19 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import sft_overrides
-from vlmalign.config import GRPOConfig, SFTConfig, load_config
-from vlmalign.model.video_lm import build_model
+from vlmalign.config import GRPOConfig, load_config
 from vlmalign.train import grpo_rank
-
-
-@pytest.fixture(scope="module")
-def tiny_policy(tiny_bench, tmp_path_factory):
-    out = tmp_path_factory.mktemp("policy")
-    torch.manual_seed(0)
-    cfg = load_config(SFTConfig, "configs/tiny/sft.yaml", sft_overrides(tiny_bench, out / "unused"))
-    build_model(cfg.model).save_pretrained(out / "init")
-    return out / "init"
 
 
 def grpo_cfg(policy, bench, run_dir, **extra) -> GRPOConfig:

@@ -7,13 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import sft_overrides
 from vlmalign.cli import main
-from vlmalign.config import PPOConfig, RMConfig, SFTConfig, load_config
+from vlmalign.config import PPOConfig, RMConfig, load_config
 from vlmalign.data.formats import write_jsonl
 from vlmalign.errors import ConfigError
 from vlmalign.feedback.oracle import Oracle
-from vlmalign.model.video_lm import build_model
 from vlmalign.train import ppo, rm
 
 TINY_PPO = "configs/tiny/ppo.yaml"
@@ -26,16 +24,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_policy(tiny_bench, tmp_path_factory):
-    """A saved, untrained tiny model: the starting policy and the reward model's backbone."""
-    out = tmp_path_factory.mktemp("policy")
-    torch.manual_seed(0)
-    cfg = load_config(SFTConfig, "configs/tiny/sft.yaml", sft_overrides(tiny_bench, out / "unused"))
-    build_model(cfg.model).save_pretrained(out / "init")
-    return out / "init"
 
 
 @pytest.fixture(scope="module")

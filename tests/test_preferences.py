@@ -5,24 +5,14 @@ import json
 import pytest
 import torch
 
-from tests.conftest import sft_overrides
 from vlmalign.cli import main
-from vlmalign.config import PrefsConfig, SFTConfig, load_config
+from vlmalign.config import PrefsConfig, load_config
 from vlmalign.data.features import VisualInputs
 from vlmalign.data.formats import read_preference_pairs
 from vlmalign.feedback.context import clip_inputs, load_captions
 from vlmalign.feedback.oracle import Oracle
 from vlmalign.feedback.preferences import make_preferences, read_questions
-from vlmalign.model.video_lm import build_model, load_model
-
-
-@pytest.fixture(scope="module")
-def tiny_policy(tiny_bench, tmp_path_factory):
-    out = tmp_path_factory.mktemp("policy")
-    torch.manual_seed(0)
-    cfg = load_config(SFTConfig, "configs/tiny/sft.yaml", sft_overrides(tiny_bench, out / "unused"))
-    build_model(cfg.model).save_pretrained(out / "init")
-    return out / "init"
+from vlmalign.model.video_lm import load_model
 
 
 def prefs_cfg(policy, bench, run_dir, **extra) -> PrefsConfig:

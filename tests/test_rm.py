@@ -5,15 +5,13 @@ import json
 import pytest
 import torch
 
-from tests.conftest import sft_overrides
 from vlmalign.cli import main
-from vlmalign.config import RMConfig, SFTConfig, load_config
+from vlmalign.config import RMConfig, load_config
 from vlmalign.data.collate import Collator
 from vlmalign.data.features import VisualInputs
 from vlmalign.errors import ConfigError
 from vlmalign.feedback.oracle import Oracle
 from vlmalign.model.reward import build_reward_model, load_reward_model, score_samples
-from vlmalign.model.video_lm import build_model
 from vlmalign.prompts import load_prompt
 from vlmalign.train import rm
 
@@ -27,16 +25,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_policy(tiny_bench, tmp_path_factory):
-    """A saved, untrained tiny model: the reward model's starting backbone."""
-    out = tmp_path_factory.mktemp("policy")
-    torch.manual_seed(0)
-    cfg = load_config(SFTConfig, "configs/tiny/sft.yaml", sft_overrides(tiny_bench, out / "unused"))
-    build_model(cfg.model).save_pretrained(out / "init")
-    return out / "init"
 
 
 @pytest.fixture(scope="module")
