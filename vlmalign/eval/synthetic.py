@@ -13,7 +13,7 @@ from vlmalign.config import JudgeConfig
 from vlmalign.eval.common import Decoding
 from vlmalign.eval.qa import evaluate_qa, format_table
 
-__all__ = ["evaluate_synthetic", "format_table"]
+__all__ = ["evaluate_synthetic", "evaluate_qa_file", "format_table"]
 
 
 def evaluate_synthetic(
@@ -28,3 +28,11 @@ def evaluate_synthetic(
         model_dir=model_dir, decoding=Decoding(max_new_tokens=max_new_tokens, batch_size=batch_size), limit=limit,
         feature_cache=feature_cache, progress=progress,
     )
+
+
+def evaluate_qa_file(model_dir, qa_path, out_dir, limit: int | None = None, feature_cache: str | None = None) -> dict:
+    """`evaluate_synthetic` on one QA file of a benchmark given by its path (its folder is the
+    benchmark): what the training stages run after training, without progress bars."""
+    qa = Path(qa_path)
+    return evaluate_synthetic(model_dir, qa.parent, out_dir, qa_file=qa.name, limit=limit,
+                              feature_cache=feature_cache, progress=False)

@@ -195,6 +195,19 @@ def epoch_plan(num_items: int, train: TrainConfig, rt: "Runtime") -> tuple[list[
     return batches, steps_each, total
 
 
+def remaining_steps(batches_per_epoch: list[list[list[int]]], steps_each: list[int], grad_accum: int, start: int, total: int):
+    """Yield (epoch index, micro-batches) of every optimizer step from `start` (a resumed run's step)
+    up to `total`, skipping the steps trained before the resume."""
+    step = 0
+    for epoch, batches in enumerate(batches_per_epoch):
+        for local in range(steps_each[epoch]):
+            if step >= total:
+                return
+            if step >= start:
+                yield epoch, batches[local * grad_accum : (local + 1) * grad_accum]
+            step += 1
+
+
 # --- checkpoints -------------------------------------------------------------------------------
 class Checkpointer:
     """`checkpoints/step-N/`: trainable weights, optimizer, scheduler, RNG and loop state.

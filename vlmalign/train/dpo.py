@@ -37,6 +37,7 @@ from vlmalign.train.common import (
     epoch_plan,
     global_count,
     prepare_training,
+    remaining_steps,
     save_final,
     setup_run,
     sync_context,
@@ -130,63 +131,55 @@ def train(cfg: DPOConfig, pairs: list[PreferencePair]) -> Path:
     # --- loop --------------------------------------------------------------------------------
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc="dpo", disable=not (rt.is_main and cfg.run.progress))
-    done = 0
-    for epoch, batches in enumerate(batches_per_epoch):
-        for local in range(steps_each[epoch]):
-            if done + local < step:
-                continue  # trained before the resume
-            if step >= total_steps:
-                break
-            micro = batches[local * train_cfg.grad_accum : (local + 1) * train_cfg.grad_accum]
-            num_pairs = global_count(acc, sum(len(idx) for idx in micro))
-            step_batches = [pair_batch(collate, [encoded[i] for i in idx]) for idx in micro]
-            # the SFT term is a token mean over the chosen answers of the whole step (all processes)
-            chosen_tokens = global_count(acc, sum(int((b["labels"][: len(idx), 1:] != -100).sum()) for b, idx in zip(step_batches, micro)))
-            sums = {"loss": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0, "accuracy": 0.0,
-                    "chosen_logp": 0.0, "rejected_logp": 0.0, "chosen_tokens": 0.0, "rejected_tokens": 0.0}
-            for j, (idx, batch) in enumerate(zip(micro, step_batches)):
-                n = len(idx)
-                with sync_context(acc, model, sync=j == len(micro) - 1), acc.autocast():
-                    logps, logits = batch_logps(model, batch, acc.device, dpo.average_logps)
-                    ref = reference[idx].to(acc.device)
-                    losses, chosen_r, rejected_r = dpo_loss(
-                        logps[:n], logps[n:], ref[:, 0], ref[:, 1], dpo.beta, dpo.loss_type, dpo.label_smoothing
-                    )
-                    # pair mean over the global batch; x processes because DDP averages gradients
-                    loss = losses.sum() / num_pairs * acc.num_processes
-                    if dpo.sft_weight:
-                        labels = batch["labels"].to(acc.device)
-                        loss = loss + dpo.sft_weight * sft_loss(logits[:n], labels[:n], chosen_tokens) * acc.num_processes
-                acc.backward(loss)
-                counted = (batch["labels"][:, 1:] != -100).sum(-1).float()
-                sums["loss"] += loss.item() / acc.num_processes
-                sums["chosen_reward"] += float(chosen_r.sum())
-                sums["rejected_reward"] += float(rejected_r.sum())
-                sums["accuracy"] += float((chosen_r > rejected_r).float().sum())
-                sums["chosen_logp"] += float(logps[:n].detach().sum())
-                sums["rejected_logp"] += float(logps[n:].detach().sum())
-                sums["chosen_tokens"] += float(counted[:n].sum())
-                sums["rejected_tokens"] += float(counted[n:].sum())
-            grad_norm = acc.clip_grad_norm_(model.parameters(), train_cfg.max_grad_norm) if train_cfg.max_grad_norm > 0 else None
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            totals = acc.reduce(torch.tensor(list(sums.values()), device=acc.device), reduction="sum").tolist()
-            m = dict(zip(sums, totals))
-            loss_value = m.pop("loss")
-            m = {k: v / num_pairs for k, v in m.items()}
-            bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{m['accuracy']:.2f}")
-            if step % train_cfg.log_every == 0 or step == total_steps:
-                metrics = {"epoch": epoch, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                           "reward_margin": m["chosen_reward"] - m["rejected_reward"], **m}
-                if grad_norm is not None:
-                    metrics["grad_norm"] = float(grad_norm)
-                rt.metrics.log(step, **metrics)
-            if step % train_cfg.save_every == 0 and step < total_steps:
-                checkpointer.save(step, model, optimizer, scheduler, {"epoch": epoch})
-        done += steps_each[epoch]
+    for epoch, micro in remaining_steps(batches_per_epoch, steps_each, train_cfg.grad_accum, step, total_steps):
+        num_pairs = global_count(acc, sum(len(idx) for idx in micro))
+        step_batches = [pair_batch(collate, [encoded[i] for i in idx]) for idx in micro]
+        # the SFT term is a token mean over the chosen answers of the whole step (all processes)
+        chosen_tokens = global_count(acc, sum(int((b["labels"][: len(idx), 1:] != -100).sum()) for b, idx in zip(step_batches, micro)))
+        sums = {"loss": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0, "accuracy": 0.0,
+                "chosen_logp": 0.0, "rejected_logp": 0.0, "chosen_tokens": 0.0, "rejected_tokens": 0.0}
+        for j, (idx, batch) in enumerate(zip(micro, step_batches)):
+            n = len(idx)
+            with sync_context(acc, model, sync=j == len(micro) - 1), acc.autocast():
+                logps, logits = batch_logps(model, batch, acc.device, dpo.average_logps)
+                ref = reference[idx].to(acc.device)
+                losses, chosen_r, rejected_r = dpo_loss(
+                    logps[:n], logps[n:], ref[:, 0], ref[:, 1], dpo.beta, dpo.loss_type, dpo.label_smoothing
+                )
+                # pair mean over the global batch; x processes because DDP averages gradients
+                loss = losses.sum() / num_pairs * acc.num_processes
+                if dpo.sft_weight:
+                    labels = batch["labels"].to(acc.device)
+                    loss = loss + dpo.sft_weight * sft_loss(logits[:n], labels[:n], chosen_tokens) * acc.num_processes
+            acc.backward(loss)
+            counted = (batch["labels"][:, 1:] != -100).sum(-1).float()
+            sums["loss"] += loss.item() / acc.num_processes
+            sums["chosen_reward"] += float(chosen_r.sum())
+            sums["rejected_reward"] += float(rejected_r.sum())
+            sums["accuracy"] += float((chosen_r > rejected_r).float().sum())
+            sums["chosen_logp"] += float(logps[:n].detach().sum())
+            sums["rejected_logp"] += float(logps[n:].detach().sum())
+            sums["chosen_tokens"] += float(counted[:n].sum())
+            sums["rejected_tokens"] += float(counted[n:].sum())
+        grad_norm = acc.clip_grad_norm_(model.parameters(), train_cfg.max_grad_norm) if train_cfg.max_grad_norm > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        totals = acc.reduce(torch.tensor(list(sums.values()), device=acc.device), reduction="sum").tolist()
+        m = dict(zip(sums, totals))
+        loss_value = m.pop("loss")
+        m = {k: v / num_pairs for k, v in m.items()}
+        bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{m['accuracy']:.2f}")
+        if step % train_cfg.log_every == 0 or step == total_steps:
+            metrics = {"epoch": epoch, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                       "reward_margin": m["chosen_reward"] - m["rejected_reward"], **m}
+            if grad_norm is not None:
+                metrics["grad_norm"] = float(grad_norm)
+            rt.metrics.log(step, **metrics)
+        if step % train_cfg.save_every == 0 and step < total_steps:
+            checkpointer.save(step, model, optimizer, scheduler, {"epoch": epoch})
     bar.close()
 
     # --- artifacts ---------------------------------------------------------------------------
@@ -284,11 +277,9 @@ def run_iterative(cfg: DPOConfig) -> Path:
 
 
 def _evaluate(model_dir: Path, loop, feature_cache, out_dir: Path) -> dict:
-    from vlmalign.eval.synthetic import evaluate_synthetic
+    from vlmalign.eval.synthetic import evaluate_qa_file
 
-    bench = Path(loop.eval_qa).parent
-    report = evaluate_synthetic(model_dir, bench, out_dir / "eval", qa_file=Path(loop.eval_qa).name,
-                                limit=loop.eval_limit, feature_cache=feature_cache, progress=False)
+    report = evaluate_qa_file(model_dir, loop.eval_qa, out_dir / "eval", loop.eval_limit, feature_cache)
     return {qtype: row["accuracy"] for qtype, row in report["results"].items()}
 
 

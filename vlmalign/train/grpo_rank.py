@@ -199,10 +199,7 @@ def run(cfg: GRPOConfig) -> Path:
     rt.metrics.close()
     rt.print(f"GRPO done: {step} rollouts, model saved to {final}")
     if cfg.eval_qa and rt.is_main:
-        from vlmalign.eval.synthetic import evaluate_synthetic
+        from vlmalign.eval.synthetic import evaluate_qa_file
 
-        qa = Path(cfg.eval_qa)
-        report = evaluate_synthetic(final, qa.parent, rt.run_dir / "eval", qa_file=qa.name, limit=cfg.eval_limit,
-                                    feature_cache=cfg.data.feature_cache, progress=False)
-        rt.print(report["table"])
+        rt.print(evaluate_qa_file(final, cfg.eval_qa, rt.run_dir / "eval", cfg.eval_limit, cfg.data.feature_cache)["table"])
     return final

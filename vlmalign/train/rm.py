@@ -35,6 +35,7 @@ from vlmalign.train.common import (
     epoch_plan,
     global_count,
     prepare_training,
+    remaining_steps,
     save_final,
     setup_run,
     sync_context,
@@ -133,50 +134,42 @@ def run(cfg: RMConfig) -> Path:
         log_eval()
     wrapped.train()
     bar = tqdm(total=total_steps, initial=step, desc="reward model", disable=not (rt.is_main and cfg.run.progress))
-    done = 0
-    for epoch, batches in enumerate(batches_per_epoch):
-        for local in range(steps_each[epoch]):
-            if done + local < step:
-                continue  # trained before the resume
-            if step >= total_steps:
-                break
-            micro = batches[local * train_cfg.grad_accum : (local + 1) * train_cfg.grad_accum]
-            num_pairs = global_count(acc, sum(len(idx) for idx in micro))
-            sums = {"loss": 0.0, "accuracy": 0.0, "reward_margin": 0.0, "reward_mean": 0.0}
-            for j, idx in enumerate(micro):
-                n = len(idx)
-                batch = collate([encoded[i][0] for i in idx] + [encoded[i][1] for i in idx])
-                preference = torch.zeros(n, dtype=torch.long, device=acc.device)
-                with sync_context(acc, wrapped, sync=j == len(micro) - 1), acc.autocast():
-                    rewards = pair_rewards(wrapped, model.backbone, batch, acc.device).float()
-                    # pair mean over the global batch; x processes because DDP averages gradients
-                    loss = reward_model_loss(rewards[:n], rewards[n:], preference, cfg.rm.center_coef) * n / num_pairs * acc.num_processes
-                acc.backward(loss)
-                rewards = rewards.detach()
-                sums["loss"] += loss.item() / acc.num_processes
-                sums["accuracy"] += float(preference_accuracy(rewards[:n], rewards[n:], preference)) * n
-                sums["reward_margin"] += float((rewards[:n] - rewards[n:]).sum())
-                sums["reward_mean"] += float(rewards.sum()) / 2
-            grad_norm = acc.clip_grad_norm_(wrapped.parameters(), train_cfg.max_grad_norm) if train_cfg.max_grad_norm > 0 else None
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            totals = acc.reduce(torch.tensor(list(sums.values()), device=acc.device), reduction="sum").tolist()
-            m = dict(zip(sums, totals))
-            m = {"loss": m.pop("loss"), **{k: v / num_pairs for k, v in m.items()}}
-            bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.2f}")
-            if step % train_cfg.log_every == 0 or step == total_steps:
-                metrics = {"epoch": epoch, "lr": scheduler.get_last_lr()[0], **m}
-                if grad_norm is not None:
-                    metrics["grad_norm"] = float(grad_norm)
-                rt.metrics.log(step, **metrics)
-            if encoded_eval and cfg.rm.eval_every > 0 and step % cfg.rm.eval_every == 0 and step < total_steps:
-                log_eval()
-            if step % train_cfg.save_every == 0 and step < total_steps:
-                checkpointer.save(step, wrapped, optimizer, scheduler, {"epoch": epoch})
-        done += steps_each[epoch]
+    for epoch, micro in remaining_steps(batches_per_epoch, steps_each, train_cfg.grad_accum, step, total_steps):
+        num_pairs = global_count(acc, sum(len(idx) for idx in micro))
+        sums = {"loss": 0.0, "accuracy": 0.0, "reward_margin": 0.0, "reward_mean": 0.0}
+        for j, idx in enumerate(micro):
+            n = len(idx)
+            batch = collate([encoded[i][0] for i in idx] + [encoded[i][1] for i in idx])
+            preference = torch.zeros(n, dtype=torch.long, device=acc.device)
+            with sync_context(acc, wrapped, sync=j == len(micro) - 1), acc.autocast():
+                rewards = pair_rewards(wrapped, model.backbone, batch, acc.device).float()
+                # pair mean over the global batch; x processes because DDP averages gradients
+                loss = reward_model_loss(rewards[:n], rewards[n:], preference, cfg.rm.center_coef) * n / num_pairs * acc.num_processes
+            acc.backward(loss)
+            rewards = rewards.detach()
+            sums["loss"] += loss.item() / acc.num_processes
+            sums["accuracy"] += float(preference_accuracy(rewards[:n], rewards[n:], preference)) * n
+            sums["reward_margin"] += float((rewards[:n] - rewards[n:]).sum())
+            sums["reward_mean"] += float(rewards.sum()) / 2
+        grad_norm = acc.clip_grad_norm_(wrapped.parameters(), train_cfg.max_grad_norm) if train_cfg.max_grad_norm > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        totals = acc.reduce(torch.tensor(list(sums.values()), device=acc.device), reduction="sum").tolist()
+        m = dict(zip(sums, totals))
+        m = {"loss": m.pop("loss"), **{k: v / num_pairs for k, v in m.items()}}
+        bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.2f}")
+        if step % train_cfg.log_every == 0 or step == total_steps:
+            metrics = {"epoch": epoch, "lr": scheduler.get_last_lr()[0], **m}
+            if grad_norm is not None:
+                metrics["grad_norm"] = float(grad_norm)
+            rt.metrics.log(step, **metrics)
+        if encoded_eval and cfg.rm.eval_every > 0 and step % cfg.rm.eval_every == 0 and step < total_steps:
+            log_eval()
+        if step % train_cfg.save_every == 0 and step < total_steps:
+            checkpointer.save(step, wrapped, optimizer, scheduler, {"epoch": epoch})
     bar.close()
 
     # --- artifacts ---------------------------------------------------------------------------

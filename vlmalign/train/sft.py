@@ -24,6 +24,7 @@ from vlmalign.train.common import (
     epoch_batches,
     global_count,
     prepare_training,
+    remaining_steps,
     save_final,
     setup_run,
     steps_per_epoch,
@@ -104,40 +105,34 @@ def run(cfg: SFTConfig) -> Path:
     # --- loop --------------------------------------------------------------------------------
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc="sft", disable=not (rt.is_main and cfg.run.progress))
-    done = 0  # optimizer steps of earlier passes
-    for p in passes:
-        for local in range(p.steps):
-            if done + local < step:
-                continue  # trained before the resume
-            if step >= total_steps:
-                break
-            micro = p.batches[local * train.grad_accum : (local + 1) * train.grad_accum]
-            batches = [collate([p.data[i] for i in idx]) for idx in micro]
-            num_tokens = global_count(acc, sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))
-            loss_sum = 0.0
-            for j, batch in enumerate(batches):
-                with sync_context(acc, model, sync=j == len(batches) - 1), acc.autocast():
-                    logits = model(**model_inputs(acc.unwrap_model(model), batch, acc.device)).logits
-                    # sum over tokens / global token count; x world because DDP averages gradients
-                    loss = sft_loss(logits, batch["labels"].to(acc.device), num_tokens) * acc.num_processes
-                acc.backward(loss)
-                loss_sum += loss.item() / acc.num_processes
-            grad_norm = acc.clip_grad_norm_(model.parameters(), train.max_grad_norm) if train.max_grad_norm > 0 else None
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            loss_value = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), reduction="sum"))
-            bar.set_postfix(stage=p.stage, loss=f"{loss_value:.3f}")
-            if step % train.log_every == 0 or step == total_steps:
-                metrics = {"stage": p.stage, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "tokens": num_tokens}
-                if grad_norm is not None:
-                    metrics["grad_norm"] = float(grad_norm)
-                rt.metrics.log(step, **metrics)
-            if step % train.save_every == 0 and step < total_steps:
-                checkpointer.save(step, model, optimizer, scheduler, {"stage": p.stage})
-        done += p.steps
+    schedule = remaining_steps([p.batches for p in passes], [p.steps for p in passes], train.grad_accum, step, total_steps)
+    for pass_index, micro in schedule:
+        p = passes[pass_index]
+        batches = [collate([p.data[i] for i in idx]) for idx in micro]
+        num_tokens = global_count(acc, sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))
+        loss_sum = 0.0
+        for j, batch in enumerate(batches):
+            with sync_context(acc, model, sync=j == len(batches) - 1), acc.autocast():
+                logits = model(**model_inputs(acc.unwrap_model(model), batch, acc.device)).logits
+                # sum over tokens / global token count; x world because DDP averages gradients
+                loss = sft_loss(logits, batch["labels"].to(acc.device), num_tokens) * acc.num_processes
+            acc.backward(loss)
+            loss_sum += loss.item() / acc.num_processes
+        grad_norm = acc.clip_grad_norm_(model.parameters(), train.max_grad_norm) if train.max_grad_norm > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        loss_value = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), reduction="sum"))
+        bar.set_postfix(stage=p.stage, loss=f"{loss_value:.3f}")
+        if step % train.log_every == 0 or step == total_steps:
+            metrics = {"stage": p.stage, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "tokens": num_tokens}
+            if grad_norm is not None:
+                metrics["grad_norm"] = float(grad_norm)
+            rt.metrics.log(step, **metrics)
+        if step % train.save_every == 0 and step < total_steps:
+            checkpointer.save(step, model, optimizer, scheduler, {"stage": p.stage})
     bar.close()
 
     # --- artifacts ---------------------------------------------------------------------------
