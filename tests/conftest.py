@@ -71,3 +71,15 @@ def tiny_policy(tiny_bench, tmp_path_factory) -> Path:
     cfg = load_config(SFTConfig, str(REPO / "configs" / "tiny" / "sft.yaml"), sft_overrides(tiny_bench, out / "unused"))
     build_model(cfg.model).save_pretrained(out / "init")
     return out / "init"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models train several times faster on one thread when the cores are shared; a module
+    opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,16 +14,9 @@ from vlmalign.errors import ConfigError
 from vlmalign.feedback.oracle import Oracle
 from vlmalign.train import ppo, rm
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY_PPO = "configs/tiny/ppo.yaml"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train several times faster on one thread when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

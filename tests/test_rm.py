@@ -15,16 +15,9 @@ from vlmalign.model.reward import build_reward_model, load_reward_model, score_s
 from vlmalign.prompts import load_prompt
 from vlmalign.train import rm
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY_RM = "configs/tiny/rm.yaml"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train several times faster on one thread when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
