@@ -69,3 +69,14 @@ def test_interrupted_grpo_resumes_to_the_same_weights(tiny_policy, tiny_bench, t
     b = load_file(resumed / "final" / "llm" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+
+
+def test_grpo_input_errors_name_the_key(tiny_policy, tiny_bench, tmp_path):
+    from vlmalign.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.init_from"):
+        grpo_rank.run(grpo_cfg(tiny_policy, tiny_bench, tmp_path / "a", **{"model.init_from": "null"}))
+    with pytest.raises(ConfigError, match="sampling.num_samples"):
+        grpo_rank.run(grpo_cfg(tiny_policy, tiny_bench, tmp_path / "b", **{"sampling.num_samples": "1"}))
+    with pytest.raises(ConfigError, match="data.train"):
+        grpo_rank.run(grpo_cfg(tiny_policy, tiny_bench, tmp_path / "c", **{"data.train": "[]"}))

@@ -136,3 +136,20 @@ def test_pairs_with_an_empty_or_identical_answer_are_dropped_and_counted():
     records, dropped = build_records(cfg, questions, samples, judged, {}, seed=0)
     assert dropped == {"empty_answer": 1, "identical_answers": 1}
     assert [(r["chosen"], r["rejected"]) for r in records] == [("green", "red")]
+
+
+def test_make_prefs_input_errors_name_the_key(tiny_policy, tiny_bench, tmp_path):
+    from vlmalign.errors import ConfigError, DataError
+    from vlmalign.feedback import preferences
+
+    cfg = prefs_cfg(tiny_policy, tiny_bench, tmp_path / "a", **{"preferences.method": "pairwise", "sampling.num_samples": "3"})
+    model, visual, questions = _setup(cfg)
+    with pytest.raises(ConfigError, match="sampling.num_samples"):
+        make_preferences(cfg, model, visual, questions, tmp_path / "a")
+    with pytest.raises(ConfigError, match="policy"):
+        preferences.run(prefs_cfg("", tiny_bench, tmp_path / "b"))
+    with pytest.raises(ConfigError, match="context.captions"):
+        cfg = prefs_cfg(tiny_policy, tiny_bench, tmp_path / "c", **{"context.captions": "null"})
+        make_preferences(cfg, model, visual, questions[:2], tmp_path / "c")
+    with pytest.raises(DataError, match="missing.json"):
+        read_questions([str(tmp_path / "missing.json")])
