@@ -50,8 +50,12 @@ def write_video(path, frames: np.ndarray, fps: float = 8.0) -> None:
     tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
     try:
         with av.open(str(tmp), mode="w") as container:
-            stream = container.add_stream(codec, rate=rate)
+            # x264's macroblock-tree rate control gave different pixels for the same frames from run
+            # to run (even on one thread); without it a written video is a pure function of its frames.
+            options = {"x264-params": "mbtree=0"} if codec == "libx264" else {}
+            stream = container.add_stream(codec, rate=rate, options=options)
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            stream.codec_context.thread_count = 1  # one thread per video; the benchmark encodes videos in parallel
             for frame in frames:
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
             container.mux(stream.encode())  # flush delayed frames

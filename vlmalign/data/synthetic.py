@@ -46,7 +46,8 @@ import math
 import os
 import re
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +55,7 @@ import numpy as np
 
 from vlmalign.errors import VlmalignError
 
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "1.1"  # 1.1: videos encoded deterministically (x264 mbtree off)
 
 # ------------------------------------------------------------------------------------- vocabulary
 
@@ -544,13 +545,22 @@ def _count_types(records, key="question_type") -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def _write_video_job(job: tuple[str, dict, float]) -> None:
+    from vlmalign.video import write_video
+
+    path, meta, fps = job
+    write_video(path, render(meta), fps=fps)
+
+
 def generate_benchmark(out_dir, num_videos: int = 600, seed: int = 0, num_frames: int = 16, size: int = 64,
                        max_objects: int = 2, splits=(0.8, 0.1, 0.1), fps: float = 8.0,
                        progress: bool = True) -> dict:
     """Write the benchmark into out_dir (see the module docstring) and return its manifest."""
     from vlmalign import prompts
     from vlmalign.feedback.oracle import Oracle
-    from vlmalign.video import clip_spans, write_video
+    from tqdm.auto import tqdm
+
+    from vlmalign.video import clip_spans
 
     if num_videos < 1:
         raise VlmalignError(f"num_videos must be at least 1, got {num_videos}")
@@ -574,21 +584,14 @@ def generate_benchmark(out_dir, num_videos: int = 600, seed: int = 0, num_frames
         meta = {"id": meta["id"], "split": split_of[i], **{k: v for k, v in meta.items() if k != "id"}, "fps": fps}
         metas.append(meta)
 
-    # Videos: encoding dominates the run time, and PyAV releases the GIL while encoding.
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=num_videos, desc="synthetic videos", unit="video")
-
-    def write(meta):
-        write_video(out / meta["video"], render(meta), fps=fps)
-        if bar is not None:
-            bar.update(1)
-
-    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        list(pool.map(write, metas))
-    if bar is not None:
-        bar.close()
+    # Videos: encoding dominates the run time. Worker processes, not threads: libx264 encoders running
+    # side by side in one process gave slightly different pixels from run to run.
+    jobs = [(str(out / meta["video"]), meta, fps) for meta in metas]
+    workers = max(1, min(4, os.cpu_count() or 1, num_videos))
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        written = pool.map(_write_video_job, jobs, chunksize=max(1, num_videos // (8 * workers)))
+        for _ in tqdm(written, total=num_videos, desc="synthetic videos", unit="video", disable=not progress):
+            pass
 
     oracle = Oracle(metas)
     captions = {}
