@@ -1,7 +1,11 @@
-"""Two processes (gloo on CPU) x batch b train to the same weights as one process x batch 2b."""
+"""Two processes (gloo on CPU) x batch b train to the same weights as one process x batch 2b: plain
+data parallel and DeepSpeed ZeRO-2 / ZeRO-3; checkpoints resume, across process counts where they can."""
 
+import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,30 +24,79 @@ def _cli(*args):
     return [sys.executable, "-m", "vlmalign.cli", *args]
 
 
-@pytest.mark.e2e
-def test_two_processes_match_one_process_with_twice_the_batch(tiny_bench, tmp_path):
-    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
-    common = {"train.max_steps": "4", "train.save_every": "2", "curriculum.epochs_per_stage": "1"}
-    single = tmp_path / "one"
-    args = ["train-sft", "--config", "configs/tiny/sft.yaml"]
-    for item in sft_overrides(tiny_bench, single, **common, **{"train.batch_size": "8"}):
-        args += ["--set", item]
-    _run(_cli(*args), repo)
+REPO = Path(__file__).resolve().parents[1]
+# 4 optimizer steps with a checkpoint at step 2; a run "interrupted" after that checkpoint is
+# simulated by deleting final/ and running the same command again, which resumes from step-2/.
+COMMON = {"train.max_steps": "4", "train.save_every": "2", "curriculum.epochs_per_stage": "1"}
 
-    double = tmp_path / "two"
-    args = ["train-sft", "--config", "configs/tiny/sft.yaml", "--launch", "cpu_2proc"]
-    for item in sft_overrides(tiny_bench, double, **common, **{"train.batch_size": "4"}):
-        args += ["--set", item]
-    _run(_cli(*args), repo)
 
-    a = load_file(single / "final" / "llm" / "model.safetensors")
-    b = load_file(double / "final" / "llm" / "model.safetensors")
+def _sft_args(bench, run_dir, batch_size, *launch):
+    args = ["train-sft", "--config", "configs/tiny/sft.yaml", *launch]
+    for item in sft_overrides(bench, run_dir, **COMMON, **{"train.batch_size": str(batch_size)}):
+        args += ["--set", item]
+    return args
+
+
+def _weights(run_dir):
+    return load_file(run_dir / "final" / "llm" / "model.safetensors")
+
+
+def _assert_same_weights(a, b):
     for name in a:  # same global batches, gradients all-reduced: equal up to float summation order
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
-    one = [line for line in (single / "metrics.jsonl").read_text().splitlines()]
-    two = [line for line in (double / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_bench, tmp_path_factory):
+    """The reference: one process, batch 8, 4 steps."""
+    run_dir = tmp_path_factory.mktemp("sft") / "one"
+    _run(_cli(*_sft_args(tiny_bench, run_dir, 8)), REPO)
+    return run_dir
+
+
+@pytest.mark.e2e
+def test_two_processes_match_one_process_with_twice_the_batch(tiny_bench, one_process, tmp_path):
+    double = tmp_path / "two"
+    _run(_cli(*_sft_args(tiny_bench, double, 4, "--launch", "cpu_2proc")), REPO)
+    _assert_same_weights(_weights(one_process), _weights(double))
+    one = (one_process / "metrics.jsonl").read_text().splitlines()
+    two = (double / "metrics.jsonl").read_text().splitlines()
     assert len(one) == len(two)  # written once, by rank 0
     assert [p.name for p in (double / "checkpoints").iterdir()] == ["step-2"]
+
+    # resume across process counts: the 2-process checkpoint finishes on 1 process with batch 8
+    shutil.rmtree(double / "final")
+    res = _run(_cli(*_sft_args(tiny_bench, double, 8)), REPO)
+    assert "resuming from" in res.stdout and "(step 2)" in res.stdout
+    _assert_same_weights(_weights(one_process), _weights(double))
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_matches_one_process_and_resumes(tiny_bench, one_process, tmp_path, stage):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra (pip install -e '.[deepspeed]')")
+    run_dir = tmp_path / f"zero{stage}"
+    # `accelerate launch` as a user runs it; without CUDA, vlmalign joins the processes with gloo
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              f"configs/accelerate/zero{stage}.yaml", "--num_processes", "2", "-m", "vlmalign.cli"]
+    command = launch + _sft_args(tiny_bench, run_dir, 4)
+    _run(command, REPO)
+    _assert_same_weights(_weights(one_process), _weights(run_dir))
+    shards = sorted(p.name for p in (run_dir / "checkpoints" / "step-2" / "deepspeed").iterdir())
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in shards  # each process wrote its optimizer shard
+    first = _weights(run_dir)
+
+    shutil.rmtree(run_dir / "final")
+    res = _run(command, REPO)
+    assert "resuming from" in res.stdout and "(step 2)" in res.stdout
+    resumed = _weights(run_dir)
+    for name in first:
+        torch.testing.assert_close(resumed[name], first[name], rtol=0, atol=1e-6)
+
+    # ZeRO shards belong to one process count: resuming with another one is refused, by name
+    shutil.rmtree(run_dir / "final")
+    res = subprocess.run(_cli(*_sft_args(tiny_bench, run_dir, 8)), capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert res.returncode != 0 and "DeepSpeed checkpoint" in res.stderr
 
 
 @pytest.mark.e2e
@@ -53,7 +106,7 @@ def test_two_process_dpo_matches_one_process(tiny_bench, tmp_path):
     from vlmalign.feedback.oracle import Oracle
     from vlmalign.model.video_lm import build_model
 
-    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    repo = REPO
     torch.manual_seed(0)
     build_model(load_config(SFTConfig, "configs/tiny/sft.yaml", sft_overrides(tiny_bench, tmp_path / "x")).model).save_pretrained(tmp_path / "policy")
     oracle = Oracle.from_dir(tiny_bench)
@@ -73,7 +126,24 @@ def test_two_process_dpo_matches_one_process(tiny_bench, tmp_path):
 
     _run(dpo_args(tmp_path / "one", 8), repo)
     _run(dpo_args(tmp_path / "two", 4, "--launch", "cpu_2proc"), repo)
-    a = load_file(tmp_path / "one" / "final" / "llm" / "model.safetensors")
-    b = load_file(tmp_path / "two" / "final" / "llm" / "model.safetensors")
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+    _assert_same_weights(_weights(tmp_path / "one"), _weights(tmp_path / "two"))
+    pytest.importorskip("deepspeed", reason="the ZeRO-3 half needs the optional deepspeed extra")
+    zero3 = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/zero3.yaml",
+             "--num_processes", "2", *dpo_args(tmp_path / "zero3", 4)[1:]]
+    _run(zero3, repo)
+    _assert_same_weights(_weights(tmp_path / "one"), _weights(tmp_path / "zero3"))
+
+
+def test_deepspeed_auto_entries_come_from_the_training_config():
+    from vlmalign.config import TrainConfig
+    from vlmalign.errors import VlmalignError
+    from vlmalign.train.common import configure_deepspeed
+
+    train = TrainConfig(batch_size=4, grad_accum=3, max_grad_norm=0.5)
+    ds = json.loads((REPO / "configs" / "deepspeed" / "zero3.json").read_text())
+    configure_deepspeed(ds, train, world=2)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"],
+            ds["gradient_clipping"]) == (4, 3, 24, 0.5)
+    ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1}
+    with pytest.raises(VlmalignError, match="gradient_accumulation_steps is 1, but the training config gives 3"):
+        configure_deepspeed(ds, train, world=2)

@@ -146,7 +146,12 @@ def _relaunch(args: argparse.Namespace, argv: list[str]) -> int:
         env = {**os.environ, "ACCELERATE_USE_CPU": "true", "ACCELERATE_MIXED_PRECISION": str(settings.get("mixed_precision", "no"))}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "-m", "vlmalign.cli", *rest]
         return subprocess.call(cmd, env=env)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "vlmalign.cli", *rest]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    ds_file = (settings.get("deepspeed_config") or {}).get("deepspeed_config_file")
+    if ds_file and not Path(ds_file).is_absolute() and not Path(ds_file).is_file():
+        # the bundled configs name their DeepSpeed file relative to the repository root
+        cmd += ["--deepspeed_config_file", str(CONFIGS_DIR.parent / ds_file)]
+    cmd += ["-m", "vlmalign.cli", *rest]
     return subprocess.call(cmd)
 
 

@@ -79,9 +79,20 @@ class Runtime:
 def setup_run(cfg, run: RunConfig, train: TrainConfig) -> Runtime:
     """Create the run directory, write the resolved config, seed, and start accelerate."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
 
-    accelerator = Accelerator(mixed_precision=train.mixed_precision)
+    handlers = []
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not torch.cuda.is_available():
+        # accelerate picks no process-group backend for DeepSpeed without CUDA; gloo runs it on CPU
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    accelerator = Accelerator(mixed_precision=train.mixed_precision, kwargs_handlers=handlers)
+    if uses_deepspeed(accelerator):
+        # Stages build their models whole and encode videos or score reference log-probs with them
+        # before prepare() hands them to DeepSpeed; under ZeRO-3 transformers would otherwise create
+        # them already partitioned, and those passes would fail.
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
     run_dir = Path(run.dir)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -147,9 +158,41 @@ def build_scheduler(optimizer, train: TrainConfig, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(total_steps, 1))
 
 
+def uses_deepspeed(accelerator) -> bool:
+    return accelerator.state.deepspeed_plugin is not None
+
+
 def sync_context(accelerator, model, sync: bool):
-    """Skip the gradient all-reduce on accumulation micro-steps."""
+    """Wrap one micro-batch's forward and backward: gradients are reduced across processes only on
+    the optimizer step's last micro-batch (`sync`)."""
+    if uses_deepspeed(accelerator):
+        accelerator.deepspeed_engine_wrapped.engine.set_gradient_accumulation_boundary(sync)
+        return nullcontext()
     return nullcontext() if sync or accelerator.num_processes == 1 else accelerator.no_sync(model)
+
+
+def backward(accelerator, loss: torch.Tensor) -> None:
+    """Backward of a loss that is already normalised over the whole optimizer step, so nothing may
+    divide it again (DeepSpeed would, by its accumulation count)."""
+    if uses_deepspeed(accelerator):
+        accelerator.deepspeed_engine_wrapped.engine.backward(loss, scale_wrt_gas=False)
+    else:
+        accelerator.backward(loss)
+
+
+def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float) -> float | None:
+    """Clip, step, schedule, zero the gradients; returns the gradient norm before clipping (None when
+    clipping is off). Under DeepSpeed its engine clips (`gradient_clipping`) and steps."""
+    if uses_deepspeed(accelerator):
+        engine = accelerator.deepspeed_engine_wrapped.engine
+        engine.step()
+        norm = engine.get_global_grad_norm() if max_grad_norm > 0 else None
+    else:
+        norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) if max_grad_norm > 0 else None
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return None if norm is None else float(norm)
 
 
 def global_count(accelerator, count: int) -> int:
@@ -178,6 +221,8 @@ def prepare_training(rt: "Runtime", model: torch.nn.Module, train: TrainConfig, 
     run's latest checkpoint when `resume` is set."""
     optimizer = build_optimizer(model, train)
     scheduler = build_scheduler(optimizer, train, total_steps)
+    if uses_deepspeed(rt.accelerator):
+        configure_deepspeed(rt.accelerator.state.deepspeed_plugin.deepspeed_config, train, rt.world)
     model, optimizer = rt.accelerator.prepare(model, optimizer)
     checkpointer = Checkpointer(rt, train.keep_checkpoints)
     latest = checkpointer.latest() if resume else None
@@ -185,6 +230,23 @@ def prepare_training(rt: "Runtime", model: torch.nn.Module, train: TrainConfig, 
     if latest is not None:
         rt.print(f"resuming from {latest} (step {state['step']})")
     return Training(model, optimizer, scheduler, checkpointer, state.get("step", 0), state)
+
+
+def configure_deepspeed(ds_config: dict, train: TrainConfig, world: int) -> None:
+    """Fill the DeepSpeed config's "auto" batch, accumulation and clipping entries from the training
+    config; an explicit value that disagrees with it is an error (the loop, not DeepSpeed, decides)."""
+    wanted = {
+        "train_micro_batch_size_per_gpu": train.batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": train.batch_size * train.grad_accum * world,
+        "gradient_clipping": train.max_grad_norm,
+    }
+    for key, value in wanted.items():
+        given = ds_config.get(key, "auto")
+        if given == "auto":
+            ds_config[key] = value
+        elif float(given) != float(value):
+            raise VlmalignError(f"DeepSpeed config: {key} is {given}, but the training config gives {value}; set it to \"auto\"")
 
 
 def epoch_plan(num_items: int, train: TrainConfig, rt: "Runtime") -> tuple[list[list[list[int]]], list[int], int]:
@@ -209,8 +271,12 @@ def remaining_steps(batches_per_epoch: list[list[list[int]]], steps_each: list[i
 
 
 # --- checkpoints -------------------------------------------------------------------------------
+DEEPSPEED_TAG = "deepspeed"  # the folder DeepSpeed's own checkpoint goes in, inside step-N/
+
+
 class Checkpointer:
-    """`checkpoints/step-N/`: trainable weights, optimizer, scheduler, RNG and loop state.
+    """`checkpoints/step-N/`: trainable weights, optimizer, scheduler, RNG and loop state. Under
+    DeepSpeed, weights and optimizer are DeepSpeed's own sharded checkpoint in `step-N/deepspeed/`.
 
     Written to a temporary folder and renamed into place, so a crash never leaves a half checkpoint
     that a resume would pick up; only the newest `keep` are kept.
@@ -236,34 +302,55 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        unwrapped = acc.unwrap_model(model)
-        if rt.is_main:
+        if uses_deepspeed(acc):
+            # ZeRO partitions optimizer state (and, at stage 3, the weights): every process writes its shard
+            acc.deepspeed_engine_wrapped.engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
+        elif rt.is_main:
+            unwrapped = acc.unwrap_model(model)
             trainable = {n: p.detach().cpu().contiguous() for n, p in unwrapped.named_parameters() if p.requires_grad}
             save_file(trainable, tmp / "trainable.safetensors")
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if rt.is_main:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save({"cpu": torch.get_rng_state()}, tmp / f"rng-{rt.rank}.pt")
         acc.wait_for_everyone()
         if rt.is_main:
-            (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
+            (tmp / "state.json").write_text(json.dumps({"step": step, "processes": rt.world, **state}))
             os.replace(tmp, final)
             for old in sorted(self.root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
 
     def load(self, path: Path, model, optimizer, scheduler) -> dict:
-        unwrapped = self.runtime.accelerator.unwrap_model(model)
-        params = dict(unwrapped.named_parameters())
-        for name, tensor in load_file(path / "trainable.safetensors").items():
-            if name not in params:
-                raise VlmalignError(f"{path}: checkpoint has parameter {name} that the model lacks (model config changed?)")
-            params[name].data.copy_(tensor)
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        acc = self.runtime.accelerator
+        state = json.loads((path / "state.json").read_text())
+        if uses_deepspeed(acc):
+            if not (path / DEEPSPEED_TAG).is_dir():
+                raise VlmalignError(f"{path}: not a DeepSpeed checkpoint; resume it without DeepSpeed, or start a new run.dir")
+            written_by = state.get("processes")
+            if written_by != self.runtime.world:
+                raise VlmalignError(
+                    f"{path}: ZeRO checkpoint written by {written_by} processes, resumed with {self.runtime.world}; "
+                    "resume with the same process count (or convert it with DeepSpeed's ds_to_universal)"
+                )
+            acc.deepspeed_engine_wrapped.engine.load_checkpoint(
+                str(path), tag=DEEPSPEED_TAG, load_module_strict=False, load_lr_scheduler_states=False
+            )
+        else:
+            if not (path / "trainable.safetensors").is_file():
+                raise VlmalignError(f"{path}: a DeepSpeed checkpoint; resume it under the same DeepSpeed launch config")
+            params = dict(acc.unwrap_model(model).named_parameters())
+            for name, tensor in load_file(path / "trainable.safetensors").items():
+                if name not in params:
+                    raise VlmalignError(f"{path}: checkpoint has parameter {name} that the model lacks (model config changed?)")
+                params[name].data.copy_(tensor)
+            # plain optimizer state is whole on every process, so any process count can resume it
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         rng = path / f"rng-{self.runtime.rank}.pt"
         if rng.is_file():  # absent when resuming with more processes than wrote the checkpoint
             torch.set_rng_state(torch.load(rng, weights_only=True)["cpu"])
-        return json.loads((path / "state.json").read_text())
+        return state
 
 
 def save_final(runtime: Runtime, model, name: str = "final") -> Path:
@@ -271,11 +358,24 @@ def save_final(runtime: Runtime, model, name: str = "final") -> Path:
     acc = runtime.accelerator
     acc.wait_for_everyone()
     final = runtime.run_dir / name
-    if runtime.is_main:
-        tmp = runtime.run_dir / f".tmp-{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        acc.unwrap_model(model).save_pretrained(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+    unwrapped = acc.unwrap_model(model)
+    with gathered_weights(acc, unwrapped):
+        if runtime.is_main:
+            tmp = runtime.run_dir / f".tmp-{name}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            unwrapped.save_pretrained(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
     acc.wait_for_everyone()
     return final
+
+
+def gathered_weights(accelerator, module: torch.nn.Module):
+    """Context in which every process holds `module`'s whole weights: ZeRO-3 partitions them across
+    processes, so saving (or generating) gathers them once; a no-op otherwise."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)

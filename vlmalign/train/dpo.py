@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -34,8 +35,10 @@ from vlmalign.errors import ConfigError, DataError
 from vlmalign.losses import dpo_loss, sequence_logps, sft_loss
 from vlmalign.model.video_lm import MANIFEST, build_model
 from vlmalign.train.common import (
+    backward,
     epoch_plan,
     global_count,
+    optimizer_step,
     prepare_training,
     remaining_steps,
     save_final,
@@ -151,7 +154,7 @@ def train(cfg: DPOConfig, pairs: list[PreferencePair]) -> Path:
                 if dpo.sft_weight:
                     labels = batch["labels"].to(acc.device)
                     loss = loss + dpo.sft_weight * sft_loss(logits[:n], labels[:n], chosen_tokens) * acc.num_processes
-            acc.backward(loss)
+            backward(acc, loss)
             counted = (batch["labels"][:, 1:] != -100).sum(-1).float()
             sums["loss"] += loss.item() / acc.num_processes
             sums["chosen_reward"] += float(chosen_r.sum())
@@ -161,10 +164,7 @@ def train(cfg: DPOConfig, pairs: list[PreferencePair]) -> Path:
             sums["rejected_logp"] += float(logps[n:].detach().sum())
             sums["chosen_tokens"] += float(counted[:n].sum())
             sums["rejected_tokens"] += float(counted[n:].sum())
-        grad_norm = acc.clip_grad_norm_(model.parameters(), train_cfg.max_grad_norm) if train_cfg.max_grad_norm > 0 else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(acc, model, optimizer, scheduler, train_cfg.max_grad_norm)
         step += 1
         bar.update(1)
         totals = acc.reduce(torch.tensor(list(sums.values()), device=acc.device), reduction="sum").tolist()
@@ -176,7 +176,7 @@ def train(cfg: DPOConfig, pairs: list[PreferencePair]) -> Path:
             metrics = {"epoch": epoch, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
                        "reward_margin": m["chosen_reward"] - m["rejected_reward"], **m}
             if grad_norm is not None:
-                metrics["grad_norm"] = float(grad_norm)
+                metrics["grad_norm"] = grad_norm
             rt.metrics.log(step, **metrics)
         if step % train_cfg.save_every == 0 and step < total_steps:
             checkpointer.save(step, model, optimizer, scheduler, {"epoch": epoch})
@@ -212,6 +212,9 @@ def run_iterative(cfg: DPOConfig) -> Path:
     from vlmalign.model.video_lm import load_model
 
     loop = cfg.loop
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # every process would sample, judge and write the same iteration files
+        raise ConfigError("dpo --iterations runs on one process for now; launch the single-iteration `dpo` stage for multi-process training")
     if not cfg.model.init_from:
         raise ConfigError("model.init_from: iterative DPO starts from a saved policy (e.g. runs/tiny-sft/final)")
     if not loop.questions:

@@ -42,10 +42,13 @@ from vlmalign.losses import (
 from vlmalign.model.generation import GenerationConfig, sample_answers
 from vlmalign.model.video_lm import MANIFEST, build_model, load_model
 from vlmalign.train.common import (
+    backward,
     epoch_batches,
+    optimizer_step,
     prepare_training,
     save_final,
     setup_run,
+    uses_deepspeed,
 )
 
 
@@ -81,8 +84,8 @@ def run(cfg: GRPOConfig) -> Path:
         rt.print(f"{final} exists: this GRPO run is complete")
         return final
     acc, g, grpo = rt.accelerator, cfg.sampling.num_samples, cfg.grpo
-    if acc.num_processes > 1:
-        raise ConfigError("grpo-rank runs on one process for now (rollouts are not sharded across processes)")
+    if acc.num_processes > 1 or uses_deepspeed(acc):
+        raise ConfigError("grpo-rank runs on one process without DeepSpeed for now (rollouts are not sharded across processes)")
     model = build_model(cfg.model)
     model.to(acc.device)
     reference = None
@@ -169,12 +172,8 @@ def run(cfg: GRPOConfig) -> Path:
                         mask, clip=grpo.clip, beta=grpo.beta, entropy=entropy, c_entropy=grpo.c_entropy,
                         aggregation=grpo.aggregation,
                     )
-                acc.backward(loss)
-                if cfg.train.max_grad_norm > 0:
-                    acc.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                backward(acc, loss)
+                optimizer_step(acc, model, optimizer, scheduler, cfg.train.max_grad_norm)
                 updates += 1
                 sums["loss"] += float(loss.detach())
                 for key in ("kl", "entropy", "clip_fraction"):

@@ -60,10 +60,13 @@ from vlmalign.model.generation import GenerationConfig, sample_answers
 from vlmalign.model.reward import RewardModel, load_reward_model, score_samples
 from vlmalign.model.video_lm import MANIFEST, build_model, load_model
 from vlmalign.train.common import (
+    backward,
     epoch_batches,
+    optimizer_step,
     prepare_training,
     save_final,
     setup_run,
+    uses_deepspeed,
 )
 from vlmalign.train.grpo_rank import completion_rows
 
@@ -138,8 +141,8 @@ def run(cfg: PPOConfig) -> Path:
         rt.print(f"{final} exists: this PPO run is complete")
         return final
     acc, ppo, g = rt.accelerator, cfg.ppo, cfg.sampling.num_samples
-    if acc.num_processes > 1:
-        raise ConfigError("ppo runs on one process for now (rollouts are not sharded across processes)")
+    if acc.num_processes > 1 or uses_deepspeed(acc):
+        raise ConfigError("ppo runs on one process without DeepSpeed for now (rollouts are not sharded across processes)")
     policy = build_model(cfg.model).to(acc.device)
     reference = None if policy.uses_lora else load_model(cfg.model.init_from).to(acc.device).eval()
     reward_model = load_reward_model(cfg.reward_model).to(acc.device)
@@ -236,15 +239,11 @@ def run(cfg: PPOConfig) -> Path:
                         # token means over the whole optimizer step, however it is split
                         share = valid.sum() / step_tokens.to(acc.device)
                         loss = (pg_loss + ppo.vf_coef * vf_loss) * share
-                    acc.backward(loss)
+                    backward(acc, loss)
                     for key, v in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_fraction", clip_fraction),
                                    ("value_clip_fraction", vf_clip_fraction), ("approx_kl", approx_kl)):
                         sums[key] += float(v.detach() * share)
-                if cfg.train.max_grad_norm > 0:
-                    acc.clip_grad_norm_(actor_critic.parameters(), cfg.train.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer_step(acc, actor_critic, optimizer, scheduler, cfg.train.max_grad_norm)
                 updates += 1
         train_time = time.perf_counter() - started
 

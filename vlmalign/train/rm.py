@@ -32,8 +32,10 @@ from vlmalign.losses import preference_accuracy, reward_model_loss
 from vlmalign.model.reward import HEAD_FILE, RewardModel, build_reward_model, final_scores, score_samples
 from vlmalign.prompts import load_prompt
 from vlmalign.train.common import (
+    backward,
     epoch_plan,
     global_count,
+    optimizer_step,
     prepare_training,
     remaining_steps,
     save_final,
@@ -145,16 +147,13 @@ def run(cfg: RMConfig) -> Path:
                 rewards = pair_rewards(wrapped, model.backbone, batch, acc.device).float()
                 # pair mean over the global batch; x processes because DDP averages gradients
                 loss = reward_model_loss(rewards[:n], rewards[n:], preference, cfg.rm.center_coef) * n / num_pairs * acc.num_processes
-            acc.backward(loss)
+            backward(acc, loss)
             rewards = rewards.detach()
             sums["loss"] += loss.item() / acc.num_processes
             sums["accuracy"] += float(preference_accuracy(rewards[:n], rewards[n:], preference)) * n
             sums["reward_margin"] += float((rewards[:n] - rewards[n:]).sum())
             sums["reward_mean"] += float(rewards.sum()) / 2
-        grad_norm = acc.clip_grad_norm_(wrapped.parameters(), train_cfg.max_grad_norm) if train_cfg.max_grad_norm > 0 else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(acc, wrapped, optimizer, scheduler, train_cfg.max_grad_norm)
         step += 1
         bar.update(1)
         totals = acc.reduce(torch.tensor(list(sums.values()), device=acc.device), reduction="sum").tolist()
@@ -164,7 +163,7 @@ def run(cfg: RMConfig) -> Path:
         if step % train_cfg.log_every == 0 or step == total_steps:
             metrics = {"epoch": epoch, "lr": scheduler.get_last_lr()[0], **m}
             if grad_norm is not None:
-                metrics["grad_norm"] = float(grad_norm)
+                metrics["grad_norm"] = grad_norm
             rt.metrics.log(step, **metrics)
         if encoded_eval and cfg.rm.eval_every > 0 and step % cfg.rm.eval_every == 0 and step < total_steps:
             log_eval()

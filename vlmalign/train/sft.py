@@ -21,8 +21,10 @@ from vlmalign.errors import ConfigError
 from vlmalign.losses import sft_loss
 from vlmalign.model.video_lm import MANIFEST, build_model
 from vlmalign.train.common import (
+    backward,
     epoch_batches,
     global_count,
+    optimizer_step,
     prepare_training,
     remaining_steps,
     save_final,
@@ -116,12 +118,9 @@ def run(cfg: SFTConfig) -> Path:
                 logits = model(**model_inputs(acc.unwrap_model(model), batch, acc.device)).logits
                 # sum over tokens / global token count; x world because DDP averages gradients
                 loss = sft_loss(logits, batch["labels"].to(acc.device), num_tokens) * acc.num_processes
-            acc.backward(loss)
+            backward(acc, loss)
             loss_sum += loss.item() / acc.num_processes
-        grad_norm = acc.clip_grad_norm_(model.parameters(), train.max_grad_norm) if train.max_grad_norm > 0 else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(acc, model, optimizer, scheduler, train.max_grad_norm)
         step += 1
         bar.update(1)
         loss_value = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), reduction="sum"))
@@ -129,7 +128,7 @@ def run(cfg: SFTConfig) -> Path:
         if step % train.log_every == 0 or step == total_steps:
             metrics = {"stage": p.stage, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "tokens": num_tokens}
             if grad_norm is not None:
-                metrics["grad_norm"] = float(grad_norm)
+                metrics["grad_norm"] = grad_norm
             rt.metrics.log(step, **metrics)
         if step % train.save_every == 0 and step < total_steps:
             checkpointer.save(step, model, optimizer, scheduler, {"stage": p.stage})
