@@ -7,10 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlmalign.config import DPOConfig, load_config
+from vlmalign.config import DPOConfig, QuantizationConfig, load_config
 from vlmalign.data.formats import read_instructions, write_jsonl
 from vlmalign.errors import ConfigError, DataError
 from vlmalign.feedback.oracle import Oracle
+from vlmalign.model.video_lm import load_model
 from vlmalign.train import dpo
 
 TINY_DPO = "configs/tiny/dpo.yaml"
@@ -62,6 +63,23 @@ def test_dpo_starts_at_log2_and_learns_the_preferences(tiny_policy, oracle_pairs
     ref = load_file(run_dir / "reference_logps.safetensors")["logps"]
     assert ref.shape == (48, 2) and bool((ref < 0).all())
     assert (final / "model.json").is_file()
+
+
+def test_qlora_dpo_trains_an_adapter_on_a_4bit_base(tiny_policy, oracle_pairs, tmp_path):
+    """The QLoRA recipe (nf4 base + LoRA, as configs/vlm_rlaif/ppo_7b.yaml) through a real stage, on CPU."""
+    bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs the optional bitsandbytes extra (pip install -e '.[qlora]')")
+    run_dir = tmp_path / "qlora"
+    extra = {"train.epochs": "3", "dpo.beta": "1.0", "dpo.sft_weight": "0", "train.scheduler": "constant", "train.lr": "1e-2",
+             "model.lora.enabled": "true", "model.lora.r": "8", "model.quantization.load_in_4bit": "true",
+             "model.quantization.compute_dtype": "float32"}
+    final = dpo.run(load_config(DPOConfig, TINY_DPO, dpo_overrides(tiny_policy, oracle_pairs, run_dir, **extra)))
+    metrics = _metrics(run_dir)
+    # the reference is the quantised start (the adapter begins at zero), so the first loss is log 2
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert sum(m["loss"] for m in metrics[-6:]) / 6 < 0.9 * math.log(2)
+    assert (final / "adapter").is_dir() and not (final / "llm").exists()  # the base is referenced, not copied
+    loaded = load_model(final, quantization=QuantizationConfig(load_in_4bit=True, compute_dtype="float32"))
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in loaded.llm.modules())
 
 
 def test_dpo_sft_term_and_loss_types_run(tiny_policy, oracle_pairs, tmp_path):

@@ -179,3 +179,42 @@ def test_a_model_started_from_a_checkpoint_trains_its_llm(word_corpus, tmp_path)
     lora = build_model(tiny(word_corpus, **{"model.init_from": str(tmp_path / "start"), "model.lora.enabled": "true"}))
     trainable = [n for n, p in lora.llm.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_qlora_on_a_saved_model_quantises_the_base_and_trains_the_adapter(word_corpus, tmp_path):
+    """QLoRA (nf4 base + LoRA) started from a saved model, on CPU with bitsandbytes >= 0.45."""
+    bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs the optional bitsandbytes extra (pip install -e '.[qlora]')")
+    start = build_model(tiny(word_corpus))
+    start.save_pretrained(tmp_path / "start")
+    qlora = {"model.init_from": str(tmp_path / "start"), "model.lora.enabled": "true", "model.lora.r": 4,
+             "model.quantization.load_in_4bit": "true", "model.quantization.compute_dtype": "float32"}
+    model = build_model(tiny(word_corpus, **qlora))
+    layers = [m for m in model.llm.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.weight.quant_type == "nf4" for m in layers)
+    # 2 layers x (q, k, v, o, gate, up, down); lm_head stays in full precision
+    assert len(layers) == 2 * 7 and not isinstance(model.llm.get_output_embeddings(), bnb.nn.Linear4bit)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("projector") for n in trainable)
+
+    # 4-bit weights change the logits a little, not the model
+    reference = _logits(load_model(tmp_path / "start"), word_corpus)
+    with model.llm.disable_adapter():
+        quantised = _logits(model, word_corpus)
+    assert not torch.allclose(quantised, reference, atol=1e-4)
+    assert torch.corrcoef(torch.stack([quantised.flatten(), reference.flatten()]))[0, 1] > 0.95
+
+    # the adapter learns through the frozen 4-bit base
+    ids = torch.tensor([encode_prompt(model.tokenizer, "<video>\nwhat colour is the red square?", model.num_visual_tokens)])
+    feats = torch.randn(1, 16, 64, 64, generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(10):
+        logits = model(ids, torch.ones_like(ids), feats).logits
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:].clamp(min=0))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    assert all(m.weight.dtype == torch.uint8 for m in layers)  # the base stayed quantised

@@ -65,7 +65,7 @@ class LoraConfig:
 
 @dataclass
 class QuantizationConfig:
-    load_in_4bit: bool = False  # QLoRA: bitsandbytes nf4 base weights (needs CUDA and llm.pretrained)
+    load_in_4bit: bool = False  # QLoRA: bitsandbytes 4-bit base weights (llm.pretrained or model.init_from)
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"

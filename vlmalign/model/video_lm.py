@@ -15,6 +15,7 @@ rebuilds the base (merging its adapter, if any) and applies this adapter.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vlmalign.config import ModelConfig, config_from_dict, to_dict
+from vlmalign.config import ModelConfig, QuantizationConfig, config_from_dict, to_dict
 from vlmalign.data.template import VISUAL_TOKEN_ID
 from vlmalign.errors import ConfigError
 from vlmalign.model.projector import build_projector, spatio_temporal_pool
@@ -153,8 +154,8 @@ def _load_llm(source: str | Path, cfg: ModelConfig):
     if cfg.quantization.load_in_4bit:
         from transformers import BitsAndBytesConfig
 
-        if not torch.cuda.is_available():
-            raise ConfigError("model.quantization.load_in_4bit needs a CUDA GPU (bitsandbytes nf4)")
+        if importlib.util.find_spec("bitsandbytes") is None:  # runs on CUDA, and on CPU since 0.45
+            raise ConfigError("model.quantization.load_in_4bit needs bitsandbytes: pip install -e '.[qlora]'")
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=cfg.quantization.quant_type,
@@ -218,7 +219,7 @@ def build_model(cfg: ModelConfig) -> VideoLM:
     disabling the new adapter gives back the starting model (the reference policy).
     """
     if cfg.init_from:
-        start = load_model(cfg.init_from)
+        start = load_model(cfg.init_from, quantization=cfg.quantization if cfg.quantization.load_in_4bit else None)
         start_llm = start.llm.merge_and_unload() if start.uses_lora else start.llm
         arch = dataclasses.replace(
             start.cfg,
@@ -242,7 +243,7 @@ def build_model(cfg: ModelConfig) -> VideoLM:
         llm, base = _load_llm(cfg.llm.pretrained, cfg), {"pretrained": cfg.llm.pretrained}
     else:
         if cfg.quantization.load_in_4bit:
-            raise ConfigError("model.quantization.load_in_4bit needs model.llm.pretrained (a saved base to quantise)")
+            raise ConfigError("model.quantization.load_in_4bit needs saved base weights to quantise: model.llm.pretrained or model.init_from")
         llm, base = _random_llm(cfg, tokenizer), {}
     projector = build_projector(cfg.projector, vision.hidden_size, llm.config.hidden_size).to(_DTYPES[cfg.llm.dtype])
     if cfg.lora.enabled:
@@ -265,8 +266,12 @@ def _model_type(path: Path) -> str | None:
         raise ConfigError(f"model not found: {path} is no local folder and the hub could not provide it ({exc.__class__.__name__})") from None
 
 
-def load_model(path: str | Path, trainable: bool = False) -> VideoLM:
-    """Load a model saved by `VideoLM.save_pretrained`, or convert an HF llava-hf LLaVA-1.5 checkpoint."""
+def load_model(path: str | Path, trainable: bool = False, quantization: QuantizationConfig | None = None) -> VideoLM:
+    """Load a model saved by `VideoLM.save_pretrained`, or convert an HF llava-hf LLaVA-1.5 checkpoint.
+
+    `quantization` loads the LLM base weights in 4 bits (QLoRA on top of a saved model); a saved LoRA
+    adapter is then applied to the quantised base.
+    """
     path = Path(path)
     if not (path / MANIFEST).is_file():
         if _model_type(path) == "llava":
@@ -276,6 +281,7 @@ def load_model(path: str | Path, trainable: bool = False) -> VideoLM:
         raise ConfigError(f"not a vlmalign model directory (no {MANIFEST}) nor a llava-hf checkpoint: {path}")
     manifest = json.loads((path / MANIFEST).read_text())
     cfg = config_from_dict(ModelConfig, manifest["config"], source=str(path / MANIFEST))
+    llm_cfg = cfg if quantization is None else dataclasses.replace(cfg, quantization=quantization)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
@@ -288,13 +294,13 @@ def load_model(path: str | Path, trainable: bool = False) -> VideoLM:
 
     base = manifest["base"]
     if (path / "llm").is_dir():
-        llm = _load_llm(path / "llm", cfg)
+        llm = _load_llm(path / "llm", llm_cfg)
     elif "pretrained" in base:
-        llm = _load_llm(base["pretrained"], cfg)
+        llm = _load_llm(base["pretrained"], llm_cfg)
     elif "checkpoint" in base:
         if not Path(base["checkpoint"]).is_dir():
             raise ConfigError(f"{path / MANIFEST}: base checkpoint {base['checkpoint']} no longer exists")
-        start = load_model(base["checkpoint"])
+        start = load_model(base["checkpoint"], quantization=quantization)
         llm = start.llm.merge_and_unload() if start.uses_lora else start.llm
     else:
         raise ConfigError(f"{path / MANIFEST}: no LLM weights saved and no base recorded")
