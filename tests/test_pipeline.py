@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from vlmalign.pipeline import STAGES, Budget, run_pipeline
+from vlmalign.pipeline import STAGES, Budget, format_results, run_pipeline, run_seeds
+from vlmalign.plots import plot_pipeline
 
 
 @pytest.mark.e2e
@@ -20,6 +21,38 @@ def test_every_stage_runs_from_one_sft_start_and_reports(tmp_path):
         assert name in results, results.get("failed")
     assert set(results["grpo"]) == {"grpo_rank", "grpo"}
     assert json.loads((tmp_path / "out" / "results.json").read_text())["budget"]["videos"] == 12
+    assert 0.0 <= results["sft_eval"]["mcq"] <= 1.0 and "multiple choice" in table
+    for name in ("accuracy", "isr_iterations", "training_curves"):
+        assert (tmp_path / "out" / "img" / f"{name}.png").stat().st_size > 5000, name
     # a second run reuses everything: no stage trains again
     again = run_pipeline(tmp_path / "out", budget, stages=STAGES, with_init=True)
     assert again["sft_eval"] == results["sft_eval"] and again["grpo"] == results["grpo"]
+
+
+def _result(seed, sft_all, dpo_all, ratio):
+    ev = lambda a: {"colour": a, "count": a, "direction": a, "shape": a, "all": a, "mcq": a / 2}  # noqa: E731
+    return {"budget": {"seed": seed}, "sft_eval": ev(sft_all), "dpo": {"eval": ev(dpo_all)},
+            "isr": {"retrospective": [{"iteration": 1, "pairs": 10, "length_ratio": ratio, "agreement": None, "eval": ev(dpo_all)}]},
+            "minutes": 1.0}
+
+
+def test_seed_table_reports_mean_and_sample_standard_deviation(tmp_path):
+    runs = [_result(0, 0.40, 0.50, 1.0), _result(1, 0.50, 0.60, 1.2), _result(2, 0.60, 0.40, 1.4)]
+    table = format_results(runs)
+    # SFT: mean 50.0, sample std sqrt(((-10)^2 + 0 + 10^2) / 2) = 10.0; MCQ is half of it
+    assert "| SFT (start of every method) | 50.0 ± 10.0 | 50.0 ± 10.0 | 50.0 ± 10.0 | 50.0 ± 10.0 | 50.0 ± 10.0 | 25.0 ± 5.0 |" in table
+    assert "| LLaVA-Hound: DPO | 50.0 ± 10.0 |" in table
+    assert "| retrospective | 1 | 10 ± 0 | 1.20 ± 0.20 | n/a | 50.0 ± 10.0 |" in table
+    assert "±" not in format_results(runs[:1])
+    written = plot_pipeline(runs, tmp_path / "img")
+    assert [p.name for p in written] == ["accuracy.png", "isr_iterations.png"]
+
+
+@pytest.mark.e2e
+def test_seeds_share_one_benchmark_and_report_the_spread(tmp_path):
+    budget = Budget(videos=12, sft_epochs=1, judge_data=False, self_judge=False, eval_limit=8)
+    runs = run_seeds(tmp_path / "out", budget, [0, 1], stages=())
+    assert [r["budget"]["seed"] for r in runs] == [0, 1]
+    assert (tmp_path / "out" / "bench" / "manifest.json").is_file() and not (tmp_path / "out" / "seed-1" / "bench").exists()
+    assert "±" in (tmp_path / "out" / "results.md").read_text()
+    assert len(json.loads((tmp_path / "out" / "results.json").read_text())["seeds"]) == 2

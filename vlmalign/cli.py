@@ -110,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=16, help="frames per video")
     p.add_argument("--size", type=int, default=64, help="frame width and height in pixels")
 
-    p = sub.add_parser("demo", help="the embedded default: synthetic benchmark -> SFT -> held-out accuracy, on a CPU")
+    p = sub.add_parser("demo", help="the embedded default: synthetic benchmark -> SFT -> every method -> held-out accuracy, on a CPU")
     p.add_argument("--out", default="runs/demo", help="folder for the benchmark, runs and report")
+    p.add_argument("--seeds", default="0", help="comma-separated training seeds; several give mean ± standard deviation")
     p.add_argument("--videos", type=int, default=None, help="override the demo's number of videos")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override the SFT config, e.g. --set train.max_steps=50")
@@ -261,7 +262,8 @@ def _cmd_eval(args) -> int:
 def _cmd_demo(args) -> int:
     from vlmalign.demo import run_demo
 
-    run_demo(args.out, videos=args.videos, overrides=args.overrides)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    run_demo(args.out, videos=args.videos, overrides=args.overrides, seeds=seeds)
     return 0
 
 

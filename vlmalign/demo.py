@@ -15,12 +15,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from vlmalign.pipeline import QUICK, run_pipeline
+from vlmalign.pipeline import QUICK, run_seeds
 
 # Judge agreement needs a model judge; with the oracle judging it is 100% by construction.
 DEMO_STAGES = ("ppo", "dpo", "isr", "grpo")
 
 
-def run_demo(out: str | Path = "runs/demo", videos: int | None = None, overrides: list[str] = ()) -> dict:
+def run_demo(out: str | Path = "runs/demo", videos: int | None = None, overrides: list[str] = (), seeds=(0,)) -> list[dict]:
     budget = dataclasses.replace(QUICK, videos=videos or QUICK.videos, sft_overrides=tuple(overrides))
-    return run_pipeline(out, budget, stages=DEMO_STAGES, with_init=True, progress=True)
+    return run_seeds(out, budget, list(seeds), stages=DEMO_STAGES, with_init=True, progress=True)

@@ -22,6 +22,7 @@ OUT/results.json hold the table.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -50,7 +51,8 @@ class Budget:
     isr_questions: int = 400
     grpo_rollouts: int = 60
     eval_limit: int | None = None
-    seed: int = 0
+    seed: int = 0  # training, sampling and initialisation; the benchmark is the same for every seed
+    bench_seed: int = 0
     sft_overrides: tuple[str, ...] = ()  # extra `key=value` settings of the SFT config
 
 
@@ -65,13 +67,15 @@ def _sets(**values) -> list[str]:
 
 
 class Pipeline:
-    def __init__(self, out: Path, budget: Budget, progress: bool = False):
+    def __init__(self, out: Path, budget: Budget, progress: bool = False, bench: Path | None = None,
+                 feature_cache: Path | None = None):
         self.out, self.budget = Path(out), budget
-        self.bench = self.out / "bench"
+        self.bench = Path(bench) if bench else self.out / "bench"
+        self.feature_cache = str(feature_cache or self.out / "feature_cache")
         self.progress = str(progress).lower()
 
     def common(self, tokenizer: bool = True) -> dict:
-        values = {"data__feature_cache": str(self.out / "feature_cache"), "run__progress": self.progress}
+        values = {"data__feature_cache": self.feature_cache, "run__progress": self.progress}
         if tokenizer:
             b = self.bench
             values["model__tokenizer__word_corpus"] = f"[{b}/sft_mix.json,{b}/judge_train.json,{b}/captions.json]"
@@ -83,21 +87,33 @@ class Pipeline:
         return {f"{prefix}judge__backend": "oracle", f"{prefix}judge__bench": self.bench}
 
     def evaluate(self, model_dir: Path) -> dict:
-        report_path = model_dir.parent / "eval" / "report.json"
-        if report_path.is_file():
-            report = json.loads(report_path.read_text())
-        else:
-            report = evaluate_synthetic(model_dir, self.bench, model_dir.parent / "eval", qa_file="qa_test.json",
-                                        limit=self.budget.eval_limit, feature_cache=str(self.out / "feature_cache"),
-                                        progress=False)
-        return {qtype: row["accuracy"] for qtype, row in report["results"].items()}
+        """Held-out accuracy per question type (short answers, oracle-judged) and `mcq`, the accuracy
+        on the multiple-choice file (letters read from the reply, or the option it names)."""
+        from vlmalign.eval.common import Decoding
+        from vlmalign.eval.mcq import evaluate_mcq
+
+        reports = {}
+        for name in ("eval", "eval-mcq"):
+            path = model_dir.parent / name / "report.json"
+            if path.is_file():
+                reports[name] = json.loads(path.read_text())
+            elif name == "eval":
+                reports[name] = evaluate_synthetic(model_dir, self.bench, path.parent, qa_file="qa_test.json",
+                                                   limit=self.budget.eval_limit, feature_cache=self.feature_cache, progress=False)
+            else:
+                reports[name] = evaluate_mcq("synthetic-mcq", path.parent, data=self.bench / "mcq_test.json", model_dir=model_dir,
+                                             decoding=Decoding(max_new_tokens=16, batch_size=16), limit=self.budget.eval_limit,
+                                             feature_cache=self.feature_cache, progress=False)
+        accuracy = {qtype: row["accuracy"] for qtype, row in reports["eval"]["results"].items()}
+        accuracy["mcq"] = reports["eval-mcq"]["results"]["all"]["accuracy"]
+        return accuracy
 
     # --- stages --------------------------------------------------------------------------------
     def bench_stage(self) -> None:
         from vlmalign.data.synthetic import generate_benchmark
 
         if not (self.bench / "manifest.json").is_file():
-            generate_benchmark(self.bench, num_videos=self.budget.videos, seed=self.budget.seed)
+            generate_benchmark(self.bench, num_videos=self.budget.videos, seed=self.budget.bench_seed)
 
     def sft_config(self) -> SFTConfig:
         files = [self.bench / "sft_easy.json", self.bench / "sft_hard.json"]
@@ -126,7 +142,7 @@ class Pipeline:
         from vlmalign.model.video_lm import load_model
 
         model = load_model(sft_final).eval()
-        visual = VisualInputs(model, str(self.out / "feature_cache"))
+        visual = VisualInputs(model, self.feature_cache)
         n = self.budget.judge_questions
         questions = read_questions([str(self.bench / "qa_val.json")], None, n)
         rows = {}
@@ -213,7 +229,12 @@ class Pipeline:
         return result
 
 
-def format_results(results: dict) -> str:
+COLUMNS = (*QTYPES, "mcq")
+HEADER = "| model | colour | count | direction | shape | all | multiple choice |"
+
+
+def model_rows(results: dict) -> dict[str, dict[str, float]]:
+    """{model name: {column: accuracy}} of one pipeline run, in table order."""
     evals = {}
     if results.get("init_eval"):
         evals["untrained"] = results["init_eval"]
@@ -226,31 +247,55 @@ def format_results(results: dict) -> str:
         evals[f"ISR-DPO ({mode} context), iteration {rows[-1]['iteration']}"] = rows[-1]["eval"]
     for adv, row in results.get("grpo", {}).items():
         evals["GRPO_rank (oracle ranks)" if adv == "grpo_rank" else "GRPO (oracle scores)"] = row["eval"]
-    lines = ["| model | " + " | ".join(QTYPES) + " |", "|---|" + "---|" * len(QTYPES)]
-    for name, ev in evals.items():
-        lines.append(f"| {name} | " + " | ".join(f"{100 * ev[t]:.1f}" if t in ev else "" for t in QTYPES) + " |")
-    if "judges" in results:
+    return evals
+
+
+def _cell(values: list[float | None], percent: bool = True, digits: int = 1) -> str:
+    """One value, or the mean and sample standard deviation of one value per seed."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    scale = 100 if percent else 1
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{scale * mean:.{digits}f}"
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
+
+
+def format_results(runs: list[dict]) -> str:
+    """Markdown tables of one pipeline run, or of several seeds (mean ± standard deviation)."""
+    first = runs[0]
+    per_seed = [model_rows(r) for r in runs]
+    lines = [HEADER, "|---|" + "---|" * len(COLUMNS)]
+    for name in per_seed[0]:
+        cells = [_cell([rows.get(name, {}).get(c) for rows in per_seed]) for c in COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "judges" in first:
         lines += ["", "Judge agreement with the oracle (pairwise, held-out questions, pairs the oracle scores differently):", "",
                   "| context | agreement % | pairs | parse errors |", "|---|---|---|---|"]
-        for name, row in results["judges"].items():
-            agreement = "n/a" if row["agreement"] is None else f"{100 * row['agreement']:.1f}"
-            lines.append(f"| {name} | {agreement} | {row['n']} | {row['parse_errors']} |")
-    if "isr" in results:
+        for name in first["judges"]:
+            rows = [r["judges"][name] for r in runs if name in r.get("judges", {})]
+            lines.append(f"| {name} | {_cell([row['agreement'] for row in rows])} | {_cell([row['n'] for row in rows], False, 0)} "
+                         f"| {_cell([row['parse_errors'] for row in rows], False, 0)} |")
+    if "isr" in first:
         lines += ["", "ISR-DPO per iteration:", "",
                   "| context | iteration | pairs | chosen/rejected words | judge-oracle agreement % | accuracy % |",
                   "|---|---|---|---|---|---|"]
-        for mode, rows in results["isr"].items():
-            for r in rows:
-                agreement = "n/a" if r["agreement"] is None else f"{100 * r['agreement']:.1f}"
-                ratio = "n/a" if r["length_ratio"] is None else f"{r['length_ratio']:.2f}"
-                lines.append(f"| {mode} | {r['iteration']} | {r['pairs']} | {ratio} | {agreement} | {100 * r['eval']['all']:.1f} |")
-    for stage, error in results.get("failed", {}).items():
-        lines += ["", f"{stage}: failed: {error}"]
+        for mode, rows in first["isr"].items():
+            for i, r in enumerate(rows):
+                seeds = [run["isr"][mode][i] for run in runs if len(run.get("isr", {}).get(mode, [])) > i]
+                lines.append(f"| {mode} | {r['iteration']} | {_cell([x['pairs'] for x in seeds], False, 0)} "
+                             f"| {_cell([x['length_ratio'] for x in seeds], False, 2)} | {_cell([x['agreement'] for x in seeds])} "
+                             f"| {_cell([x['eval']['all'] for x in seeds])} |")
+    for run in runs:
+        for stage, error in run.get("failed", {}).items():
+            lines += ["", f"seed {run['budget']['seed']}, {stage}: failed: {error}"]
     return "\n".join(lines)
 
 
 def run_pipeline(out, budget: Budget = FULL, stages=STAGES, sft: str | None = None, with_init: bool = False,
-                 progress: bool = False) -> dict:
+                 progress: bool = False, bench: Path | None = None, feature_cache: Path | None = None) -> dict:
     """Run the stages from one SFT start (trained here unless `sft` names a checkpoint); return results."""
     from accelerate.utils import set_seed
 
@@ -259,7 +304,7 @@ def run_pipeline(out, budget: Budget = FULL, stages=STAGES, sft: str | None = No
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}; choose from {', '.join(STAGES)}")
-    pipe = Pipeline(out, budget, progress)
+    pipe = Pipeline(out, budget, progress, bench, feature_cache)
     pipe.out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     results: dict = {"budget": asdict(budget)}
@@ -272,7 +317,7 @@ def run_pipeline(out, budget: Budget = FULL, stages=STAGES, sft: str | None = No
             set_seed(cfg.train.seed)  # the seed sft.run uses, so these are its initial weights
             build_model(cfg.model).save_pretrained(init)
         results["init_eval"] = pipe.evaluate(init)
-    print("[sft] supervised fine-tuning", flush=True)
+    print(f"[sft] supervised fine-tuning (seed {budget.seed})", flush=True)
     sft_final = Path(sft) if sft else pipe.sft_stage()
     results["sft_eval"] = pipe.evaluate(sft_final)
     for stage in STAGES:
@@ -284,11 +329,44 @@ def run_pipeline(out, budget: Budget = FULL, stages=STAGES, sft: str | None = No
                 print(f"[{stage}] failed: {e}", flush=True)
                 results.setdefault("failed", {})[stage] = str(e)
     results["minutes"] = round((time.time() - start) / 60, 1)
-    table = format_results(results)
-    header = (f"# Synthetic benchmark: every method from one SFT start\n\nHeld-out oracle accuracy (%) on "
-              f"`{pipe.bench / 'qa_test.json'}`, greedy decoding; judge of the feedback stages: "
-              f"{'the SFT model itself' if budget.self_judge else 'the oracle'}. Wall time of this invocation (finished stages are reused): {results['minutes']} min.\n\n")
-    (pipe.out / "results.md").write_text(header + table + "\n")
-    (pipe.out / "results.json").write_text(json.dumps(results, indent=2))
-    print("\n" + table + f"\n\nresults: {pipe.out / 'results.md'} ({results['minutes']} min)", flush=True)
+    _write_results(pipe.out, [results], [pipe.out], pipe.bench, budget)
     return results
+
+
+def run_seeds(root, budget: Budget, seeds: list[int], **kwargs) -> list[dict]:
+    """`run_pipeline` once per training seed on one shared benchmark (ROOT/bench) and feature cache;
+    each seed in ROOT/seed-N/, the tables (mean ± standard deviation over seeds) in ROOT/results.md."""
+    if len(seeds) == 1:
+        return [run_pipeline(root, dataclasses.replace(budget, seed=seeds[0]), **kwargs)]
+    root = Path(root)
+    runs = [run_pipeline(root / f"seed-{seed}", dataclasses.replace(budget, seed=seed), bench=root / "bench",
+                         feature_cache=root / "feature_cache", **kwargs) for seed in seeds]
+    _write_results(root, runs, [root / f"seed-{seed}" for seed in seeds], root / "bench", budget)
+    return runs
+
+
+def _write_results(out: Path, runs: list[dict], run_dirs: list[Path], bench: Path, budget: Budget) -> None:
+    table = format_results(runs)
+    minutes = round(sum(r["minutes"] for r in runs), 1)
+    seeds = [r["budget"]["seed"] for r in runs]
+    spread = f"mean ± standard deviation over seeds {seeds}" if len(runs) > 1 else f"seed {seeds[0]}"
+    header = (f"# Synthetic benchmark: every method from one SFT start\n\nHeld-out accuracy (%) on "
+              f"`{bench / 'qa_test.json'}` (short answers, oracle-judged; greedy decoding) and on `mcq_test.json` "
+              f"(multiple choice), {spread}. Judge of the feedback stages: "
+              f"{'the SFT model itself' if budget.self_judge else 'the oracle'}. Wall time of this invocation "
+              f"(finished stages are reused): {minutes} min.\n\n")
+    (out / "results.md").write_text(header + table + "\n")
+    (out / "results.json").write_text(json.dumps(runs[0] if len(runs) == 1 else {"seeds": runs}, indent=2))
+    _plots(out, runs, run_dirs)
+    print("\n" + table + f"\n\nresults: {out / 'results.md'} ({minutes} min)", flush=True)
+
+
+def _plots(out: Path, runs: list[dict], run_dirs: list[Path]) -> None:
+    from vlmalign.plots import MissingMatplotlib, plot_pipeline
+
+    try:
+        written = plot_pipeline(runs, out / "img", run_dirs)
+    except MissingMatplotlib as e:
+        print(f"plots skipped: {e}", flush=True)
+        return
+    print(f"plots: {', '.join(str(p) for p in written)}", flush=True)

@@ -1,0 +1,133 @@
+"""Figures of a pipeline run (`vlmalign demo`, `scripts/replicate.py`): PNG files from results.json
+and the stages' metrics.jsonl. matplotlib is an optional extra (`pip install -e '.[plots]'`).
+
+    accuracy.png          held-out accuracy of every model (short answers and multiple choice), with
+                          the standard deviation over seeds as error bars
+    isr_iterations.png    ISR-DPO accuracy and chosen/rejected length ratio per iteration, per context
+    judge_agreement.png   self-judge agreement with the oracle per context (when the judges stage ran)
+    training_curves.png   the training signal of each stage over its steps (first seed)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class MissingMatplotlib(RuntimeError):
+    pass
+
+
+# (stage folder inside a pipeline run, metric, label) of the training curves
+CURVES = (
+    ("sft", "loss", "SFT loss"),
+    ("ppo/rm", "loss", "reward model loss"),
+    ("ppo/ppo", "score", "PPO reward-model score"),
+    ("dpo/train", "loss", "DPO loss"),
+    ("grpo/grpo_rank", "kendall_tau", "GRPO_rank Kendall tau (policy vs oracle ranking)"),
+    ("grpo/grpo", "score_mean", "GRPO oracle score"),
+)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise MissingMatplotlib("matplotlib is not installed (pip install -e '.[plots]')") from None
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return mean, std
+
+
+def plot_pipeline(runs: list[dict], img_dir, run_dirs: list[Path] | None = None) -> list[Path]:
+    """Write the figures of one or several seeds' results (dicts of `run_pipeline`); return their paths."""
+    from vlmalign.pipeline import model_rows
+
+    plt = _pyplot()
+    img_dir = Path(img_dir)
+    img_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    # accuracy of every model
+    rows = [model_rows(r) for r in runs]
+    names = list(rows[0])
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.4
+    for k, (column, label) in enumerate((("all", "short answers (oracle)"), ("mcq", "multiple choice"))):
+        stats = [_mean_std([100 * r[n][column] for r in rows if n in r and column in r[n]] or [0.0]) for n in names]
+        xs = [i + (k - 0.5) * width for i in range(len(names))]
+        ax.bar(xs, [m for m, _ in stats], width, yerr=[s for _, s in stats] if len(runs) > 1 else None, capsize=3, label=label)
+    ax.set_xticks(range(len(names)), [n.replace(" (", "\n(").replace(": ", ":\n") for n in names], fontsize=7)
+    ax.set_ylabel("held-out accuracy %")
+    ax.set_title(f"Every method from one SFT start ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(_save(fig, plt, img_dir / "accuracy.png"))
+
+    # ISR-DPO per iteration
+    if all("isr" in r for r in runs):
+        fig, (acc_ax, ratio_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
+        for mode in runs[0]["isr"]:
+            iterations = [row["iteration"] for row in runs[0]["isr"][mode]]
+            for ax, key in ((acc_ax, "accuracy"), (ratio_ax, "length_ratio")):
+                stats = []
+                for i in range(len(iterations)):
+                    values = [(100 * r["isr"][mode][i]["eval"]["all"]) if key == "accuracy" else r["isr"][mode][i]["length_ratio"]
+                              for r in runs]
+                    stats.append(_mean_std([v for v in values if v is not None] or [float("nan")]))
+                ax.errorbar(iterations, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, label=mode)
+        acc_ax.set(xlabel="iteration", ylabel="held-out accuracy %", title="ISR-DPO accuracy")
+        ratio_ax.set(xlabel="iteration", ylabel="chosen / rejected words", title="length ratio of the pairs")
+        acc_ax.legend(title="context", fontsize=8)
+        fig.tight_layout()
+        written.append(_save(fig, plt, img_dir / "isr_iterations.png"))
+
+    # judge agreement per context
+    if all("judges" in r for r in runs):
+        contexts = list(runs[0]["judges"])
+        stats = [_mean_std([100 * r["judges"][c]["agreement"] for r in runs if r["judges"][c]["agreement"] is not None] or [0.0])
+                 for c in contexts]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.bar(contexts, [m for m, _ in stats], yerr=[s for _, s in stats] if len(runs) > 1 else None, capsize=3)
+        ax.axhline(50, color="grey", linestyle="--", linewidth=1, label="chance")
+        ax.set(ylabel="agreement with the oracle %", title="Self-judge agreement by context")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(_save(fig, plt, img_dir / "judge_agreement.png"))
+
+    # training curves of the first seed
+    if run_dirs:
+        curves = []
+        for folder, key, label in CURVES:
+            path = Path(run_dirs[0]) / folder / "metrics.jsonl"
+            if path.is_file():
+                points = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+                points = [(m["step"], m[key]) for m in points if isinstance(m.get(key), (int, float))]
+                if points:
+                    curves.append((label, points))
+        if curves:
+            cols = 3
+            nrows = (len(curves) + cols - 1) // cols
+            fig, axes = plt.subplots(nrows, cols, figsize=(11, 3 * nrows), squeeze=False)
+            for ax, (label, points) in zip(axes.flat, curves):
+                ax.plot([s for s, _ in points], [v for _, v in points])
+                ax.set_title(label, fontsize=9)
+                ax.set_xlabel("step", fontsize=8)
+            for ax in list(axes.flat)[len(curves):]:
+                ax.axis("off")
+            fig.tight_layout()
+            written.append(_save(fig, plt, img_dir / "training_curves.png"))
+    return written
+
+
+def _save(fig, plt, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
