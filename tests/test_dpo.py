@@ -171,6 +171,7 @@ def test_interrupted_iterative_dpo_redoes_no_finished_iteration(tiny_policy, tin
     assert [s["iteration"] for s in summary] == [1, 2, 3]
     for s in summary:
         assert s["pairs"] > 0 and s["length_ratio"] > 0 and "oracle_agreement" in s and 0 <= s["eval"]["all"] <= 1
+        assert s["context"] == cfg.loop.context_mode == "retrospective"  # the mode that wrote the contexts
     # iteration t+1 starts from iteration t's policy
     assert summary[1]["policy_in"] == summary[0]["policy_out"]
     # retrospective contexts: one per video, rewritten from the previous iteration's

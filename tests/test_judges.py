@@ -418,3 +418,23 @@ def test_hf_judge_batches_caches_and_reports_parse_errors(tiny_bench, bench_item
         model.projector[0].bias.add_(0.5)
     assert all(not j.cached for j in judge.compare([JudgeRequest(str(tiny_bench / v), q, (r, w)) for v, q, r, w in bench_items[:3]]))
     assert judge.id != old_id
+
+
+def test_hf_judge_with_a_saved_model_judges_with_that_model_not_the_policy(tiny_bench, tiny_policy, tmp_path):
+    """make-prefs, the ISR-DPO loop and grpo-rank hand their policy to build_judge; a judge.model path
+    must still win (it used to be ignored, the id naming a model that never judged)."""
+    import torch
+
+    from vlmalign.model.video_lm import build_model
+
+    policy, visual = tiny_policy
+    torch.manual_seed(123)
+    other = build_model(policy.cfg)
+    other.save_pretrained(tmp_path / "judge-model")
+    own = build_judge(JudgeConfig(backend="hf", model=str(tmp_path / "judge-model")), tmp_path / "a.sqlite",
+                      model=policy, visual=visual, progress=False)
+    self_judge = build_judge(JudgeConfig(backend="hf", model="policy"), tmp_path / "b.sqlite", model=policy, visual=visual,
+                             progress=False)
+    assert own.model is not policy and self_judge.model is policy
+    assert own.id.startswith(f"hf:{tmp_path / 'judge-model'}#")
+    assert own.id.split("#")[1] != self_judge.id.split("#")[1]  # the fingerprint is of the weights that judge

@@ -634,8 +634,8 @@ class HFJudge(_PromptedJudge):
 
 def build_judge(cfg: JudgeConfig, cache_path=None, model=None, visual=None, progress: bool = True) -> Judge:
     """The judge `cfg` describes, caching to `cfg.cache` or else `cache_path` (the caller's
-    run-dir default). hf: `model` (a loaded VideoLM; required when cfg.model is "policy") and
-    `visual` (its VisualInputs; default: no feature cache), else cfg.model is loaded from disk."""
+    run-dir default). hf: cfg.model names a saved model to load, or is "policy" (or empty): then the
+    judge is `model`, the loaded policy, with `visual` (its VisualInputs; default: no feature cache)."""
     path = cfg.cache or cache_path
     if path is None:
         raise JudgeError("no judgment cache file: set judge.cache (or pass the run's cache path)")
@@ -647,12 +647,12 @@ def build_judge(cfg: JudgeConfig, cache_path=None, model=None, visual=None, prog
     if cfg.backend == "openai":
         return OpenAIJudge(cfg, cache, progress)
     if cfg.backend == "hf":
-        if model is None:
-            if not cfg.model or cfg.model == "policy":
-                raise JudgeError("the hf judge needs judge.model (a saved model path), or the policy model passed in")
+        if cfg.model and cfg.model != "policy":  # a saved judge of its own, even where a policy is at hand
             from vlmalign.model.video_lm import load_model
 
-            model = load_model(cfg.model)
+            model, visual = load_model(cfg.model), None
+        elif model is None:
+            raise JudgeError("the hf judge needs judge.model (a saved model path), or the policy model passed in")
         if visual is None:
             from vlmalign.data.features import VisualInputs
 

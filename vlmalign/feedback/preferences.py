@@ -273,13 +273,14 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def make_preferences(
     cfg: PrefsConfig, model, visual: VisualInputs, questions: list[Question], out_dir: Path,
-    contexts: dict | None = None, judge_model=None, progress: bool = False,
+    contexts: dict | None = None, context_name: str | None = None, progress: bool = False,
 ) -> tuple[Path, dict]:
     """Sample, judge and pair for `questions`; write everything under `out_dir`; return (preferences, stats).
 
     `contexts` given: used as is (the iterative DPO loop computes them per its mode); otherwise built
-    per `cfg.context` and saved to contexts.json, which a re-run reuses. `judge_model` is the model
-    an `hf` judge with model "policy" uses.
+    per `cfg.context` and saved to contexts.json, which a re-run reuses; `context_name` says what given
+    contexts are (for stats.json; default `cfg.context.kind`). An `hf` judge with model
+    "policy" judges with `model`; one with a saved model's path loads that model.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     method = cfg.preferences.method
@@ -303,7 +304,7 @@ def make_preferences(
             contexts_path.write_text(json.dumps(contexts, indent=1, ensure_ascii=False), encoding="utf-8")
 
     cache = Path(cfg.judge.cache) if cfg.judge.cache else out_dir / "judge_cache.sqlite"
-    judge = build_judge(cfg.judge, cache, model=judge_model if judge_model is not None else model, visual=visual)
+    judge = build_judge(cfg.judge, cache, model=model, visual=visual)
     judgments = judge_candidates(judge, method, questions, samples, contexts)
     records, dropped = build_records(cfg, questions, samples, judgments, contexts, cfg.seed)
 
@@ -314,7 +315,7 @@ def make_preferences(
         **judge_stats(judgments),
         **length_stats(records),
         "judge": judge.id,
-        "context": cfg.context.kind,
+        "context": context_name or cfg.context.kind,
     }
     if cfg.preferences.oracle:
         from vlmalign.feedback.oracle import Oracle

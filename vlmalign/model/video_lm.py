@@ -232,7 +232,9 @@ def build_model(cfg: ModelConfig) -> VideoLM:
             vision=dataclasses.replace(start.cfg.vision, frozen=cfg.vision.frozen),
             init_from=None,
         )
-        base = {"checkpoint": str(Path(cfg.init_from).resolve())}
+        # a local start is recorded by its absolute path; a hub name (llava-hf) as it is
+        local = Path(cfg.init_from)
+        base = {"checkpoint": str(local.resolve()) if local.exists() else cfg.init_from}
         llm = _apply_lora(start_llm, arch) if cfg.lora.enabled else start_llm
         model = VideoLM(arch, start.vision, start.projector, llm, start.tokenizer, base)
         return _set_trainable(model)
@@ -298,9 +300,10 @@ def load_model(path: str | Path, trainable: bool = False, quantization: Quantiza
     elif "pretrained" in base:
         llm = _load_llm(base["pretrained"], llm_cfg)
     elif "checkpoint" in base:
-        if not Path(base["checkpoint"]).is_dir():
-            raise ConfigError(f"{path / MANIFEST}: base checkpoint {base['checkpoint']} no longer exists")
-        start = load_model(base["checkpoint"], quantization=quantization)
+        try:
+            start = load_model(base["checkpoint"], quantization=quantization)
+        except ConfigError as e:
+            raise ConfigError(f"{path / MANIFEST}: base checkpoint {base['checkpoint']} cannot be loaded: {e}") from None
         llm = start.llm.merge_and_unload() if start.uses_lora else start.llm
     else:
         raise ConfigError(f"{path / MANIFEST}: no LLM weights saved and no base recorded")

@@ -250,7 +250,8 @@ def run_iterative(cfg: DPOConfig) -> Path:
                 it_dir.mkdir(parents=True, exist_ok=True)
                 contexts_path.write_text(json.dumps(contexts, indent=1, ensure_ascii=False))
             prefs_cfg = _iteration_prefs_config(cfg, policy, it_dir)
-            prefs_path, stats = make_preferences(prefs_cfg, model, visual, questions, it_dir, contexts=contexts, progress=cfg.run.progress)
+            prefs_path, stats = make_preferences(prefs_cfg, model, visual, questions, it_dir, contexts=contexts,
+                                                 context_name=loop.context_mode, progress=cfg.run.progress)
             del model, visual
             pairs = read_preference_pairs(prefs_path, cfg.data.video_root)
             it_cfg = dataclasses.replace(
