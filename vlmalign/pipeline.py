@@ -208,6 +208,8 @@ class Pipeline:
             result[mode] = [{"iteration": s["iteration"], "pairs": s["pairs"], "length_ratio": s["length_ratio"],
                              "agreement": s.get("oracle_agreement", {}).get("agreement"), "eval": s["eval"]}
                             for s in summary]
+            # the loop evaluated every iteration on the QA file; the last one gets the full evaluation
+            result[mode][-1]["eval"] = self.evaluate(Path(summary[-1]["policy_out"]))
         return result
 
     def grpo_stage(self, sft_final: Path) -> dict:

@@ -64,7 +64,9 @@ def plot_pipeline(runs: list[dict], img_dir, run_dirs: list[Path] | None = None)
         stats = [_mean_std([100 * r[n][column] for r in rows if n in r and column in r[n]] or [0.0]) for n in names]
         xs = [i + (k - 0.5) * width for i in range(len(names))]
         ax.bar(xs, [m for m, _ in stats], width, yerr=[s for _, s in stats] if len(runs) > 1 else None, capsize=3, label=label)
-    ax.set_xticks(range(len(names)), [n.replace(" (", "\n(").replace(": ", ":\n") for n in names], fontsize=7)
+    short = [n.replace(" (start of every method)", "").replace(" context), iteration ", ", it. ").replace(": ", "\n")
+             for n in names]
+    ax.set_xticks(range(len(names)), short, fontsize=7, rotation=20, ha="right")
     ax.set_ylabel("held-out accuracy %")
     ax.set_title(f"Every method from one SFT start ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
     ax.legend(fontsize=8)
