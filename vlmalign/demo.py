@@ -1,6 +1,6 @@
 """`vlmalign demo`: the embedded default, every stage end to end on a laptop CPU.
 
-Measured: 4.0 minutes on two idle cores.
+Measured: 4.9 minutes on two idle cores (benchmark, SFT, every method, short-answer and multiple-choice evaluation).
 
 Writes the synthetic benchmark, trains the tiny video LLM with SFT, then from that one checkpoint
 runs each alignment method on a short budget (VLM-RLAIF RM + PPO, LLaVA-Hound DPO, one ISR-DPO
