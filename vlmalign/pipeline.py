@@ -252,16 +252,22 @@ def model_rows(results: dict) -> dict[str, dict[str, float]]:
     return evals
 
 
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value): the spread over seeds."""
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return mean, std
+
+
 def _cell(values: list[float | None], percent: bool = True, digits: int = 1) -> str:
     """One value, or the mean and sample standard deviation of one value per seed."""
     values = [v for v in values if v is not None]
     if not values:
         return "n/a"
     scale = 100 if percent else 1
-    mean = sum(values) / len(values)
+    mean, std = mean_std(values)
     if len(values) == 1:
         return f"{scale * mean:.{digits}f}"
-    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
     return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
 
 

@@ -40,15 +40,9 @@ def _pyplot():
     return plt
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-    return mean, std
-
-
 def plot_pipeline(runs: list[dict], img_dir, run_dirs: list[Path] | None = None) -> list[Path]:
     """Write the figures of one or several seeds' results (dicts of `run_pipeline`); return their paths."""
-    from vlmalign.pipeline import model_rows
+    from vlmalign.pipeline import mean_std, model_rows
 
     plt = _pyplot()
     img_dir = Path(img_dir)
@@ -61,7 +55,7 @@ def plot_pipeline(runs: list[dict], img_dir, run_dirs: list[Path] | None = None)
     fig, ax = plt.subplots(figsize=(9, 4.5))
     width = 0.4
     for k, (column, label) in enumerate((("all", "short answers (oracle)"), ("mcq", "multiple choice"))):
-        stats = [_mean_std([100 * r[n][column] for r in rows if n in r and column in r[n]] or [0.0]) for n in names]
+        stats = [mean_std([100 * r[n][column] for r in rows if n in r and column in r[n]] or [0.0]) for n in names]
         xs = [i + (k - 0.5) * width for i in range(len(names))]
         ax.bar(xs, [m for m, _ in stats], width, yerr=[s for _, s in stats] if len(runs) > 1 else None, capsize=3, label=label)
     short = [n.replace(" (start of every method)", "").replace(" context), iteration ", ", it. ").replace(": ", "\n")
@@ -83,7 +77,7 @@ def plot_pipeline(runs: list[dict], img_dir, run_dirs: list[Path] | None = None)
                 for i in range(len(iterations)):
                     values = [(100 * r["isr"][mode][i]["eval"]["all"]) if key == "accuracy" else r["isr"][mode][i]["length_ratio"]
                               for r in runs]
-                    stats.append(_mean_std([v for v in values if v is not None] or [float("nan")]))
+                    stats.append(mean_std([v for v in values if v is not None] or [float("nan")]))
                 ax.errorbar(iterations, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, label=mode)
         acc_ax.set(xlabel="iteration", ylabel="held-out accuracy %", title="ISR-DPO accuracy")
         ratio_ax.set(xlabel="iteration", ylabel="chosen / rejected words", title="length ratio of the pairs")
@@ -94,7 +88,7 @@ def plot_pipeline(runs: list[dict], img_dir, run_dirs: list[Path] | None = None)
     # judge agreement per context
     if all("judges" in r for r in runs):
         contexts = list(runs[0]["judges"])
-        stats = [_mean_std([100 * r["judges"][c]["agreement"] for r in runs if r["judges"][c]["agreement"] is not None] or [0.0])
+        stats = [mean_std([100 * r["judges"][c]["agreement"] for r in runs if r["judges"][c]["agreement"] is not None] or [0.0])
                  for c in contexts]
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.bar(contexts, [m for m, _ in stats], yerr=[s for _, s in stats] if len(runs) > 1 else None, capsize=3)
