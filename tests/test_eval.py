@@ -16,7 +16,7 @@ from tests.conftest import sft_overrides
 from tests.judge_server import FakeJudgeServer
 from vlmalign.cli import main
 from vlmalign.config import JudgeConfig, SFTConfig, load_config
-from vlmalign.errors import ConfigError, DataError, JudgeError
+from vlmalign.errors import ConfigError, DataError, JudgeError, VlmalignError
 from vlmalign.eval.common import Decoding, load_judge_config
 from vlmalign.eval.compare import compare_reports
 from vlmalign.eval.generative import evaluate_generative, prediction_sets, synthetic_sets
@@ -405,7 +405,7 @@ def criterion_reply(prompt):
 
 
 def test_generative_benchmark_five_criteria(tiny_model, tiny_bench, features, tmp_path):
-    with pytest.raises(JudgeError, match="oracle"):
+    with pytest.raises(JudgeError, match="judge.bench"):
         evaluate_generative(tmp_path, JudgeConfig(backend="oracle"), synthetic_sets(tiny_bench), model_dir=tiny_model)
     with ScriptedJudgeServer(criterion_reply) as server:
         cfg, _ = load_judge_config(str(_judge_file(tmp_path, server)))
@@ -438,6 +438,40 @@ def test_generative_benchmark_five_criteria(tiny_model, tiny_bench, features, tm
         report = evaluate_generative(tmp_path / "gen-preds", cfg, {"general": preds}, predictions=True, progress=False)
     assert set(report["results"]) == {"correctness", "detail", "context", "average"}
     assert "temporal | - | - | not evaluated" in report["table"]
+
+
+def test_generative_benchmark_with_the_oracle(tiny_model, tiny_bench, features, tmp_path, capsys):
+    """True descriptions score 5 on every criterion and "Nothing." 0, so each mean is hand-computed."""
+    gen = json.loads((tiny_bench / "generative_test.json").read_text())[0]
+    cons = json.loads((tiny_bench / "consistency_test.json").read_text())[0]
+    rows = [dict(gen, set=name, question_id=f"{name}-{i}", pred=pred) for name in ("general", "temporal")
+            for i, pred in enumerate((gen["A"], "Nothing."))] + [
+            dict(cons, set="consistency", pred1=cons["A"], pred2=cons["A"]),
+            dict(cons, set="consistency", question_id="again", pred1=cons["A"], pred2="Nothing.")]
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = JudgeConfig(backend="oracle", bench=str(tiny_bench))
+    report = evaluate_generative(tmp_path / "oracle", cfg, prediction_sets(preds), predictions=True, progress=False)
+    assert report["results"]["average"] == {"n": 5, "score": pytest.approx(2.5)}
+    for criterion in ("correctness", "detail", "context", "temporal", "consistency"):
+        assert report["results"][criterion] == {"n": 2, "judged": 2, "failed": 0, "parse_errors": 0,
+                                                "score": pytest.approx(2.5)}, criterion
+    assert report["judge"]["id"] == "oracle" and report["scores"] == "continuous (oracle)"
+    judged = [json.loads(line) for line in (tmp_path / "oracle" / "judgments.jsonl").read_text().splitlines()]
+    assert len(judged) == 10 and all(r["raw"] and r["judge"] == "oracle" for r in judged)
+
+    # A video the benchmark does not know is named with its set and item.
+    rows[1]["video_name"] = "vid_99999"  # general-1
+    preds.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(VlmalignError, match=r"general set, item 'general-1'.*vid_99999"):
+        evaluate_generative(tmp_path / "bad", cfg, prediction_sets(preds), predictions=True, progress=False)
+
+    # The command line: a synthetic benchmark folder is judged by its oracle unless --judge says otherwise.
+    assert main(["eval", "generative", "--model", str(tiny_model), "--data", str(tiny_bench), "--out",
+                 str(tmp_path / "cli"), "--max-new-tokens", "8", "--feature-cache", str(features)]) == 0
+    report = json.loads((tmp_path / "cli" / "report.json").read_text())
+    assert report["judge"]["backend"] == "oracle" and report["results"]["average"]["n"] == 5
+    assert f"| consistency | {report['results']['consistency']['n']} | " in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------- compare

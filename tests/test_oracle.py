@@ -7,7 +7,14 @@ import pytest
 
 from vlmalign.data import synthetic as syn
 from vlmalign.errors import DataError, VlmalignError
-from vlmalign.feedback.oracle import Oracle, OracleVerdict, extract_values
+from vlmalign.feedback.oracle import (
+    Oracle,
+    OracleVerdict,
+    consistency_score,
+    description_claims,
+    extract_values,
+    generative_scores,
+)
 
 DESCRIBE = "Describe what happens in the video."
 
@@ -152,6 +159,36 @@ def test_describe_scores(hand):
         v = hand.verdict("vid_00001", DESCRIBE, empty)
         assert (v.score, v.correct) == (1, False)
     assert hand.verdict("vid_00002", DESCRIBE, "A green triangle moves up.").score == 5
+
+
+def test_generative_criteria_hand_computed(hand):
+    """vid_00001's facts: 2 objects, 2 directions, the red square leaving, red before blue (6)."""
+    meta = hand.metadata("vid_00001")
+    answer = "A red square moves left and disappears. Then a blue circle moves up. A green cross moves right."
+    red, blue, cross = ("red", "square"), ("blue", "circle"), ("green", "cross")
+    assert description_claims(meta, answer) == {
+        ("object", red): True, ("direction", red, "left"): True, ("disappears", red): True,
+        ("object", blue): True, ("direction", blue, "up"): False,
+        ("object", cross): False, ("direction", cross, "right"): False, ("before", red, blue): True}
+    scores = generative_scores(meta, answer)
+    assert scores["correctness"] == pytest.approx(5 * 5 / 8)  # 5 of its 8 claims are true
+    assert scores["detail"] == pytest.approx(5 * 5 / 6)  # all facts but the blue circle's direction
+    assert scores["context"] == pytest.approx(5 * 2 / 3)  # {red, blue} of {red, blue, cross}
+    assert scores["temporal"] == pytest.approx(5 * 3 / 4)  # directions 1/2, leaving 1/1, order 1/1
+    other = "A red square moves left. A blue circle moves down."
+    # 9 distinct claims (other adds the blue circle moving down); both make 4 true ones: the two
+    # objects, the red square's direction and the order
+    assert consistency_score(meta, answer, other) == pytest.approx(5 * 4 / 9)
+    assert consistency_score(meta, other, other) == 5
+    assert consistency_score(meta, "Nothing happens.", "Nothing.") == 0
+    assert generative_scores(meta, "Nothing happens.") == {"correctness": 0, "detail": 0, "context": 0, "temporal": 0}
+
+
+def test_true_descriptions_score_5_on_every_criterion(bench, oracle):
+    for r in _records(bench, "generative_test.json"):
+        meta = oracle.metadata(r["video_name"])
+        assert generative_scores(meta, r["A"]) == {c: 5 for c in ("correctness", "detail", "context", "temporal")}, r
+        assert consistency_score(meta, r["A"], syn.describe(meta)) == 5
 
 
 def test_rank_and_compare(hand):

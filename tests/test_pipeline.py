@@ -22,6 +22,9 @@ def test_every_stage_runs_from_one_sft_start_and_reports(tmp_path):
     assert set(results["grpo"]) == {"grpo_rank", "grpo"}
     assert json.loads((tmp_path / "out" / "results.json").read_text())["budget"]["videos"] == 12
     assert 0.0 <= results["sft_eval"]["mcq"] <= 1.0 and "multiple choice" in table
+    generative = results["dpo"]["eval"]["generative"]
+    assert set(generative) == {"correctness", "detail", "context", "temporal", "consistency", "average"}
+    assert 0.0 <= generative["average"] <= 5.0 and "Generative benchmark" in table
     for name in ("accuracy", "isr_iterations", "training_curves"):
         assert (tmp_path / "out" / "img" / f"{name}.png").stat().st_size > 5000, name
     # a second run reuses everything: no stage trains again
@@ -30,7 +33,9 @@ def test_every_stage_runs_from_one_sft_start_and_reports(tmp_path):
 
 
 def _result(seed, sft_all, dpo_all, ratio):
-    ev = lambda a: {"colour": a, "count": a, "direction": a, "shape": a, "all": a, "mcq": a / 2}  # noqa: E731
+    ev = lambda a: {"colour": a, "count": a, "direction": a, "shape": a, "all": a, "mcq": a / 2,  # noqa: E731
+                    "generative": {"correctness": 10 * a, "detail": 5 * a, "context": 5 * a, "temporal": 5 * a,
+                                   "consistency": 5 * a, "average": 6 * a}}
     return {"budget": {"seed": seed}, "sft_eval": ev(sft_all), "dpo": {"eval": ev(dpo_all)},
             "isr": {"retrospective": [{"iteration": 1, "pairs": 10, "length_ratio": ratio, "agreement": None, "eval": ev(dpo_all)}]},
             "minutes": 1.0}
@@ -42,6 +47,8 @@ def test_seed_table_reports_mean_and_sample_standard_deviation(tmp_path):
     # SFT: mean 50.0, sample std sqrt(((-10)^2 + 0 + 10^2) / 2) = 10.0; MCQ is half of it
     assert "| SFT (start of every method) | 50.0 ± 10.0 | 50.0 ± 10.0 | 50.0 ± 10.0 | 50.0 ± 10.0 | 50.0 ± 10.0 | 25.0 ± 5.0 |" in table
     assert "| LLaVA-Hound: DPO | 50.0 ± 10.0 |" in table
+    # generative scores are not percentages: correctness 10 x (0.4, 0.5, 0.6) = 5.00 ± 1.00
+    assert "| SFT (start of every method) | 5.00 ± 1.00 | 2.50 ± 0.50 | 2.50 ± 0.50 | 2.50 ± 0.50 | 2.50 ± 0.50 | 3.00 ± 0.60 |" in table
     assert "| retrospective | 1 | 10 ± 0 | 1.20 ± 0.20 | n/a | 50.0 ± 10.0 |" in table
     assert "±" not in format_results(runs[:1])
     written = plot_pipeline(runs, tmp_path / "img")

@@ -87,25 +87,33 @@ class Pipeline:
         return {f"{prefix}judge__backend": "oracle", f"{prefix}judge__bench": self.bench}
 
     def evaluate(self, model_dir: Path) -> dict:
-        """Held-out accuracy per question type (short answers, oracle-judged) and `mcq`, the accuracy
-        on the multiple-choice file (letters read from the reply, or the option it names)."""
+        """Held-out accuracy per question type (short answers, oracle-judged), `mcq`, the accuracy on
+        the multiple-choice file (letters read from the reply, or the option it names), and
+        `generative`, the five criteria of the generative benchmark (0-5, oracle-scored) and their average."""
+        from vlmalign.config import JudgeConfig
         from vlmalign.eval.common import Decoding
+        from vlmalign.eval.generative import evaluate_generative, synthetic_sets
         from vlmalign.eval.mcq import evaluate_mcq
 
+        limit, cache = self.budget.eval_limit, self.feature_cache
+        runs = {
+            "eval": lambda out: evaluate_synthetic(model_dir, self.bench, out, qa_file="qa_test.json", limit=limit,
+                                                   feature_cache=cache, progress=False),
+            "eval-mcq": lambda out: evaluate_mcq("synthetic-mcq", out, data=self.bench / "mcq_test.json", model_dir=model_dir,
+                                                 decoding=Decoding(max_new_tokens=16, batch_size=16), limit=limit,
+                                                 feature_cache=cache, progress=False),
+            # the benchmark's descriptions are at most ~45 tokens long
+            "eval-generative": lambda out: evaluate_generative(
+                out, JudgeConfig(backend="oracle", bench=str(self.bench)), synthetic_sets(self.bench), model_dir=model_dir,
+                decoding=Decoding(max_new_tokens=64, batch_size=16), limit=limit, feature_cache=cache, progress=False),
+        }
         reports = {}
-        for name in ("eval", "eval-mcq"):
+        for name, run in runs.items():
             path = model_dir.parent / name / "report.json"
-            if path.is_file():
-                reports[name] = json.loads(path.read_text())
-            elif name == "eval":
-                reports[name] = evaluate_synthetic(model_dir, self.bench, path.parent, qa_file="qa_test.json",
-                                                   limit=self.budget.eval_limit, feature_cache=self.feature_cache, progress=False)
-            else:
-                reports[name] = evaluate_mcq("synthetic-mcq", path.parent, data=self.bench / "mcq_test.json", model_dir=model_dir,
-                                             decoding=Decoding(max_new_tokens=16, batch_size=16), limit=self.budget.eval_limit,
-                                             feature_cache=self.feature_cache, progress=False)
+            reports[name] = json.loads(path.read_text()) if path.is_file() else run(path.parent)
         accuracy = {qtype: row["accuracy"] for qtype, row in reports["eval"]["results"].items()}
         accuracy["mcq"] = reports["eval-mcq"]["results"]["all"]["accuracy"]
+        accuracy["generative"] = {name: row["score"] for name, row in reports["eval-generative"]["results"].items()}
         return accuracy
 
     # --- stages --------------------------------------------------------------------------------
@@ -233,6 +241,7 @@ class Pipeline:
 
 COLUMNS = (*QTYPES, "mcq")
 HEADER = "| model | colour | count | direction | shape | all | multiple choice |"
+CRITERIA = ("correctness", "detail", "context", "temporal", "consistency", "average")
 
 
 def model_rows(results: dict) -> dict[str, dict[str, float]]:
@@ -279,6 +288,12 @@ def format_results(runs: list[dict]) -> str:
     for name in per_seed[0]:
         cells = [_cell([rows.get(name, {}).get(c) for rows in per_seed]) for c in COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if any("generative" in evals for rows in per_seed for evals in rows.values()):
+        lines += ["", "Generative benchmark (descriptions of the held-out videos, five criteria scored 0-5 by the oracle):", "",
+                  "| model | " + " | ".join(CRITERIA) + " |", "|---|" + "---|" * len(CRITERIA)]
+        for name in per_seed[0]:
+            cells = [_cell([rows.get(name, {}).get("generative", {}).get(c) for rows in per_seed], False, 2) for c in CRITERIA]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if "judges" in first:
         lines += ["", "Judge agreement with the oracle (pairwise, held-out questions, pairs the oracle scores differently):", "",
                   "| context | agreement % | pairs | parse errors |", "|---|---|---|---|"]

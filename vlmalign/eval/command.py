@@ -60,7 +60,8 @@ def _summary(report: dict, out: Path) -> str:
     lines = [report["table"], ""]
     j, judge = report.get("judging"), report.get("judge")
     if judge and judge["backend"] == "oracle":
-        lines.append(f"judged by the oracle (the benchmark's ground truth): {j['items']} items")
+        lines.append(f"judged by the oracle (the benchmark's ground truth): {j.get('items', j.get('judgments'))} "
+                     f"{'items' if 'items' in j else 'judgments'}")
     elif j:
         lines.append(f"judge {judge['id']}: {j['cached']} judgments from the cache, {j['sent']} prompts sent, "
                      f"{j['failed']} failed, {j['parse_errors']} unparseable (excluded from the numbers)")
@@ -101,10 +102,11 @@ def _generative(args) -> dict:
     from vlmalign.eval.generative import evaluate_generative, prediction_sets, synthetic_sets
 
     _source_checks(args)
+    bench = None
     if args.predictions:
         sets = prediction_sets(args.predictions)
     elif Path(args.data).is_dir():
-        sets = synthetic_sets(args.data)
+        sets, bench = synthetic_sets(args.data), Path(args.data)
     else:
         sets = {"general": args.data}
     for name in ("temporal", "consistency"):
@@ -113,7 +115,9 @@ def _generative(args) -> dict:
             if not Path(path).is_file():
                 raise VlmalignError(f"--{name}: {path}: file not found")
             sets[name] = path
-    cfg, judge_file = _judge(args, None)
+    cfg, judge_file = _judge(args, "oracle" if bench is not None else None)
+    if cfg.backend == "oracle" and cfg.bench is None and bench is not None:
+        cfg.bench = str(bench)
     return evaluate_generative(_out(args), cfg, sets, judge_file=judge_file, predictions=bool(args.predictions),
                                videos=args.videos, model_dir=args.model, decoding=_decoding(args, 512), limit=args.limit,
                                feature_cache=args.feature_cache, float_scores=args.float_scores)

@@ -17,7 +17,16 @@ evaluated criteria. With `predictions`, the set files hold the model's answers (
 `pred2` for consistency, the Video-ChatGPT prediction layout) and nothing is generated; a file whose
 records carry a `set` field (the predictions.jsonl written here) holds several sets at once.
 
-The oracle judge has no notion of these criteria, so it is refused: use an LLM judge.
+On the synthetic benchmark the `oracle` judge scores the criteria from the ground truth instead of a
+prompt (`vlmalign.feedback.oracle`), on a continuous 0-5 scale. A description makes claims (each
+object it names, each direction and disappearance it gives an object, the order in which it names two
+objects that appear at different frames); the video has facts (each object, its direction, its
+disappearance if it leaves early, the order of appearance of each pair):
+- correctness: 5 x the share of the answer's claims that are true (no claim: 0);
+- detail: 5 x the share of the video's facts the answer states;
+- context: 5 x |objects named and present| / |objects named or present| (the scene, nothing invented);
+- temporal: 5 x the share of the motion and order facts (directions, disappearances, order) stated;
+- consistency: 5 x the true claims both answers make / all claims either makes.
 """
 
 from __future__ import annotations
@@ -188,6 +197,36 @@ def _judge(items_by_set: dict[str, list[GenItem]], cfg: JudgeConfig, cache_path,
     return records, judge, prompt_ids
 
 
+def _oracle_judgments(items_by_set: dict[str, list[GenItem]], bench) -> list[dict]:
+    """One record per (item, criterion), scored from the benchmark's ground truth (module doc)."""
+    from vlmalign.feedback.oracle import Oracle, consistency_score, description_claims, describe_facts, generative_scores
+
+    oracle, now, records = Oracle.from_dir(bench), utc_now(), []
+
+    def record(criterion, it, score, reason):
+        records.append({"criterion": criterion, "set": it.set, "id": it.key, "status": "ok", "score": score,
+                        "raw": reason, "judge": "oracle", "prompt": "oracle.generative", "model": "oracle",
+                        "date": now, "cached": False, "error": None})
+
+    def reason(meta, answer) -> str:
+        claims, facts = description_claims(meta, answer), describe_facts(meta, answer)
+        return (f"{sum(claims.values())}/{len(claims)} claims true, {facts['stated']}/{facts['total']} facts stated"
+                + ("; missing: " + ", ".join(facts["missing"]) if facts["missing"] else ""))
+
+    for criterion, set_name in CRITERIA.items():
+        for it in items_by_set.get(set_name, []):
+            try:
+                meta = oracle.metadata(it.video)
+            except VlmalignError as e:
+                raise VlmalignError(f"{set_name} set, item {it.key!r}: {e}") from None
+            if criterion == "consistency":
+                record(criterion, it, consistency_score(meta, it.pred, it.pred2),
+                       f"answer 1: {reason(meta, it.pred)} | answer 2: {reason(meta, it.pred2)}")
+            else:
+                record(criterion, it, generative_scores(meta, it.pred)[criterion], reason(meta, it.pred))
+    return records
+
+
 def _results(records: list[dict]) -> dict:
     results = {}
     for criterion in CRITERIA:
@@ -231,8 +270,8 @@ def evaluate_generative(
     unknown = sorted(set(sets) - set(SETS))
     if unknown or not sets:
         raise VlmalignError(f"eval {benchmark}: question sets are {', '.join(SETS)}; got {', '.join(unknown) or 'none'}")
-    if judge_cfg.backend == "oracle":
-        raise JudgeError("the oracle judge cannot score the generative criteria; use an openai or hf judge config")
+    if judge_cfg.backend == "oracle" and not judge_cfg.bench:
+        raise JudgeError("the oracle judge needs judge.bench, the synthetic benchmark folder (--set judge.bench=DIR)")
     if predictions == (model_dir is not None):
         raise VlmalignError(f"eval {benchmark}: give either a model with question files, or prediction files")
     read = read_generative_predictions if predictions else _read_questions
@@ -250,10 +289,15 @@ def evaluate_generative(
         if model_dir is None:
             raise JudgeError("judge.model 'policy' judges with the evaluated model, but prediction files have none")
         judge_cfg = replace(judge_cfg, model=str(model_dir))
-    records, judge, prompt_ids = _judge(items_by_set, judge_cfg, out_dir / "judge_cache.sqlite", float_scores, progress)
+    if judge_cfg.backend == "oracle":
+        records, judge_id, prompt_ids, sent, endpoint = _oracle_judgments(items_by_set, judge_cfg.bench), "oracle", \
+            ["oracle.generative"], 0, None
+    else:
+        records, judge, prompt_ids = _judge(items_by_set, judge_cfg, out_dir / "judge_cache.sqlite", float_scores, progress)
+        judge_id, sent, endpoint = judge.id, judge.stats()["calls"], getattr(judge, "endpoint", None)
     results = _results(records)
-    summary = judge_summary(judge_cfg, judge.id, judge_file, records, prompt_ids, getattr(judge, "endpoint", None))
-    judging = {"judgments": len(records), "cached": sum(r["cached"] for r in records), "sent": judge.stats()["calls"],
+    summary = judge_summary(judge_cfg, judge_id, judge_file, records, prompt_ids, endpoint)
+    judging = {"judgments": len(records), "cached": sum(r["cached"] for r in records), "sent": sent,
                "failed": sum(r["status"] == "failed" for r in records),
                "parse_errors": sum(r["status"] == "parse_error" for r in records)}
     report = {
@@ -264,7 +308,7 @@ def evaluate_generative(
         "data": {name: str(path) for name, path in sets.items()},
         "judge": summary,
         "generation": decoding_summary(decoding, gen_stats),
-        "scores": "float" if float_scores else "integer part",
+        "scores": "continuous (oracle)" if judge_cfg.backend == "oracle" else "float" if float_scores else "integer part",
         "judging": judging,
         "results": results,
         "table": _table(results),

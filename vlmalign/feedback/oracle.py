@@ -60,7 +60,8 @@ from pathlib import Path
 from vlmalign.data import synthetic as syn
 from vlmalign.errors import DataError, VlmalignError
 
-__all__ = ["Oracle", "OracleVerdict", "extract_values", "describe_facts"]
+__all__ = ["Oracle", "OracleVerdict", "extract_values", "describe_facts", "description_claims", "generative_scores",
+           "consistency_score"]
 
 
 @dataclass
@@ -260,8 +261,16 @@ def _sentence_bounds(text: str) -> list[tuple[int, int]]:
     return bounds
 
 
-def describe_facts(meta: dict, answer: str) -> dict:
-    """Facts of the video an answer states and the errors it makes (see module doc)."""
+@dataclass
+class _Description:
+    """What a free-text description says: the objects it names (colour, shape) with the position of
+    their first mention, the directions and the leaving attributed to each."""
+    first: dict  # (colour, shape) -> position of the first mention
+    directions: dict  # (colour, shape) -> set of directions
+    exits: set  # (colour, shape) said to disappear
+
+
+def _read_description(answer: str) -> _Description:
     text = _normalise(answer)
     sentences = _sentence_bounds(text)
 
@@ -300,31 +309,34 @@ def describe_facts(meta: dict, answer: str) -> dict:
             key = owner(m.start())
             if key is not None:
                 exits.add(key)
-
     first = {}
     for pos, key, _ in mentions:
         first.setdefault(key, pos)
+    return _Description(first, directions, exits)
+
+
+def describe_facts(meta: dict, answer: str) -> dict:
+    """Facts of the video an answer states and the errors it makes (see module doc)."""
+    said = _read_description(answer)
+    first, directions, exits = said.first, said.directions, said.exits
     objects = meta["objects"]
     truth = {(o["colour"], o["shape"]): o for o in objects}
-    stated, missing, errors = 0, [], []
-    total = 0
+    by_kind = {kind: [0, 0] for kind in ("object", "direction", "disappears", "order")}  # [stated, total]
+    missing, errors = [], []
+
+    def fact(kind: str, holds: bool, description: str) -> None:
+        by_kind[kind][1] += 1
+        if holds:
+            by_kind[kind][0] += 1
+        else:
+            missing.append(description)
+
     for key, o in truth.items():
         name = f"{key[0]} {key[1]}"
-        total += 2
-        if key in first:
-            stated += 1
-        else:
-            missing.append(name)
-        if directions.get(key) == {o["direction"]}:
-            stated += 1
-        else:
-            missing.append(f"direction of the {name}")
+        fact("object", key in first, name)
+        fact("direction", directions.get(key) == {o["direction"]}, f"direction of the {name}")
         if o["end_frame"] < meta["num_frames"]:
-            total += 1
-            if key in exits:
-                stated += 1
-            else:
-                missing.append(f"that the {name} disappears")
+            fact("disappears", key in exits, f"that the {name} disappears")
         elif key in exits:
             errors.append(f"the {name} does not disappear")
     for i, a in enumerate(objects):
@@ -333,14 +345,59 @@ def describe_facts(meta: dict, answer: str) -> dict:
                 continue
             early, late = (a, b) if a["start_frame"] < b["start_frame"] else (b, a)
             ke, kl = (early["colour"], early["shape"]), (late["colour"], late["shape"])
-            total += 1
-            if ke in first and kl in first and first[ke] < first[kl]:
-                stated += 1
-            else:
-                missing.append(f"the {ke[0]} {ke[1]} appears before the {kl[0]} {kl[1]}")
-    invented = sorted({key for _, key, _ in mentions if key not in truth})
+            fact("order", ke in first and kl in first and first[ke] < first[kl],
+                 f"the {ke[0]} {ke[1]} appears before the {kl[0]} {kl[1]}")
+    invented = sorted(key for key in first if key not in truth)
     errors += [f"no {c} {s} in the video" for c, s in invented]
-    return {"stated": stated, "total": total, "missing": missing, "errors": errors}
+    return {"stated": sum(n for n, _ in by_kind.values()), "total": sum(n for _, n in by_kind.values()),
+            "by_kind": {kind: tuple(counts) for kind, counts in by_kind.items()}, "missing": missing, "errors": errors}
+
+
+def description_claims(meta: dict, answer: str) -> dict[tuple, bool]:
+    """Every claim a description makes, and whether the video bears it out: `("object", key)` for
+    each object named, `("direction", key, d)` for each direction given to it, `("disappears", key)`,
+    and `("before", k1, k2)` when two objects of the video that appear at different frames are named
+    in that order (key: (colour, shape))."""
+    said = _read_description(answer)
+    truth = {(o["colour"], o["shape"]): o for o in meta["objects"]}
+    claims = {}
+    for key in said.first:
+        claims[("object", key)] = key in truth
+        for d in sorted(said.directions.get(key, ())):
+            claims[("direction", key, d)] = key in truth and truth[key]["direction"] == d
+        if key in said.exits:
+            claims[("disappears", key)] = key in truth and truth[key]["end_frame"] < meta["num_frames"]
+    named = sorted((pos, key) for key, pos in said.first.items() if key in truth)
+    for i, (_, a) in enumerate(named):
+        for _, b in named[i + 1:]:
+            if truth[a]["start_frame"] != truth[b]["start_frame"]:
+                claims[("before", a, b)] = truth[a]["start_frame"] < truth[b]["start_frame"]
+    return claims
+
+
+def generative_scores(meta: dict, answer: str) -> dict[str, float]:
+    """The four single-answer criteria of the generative benchmark, 0-5, from the ground truth
+    (the module doc of `vlmalign.eval.generative` defines them)."""
+    claims = description_claims(meta, answer)
+    facts = describe_facts(meta, answer)
+    truth = {(o["colour"], o["shape"]) for o in meta["objects"]}
+    named = {claim[1] for claim in claims if claim[0] == "object"}
+    temporal = [facts["by_kind"][kind] for kind in ("direction", "disappears", "order")]
+    return {
+        "correctness": 5 * sum(claims.values()) / len(claims) if claims else 0.0,
+        "detail": 5 * facts["stated"] / facts["total"],
+        "context": 5 * len(named & truth) / len(named | truth),
+        "temporal": 5 * sum(s for s, _ in temporal) / sum(t for _, t in temporal),
+    }
+
+
+def consistency_score(meta: dict, answer1: str, answer2: str) -> float:
+    """0-5: the true claims both answers make, over every claim either makes; two answers that
+    claim nothing score 0."""
+    c1, c2 = description_claims(meta, answer1), description_claims(meta, answer2)
+    union = c1.keys() | c2.keys()
+    shared_true = {claim for claim in c1.keys() & c2.keys() if c1[claim]}
+    return 5 * len(shared_true) / len(union) if union else 0.0
 
 
 def _describe_score(fraction: float) -> int:
