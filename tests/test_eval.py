@@ -339,7 +339,7 @@ def test_judge_config_errors_name_the_file_and_key(tmp_path, capsys):
         return err[0]
 
     assert "needs --judge" in one_error(["eval", "msvd-qa", "--predictions", str(FIXTURE)])
-    assert "not implemented yet" in one_error(["eval", "retrieval"])
+    assert "CLIP-score needs no judge" in one_error(["eval", "retrieval", "--predictions", str(FIXTURE), "--judge", "x"])
     assert "drop --model" in one_error(["eval", "msvd-qa", "--predictions", str(FIXTURE), "--model", "m",
                                         "--judge", "oracle"])
     assert "judge.bench" in one_error(["eval", "msvd-qa", "--predictions", str(FIXTURE), "--judge", "oracle",

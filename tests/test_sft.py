@@ -105,9 +105,9 @@ def test_help_lists_every_subcommand():
     assert "--iterations" in run_cli("dpo", "--help").stdout
 
 
-def test_unimplemented_stage_says_so_and_fails():
+def test_missing_input_is_one_error_line_and_no_output():
     res = run_cli("eval", "retrieval", "--model", "x")
-    assert res.returncode == 2 and "not implemented yet" in res.stderr and not res.stdout
+    assert res.returncode == 2 and "--model needs --data" in res.stderr and not res.stdout
 
 
 def _one_line_error(result, *needles):

@@ -100,13 +100,30 @@ def test_manifest_counts_match_files(bench):
         records = _load(bench, name)
         assert info["records"] == len(records), name
         if "question_types" in info:
-            key = "task_type" if name == "mcq_test.json" else "question_type"
+            key = {"mcq_test.json": "task_type", "action_test.json": "label"}.get(name, "question_type")
             assert info["question_types"] == dict(Counter(r[key] for r in records)), name
     assert manifest["files"]["sft_mix.json"]["records"] == (
         manifest["files"]["sft_easy.json"]["records"] + manifest["files"]["sft_hard.json"]["records"])
     mix, parts = _load(bench, "sft_mix.json"), _load(bench, "sft_easy.json") + _load(bench, "sft_hard.json")
     assert sorted(r["id"] for r in mix) == sorted(r["id"] for r in parts)
     assert [r["id"] for r in mix] != [r["id"] for r in parts]  # shuffled
+
+
+def test_action_labels_and_retrieval_captions_are_the_ground_truth(bench):
+    metas = {m["id"]: m for m in _metas(bench)}
+    test_videos = {m["video"] for m in metas.values() if m["split"] == "test"}
+    captions = _load(bench, "captions.json")
+    retrieval = _load(bench, "retrieval_test.json")
+    assert {r["video_name"] for r in retrieval} == test_videos
+    for r in retrieval:
+        assert r["caption"] == captions[Path(r["video_name"]).stem]["caption"]
+    single = {m["video"] for m in metas.values()
+              if m["split"] == "test" and len({o["direction"] for o in m["objects"]}) == 1}
+    action = _load(bench, "action_test.json")
+    assert {r["video_name"] for r in action} == single
+    for r in action:
+        assert all(r["label"] == f"objects moving {o['direction']}" for o in metas[Path(r["video_name"]).stem]["objects"])
+    assert (bench[0] / "action_classes.txt").read_text().split("\n")[:4] == [f"objects moving {d}" for d in syn.DIRECTIONS]
 
 
 def test_files_load_with_the_format_readers(bench):

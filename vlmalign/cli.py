@@ -19,7 +19,6 @@ from vlmalign.errors import VlmalignError
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 # Commands that later work will implement; each exits non-zero instead of pretending.
-PENDING: dict[str, str] = {}
 EVAL_BENCHMARKS = ["synthetic", "msvd-qa", "msrvtt-qa", "tgif-qa", "activitynet-qa", "generative", "video-mme", "retrieval", "action"]
 
 
@@ -72,10 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ppo", help="optimise a policy with PPO against a reward model")
     _add_config_args(p)
 
-    for name, text in PENDING.items():
-        p = sub.add_parser(name, help=f"{text} (not implemented yet)")
-        _add_config_args(p)
-
     p = sub.add_parser("eval", help="evaluate a model (or existing predictions) on a benchmark, or compare reports")
     p.add_argument("benchmark", choices=[*EVAL_BENCHMARKS, "compare"])
     p.add_argument("reports", nargs="*", help="compare: report.json files or eval folders to put side by side")
@@ -94,12 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: eval-BENCHMARK beside --model or --predictions; "
                                  "compare: compare/ in the reports' common folder)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default 64; 512 for generative")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default 64; 512 for generative, 128 for retrieval and action")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampled (recorded)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="seed of sampled decoding")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions (of each set)")
     p.add_argument("--feature-cache", default=None, help="folder for cached video features")
+    p.add_argument("--text-encoder", metavar="CLIP", help="retrieval / action: the CLIP checkpoint whose text tower "
+                                                           "scores (default: the one the model's vision tower came from)")
+    p.add_argument("--classes", help="action: class names, one per line (default: the labels in --data)")
+    p.add_argument("--class-template", default="a video of {}.", help="action: how a class name is written for CLIP")
     p.add_argument("--float-scores", action="store_true",
                    help="keep judge scores as given (default: their integer part, as the published protocol)")
 
@@ -297,9 +297,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "launch", None):
             return _relaunch(args, argv)
-        if args.command in PENDING:
-            print(f"vlmalign {args.command}: not implemented yet ({PENDING[args.command]})", file=sys.stderr)
-            return 2
         return COMMANDS[args.command](args)
     except VlmalignError as exc:
         print(f"error: {exc}", file=sys.stderr)

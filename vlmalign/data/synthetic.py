@@ -17,10 +17,13 @@ object asked about is unambiguous); hard, long answer: `describe` (the events in
     sft_easy.json  sft_hard.json  sft_mix.json  judge_train.json     (train split, LLaVA format)
     qa_val.json  qa_test.json                                        (Video-ChatGPT zero-shot QA)
     mcq_test.json  generative_test.json  consistency_test.json       (test split)
+    retrieval_test.json  action_test.json  action_classes.txt       (test split)
 
 - sft_*: one single-turn record per question, with `question_type`; qa_*: easy types only, with
   `question_type`; mcq_test: the easy questions with four options, correct letters balanced;
   generative_test / consistency_test: describe questions (Q2 a paraphrase of Q1);
+- retrieval_test: each test video's detailed caption; action_test: the test videos whose objects all
+  move one way, labelled with the motion class ("objects moving left", ...: action_classes.txt);
 - judge_train: per train video two `compare` examples (the true answer against one with a wrong
   attribute, or a flawed description, in random order; reply "A" or "B") and two `score` examples
   (a right, wrong or hedging short answer and a true or flawed description; reply "Score: N" with
@@ -55,7 +58,7 @@ import numpy as np
 
 from vlmalign.errors import VlmalignError
 
-GENERATOR_VERSION = "1.1"  # 1.1: videos encoded deterministically (x264 mbtree off)
+GENERATOR_VERSION = "1.2"  # 1.1: videos encoded deterministically (x264 mbtree off); 1.2: retrieval and action files
 
 # ------------------------------------------------------------------------------------- vocabulary
 
@@ -70,6 +73,7 @@ DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down")
 EASY_TYPES: tuple[str, ...] = ("colour", "shape", "count", "direction")
 HARD_TYPES: tuple[str, ...] = ("describe",)
 QUESTION_TYPES: tuple[str, ...] = EASY_TYPES + HARD_TYPES
+ACTION_CLASS = "objects moving {}"  # the action classes of action_test.json, one per direction
 NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
 # The one table of question wordings: the generator samples from it and `parse_question` inverts
@@ -609,7 +613,7 @@ def generate_benchmark(out_dir, num_videos: int = 600, seed: int = 0, num_frames
 
     compare_p, score_p = prompts.load_prompt("judge.compare"), prompts.load_prompt("judge.score")
     sft_easy, sft_hard, qa = [], [], {"val": [], "test": []}
-    judge, mcq, generative, consistency = [], [], [], []
+    judge, mcq, generative, consistency, retrieval, action = [], [], [], [], [], []
     for meta in metas:
         vid, video, split = meta["id"], meta["video"], meta["split"]
         rng = np.random.default_rng([seed, 3, int(vid[4:])])
@@ -636,6 +640,10 @@ def generate_benchmark(out_dir, num_videos: int = 600, seed: int = 0, num_frames
             consistency.append({"video_name": video, "question_id": f"{vid}_cons",
                                 "Q1": question_text("describe", int(t1)), "Q2": question_text("describe", int(t2)),
                                 "A": d["answer"], "question_type": "describe"})
+            retrieval.append({"video_name": video, "caption": captions[vid]["caption"]})
+            directions = {o["direction"] for o in meta["objects"]}
+            if len(directions) == 1:
+                action.append({"video_name": video, "label": ACTION_CLASS.format(directions.pop())})
 
     # Balance the correct letters of the multiple-choice test (A, B, C, D in turn, shuffled order).
     letter_rng = np.random.default_rng([seed, 4])
@@ -655,16 +663,18 @@ def generate_benchmark(out_dir, num_videos: int = 600, seed: int = 0, num_frames
         "sft_easy.json": sft_easy, "sft_hard.json": sft_hard, "sft_mix.json": sft_mix,
         "judge_train.json": judge, "qa_val.json": qa["val"], "qa_test.json": qa["test"],
         "mcq_test.json": mcq, "generative_test.json": generative, "consistency_test.json": consistency,
+        "retrieval_test.json": retrieval, "action_test.json": action,
     }
     for name, records in files.items():
         _dump(out / name, records)
+    (out / "action_classes.txt").write_text("".join(ACTION_CLASS.format(d) + "\n" for d in DIRECTIONS))
     _dump(out / "captions.json", captions)
     with open(out / ".metadata.jsonl.tmp", "w", encoding="utf-8") as fh:
         for meta in metas:
             fh.write(json.dumps(meta, ensure_ascii=False, separators=(",", ":")) + "\n")
     os.replace(out / ".metadata.jsonl.tmp", out / "metadata.jsonl")
 
-    type_key = {"mcq_test.json": "task_type"}
+    type_key = {"mcq_test.json": "task_type", "action_test.json": "label", "retrieval_test.json": None}
     manifest = {
         "generator": "vlmalign.data.synthetic",
         "version": GENERATOR_VERSION,
@@ -673,8 +683,8 @@ def generate_benchmark(out_dir, num_videos: int = 600, seed: int = 0, num_frames
                        "splits": [float(x) for x in splits], "fps": fps, "clip_counts": clip_counts},
         "videos": {"train": n_train, "val": n_val, "test": n_test},
         "files": {
-            name: {"records": len(records),
-                   "question_types": _count_types(records, type_key.get(name, "question_type"))}
+            name: {"records": len(records)} | ({"question_types": _count_types(records, type_key.get(name, "question_type"))}
+                                               if type_key.get(name, "question_type") else {})
             for name, records in files.items()
         } | {"captions.json": {"records": len(captions)}, "metadata.jsonl": {"records": len(metas)}},
         "prompts": {p.name: p.version for p in (compare_p, score_p, prompts.load_prompt("judge.context_block"))},

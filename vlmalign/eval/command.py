@@ -3,6 +3,7 @@
     synthetic | msvd-qa | msrvtt-qa | tgif-qa | activitynet-qa   zero-shot QA, judged (vlmalign.eval.qa)
     video-mme                                                      multiple choice, no judge (vlmalign.eval.mcq)
     generative                                                     five criteria, judged (vlmalign.eval.generative)
+    retrieval | action                                             CLIP-score, no judge (vlmalign.eval.retrieval)
     compare REPORT ...                                             reports side by side (vlmalign.eval.compare)
 """
 
@@ -15,7 +16,6 @@ from vlmalign.errors import VlmalignError
 from vlmalign.eval.common import Decoding, load_judge_config
 
 QA_BENCHMARKS = ("synthetic", "msvd-qa", "msrvtt-qa", "tgif-qa", "activitynet-qa")
-NOT_YET = ("retrieval", "action")
 
 
 def _decoding(args, default_tokens: int) -> Decoding:
@@ -123,6 +123,30 @@ def _generative(args) -> dict:
                                feature_cache=args.feature_cache, float_scores=args.float_scores)
 
 
+def _clip_score(args) -> dict:
+    from vlmalign.eval.retrieval import evaluate_action, evaluate_retrieval, read_classes
+
+    _source_checks(args)
+    if args.judge:
+        raise VlmalignError(f"eval {args.benchmark}: CLIP-score needs no judge; drop --judge (--text-encoder picks the text tower)")
+    data = Path(args.predictions or args.data)
+    classes = args.classes
+    if data.is_dir():  # a synthetic benchmark folder
+        data, classes = data / f"{args.benchmark}_test.json", classes or data / "action_classes.txt"
+    if args.benchmark == "retrieval":
+        if args.classes:
+            raise VlmalignError("eval retrieval: --classes is for `action`")
+        return evaluate_retrieval(_out(args), data, model_dir=args.model, predictions=bool(args.predictions),
+                                  videos=args.videos, text_encoder=args.text_encoder, decoding=_decoding(args, 128),
+                                  limit=args.limit, feature_cache=args.feature_cache)
+    if classes is not None and not Path(classes).is_file():
+        raise VlmalignError(f"--classes: {classes}: file not found")
+    return evaluate_action(_out(args), data, classes=read_classes(classes) if classes else None,
+                           class_template=args.class_template, model_dir=args.model, predictions=bool(args.predictions),
+                           videos=args.videos, text_encoder=args.text_encoder, decoding=_decoding(args, 128),
+                           limit=args.limit, feature_cache=args.feature_cache)
+
+
 def _compare(args) -> int:
     from vlmalign.eval.compare import compare_reports
 
@@ -138,13 +162,12 @@ def run_eval(args) -> int:
     if args.reports:
         raise VlmalignError(f"eval {args.benchmark}: unexpected arguments {' '.join(args.reports)} "
                             "(only `compare` takes reports)")
-    if args.benchmark in NOT_YET:
-        raise VlmalignError(f"eval {args.benchmark}: not implemented yet (CLIP-score protocol; available: "
-                            f"{', '.join(QA_BENCHMARKS)}, video-mme, generative, compare)")
     if args.benchmark in QA_BENCHMARKS:
         report = _qa(args)
     elif args.benchmark == "video-mme":
         report = _mcq(args)
+    elif args.benchmark in ("retrieval", "action"):
+        report = _clip_score(args)
     else:
         report = _generative(args)
     print(_summary(report, _out(args)))

@@ -2,7 +2,8 @@
 
 Each argument is a `report.json` written by `vlmalign eval` or the folder holding it. The table has a
 row per result group and metric (accuracy % and score for QA, accuracy % for multiple choice, the
-0-5 score per criterion for the generative benchmark) and a column per report. Numbers made by
+0-5 score per criterion for the generative benchmark, R@1 and R@5 per direction for retrieval, top-1
+and top-5 for action recognition) and a column per report. Numbers made by
 different judges, prompt versions or benchmarks are not comparable; the comparison says so under the
 table rather than refusing, since looking at them side by side is sometimes the point.
 
@@ -26,6 +27,8 @@ _METRICS = {
     "qa": [("accuracy", "accuracy %", True), ("score", "score", False)],
     "mcq": [("accuracy", "accuracy %", True)],
     "generative": [("score", "score (0-5)", False)],
+    "retrieval": [("R@1", "R@1 %", True), ("R@5", "R@5 %", True)],
+    "action": [("top1", "top-1 %", True), ("top5", "top-5 %", True)],
 }
 
 
@@ -50,6 +53,8 @@ def load_report(spec) -> tuple[str, dict]:
 
 def _judge_name(report: dict) -> str:
     judge = report.get("judge")
+    if report.get("text_encoder"):  # CLIP-score: the text tower plays the judge's part
+        return f"CLIP text tower {report['text_encoder']}"
     if not judge:
         return "no judge"
     return f"{judge['id']} ({', '.join(judge.get('prompts') or [])})"
@@ -97,7 +102,7 @@ def compare_reports(specs: list[str], out_dir=None) -> dict:
     if len(set(judges)) > 1:
         notes.append("Different judges made these numbers, so they are not comparable: "
                      + "; ".join(f"{label}: {j}" for label, j in zip(labels, judges)) + ".")
-    elif reports[0].get("judge"):
+    elif reports[0].get("judge") or reports[0].get("text_encoder"):
         notes.append(f"Judge: {judges[0]}.")
     for label, r in zip(labels, reports):
         j = r.get("judging") or {}
