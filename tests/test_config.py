@@ -59,10 +59,26 @@ def test_resolved_config_round_trips(tmp_path):
     assert load_config(SFTConfig, tmp_path / "config.yaml") == cfg
 
 
-def test_bundled_configs_load():
+def test_bundled_configs_load_and_chain():
+    """Every stage config loads with its schema, and every `runs/.../final` a config starts from is
+    the output of another bundled config (a recipe never points at a model nothing trains)."""
+    import re
     from pathlib import Path
 
+    from vlmalign.config import DPOConfig, GRPOConfig, InstructionsConfig, PPOConfig, PrefsConfig, RMConfig
+
     root = Path(__file__).resolve().parents[1] / "configs"
-    for path in [root / "tiny" / "sft.yaml", root / "vlm_rlaif" / "sft_7b.yaml"]:
-        cfg = load_config(SFTConfig, path)
-        assert cfg.data.train
+    schema = [("sft", SFTConfig), ("rm", RMConfig), ("ppo", PPOConfig), ("isr_dpo", DPOConfig), ("dpo", DPOConfig),
+              ("prefs", PrefsConfig), ("grpo", GRPOConfig), ("instructions", InstructionsConfig)]
+    run_dirs, starts = set(), []
+    for folder in ("tiny", "vlm_rlaif", "llava_hound", "isr_dpo", "oracle_rlaif"):
+        for path in sorted((root / folder).glob("*.yaml")):
+            if path.stem.startswith("model"):
+                continue  # model sections, included by the stage configs
+            cls = next(c for prefix, c in schema if path.stem.startswith(prefix))
+            cfg = load_config(cls, path)
+            run_dirs.add(cfg.run.dir)
+            starts += [(path, m) for m in re.findall(r"runs/[\w/-]+(?=/final)", path.read_text())]
+    assert len(run_dirs) >= 17
+    for path, start in starts:
+        assert start in run_dirs, f"{path} starts from {start}/final, which no bundled config writes"
