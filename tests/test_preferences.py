@@ -11,7 +11,8 @@ from vlmalign.data.features import VisualInputs
 from vlmalign.data.formats import read_preference_pairs
 from vlmalign.feedback.context import clip_inputs, load_captions
 from vlmalign.feedback.oracle import Oracle
-from vlmalign.feedback.preferences import make_preferences, read_questions
+from vlmalign.feedback.judges import Judgment
+from vlmalign.feedback.preferences import judge_stats, make_preferences, read_questions
 from vlmalign.model.video_lm import load_model
 
 
@@ -153,3 +154,13 @@ def test_make_prefs_input_errors_name_the_key(tiny_policy, tiny_bench, tmp_path)
         make_preferences(cfg, model, visual, questions[:2], tmp_path / "c")
     with pytest.raises(DataError, match="missing.json"):
         read_questions([str(tmp_path / "missing.json")])
+
+
+def test_judge_stats_count_statuses_and_position_bias():
+    def j(value, status="ok", kind="compare"):
+        return Judgment(kind, value, status, "raw", "judge", "judge.compare@v1", "m", False, None)
+
+    stats = judge_stats([j(0), j(1), j(1), j(None, "inconsistent"), j(None, "parse_error")])
+    assert stats["by_status"] == {"ok": 3, "inconsistent": 1, "parse_error": 1} and stats["judgments"] == 5
+    assert stats["first_answer_chosen"] == pytest.approx(1 / 3)  # A in one of the three verdicts
+    assert "first_answer_chosen" not in judge_stats([[j(4, kind="score")]])  # scores have no position

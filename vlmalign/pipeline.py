@@ -6,7 +6,8 @@
   sft     the tiny model on the short- and long-answer data (a mixture; with `judge_data`, plus the
           judge-format examples so it can judge its own answers, as a pretrained LLM does)
   judges  self-judge agreement with the oracle on held-out questions: no context, narrative of 1
-          and 3 clips, caption proxy (pairwise)
+          and 3 clips, caption proxy (pairwise), and no context / 3-clip narrative with the swap
+          check (each pair judged in both orders; position-following verdicts dropped)
   ppo     VLM-RLAIF: 2 samples judged with a 3-clip narrative, a reward model on those
           preferences, PPO against it
   dpo     LLaVA-Hound: 6 samples scored 1-5 with the caption (the oracle stands in for the
@@ -81,10 +82,14 @@ class Pipeline:
             values["model__tokenizer__word_corpus"] = f"[{b}/sft_mix.json,{b}/judge_train.json,{b}/captions.json]"
         return values
 
-    def judge(self, prefix: str) -> dict:
+    def judge(self, prefix: str, swap_check: bool = False) -> dict:
+        # The tiny model writes narratives and retrospective contexts only when asked with the
+        # benchmark's describe question (configs/tiny/prompts/context.yaml says why).
+        prompts = {f"{prefix}judge__prompts": CONFIGS / "prompts", f"{prefix}judge__swap_check": str(swap_check).lower()}
         if self.budget.self_judge:
-            return {f"{prefix}judge__backend": "hf", f"{prefix}judge__model": "policy", f"{prefix}judge__max_new_tokens": 4}
-        return {f"{prefix}judge__backend": "oracle", f"{prefix}judge__bench": self.bench}
+            return {f"{prefix}judge__backend": "hf", f"{prefix}judge__model": "policy", f"{prefix}judge__max_new_tokens": 4,
+                    **prompts}
+        return {f"{prefix}judge__backend": "oracle", f"{prefix}judge__bench": self.bench, **prompts}
 
     def evaluate(self, model_dir: Path) -> dict:
         """Held-out accuracy per question type (short answers, oracle-judged), `mcq`, the accuracy on
@@ -154,14 +159,21 @@ class Pipeline:
         n = self.budget.judge_questions
         questions = read_questions([str(self.bench / "qa_val.json")], None, n)
         rows = {}
-        for name, ctx in [("none", {"context__kind": "none"}), ("narrative-1", {"context__kind": "narrative", "context__clips": 1}),
-                          ("narrative-3", {"context__kind": "narrative", "context__clips": 3}), ("caption", {"context__kind": "caption"})]:
-            run_dir = self.out / "judges" / name
+        # "+ swap check": each pair judged in both orders, verdicts that follow the position dropped
+        for name, ctx, swap in [("none", {"context__kind": "none"}, False),
+                                ("narrative-1", {"context__kind": "narrative", "context__clips": 1}, False),
+                                ("narrative-3", {"context__kind": "narrative", "context__clips": 3}, False),
+                                ("caption", {"context__kind": "caption"}, False),
+                                ("none + swap check", {"context__kind": "none"}, True),
+                                ("narrative-3 + swap check", {"context__kind": "narrative", "context__clips": 3}, True)]:
+            run_dir = self.out / "judges" / name.replace(" + ", "-").replace(" ", "-")
             cfg = self.prefs_config(run_dir, sft_final, data__train=f"[{self.bench}/qa_val.json]", preferences__method="pairwise",
-                                    sampling__num_samples=2, preferences__limit=n, **self.judge(""), **ctx)
+                                    sampling__num_samples=2, preferences__limit=n, **self.judge("", swap), **ctx)
             _, stats = make_preferences(cfg, model, visual, questions, run_dir)
             rows[name] = {"agreement": stats["oracle_agreement"]["agreement"], "n": stats["oracle_agreement"]["n"],
-                          "parse_errors": stats["by_status"].get("parse_error", 0), "judgments": stats["judgments"]}
+                          "parse_errors": stats["by_status"].get("parse_error", 0), "judgments": stats["judgments"],
+                          "inconsistent": stats["by_status"].get("inconsistent", 0),
+                          "first_answer_chosen": stats.get("first_answer_chosen")}
         return rows
 
     def ppo_stage(self, sft_final: Path) -> dict:
@@ -295,11 +307,15 @@ def format_results(runs: list[dict]) -> str:
             cells = [_cell([rows.get(name, {}).get("generative", {}).get(c) for rows in per_seed], False, 2) for c in CRITERIA]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if "judges" in first:
-        lines += ["", "Judge agreement with the oracle (pairwise, held-out questions, pairs the oracle scores differently):", "",
-                  "| context | agreement % | pairs | parse errors |", "|---|---|---|---|"]
+        lines += ["", "Judge agreement with the oracle (pairwise, held-out questions, pairs the oracle scores differently; "
+                  "with the swap check, only verdicts that survive swapping A and B count):", "",
+                  "| context | agreement % | pairs | first answer chosen % | inconsistent under swap | parse errors |",
+                  "|---|---|---|---|---|---|"]
         for name in first["judges"]:
             rows = [r["judges"][name] for r in runs if name in r.get("judges", {})]
             lines.append(f"| {name} | {_cell([row['agreement'] for row in rows])} | {_cell([row['n'] for row in rows], False, 0)} "
+                         f"| {_cell([row.get('first_answer_chosen') for row in rows])} "
+                         f"| {_cell([row.get('inconsistent') for row in rows], False, 0)} "
                          f"| {_cell([row['parse_errors'] for row in rows], False, 0)} |")
     if "isr" in first:
         lines += ["", "ISR-DPO per iteration:", "",

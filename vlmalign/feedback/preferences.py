@@ -218,7 +218,11 @@ def judge_stats(judgments: list) -> dict:
     counts: dict[str, int] = {}
     for j in flat:
         counts[j.status] = counts.get(j.status, 0) + 1
-    return {"judgments": len(flat), "by_status": counts, "cached": sum(j.cached for j in flat)}
+    stats = {"judgments": len(flat), "by_status": counts, "cached": sum(j.cached for j in flat)}
+    verdicts = [j.value for j in flat if j.kind == "compare" and j.status == "ok"]
+    if verdicts:  # position bias: an unbiased judge of randomly ordered pairs picks A about half the time
+        stats["first_answer_chosen"] = verdicts.count(0) / len(verdicts)
+    return stats
 
 
 def length_stats(records: list[dict]) -> dict:
@@ -330,7 +334,8 @@ def make_preferences(
 def format_stats(stats: dict) -> str:
     lines = [
         f"questions {stats['questions']}, pairs kept {stats['pairs']}, dropped {sum(stats['dropped'].values())} {stats['dropped'] or ''}".rstrip(),
-        f"judgments {stats['judgments']} ({stats['cached']} from cache): {stats['by_status']}",
+        f"judgments {stats['judgments']} ({stats['cached']} from cache): {stats['by_status']}"
+        + (f", first answer chosen in {100 * stats['first_answer_chosen']:.0f}%" if "first_answer_chosen" in stats else ""),
     ]
     if stats.get("length_ratio") is not None:
         lines.append(
