@@ -134,6 +134,44 @@ def test_two_process_dpo_matches_one_process(tiny_bench, tmp_path):
     _assert_same_weights(_weights(tmp_path / "one"), _weights(tmp_path / "zero3"))
 
 
+@pytest.mark.e2e
+def test_two_process_grpo_rank_matches_one_process_and_resumes(tiny_policy, tiny_bench, tmp_path):
+    """Each process samples half of every rollout (seeded per sampling batch), rank 0 ranks them all,
+    gradients are averaged: the same rollouts and weights as one process."""
+
+    def grpo_args(run_dir, *launch, **extra):
+        args = ["grpo-rank", "--config", "configs/tiny/grpo_rank.yaml", *launch]
+        for k, v in {"run.dir": run_dir, "run.progress": "false", "model.init_from": tiny_policy,
+                     "data.train": f"[{tiny_bench}/sft_easy.json]", "data.feature_cache": tmp_path / "fc",
+                     "judge.bench": tiny_bench, "sampling.max_new_tokens": 5, "sampling.batch_size": 2,
+                     "grpo.rollout_batch": 4, "grpo.mini_batch": 20, "train.max_steps": 3, "train.save_every": 2,
+                     "train.log_every": 1, "eval_qa": "null", **extra}.items():
+            args += ["--set", f"{k}={v}"]
+        return _cli(*args)
+
+    def metrics(run_dir):
+        return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    _run(grpo_args(tmp_path / "one"), REPO)
+    _run(grpo_args(tmp_path / "two", "--launch", "cpu_2proc"), REPO)
+    _assert_same_weights(_weights(tmp_path / "one"), _weights(tmp_path / "two"))
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [m["kendall_tau"] for m in one] == [m["kendall_tau"] for m in two]  # the same answers, ranked alike
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+        assert a["answer_tokens"] == pytest.approx(b["answer_tokens"])
+
+    # the 2-process checkpoint at rollout 2 finishes on one process
+    shutil.rmtree(tmp_path / "two" / "final")
+    res = _run(grpo_args(tmp_path / "two"), REPO)
+    assert "resuming from" in res.stdout
+    _assert_same_weights(_weights(tmp_path / "one"), _weights(tmp_path / "two"))
+
+    res = subprocess.run(grpo_args(tmp_path / "bad", "--launch", "cpu_2proc", **{"sampling.batch_size": 4}),
+                         capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert res.returncode != 0 and "must be a multiple of sampling.batch_size (4)" in res.stderr
+
+
 def test_deepspeed_auto_entries_come_from_the_training_config():
     from vlmalign.config import TrainConfig
     from vlmalign.errors import VlmalignError

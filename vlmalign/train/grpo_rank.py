@@ -11,6 +11,15 @@ Ties: the policy's ranking breaks equal log-probs by answer order (`ranks_from_s
 breaks equal scores by length, then order (`Oracle.rank`). A group whose ranking failed to parse
 is left out of the update (its advantages are zero) and counted.
 
+Several processes (DDP, `--launch`): each samples its share of the rollout's questions; rank 0
+gathers the answers, judges them all (one judge, one cache) and computes every advantage; each
+process then trains on its share, and gradients are averaged. Questions are sampled in batches of
+`sampling.batch_size`, each batch with its own seed, so a rollout's answers do not depend on the
+process count: with several processes, `grpo.rollout_batch / processes` must be a multiple of
+`sampling.batch_size`, and `grpo.mini_batch` of the process count. With one mini-batch per rollout the update is that of one
+process; with several, each mini-batch takes an equal part from every process's share, so its
+composition (not its expectation) depends on the process count. DeepSpeed is not supported here.
+
 Artifacts: RUN/config.yaml, metrics.jsonl, checkpoints/step-N (N = rollouts), final/, and with
 `eval_qa` the held-out accuracy of final/ in RUN/eval/.
 """
@@ -20,6 +29,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
 from vlmalign.config import GRPOConfig
@@ -44,6 +54,7 @@ from vlmalign.model.video_lm import MANIFEST, build_model, load_model
 from vlmalign.train.common import (
     backward,
     epoch_batches,
+    global_count,
     optimizer_step,
     prepare_training,
     save_final,
@@ -70,6 +81,48 @@ def _forward_logps(model, batch: dict, device, with_entropy: bool):
     return logps, mask, entropy
 
 
+def sample_share(policy, visual, questions, gen: GenerationConfig, seed: int, step: int, rank: int, world: int):
+    """This process's share of a rollout: (its questions, their groups of samples). Batch k of
+    `gen.batch_size` questions is sampled with its own seed, whichever process samples it."""
+    share = len(questions) // world
+    mine = questions[rank * share : (rank + 1) * share]
+    groups = []
+    for start in range(0, share, gen.batch_size):
+        batch_index = (rank * share + start) // gen.batch_size
+        generator = torch.Generator(device=policy.device).manual_seed((seed * 1_000_003 + step) * 1009 + batch_index)
+        groups += sample_answers(policy, visual, [(q.video, q.question) for q in mine[start : start + gen.batch_size]], gen,
+                                 generator=generator)
+    return mine, groups
+
+
+def judge_rollout(judge, grpo, questions, texts: list[tuple[str, ...]], seq_logps: torch.Tensor):
+    """(advantages [N, G], valid [N], metrics) for a whole rollout: the judge ranks (grpo_rank) or
+    scores (grpo) every group; a group whose judgment failed gets zero advantages."""
+    g = seq_logps.shape[1]
+    requests = [JudgeRequest(q.video, q.question, answers) for q, answers in zip(questions, texts)]
+    metrics = {}
+    if grpo.advantage == "grpo_rank":
+        judged = judge.rank(requests)
+        valid = torch.tensor([j.status == "ok" for j in judged])
+        oracle_ranks = torch.tensor([j.value if j.status == "ok" else list(range(g)) for j in judged])
+        advantages, delta = grpo_rank_advantages(oracle_ranks, seq_logps, dcg=grpo.dcg)
+        pred = ranks_from_scores(seq_logps)
+        tau = kendall_tau(pred, oracle_ranks)[valid]
+        metrics.update(
+            delta_mean=float(delta[valid].mean()) if valid.any() else None,
+            kendall_tau=float(tau.mean()) if valid.any() else None,
+            ranking_matches=float((pred == oracle_ranks).all(1)[valid].float().mean()) if valid.any() else None,
+        )
+    else:
+        judged_flat = judge.score([JudgeRequest(r.video, r.question, (a,)) for r in requests for a in r.answers])
+        judged = [judged_flat[i * g : (i + 1) * g] for i in range(len(requests))]
+        valid = torch.tensor([all(j.status == "ok" for j in grp) for grp in judged])
+        scores = torch.tensor([[float(j.value) if j.status == "ok" else 0.0 for j in grp] for grp in judged])
+        advantages = grpo_advantages(scores)
+        metrics["score_mean"] = float(scores[valid].mean()) if valid.any() else None
+    return advantages * valid[:, None], valid, metrics
+
+
 def run(cfg: GRPOConfig) -> Path:
     # --- setup -------------------------------------------------------------------------------
     if not cfg.model.init_from:
@@ -84,8 +137,15 @@ def run(cfg: GRPOConfig) -> Path:
         rt.print(f"{final} exists: this GRPO run is complete")
         return final
     acc, g, grpo = rt.accelerator, cfg.sampling.num_samples, cfg.grpo
-    if acc.num_processes > 1 or uses_deepspeed(acc):
-        raise ConfigError("grpo-rank runs on one process without DeepSpeed for now (rollouts are not sharded across processes)")
+    world, rank = acc.num_processes, acc.process_index
+    if uses_deepspeed(acc):
+        raise ConfigError("grpo-rank does not run under DeepSpeed; launch plain data parallel (--launch multi_gpu)")
+    if world > 1 and (grpo.rollout_batch % world or (grpo.rollout_batch // world) % cfg.sampling.batch_size):
+        raise ConfigError(f"grpo.rollout_batch ({grpo.rollout_batch}) / {world} processes must be a multiple of "
+                          f"sampling.batch_size ({cfg.sampling.batch_size}): each batch of questions is sampled with its "
+                          "own seed, so the rollout does not depend on the process count")
+    if grpo.mini_batch % world:
+        raise ConfigError(f"grpo.mini_batch ({grpo.mini_batch}) must be a multiple of the {world} processes")
     model = build_model(cfg.model)
     model.to(acc.device)
     reference = None
@@ -94,7 +154,10 @@ def run(cfg: GRPOConfig) -> Path:
     visual = VisualInputs(model, cfg.data.feature_cache)
     collate = Collator(model.tokenizer.pad_token_id, visual)
     questions = read_questions(cfg.data.train, cfg.data.video_root)
-    judge = build_judge(cfg.judge, cfg.judge.cache or rt.run_dir / "judge_cache.sqlite", model=model, visual=visual, progress=False)
+    judge = None  # only rank 0 judges: one judge process, one cache file
+    if rt.is_main:
+        judge = build_judge(cfg.judge, cfg.judge.cache or rt.run_dir / "judge_cache.sqlite", model=model, visual=visual,
+                            progress=False)
     gen = GenerationConfig(
         max_new_tokens=cfg.sampling.max_new_tokens, do_sample=True, temperature=cfg.sampling.temperature,
         top_p=cfg.sampling.top_p, num_return_sequences=g, batch_size=cfg.sampling.batch_size,
@@ -110,36 +173,27 @@ def run(cfg: GRPOConfig) -> Path:
 
     # --- loop --------------------------------------------------------------------------------
     bar = tqdm(total=total, initial=step, desc=f"grpo ({grpo.advantage})", disable=not (rt.is_main and cfg.run.progress))
+    local_batch = grpo.mini_batch // world
     while step < total:
-        batch_questions = [questions[i] for i in rollouts[step]]
-        # rollout: sample G answers per question, judge them
+        # rollout: each process samples its share; rank 0 judges the whole rollout
         model.eval()
-        generator = torch.Generator(device=acc.device).manual_seed(cfg.train.seed * 1_000_003 + step)
-        groups = sample_answers(policy, visual, [(q.video, q.question) for q in batch_questions], gen, generator=generator)
-        requests = [JudgeRequest(q.video, q.question, tuple(s.text for s in grp)) for q, grp in zip(batch_questions, groups)]
-        seq_logps = torch.tensor([[s.logp if grpo.logp_order == "sum" else s.logp / max(len(s.token_ids), 1) for s in grp] for grp in groups])
-        valid = torch.ones(len(groups), dtype=torch.bool)
-        metrics = {}
-        if grpo.advantage == "grpo_rank":
-            judged = judge.rank(requests)
-            valid = torch.tensor([j.status == "ok" for j in judged])
-            oracle_ranks = torch.tensor([j.value if j.status == "ok" else list(range(g)) for j in judged])
-            advantages, delta = grpo_rank_advantages(oracle_ranks, seq_logps, dcg=grpo.dcg)
-            pred = ranks_from_scores(seq_logps)
-            tau = kendall_tau(pred, oracle_ranks)[valid]
-            metrics.update(
-                delta_mean=float(delta[valid].mean()) if valid.any() else None,
-                kendall_tau=float(tau.mean()) if valid.any() else None,
-                ranking_matches=float((pred == oracle_ranks).all(1)[valid].float().mean()) if valid.any() else None,
-            )
+        batch_questions, groups = sample_share(policy, visual, [questions[i] for i in rollouts[step]], gen,
+                                               cfg.train.seed, step, rank, world)
+        seq_logps = torch.tensor([[s.logp if grpo.logp_order == "sum" else s.logp / max(len(s.token_ids), 1) for s in grp]
+                                  for grp in groups])
+        shared = [(tuple(s.text for s in grp), lp.tolist()) for grp, lp in zip(groups, seq_logps)]
+        if world > 1:
+            shared = gather_object(shared)
+        if rt.is_main:
+            judged = judge_rollout(judge, grpo, [questions[i] for i in rollouts[step]], [t for t, _ in shared],
+                                   torch.tensor([lp for _, lp in shared]))
         else:
-            judged_flat = judge.score([JudgeRequest(r.video, r.question, (a,)) for r in requests for a in r.answers])
-            judged = [judged_flat[i * g : (i + 1) * g] for i in range(len(groups))]
-            valid = torch.tensor([all(j.status == "ok" for j in grp) for grp in judged])
-            scores = torch.tensor([[float(j.value) if j.status == "ok" else 0.0 for j in grp] for grp in judged])
-            advantages = grpo_advantages(scores)
-            metrics["score_mean"] = float(scores[valid].mean()) if valid.any() else None
-        advantages = advantages * valid[:, None]
+            judged = None
+        if world > 1:
+            judged = broadcast_object_list([judged], from_process=0)[0]
+        all_advantages, valid, metrics = judged
+        share = len(groups)
+        advantages = all_advantages[rank * share : (rank + 1) * share]
         rows = [row for q, grp in zip(batch_questions, groups) for row in completion_rows(policy, q.question, q.video, grp)]
         flat_adv = advantages.reshape(-1)
         lengths = torch.tensor([len(s.token_ids) for grp in groups for s in grp], dtype=torch.float)
@@ -147,8 +201,8 @@ def run(cfg: GRPOConfig) -> Path:
         # old and reference log-probs of the sampled answers, before any update on this rollout
         with torch.no_grad():
             olds, refs = [], []
-            for start in range(0, len(rows), grpo.mini_batch):
-                batch = collate(rows[start : start + grpo.mini_batch])
+            for start in range(0, len(rows), local_batch):
+                batch = collate(rows[start : start + local_batch])
                 olds.append(_forward_logps(model, batch, acc.device, False)[0] if grpo.num_iterations > 1 else None)
                 if grpo.beta > 0:
                     if reference is not None:
@@ -162,29 +216,35 @@ def run(cfg: GRPOConfig) -> Path:
         sums = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_fraction": 0.0}
         updates = 0
         for _ in range(grpo.num_iterations):
-            for k, start in enumerate(range(0, len(rows), grpo.mini_batch)):
-                batch = collate(rows[start : start + grpo.mini_batch])
+            for k, start in enumerate(range(0, len(rows), local_batch)):
+                batch = collate(rows[start : start + local_batch])
+                # token aggregation divides by the mini-batch's tokens on every process; x world
+                # because DDP averages gradients (the sequence mean needs neither: shares are equal)
+                num_tokens = global_count(acc, int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()))
+                scale = world if grpo.aggregation == "token" else 1
                 with acc.autocast():
                     logps, mask, entropy = _forward_logps(model, batch, acc.device, grpo.c_entropy != 0)
                     old = olds[k] if olds[k] is not None else logps.detach()
                     loss, stats = grpo_loss(
-                        logps, old, refs[k] if refs else None, flat_adv[start : start + grpo.mini_batch].to(acc.device),
+                        logps, old, refs[k] if refs else None, flat_adv[start : start + local_batch].to(acc.device),
                         mask, clip=grpo.clip, beta=grpo.beta, entropy=entropy, c_entropy=grpo.c_entropy,
-                        aggregation=grpo.aggregation,
+                        aggregation=grpo.aggregation, num_tokens=num_tokens,
                     )
-                backward(acc, loss)
+                backward(acc, loss * scale)
                 optimizer_step(acc, model, optimizer, scheduler, cfg.train.max_grad_norm)
                 updates += 1
-                sums["loss"] += float(loss.detach())
+                sums["loss"] += float(loss.detach()) * scale  # the mean over processes is then the global loss
                 for key in ("kl", "entropy", "clip_fraction"):
                     if key in stats:
                         sums[key] += float(stats[key])
         step += 1
         bar.update(1)
-        metrics.update({k: v / updates for k, v in sums.items()})
+        means = torch.tensor([v / updates for v in sums.values()] + [float(lengths.mean())], device=acc.device)
+        means = acc.reduce(means, reduction="mean") if world > 1 else means
+        metrics.update(zip(sums, means[:-1].tolist()))
         metrics.update(
-            advantage_abs_mean=float(advantages.abs().mean()), advantage_std=float(advantages.std()),
-            groups_skipped=int((~valid).sum()), answer_tokens=float(lengths.mean()), lr=scheduler.get_last_lr()[0],
+            advantage_abs_mean=float(all_advantages.abs().mean()), advantage_std=float(all_advantages.std()),
+            groups_skipped=int((~valid).sum()), answer_tokens=float(means[-1]), lr=scheduler.get_last_lr()[0],
         )
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", tau=metrics.get("kendall_tau"), score=metrics.get("score_mean"))
         if step % cfg.train.log_every == 0 or step == total:
