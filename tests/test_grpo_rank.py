@@ -80,3 +80,25 @@ def test_grpo_input_errors_name_the_key(tiny_policy, tiny_bench, tmp_path):
         grpo_rank.run(grpo_cfg(tiny_policy, tiny_bench, tmp_path / "b", **{"sampling.num_samples": "1"}))
     with pytest.raises(ConfigError, match="data.train"):
         grpo_rank.run(grpo_cfg(tiny_policy, tiny_bench, tmp_path / "c", **{"data.train": "[]"}))
+
+
+def test_text_ranker_reads_each_video_caption(tiny_policy, tiny_bench, tmp_path, monkeypatch):
+    """An API ranker sees no video: with context.kind caption, every ranking prompt carries the
+    video's caption, kept in RUN/contexts.json."""
+    from tests.judge_server import FakeJudgeServer
+    from vlmalign.feedback.context import caption_for, load_captions
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # a localhost server gets a placeholder key
+    captions = load_captions(tiny_bench / "captions.json")
+    with FakeJudgeServer() as server:
+        run_dir = tmp_path / "api"
+        grpo_rank.run(grpo_cfg(tiny_policy, tiny_bench, run_dir, **{
+            "judge.backend": "openai", "judge.model": "ranker", "judge.base_url": server.url, "judge.max_retries": "0",
+            "context.kind": "caption", "context.captions": str(tiny_bench / "captions.json"), "train.max_steps": "1"}))
+        prompts = list(server.hits)
+    contexts = json.loads((run_dir / "contexts.json").read_text())
+    assert len(prompts) == 4 and all(m["groups_skipped"] == 0 for m in _metrics(run_dir))
+    for prompt in prompts:  # each of the rollout's 4 prompts names one video's caption
+        assert sum(caption_for(captions, video) in prompt for video in contexts) >= 1, prompt
+    with pytest.raises(Exception, match="retrospective contexts belong to iterative DPO"):
+        grpo_rank.run(grpo_cfg(tiny_policy, tiny_bench, tmp_path / "bad", **{"context.kind": "retrospective"}))

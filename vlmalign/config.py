@@ -270,6 +270,9 @@ class GRPOConfig:
     data: DataConfig = field(default_factory=DataConfig)  # data.train: question files
     train: TrainConfig = field(default_factory=TrainConfig)  # epochs: passes over the questions
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(num_samples=5))
+    # what the ranker reads besides question and answers: none, caption (a caption file, the video's
+    # proxy for a text-only ranker) or narrative (the starting policy's clip captions, written once)
+    context: ContextConfig = field(default_factory=ContextConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     grpo: GRPOSection = field(default_factory=GRPOSection)
     eval_qa: str | None = None  # synthetic-benchmark QA file: held-out accuracy at the end

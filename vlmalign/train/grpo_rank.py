@@ -7,6 +7,10 @@ scores each answer (grpo); advantages come from `losses.grpo_rank_advantages` (t
 `losses.grpo_advantages`; then `grpo.num_iterations` passes of `losses.grpo_loss` over the rollout
 in mini-batches: clipped surrogate, k3 KL to the frozen starting policy (beta), entropy bonus.
 
+Context (`context`): what the ranker reads besides the question and answers: nothing, the video's
+caption from a file (the proxy a text-only API ranker needs), or a narrative of clip captions
+written once by the starting policy; kept in RUN/contexts.json.
+
 Ties: the policy's ranking breaks equal log-probs by answer order (`ranks_from_scores`); the oracle
 breaks equal scores by length, then order (`Oracle.rank`). A group whose ranking failed to parse
 is left out of the update (its advantages are zero) and counted.
@@ -26,6 +30,7 @@ Artifacts: RUN/config.yaml, metrics.jsonl, checkpoints/step-N (N = rollouts), fi
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -39,7 +44,7 @@ from vlmalign.data.formats import VIDEO_TOKEN
 from vlmalign.data.template import IGNORE_INDEX, encode_prompt
 from vlmalign.errors import ConfigError
 from vlmalign.feedback.judges import JudgeRequest, build_judge
-from vlmalign.feedback.preferences import read_questions
+from vlmalign.feedback.preferences import build_contexts, read_questions, video_key
 from vlmalign.losses import (
     grpo_advantages,
     grpo_loss,
@@ -95,11 +100,13 @@ def sample_share(policy, visual, questions, gen: GenerationConfig, seed: int, st
     return mine, groups
 
 
-def judge_rollout(judge, grpo, questions, texts: list[tuple[str, ...]], seq_logps: torch.Tensor):
+def judge_rollout(judge, grpo, questions, texts: list[tuple[str, ...]], seq_logps: torch.Tensor, contexts: dict):
     """(advantages [N, G], valid [N], metrics) for a whole rollout: the judge ranks (grpo_rank) or
-    scores (grpo) every group; a group whose judgment failed gets zero advantages."""
+    scores (grpo) every group, reading each video's context; a group whose judgment failed gets
+    zero advantages."""
     g = seq_logps.shape[1]
-    requests = [JudgeRequest(q.video, q.question, answers) for q, answers in zip(questions, texts)]
+    requests = [JudgeRequest(q.video, q.question, answers, contexts.get(video_key(q.video), "") if q.video is not None else "")
+                for q, answers in zip(questions, texts)]
     metrics = {}
     if grpo.advantage == "grpo_rank":
         judged = judge.rank(requests)
@@ -123,6 +130,18 @@ def judge_rollout(judge, grpo, questions, texts: list[tuple[str, ...]], seq_logp
     return advantages * valid[:, None], valid, metrics
 
 
+def _contexts(cfg: GRPOConfig, model, visual, questions, path: Path) -> dict:
+    """The ranker's context per video, written once from the starting policy (narrative) or read
+    from the caption file, and kept in RUN/contexts.json so a resumed run reads the same."""
+    if cfg.context.kind == "none":
+        return {}
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    contexts = build_contexts(cfg.context, model, visual, questions, prompts_path=cfg.judge.prompts, progress=cfg.run.progress)
+    path.write_text(json.dumps(contexts, indent=1, ensure_ascii=False), encoding="utf-8")
+    return contexts
+
+
 def run(cfg: GRPOConfig) -> Path:
     # --- setup -------------------------------------------------------------------------------
     if not cfg.model.init_from:
@@ -131,6 +150,9 @@ def run(cfg: GRPOConfig) -> Path:
         raise ConfigError("data.train: give the question file(s) to train on")
     if cfg.sampling.num_samples < 2:
         raise ConfigError("sampling.num_samples: a group needs at least 2 answers")
+    if cfg.context.kind == "retrospective":
+        raise ConfigError("context.kind: retrospective contexts belong to iterative DPO; grpo-rank takes none, caption "
+                          "or narrative")
     rt = setup_run(cfg, cfg.run, cfg.train)
     final = rt.run_dir / "final"
     if (final / MANIFEST).is_file():
@@ -154,10 +176,11 @@ def run(cfg: GRPOConfig) -> Path:
     visual = VisualInputs(model, cfg.data.feature_cache)
     collate = Collator(model.tokenizer.pad_token_id, visual)
     questions = read_questions(cfg.data.train, cfg.data.video_root)
-    judge = None  # only rank 0 judges: one judge process, one cache file
+    judge, contexts = None, {}  # only rank 0 judges: one judge process, one cache file
     if rt.is_main:
         judge = build_judge(cfg.judge, cfg.judge.cache or rt.run_dir / "judge_cache.sqlite", model=model, visual=visual,
                             progress=False)
+        contexts = _contexts(cfg, model, visual, questions, rt.run_dir / "contexts.json")
     gen = GenerationConfig(
         max_new_tokens=cfg.sampling.max_new_tokens, do_sample=True, temperature=cfg.sampling.temperature,
         top_p=cfg.sampling.top_p, num_return_sequences=g, batch_size=cfg.sampling.batch_size,
@@ -186,7 +209,7 @@ def run(cfg: GRPOConfig) -> Path:
             shared = gather_object(shared)
         if rt.is_main:
             judged = judge_rollout(judge, grpo, [questions[i] for i in rollouts[step]], [t for t, _ in shared],
-                                   torch.tensor([lp for _, lp in shared]))
+                                   torch.tensor([lp for _, lp in shared]), contexts)
         else:
             judged = None
         if world > 1:
