@@ -216,6 +216,26 @@ def test_gae_rejects_left_padding():
         L.gae_advantages(torch.zeros(1, 3), torch.zeros(1, 3), torch.tensor([[0, 1, 1]]))
 
 
+def test_masked_whiten_over_processes_uses_every_share():
+    """Two processes' shares whiten with the statistics of both: simulated by summing each share's
+    statistic with the other's (an all-reduce over two processes)."""
+    torch.manual_seed(4)
+    mask = right_padded_mask([4, 6, 2, 5], 6)
+    values = 1 + 3 * torch.randn(4, 6, dtype=torch.float64)
+    whole = L.masked_whiten(values, mask)
+    a, b = (slice(0, 2), slice(2, 4))
+    # the statistics arrive in a fixed order: count, sum, then squared deviations from the global mean
+    other = iter([mask[b].sum(), (values[b] * mask[b]).sum(), None])
+    mean = (values * mask).sum() / mask.sum()
+    other_sq = ((values[b] - mean) ** 2 * mask[b]).sum()
+
+    def all_sum(t):
+        nxt = next(other)
+        return t + (other_sq if nxt is None else nxt)
+
+    torch.testing.assert_close(L.masked_whiten(values[a], mask[a], all_sum=all_sum), whole[a])
+
+
 def test_masked_whiten():
     torch.manual_seed(3)
     mask = right_padded_mask([4, 6, 2], 6)

@@ -172,6 +172,64 @@ def test_two_process_grpo_rank_matches_one_process_and_resumes(tiny_policy, tiny
     assert res.returncode != 0 and "must be a multiple of sampling.batch_size (4)" in res.stderr
 
 
+@pytest.mark.e2e
+def test_two_process_ppo_matches_one_process_and_resumes(tiny_policy, tiny_bench, tmp_path):
+    """Each process samples, scores and trains on half of every rollout; whitening, KL and means are
+    taken over both: with one optimizer step per PPO epoch, the weights of one process."""
+    from vlmalign.config import RMConfig, load_config
+    from vlmalign.data.formats import write_jsonl
+    from vlmalign.feedback.oracle import Oracle
+    from vlmalign.train import rm
+
+    oracle = Oracle.from_dir(tiny_bench)
+    records = json.loads((tiny_bench / "sft_easy.json").read_text())[:16]
+    write_jsonl(tmp_path / "pairs.jsonl", [
+        {"id": r["id"], "video": str(tiny_bench / r["video"]), "prompt": r["conversations"][0]["value"],
+         "chosen": oracle.reference(str(tiny_bench / r["video"]), r["conversations"][0]["value"].replace("<video>", "").strip()),
+         "rejected": records[(i + 5) % 16]["conversations"][1]["value"]} for i, r in enumerate(records)])
+    reward_model = rm.run(load_config(RMConfig, "configs/tiny/rm.yaml", [f"{k}={v}" for k, v in {
+        "run.dir": tmp_path / "rm", "run.progress": "false", "model.init_from": tiny_policy, "rm.eval_fraction": "0.0",
+        "data.train": f"[{tmp_path / 'pairs.jsonl'}]", "data.feature_cache": tmp_path / "fc", "train.batch_size": 8,
+        "train.max_steps": 2, "train.lr": "3e-4"}.items()]))
+
+    def ppo_args(run_dir, *launch):
+        args = ["ppo", "--config", "configs/tiny/ppo.yaml", *launch]
+        for k, v in {"run.dir": run_dir, "run.progress": "false", "model.init_from": tiny_policy,
+                     "reward_model": reward_model, "data.train": f"[{tiny_bench}/sft_easy.json]",
+                     "data.feature_cache": tmp_path / "fc", "sampling.num_samples": 2, "sampling.max_new_tokens": 6,
+                     "sampling.batch_size": 2, "ppo.rollout_batch": 4, "ppo.step_batch": 8, "ppo.micro_batch": 2,
+                     "train.lr": "1e-3", "train.max_steps": 3, "train.log_every": 1, "train.save_every": 2,
+                     "eval_qa": "null"}.items():
+            args += ["--set", f"{k}={v}"]
+        return _cli(*args)
+
+    def assert_same_policy(a, b):
+        # Adam turns the float noise of a near-zero gradient into a step of up to +-lr, so a few
+        # elements may differ; per tensor, the difference is under 1% of how far training moved it
+        start = load_file(Path(tiny_policy) / "llm" / "model.safetensors")
+        moved = 0
+        for name in a:
+            update = float((a[name] - start[name]).norm())
+            if update > 0:
+                moved += 1
+                assert float((a[name] - b[name]).norm()) < 0.01 * update, name
+        assert moved > len(a) // 2
+
+    _run(ppo_args(tmp_path / "one"), REPO)
+    _run(ppo_args(tmp_path / "two", "--launch", "cpu_2proc"), REPO)
+    assert_same_policy(_weights(tmp_path / "one"), _weights(tmp_path / "two"))
+    one, two = ([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+                for name in ("one", "two"))
+    for a, b in zip(one, two, strict=True):
+        for key in ("reward", "kl", "response_length", "policy_loss", "value_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-5), key
+
+    shutil.rmtree(tmp_path / "two" / "final")
+    res = _run(ppo_args(tmp_path / "two"), REPO)
+    assert "resuming from" in res.stdout
+    assert_same_policy(_weights(tmp_path / "one"), _weights(tmp_path / "two"))
+
+
 def test_deepspeed_auto_entries_come_from_the_training_config():
     from vlmalign.config import TrainConfig
     from vlmalign.errors import VlmalignError

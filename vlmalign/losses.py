@@ -140,13 +140,17 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, all_sum=None) -> torch.Tensor:
     """Scale the masked values to unit variance (population variance, as AlpacaFarm) and, with
     `shift_mean`, to zero mean; with `shift_mean=False` the mean is kept (used to whiten rewards without
-    changing their sign). Masked-out positions come back as 0.
+    changing their sign). Masked-out positions come back as 0. `all_sum` (a tensor -> its sum over
+    processes) takes the mean and variance over every process's rows, as if they were one batch.
     """
-    mean = masked_mean(values, mask)
-    std = masked_mean((values - mean) ** 2, mask).sqrt()
+    total = all_sum or (lambda t: t)
+    mask_f = mask.to(values.dtype)
+    count = total(mask_f.sum()).clamp(min=1)
+    mean = total((values * mask_f).sum()) / count
+    std = (total(((values - mean) ** 2 * mask_f).sum()) / count).sqrt()
     whitened = (values - mean) / (std + 1e-8)
     if not shift_mean:
         whitened = whitened + mean

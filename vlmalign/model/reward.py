@@ -39,6 +39,12 @@ class RewardModel(nn.Module):
         self.head = head
         self.evaluation_prompt = evaluation_prompt
         self.prompt_id = prompt_id
+        # The score reads the decoder's hidden states, never the LM head: a trainable head that gets
+        # no gradient would stall data-parallel training (an untied head only; a tied one is the
+        # input embedding and is used).
+        lm_head = backbone.llm.get_output_embeddings()
+        if lm_head is not None and lm_head.weight is not backbone.llm.get_input_embeddings().weight:
+            lm_head.requires_grad_(False)
 
     @property
     def tokenizer(self):

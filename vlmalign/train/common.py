@@ -22,7 +22,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from vlmalign.config import RunConfig, TrainConfig, save_config, to_dict
-from vlmalign.errors import VlmalignError
+from vlmalign.errors import ConfigError, VlmalignError
 
 # --- run directory and metrics --------------------------------------------------------------------
 class MetricsLogger:
@@ -133,6 +133,50 @@ def epoch_batches(num_items: int, batch_size: int, seed: int, tag: int, rank: in
             break
         batches.append(chunk[rank * batch_size : (rank + 1) * batch_size])
     return batches
+
+
+def rollout_plan(num_questions: int, rollout_batch: int, seed: int, epochs: int, world: int) -> list[list[int]]:
+    """The question indices of every rollout, epoch after epoch. Several processes split each
+    rollout evenly, so there an epoch's final incomplete rollout is dropped."""
+    return [b for e in range(epochs) for b in epoch_batches(num_questions, rollout_batch, seed, e)
+            if world == 1 or len(b) == rollout_batch]
+
+
+def check_rollout_shares(world: int, rollout_batch: int, sampling_batch: int, update_batch: int, section: str,
+                         update_key: str) -> None:
+    """Several processes split each rollout into equal shares of whole sampling batches, and each
+    update batch into equal parts, so a rollout does not depend on the process count."""
+    if world == 1:
+        return
+    if rollout_batch % world or (rollout_batch // world) % sampling_batch:
+        raise ConfigError(f"{section}.rollout_batch ({rollout_batch}) / {world} processes must be a multiple of "
+                          f"sampling.batch_size ({sampling_batch}): each batch of questions is sampled with its own "
+                          "seed, so the rollout does not depend on the process count")
+    if update_batch % world:
+        raise ConfigError(f"{section}.{update_key} ({update_batch}) must be a multiple of the {world} processes")
+
+
+def sample_share(policy, visual, questions, gen, seed: int, step: int, rank: int, world: int):
+    """This process's share of a rollout: (its questions, their groups of samples). Batch k of
+    `gen.batch_size` questions is sampled with its own seed, whichever process samples it."""
+    from vlmalign.model.generation import sample_answers
+
+    share = len(questions) // world
+    mine = questions[rank * share : (rank + 1) * share]
+    groups = []
+    for start in range(0, share, gen.batch_size):
+        batch_index = (rank * share + start) // gen.batch_size
+        generator = torch.Generator(device=policy.device).manual_seed((seed * 1_000_003 + step) * 1009 + batch_index)
+        groups += sample_answers(policy, visual, [(q.video, q.question) for q in mine[start : start + gen.batch_size]], gen,
+                                 generator=generator)
+    return mine, groups
+
+
+def all_sum(accelerator):
+    """tensor -> its sum over processes (identity on one process), for statistics of a sharded rollout."""
+    if accelerator.num_processes == 1:
+        return lambda t: t
+    return lambda t: accelerator.reduce(t.to(accelerator.device), reduction="sum").to(t.device)
 
 
 def steps_per_epoch(num_batches: int, grad_accum: int) -> int:

@@ -54,15 +54,17 @@ from vlmalign.losses import (
     token_entropy,
     token_logps,
 )
-from vlmalign.model.generation import GenerationConfig, sample_answers
+from vlmalign.model.generation import GenerationConfig
 from vlmalign.model.video_lm import MANIFEST, build_model, load_model
 from vlmalign.train.common import (
     backward,
-    epoch_batches,
+    check_rollout_shares,
     global_count,
     optimizer_step,
     prepare_training,
+    rollout_plan,
     save_final,
+    sample_share,
     setup_run,
     uses_deepspeed,
 )
@@ -84,20 +86,6 @@ def _forward_logps(model, batch: dict, device, with_entropy: bool):
     logps, mask = token_logps(logits, labels)
     entropy = token_entropy(logits, labels) if with_entropy else None
     return logps, mask, entropy
-
-
-def sample_share(policy, visual, questions, gen: GenerationConfig, seed: int, step: int, rank: int, world: int):
-    """This process's share of a rollout: (its questions, their groups of samples). Batch k of
-    `gen.batch_size` questions is sampled with its own seed, whichever process samples it."""
-    share = len(questions) // world
-    mine = questions[rank * share : (rank + 1) * share]
-    groups = []
-    for start in range(0, share, gen.batch_size):
-        batch_index = (rank * share + start) // gen.batch_size
-        generator = torch.Generator(device=policy.device).manual_seed((seed * 1_000_003 + step) * 1009 + batch_index)
-        groups += sample_answers(policy, visual, [(q.video, q.question) for q in mine[start : start + gen.batch_size]], gen,
-                                 generator=generator)
-    return mine, groups
 
 
 def judge_rollout(judge, grpo, questions, texts: list[tuple[str, ...]], seq_logps: torch.Tensor, contexts: dict):
@@ -162,12 +150,7 @@ def run(cfg: GRPOConfig) -> Path:
     world, rank = acc.num_processes, acc.process_index
     if uses_deepspeed(acc):
         raise ConfigError("grpo-rank does not run under DeepSpeed; launch plain data parallel (--launch multi_gpu)")
-    if world > 1 and (grpo.rollout_batch % world or (grpo.rollout_batch // world) % cfg.sampling.batch_size):
-        raise ConfigError(f"grpo.rollout_batch ({grpo.rollout_batch}) / {world} processes must be a multiple of "
-                          f"sampling.batch_size ({cfg.sampling.batch_size}): each batch of questions is sampled with its "
-                          "own seed, so the rollout does not depend on the process count")
-    if grpo.mini_batch % world:
-        raise ConfigError(f"grpo.mini_batch ({grpo.mini_batch}) must be a multiple of the {world} processes")
+    check_rollout_shares(world, grpo.rollout_batch, cfg.sampling.batch_size, grpo.mini_batch, "grpo", "mini_batch")
     model = build_model(cfg.model)
     model.to(acc.device)
     reference = None
@@ -185,7 +168,7 @@ def run(cfg: GRPOConfig) -> Path:
         max_new_tokens=cfg.sampling.max_new_tokens, do_sample=True, temperature=cfg.sampling.temperature,
         top_p=cfg.sampling.top_p, num_return_sequences=g, batch_size=cfg.sampling.batch_size,
     )
-    rollouts = [b for e in range(cfg.train.epochs) for b in epoch_batches(len(questions), grpo.rollout_batch, cfg.train.seed, e)]
+    rollouts = rollout_plan(len(questions), grpo.rollout_batch, cfg.train.seed, cfg.train.epochs, world)
     total = len(rollouts) if cfg.train.max_steps is None else min(len(rollouts), cfg.train.max_steps)
     updates_per_rollout = grpo.num_iterations * -(-grpo.rollout_batch * g // grpo.mini_batch)
     rt.print(f"GRPO ({grpo.advantage}): {len(questions)} questions, {total} rollouts of {grpo.rollout_batch} x {g} answers")

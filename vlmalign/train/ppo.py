@@ -23,6 +23,13 @@ answer, unclamped) and kl_coef, entropy, policy and value losses, clip fractions
 response_length, eos_fraction, and the time split: rollout (sampling), reward (RM scoring), train
 (log-probs, values, advantages and the PPO epochs).
 
+Several processes (plain data parallel, `--launch`): each samples its share of the rollout's
+questions (batches of `sampling.batch_size` questions seeded alike whatever the process count, so
+`ppo.rollout_batch / processes` must be a multiple of it), scores them with its copy of the reward
+model, and trains on them; reward and advantage whitening, the KL and the logged means are taken
+over all processes, and each optimizer step's `step_batch` answers are split evenly between them.
+With one optimizer step per PPO epoch the update is that of one process. DeepSpeed is refused.
+
 Per-token tensors of a rollout are [N, T]: each answer's tokens left-aligned, right-padded, where
 position t holds the log-prob of answer token t and the value of the state before it.
 
@@ -49,23 +56,26 @@ from vlmalign.losses import (
     IGNORE_INDEX,
     gae_advantages,
     kl_penalized_rewards,
-    masked_mean,
     masked_whiten,
     ppo_policy_loss,
     ppo_value_loss,
     token_entropy,
     token_logps,
 )
-from vlmalign.model.generation import GenerationConfig, sample_answers
+from vlmalign.model.generation import GenerationConfig
 from vlmalign.model.reward import RewardModel, load_reward_model, score_samples
 from vlmalign.model.video_lm import MANIFEST, build_model, load_model
 from vlmalign.train.common import (
+    all_sum,
     backward,
-    epoch_batches,
+    check_rollout_shares,
     optimizer_step,
     prepare_training,
+    rollout_plan,
+    sample_share,
     save_final,
     setup_run,
+    sync_context,
     uses_deepspeed,
 )
 from vlmalign.train.grpo_rank import completion_rows
@@ -100,6 +110,19 @@ def value_forward(value: RewardModel, batch: dict, device) -> torch.Tensor:
     """[B, T] values of the states before each answer token (position t - 1 predicts token t)."""
     scores = value(**model_inputs(value.backbone, batch, device))[:, :-1].float()
     return answer_tokens(scores, batch["labels"][:, 1:].to(device) != IGNORE_INDEX)[0]
+
+
+class ActorCritic(nn.Module):
+    """The policy and the value model as one module: one forward, so data parallelism wraps and
+    synchronises both. Its state dict keys are `policy.*` and `value.*`."""
+
+    def __init__(self, policy, value: RewardModel):
+        super().__init__()
+        self.policy, self.value = policy, value
+
+    def forward(self, policy_batch: dict, value_batch: dict, device):
+        logps, valid, _ = policy_forward(self.policy, policy_batch, device)
+        return logps, valid, value_forward(self.value, value_batch, device)
 
 
 def pad_rows(chunks: list[torch.Tensor]) -> torch.Tensor:
@@ -141,8 +164,10 @@ def run(cfg: PPOConfig) -> Path:
         rt.print(f"{final} exists: this PPO run is complete")
         return final
     acc, ppo, g = rt.accelerator, cfg.ppo, cfg.sampling.num_samples
-    if acc.num_processes > 1 or uses_deepspeed(acc):
-        raise ConfigError("ppo runs on one process without DeepSpeed for now (rollouts are not sharded across processes)")
+    world, rank = acc.num_processes, acc.process_index
+    if uses_deepspeed(acc):
+        raise ConfigError("ppo does not run under DeepSpeed; launch plain data parallel (--launch multi_gpu)")
+    check_rollout_shares(world, ppo.rollout_batch, cfg.sampling.batch_size, ppo.step_batch, "ppo", "step_batch")
     policy = build_model(cfg.model).to(acc.device)
     reference = None if policy.uses_lora else load_model(cfg.model.init_from).to(acc.device).eval()
     reward_model = load_reward_model(cfg.reward_model).to(acc.device)
@@ -160,25 +185,29 @@ def run(cfg: PPOConfig) -> Path:
         max_new_tokens=cfg.sampling.max_new_tokens, do_sample=True, temperature=cfg.sampling.temperature,
         top_p=cfg.sampling.top_p, num_return_sequences=g, batch_size=cfg.sampling.batch_size,
     )
-    rollouts = [b for e in range(cfg.train.epochs) for b in epoch_batches(len(questions), ppo.rollout_batch, cfg.train.seed, e)]
+    rollouts = rollout_plan(len(questions), ppo.rollout_batch, cfg.train.seed, cfg.train.epochs, world)
     total = len(rollouts) if cfg.train.max_steps is None else min(len(rollouts), cfg.train.max_steps)
     total_updates = sum(ppo.ppo_epochs * -(-len(b) * g // ppo.step_batch) for b in rollouts[:total])
     rt.print(f"PPO: {len(questions)} questions, {total} rollouts of {ppo.rollout_batch} x {g} answers, {total_updates} optimizer steps")
 
-    actor_critic = nn.ModuleDict({"policy": policy, "value": value})
+    actor_critic = ActorCritic(policy, value)
     run = prepare_training(rt, actor_critic, cfg.train, total_updates, cfg.run.resume)
     actor_critic, optimizer, scheduler, checkpointer, step = run.model, run.optimizer, run.scheduler, run.checkpointer, run.step
     kl_coef = run.state.get("kl_coef", ppo.kl_coef)
+    total_sum = all_sum(acc)  # statistics of the whole rollout, over every process's share
+
+    def rollout_mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+        mask = torch.ones_like(values) if mask is None else mask.to(values.dtype)
+        return float(total_sum((values * mask).sum()) / total_sum(mask.sum()).clamp(min=1))
 
     # --- loop --------------------------------------------------------------------------------
     bar = tqdm(total=total, initial=step, desc="ppo", disable=not (rt.is_main and cfg.run.progress))
     while step < total:
-        batch_questions = [questions[i] for i in rollouts[step]]
-        # 1. rollout
+        # 1. rollout: this process's share of the questions
         started = time.perf_counter()
         actor_critic.eval()
-        generator = torch.Generator(device=acc.device).manual_seed(cfg.train.seed * 1_000_003 + step)
-        groups = sample_answers(policy, policy_visual, [(q.video, q.question) for q in batch_questions], gen, generator=generator)
+        batch_questions, groups = sample_share(policy, policy_visual, [questions[i] for i in rollouts[step]], gen,
+                                               cfg.train.seed, step, rank, world)
         answers = [(q, s) for q, grp in zip(batch_questions, groups) for s in grp]
         rows = [row for q, grp in zip(batch_questions, groups) for row in completion_rows(policy, q.question, q.video, grp)]
         rollout_time = time.perf_counter() - started
@@ -213,33 +242,37 @@ def run(cfg: PPOConfig) -> Path:
         mask = torch.arange(old_logps.shape[1])[None] < lengths[:, None]
         rewards = kl_penalized_rewards(score, old_logps, ref_logps, mask, kl_coef, ppo.clamp_kl)
         # Scaling or whitening the whole shaped reward, as released, keeps the KL/score trade-off at kl_coef.
-        rewards = masked_whiten(rewards, mask, shift_mean=False) if ppo.whiten_rewards else rewards * ppo.reward_scale
+        rewards = (masked_whiten(rewards, mask, shift_mean=False, all_sum=total_sum) if ppo.whiten_rewards
+                   else rewards * ppo.reward_scale)
         advantages, returns = gae_advantages(rewards, old_values, mask, ppo.gamma, ppo.lam)
         if ppo.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+            advantages = masked_whiten(advantages, mask, all_sum=total_sum)
         rollout = {"old_logps": old_logps, "advantages": advantages, "old_values": old_values, "returns": returns}
 
         # 4. PPO epochs over the rollout
         actor_critic.train()
         sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "value_clip_fraction": 0.0, "approx_kl": 0.0}
         updates = 0
+        local_step = ppo.step_batch // world
         for epoch in range(ppo.ppo_epochs):
-            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 101 + epoch))
-            for begin in range(0, len(rows), ppo.step_batch):
-                step_rows = order[begin : begin + ppo.step_batch]
-                step_tokens = mask[step_rows].sum()
-                for micro in step_rows.split(ppo.micro_batch):
+            seed = cfg.train.seed * 1_000_003 + step * 101 + epoch + rank * 7919
+            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
+            for begin in range(0, len(rows), local_step):
+                step_rows = order[begin : begin + local_step]
+                step_tokens = total_sum(mask[step_rows].sum())
+                micros = step_rows.split(ppo.micro_batch)
+                for j, micro in enumerate(micros):
                     chunk = [rows[i] for i in micro]
-                    with acc.autocast():
-                        logps, valid, _ = policy_forward(policy, policy_collate(chunk), acc.device)
-                        values = value_forward(value, value_collate(chunk), acc.device)
+                    with sync_context(acc, actor_critic, sync=j == len(micros) - 1), acc.autocast():
+                        logps, valid, values = actor_critic(policy_collate(chunk), value_collate(chunk), acc.device)
                         r = {k: v[micro, : logps.shape[1]].to(acc.device) for k, v in rollout.items()}
                         pg_loss, clip_fraction, approx_kl = ppo_policy_loss(logps, r["old_logps"], r["advantages"], valid, ppo.clip)
                         vf_loss, vf_clip_fraction = ppo_value_loss(values, r["old_values"], r["returns"], valid, ppo.value_clip)
-                        # token means over the whole optimizer step, however it is split
+                        # token means over the whole optimizer step, however it is split over
+                        # micro-batches and processes; x world because DDP averages gradients
                         share = valid.sum() / step_tokens.to(acc.device)
-                        loss = (pg_loss + ppo.vf_coef * vf_loss) * share
-                    backward(acc, loss)
+                        loss = (pg_loss + ppo.vf_coef * vf_loss) * share * world
+                        backward(acc, loss)
                     for key, v in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_fraction", clip_fraction),
                                    ("value_clip_fraction", vf_clip_fraction), ("approx_kl", approx_kl)):
                         sums[key] += float(v.detach() * share)
@@ -247,17 +280,18 @@ def run(cfg: PPOConfig) -> Path:
                 updates += 1
         train_time = time.perf_counter() - started
 
-        kl = float(((old_logps - ref_logps) * mask).sum(-1).mean())  # per answer, unclamped k1
+        kl = rollout_mean(((old_logps - ref_logps) * mask).sum(-1))  # per answer, unclamped k1
+        losses = total_sum(torch.tensor(list(sums.values()))) / updates  # each process holds its share of the means
         metrics = {
-            "reward": float(rm_scores.mean()), "score": float(score.mean()), "kl": kl, "kl_coef": kl_coef,
-            "entropy": float(masked_mean(entropy, mask)), **{k: v / updates for k, v in sums.items()},
-            "return_mean": float(masked_mean(returns, mask)), "value_mean": float(masked_mean(old_values, mask)),
-            "response_length": float(lengths.mean()), "eos_fraction": float(finished.float().mean()),
+            "reward": rollout_mean(rm_scores), "score": rollout_mean(score), "kl": kl, "kl_coef": kl_coef,
+            "entropy": rollout_mean(entropy, mask), **dict(zip(sums, losses.tolist())),
+            "return_mean": rollout_mean(returns, mask), "value_mean": rollout_mean(old_values, mask),
+            "response_length": rollout_mean(lengths), "eos_fraction": rollout_mean(finished.float()),
             "lr": scheduler.get_last_lr()[0],
             "time_rollout": rollout_time, "time_reward": reward_time, "time_train": train_time,
         }
         if ppo.kl_target is not None:
-            kl_coef = adapt_kl_coef(kl_coef, kl, ppo.kl_target, ppo.kl_horizon, len(rows))
+            kl_coef = adapt_kl_coef(kl_coef, kl, ppo.kl_target, ppo.kl_horizon, len(rows) * world)
         step += 1
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{kl:.3f}")
