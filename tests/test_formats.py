@@ -425,3 +425,34 @@ def test_append_jsonl(tmp_path):
     with pytest.raises(TypeError):
         append_jsonl(path, {"id": "c", "bad": object()})
     assert path.read_text(encoding="utf-8") == '{"id": "a", "score": 4}\n{"id": "b", "text": "ü"}\n'
+
+
+def test_hub_data_file_is_read_from_the_local_hub_cache(tmp_path, monkeypatch):
+    """`hf://datasets/ORG/NAME/PATH` resolves through huggingface_hub; tests run offline, so the
+    file is put in a hub cache the way a download leaves it, and an uncached one is a clear error."""
+    import huggingface_hub.constants
+
+    from vlmalign.data import formats
+
+    commit = "a" * 40
+    repo = tmp_path / "hub" / "datasets--someone--video-sft"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    data = repo / "snapshots" / commit / "train" / "sft.jsonl"
+    data.parent.mkdir(parents=True)
+    data.write_text(json.dumps({"id": "a", "video": "clips/a.mp4", "conversations": [
+        {"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "A dog runs."}]}) + "\n")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    formats._hub_file.cache_clear()
+
+    (sample,) = read_instructions("hf://datasets/someone/video-sft/train/sft.jsonl")
+    assert sample.turns[1].text == "A dog runs."
+    assert sample.video == str(data.parent / "clips" / "a.mp4")  # relative to the file's cached folder
+    (again,) = read_instructions("hf://datasets/someone/video-sft/train/sft.jsonl", video_root=tmp_path / "videos")
+    assert again.video == str(tmp_path / "videos" / "clips" / "a.mp4")
+    with pytest.raises(DataError, match=r"hf://datasets/someone/video-sft/train/other.jsonl: cannot get train/other.jsonl"):
+        read_instructions("hf://datasets/someone/video-sft/train/other.jsonl")
+    with pytest.raises(DataError, match="is named hf://datasets/ORG/NAME/PATH"):
+        read_instructions("hf://datasets/someone/video-sft")
+    formats._hub_file.cache_clear()

@@ -18,6 +18,10 @@ Formats:
 Placeholders: `<image>` is read as `<video>`; a record with a video holds exactly one placeholder,
 in its first user turn (inserted as "<video>\\n" when absent); a record without one holds none.
 
+Hub files: a data file may be named `hf://datasets/ORG/NAME/PATH` (or `NAME@REVISION`), the
+Hugging Face hub's file URL: it is downloaded once into the local hub cache and read from there,
+offline too once cached (`local_data_file`).
+
 Videos: relative paths are resolved against `video_root` if given, else the data file's folder;
 absolute paths are kept. Whether a video exists is left to decoding, which reports it clearly;
 only the benchmark readers look at the disk, to complete names written without an extension
@@ -26,6 +30,7 @@ only the benchmark readers look at the disk, to complete names written without a
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -106,13 +111,40 @@ class GenerativeItem:
 # ----------------------------------------------------------------------------- reading records
 
 
+HUB_SCHEME = "hf://datasets/"
+
+
+def local_data_file(spec: str | os.PathLike) -> str:
+    """A local path as given; for `hf://datasets/ORG/NAME[@REVISION]/PATH`, the file in the local
+    hub cache, downloaded there first if needed (offline: only what is cached)."""
+    name = os.fspath(spec)
+    return _hub_file(name) if name.startswith(HUB_SCHEME) else name
+
+
+@functools.lru_cache(maxsize=None)
+def _hub_file(url: str) -> str:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    parts = url[len(HUB_SCHEME):].split("/")
+    if len(parts) < 3 or not all(parts):
+        raise DataError(f"{url}: a hub data file is named hf://datasets/ORG/NAME/PATH (or NAME@REVISION)")
+    name, _, revision = parts[1].partition("@")
+    repo, filename = f"{parts[0]}/{name}", "/".join(parts[2:])
+    try:
+        return hf_hub_download(repo, filename, repo_type="dataset", revision=revision or None)
+    except (EntryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
+        raise DataError(f"{url}: cannot get {filename} of dataset {repo} (offline without a cached copy, or no such "
+                        f"repository or file): {str(e).splitlines()[0]}") from None
+
+
 def iter_json_records(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """Yield (line, record) from a .json array or a .jsonl file."""
+    """Yield (line, record) from a .json array or a .jsonl file (local, or a hub file URL)."""
     name = os.fspath(path)
     suffix = Path(name).suffix.lower()
     try:
         # utf-8-sig: files saved by some Windows editors start with a byte-order mark.
-        with open(name, encoding="utf-8-sig") as f:
+        with open(local_data_file(name), encoding="utf-8-sig") as f:
             if suffix == ".jsonl":
                 records = _iter_jsonl(name, f)
             elif suffix == ".json":
@@ -255,8 +287,8 @@ def _require_text(r: _Record, where: str, text: str) -> None:
 def resolve_video(value: str | list[str], data_file, video_root=None, video_ext=None) -> str | list[str]:
     """Resolve a video path, frame folder or list of frame paths from a data record.
 
-    Relative paths are joined to `video_root`, else to `data_file`'s folder; absolute paths are
-    kept. `video_ext` completes a single name that has no video extension (benchmarks list
+    Relative paths are joined to `video_root`, else to `data_file`'s folder (a hub file's folder
+    in the local cache); absolute paths are kept. `video_ext` completes a single name that has no video extension (benchmarks list
     videos by id):
       - None: keep it as written (training data names its files and frame folders exactly);
       - a string such as ".mp4": append it, without looking at the disk;
@@ -265,7 +297,7 @@ def resolve_video(value: str | list[str], data_file, video_root=None, video_ext=
         decoder's "not found" error shows the name the data gave.
     Frame lists are images, so `video_ext` never applies to them.
     """
-    base = Path(video_root) if video_root is not None else Path(data_file).parent
+    base = Path(video_root) if video_root is not None else Path(local_data_file(data_file)).parent
     if isinstance(value, list):
         return [str(base / Path(v).expanduser()) for v in value]
     path = base / Path(value).expanduser()  # joining an absolute path keeps it
