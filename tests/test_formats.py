@@ -433,6 +433,7 @@ def test_hub_data_file_is_read_from_the_local_hub_cache(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
     from vlmalign.data import formats
+    from vlmalign.eval.retrieval import read_retrieval
 
     commit = "a" * 40
     repo = tmp_path / "hub" / "datasets--someone--video-sft"
@@ -446,6 +447,9 @@ def test_hub_data_file_is_read_from_the_local_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     formats._hub_file.cache_clear()
 
+    (data.parent / "test.csv").write_text("video_id,sentence\nvideo1,a dog runs\n")
+    (item,) = read_retrieval("hf://datasets/someone/video-sft/train/test.csv", video_root=tmp_path)
+    assert (item.video_name, item.texts) == ("video1", ["a dog runs"])
     (sample,) = read_instructions("hf://datasets/someone/video-sft/train/sft.jsonl")
     assert sample.turns[1].text == "A dog runs."
     assert sample.video == str(data.parent / "clips" / "a.mp4")  # relative to the file's cached folder

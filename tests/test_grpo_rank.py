@@ -1,12 +1,14 @@
 """grpo-rank trainer on the 12-video benchmark with a tiny model and the oracle ranker."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from vlmalign.config import GRPOConfig, load_config
+from vlmalign.errors import ConfigError
 from vlmalign.train import grpo_rank
 
 
@@ -99,6 +101,36 @@ def test_text_ranker_reads_each_video_caption(tiny_policy, tiny_bench, tmp_path,
     contexts = json.loads((run_dir / "contexts.json").read_text())
     assert len(prompts) == 4 and all(m["groups_skipped"] == 0 for m in _metrics(run_dir))
     for prompt in prompts:  # each of the rollout's 4 prompts names one video's caption
-        assert sum(caption_for(captions, video) in prompt for video in contexts) >= 1, prompt
-    with pytest.raises(Exception, match="retrospective contexts belong to iterative DPO"):
+        assert sum(caption_for(captions, video) in prompt for video in contexts["contexts"]) >= 1, prompt
+    with pytest.raises(ConfigError, match="retrospective contexts belong to iterative DPO"):
         grpo_rank.run(grpo_cfg(tiny_policy, tiny_bench, tmp_path / "bad", **{"context.kind": "retrospective"}))
+
+
+@pytest.mark.parametrize("advantage", ["grpo_rank", "grpo"])
+def test_every_judge_request_carries_its_own_video_context(advantage):
+    """Ranked or scored, each request reads the context of its own question's video."""
+
+    from vlmalign.config import GRPOSection
+    from vlmalign.feedback.judges import Judgment
+    from vlmalign.feedback.preferences import Question, video_key
+
+    class RecordingJudge:
+        requests = []
+
+        def rank(self, requests):
+            self.requests += requests
+            return [Judgment("rank", [0, 1, 2], "ok", "", "j", "p", "m", False, None) for _ in requests]
+
+        def score(self, requests):
+            self.requests += requests
+            return [Judgment("score", 3, "ok", "", "j", "p", "m", False, None) for _ in requests]
+
+    questions = [Question(f"q{i}", f"/v/video{i % 2}.mp4", f"question {i}?") for i in range(3)]
+    contexts = {video_key(q.video): f"caption of {Path(q.video).stem}" for q in questions}
+    judge = RecordingJudge()
+    texts = [("a", "b", "c")] * 3
+    grpo_rank.judge_rollout(judge, GRPOSection(advantage=advantage), questions, texts, torch.zeros(3, 3), contexts)
+    per_question = 1 if advantage == "grpo_rank" else 3
+    assert len(judge.requests) == 3 * per_question
+    for i, request in enumerate(judge.requests):
+        assert request.context == f"caption of video{(i // per_question) % 2}"

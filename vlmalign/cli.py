@@ -18,7 +18,6 @@ from vlmalign.errors import VlmalignError
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
-# Commands that later work will implement; each exits non-zero instead of pretending.
 EVAL_BENCHMARKS = ["synthetic", "msvd-qa", "msrvtt-qa", "tgif-qa", "activitynet-qa", "generative", "video-mme", "retrieval", "action"]
 
 

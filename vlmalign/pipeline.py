@@ -173,7 +173,8 @@ class Pipeline:
             rows[name] = {"agreement": stats["oracle_agreement"]["agreement"], "n": stats["oracle_agreement"]["n"],
                           "parse_errors": stats["by_status"].get("parse_error", 0), "judgments": stats["judgments"],
                           "inconsistent": stats["by_status"].get("inconsistent", 0),
-                          "first_answer_chosen": stats.get("first_answer_chosen")}
+                          # under the swap check only position-proof verdicts remain: no bias to read
+                          "first_answer_chosen": None if swap else stats.get("first_answer_chosen")}
         return rows
 
     def ppo_stage(self, sft_final: Path) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlmalign.config import JudgeConfig
+from vlmalign.data.formats import HUB_SCHEME
 from vlmalign.errors import VlmalignError
 from vlmalign.eval.common import Decoding, load_judge_config
 
@@ -48,12 +49,17 @@ def _source_checks(args) -> None:
         raise VlmalignError(f"eval {args.benchmark}: --predictions evaluates existing answers; drop --model")
     if not args.predictions and not args.model:
         raise VlmalignError(f"eval {args.benchmark}: give --model (with --data) or --predictions")
-    if args.predictions and not Path(args.predictions).is_file():
+    if args.predictions and not _hub(args.predictions) and not Path(args.predictions).is_file():
         raise VlmalignError(f"--predictions: {args.predictions}: file not found")
     if args.model and not args.data:
         raise VlmalignError(f"eval {args.benchmark}: --model needs --data, the questions to answer")
-    if args.data and not Path(args.data).exists():
+    if args.data and not _hub(args.data) and not Path(args.data).exists():
         raise VlmalignError(f"--data: {args.data}: not found")
+
+
+def _hub(name: str) -> bool:
+    """A hub file URL: read through the hub cache, which reports a missing file itself."""
+    return name.startswith(HUB_SCHEME)
 
 
 def _summary(report: dict, out: Path) -> str:
@@ -129,9 +135,12 @@ def _clip_score(args) -> dict:
     _source_checks(args)
     if args.judge:
         raise VlmalignError(f"eval {args.benchmark}: CLIP-score needs no judge; drop --judge (--text-encoder picks the text tower)")
-    data = Path(args.predictions or args.data)
+    if args.overrides:
+        raise VlmalignError(f"eval {args.benchmark}: --set overrides a judge config; CLIP-score has no judge")
+    data = args.predictions or args.data
     classes = args.classes
-    if data.is_dir():  # a synthetic benchmark folder
+    if not _hub(data) and Path(data).is_dir():  # a synthetic benchmark folder
+        data = Path(data)
         data, classes = data / f"{args.benchmark}_test.json", classes or data / "action_classes.txt"
     if args.benchmark == "retrieval":
         if args.classes:

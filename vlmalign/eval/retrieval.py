@@ -31,10 +31,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlmalign.data.formats import VIDEO_EXTS, resolve_video
+from vlmalign.data.formats import VIDEO_EXTS, local_data_file, resolve_video
 from vlmalign.errors import DataError, VlmalignError
 from vlmalign.eval.common import (
     Decoding,
@@ -151,12 +152,15 @@ def _video_of(f: Fields, path, video_root) -> tuple[str, str]:
     return resolve_video(name, path, video_root, VIDEO_EXTS), name
 
 
-def _grouped(rows: list[tuple[str, str, list[str], str | None]]) -> list[VideoItem]:
-    """One item per video, its texts in file order (records of one video may repeat)."""
+def _grouped(rows: list[tuple[str, str, list[str], str | None]], source: str) -> list[VideoItem]:
+    """One item per video, its texts in file order (records of one video may repeat; each caption
+    is a text-to-video query, repeated ones too)."""
     items: dict[str, VideoItem] = {}
     for video, name, texts, pred in rows:
         item = items.setdefault(video, VideoItem("", video, name, [], pred))
-        item.texts += [t for t in texts if t not in item.texts]
+        if pred != item.pred:
+            raise DataError(f"{source}: video {name!r} has two different descriptions ('pred') in its records")
+        item.texts += texts
     out = list(items.values())
     for item, key in zip(out, unique_keys([it.video_name for it in out])):
         item.key = key
@@ -164,10 +168,10 @@ def _grouped(rows: list[tuple[str, str, list[str], str | None]]) -> list[VideoIt
 
 
 def read_retrieval(path, video_root=None, predictions: bool = False) -> list[VideoItem]:
-    path = Path(path)
+    path = os.fspath(path)  # a str: a hub URL would lose its "//" in a Path
     rows = []
-    if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as fh:
+    if Path(path).suffix.lower() == ".csv":
+        with open(local_data_file(path), newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
             missing = {"video_id", "sentence"} - set(reader.fieldnames or [])
             if missing:
@@ -179,7 +183,7 @@ def read_retrieval(path, video_root=None, predictions: bool = False) -> list[Vid
                              [row["sentence"].strip()], None))
         if predictions:
             raise DataError(f"{path}: a CSV caption file holds no predictions; give a JSON file with 'pred'")
-        return _grouped(rows)
+        return _grouped(rows, path)
     for f, data in read_records(path):
         video, name = _video_of(f, path, video_root)
         if "captions" in data:
@@ -189,7 +193,7 @@ def read_retrieval(path, video_root=None, predictions: bool = False) -> list[Vid
         else:
             captions = [f.text("caption", alternatives=("sentence",))]
         rows.append((video, name, captions, f.text("pred", allow_empty=True) if predictions else None))
-    return _grouped(rows)
+    return _grouped(rows, path)
 
 
 def read_action(path, video_root=None, predictions: bool = False) -> list[VideoItem]:
@@ -282,8 +286,13 @@ def evaluate_action(out_dir, data, *, classes: list[str] | None = None, class_te
                     progress: bool = True, benchmark: str = "action") -> dict:
     """Zero-shot action recognition: each description against every class name."""
     check_limit(limit)
-    if "{}" not in class_template:
-        raise VlmalignError(f"--class-template {class_template!r} has no '{{}}' for the class name")
+    try:
+        filled = class_template.format("x")
+    except (IndexError, KeyError, ValueError):
+        filled = class_template
+    if filled == class_template:
+        raise VlmalignError(f"--class-template {class_template!r}: write the class name's place as '{{}}', "
+                            "e.g. 'a video of {}.'")
     out_dir = Path(out_dir)
     items = read_action(data, videos, predictions)
     classes = classes or sorted({it.texts[0] for it in items})

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vlmalign.data.features import VisualInputs
+from vlmalign.data.formats import local_data_file
 from vlmalign.errors import DataError
 from vlmalign.model.generation import GenerationConfig, sample_from_visual
 from vlmalign.prompts import build_narrative, load_prompt
@@ -123,9 +124,8 @@ def load_captions(path, clips: int | None = None) -> dict[str, str]:
     Accepts `{"vid": "text"}`, `{"vid": {"caption": ...}}` (our synthetic benchmark; with `clips`,
     its per-clip captions joined into a narrative) and records with `video`/`id` and `caption`.
     """
-    path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = Path(local_data_file(path)).read_text(encoding="utf-8")
     except OSError as e:
         raise DataError(f"{path}: cannot read captions ({e.strerror or e})") from None
     try:

@@ -15,6 +15,7 @@ import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -81,11 +82,13 @@ def setup_run(cfg, run: RunConfig, train: TrainConfig) -> Runtime:
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, set_seed
 
-    handlers = []
+    # Rank 0 alone judges a PPO / GRPO rollout (an API judge retries with backoff) while the other
+    # processes wait in a collective: allow it far longer than the usual 10 minutes.
+    group = {"timeout": timedelta(hours=2)}
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not torch.cuda.is_available():
         # accelerate picks no process-group backend for DeepSpeed without CUDA; gloo runs it on CPU
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    accelerator = Accelerator(mixed_precision=train.mixed_precision, kwargs_handlers=handlers)
+        group["backend"] = "gloo"
+    accelerator = Accelerator(mixed_precision=train.mixed_precision, kwargs_handlers=[InitProcessGroupKwargs(**group)])
     if uses_deepspeed(accelerator):
         # Stages build their models whole and encode videos or score reference log-probs with them
         # before prepare() hands them to DeepSpeed; under ZeRO-3 transformers would otherwise create
@@ -135,11 +138,13 @@ def epoch_batches(num_items: int, batch_size: int, seed: int, tag: int, rank: in
     return batches
 
 
-def rollout_plan(num_questions: int, rollout_batch: int, seed: int, epochs: int, world: int) -> list[list[int]]:
-    """The question indices of every rollout, epoch after epoch. Several processes split each
-    rollout evenly, so there an epoch's final incomplete rollout is dropped."""
-    return [b for e in range(epochs) for b in epoch_batches(num_questions, rollout_batch, seed, e)
-            if world == 1 or len(b) == rollout_batch]
+def rollout_plan(num_questions: int, rollout_batch: int, seed: int, epochs: int) -> list[list[int]]:
+    """The question indices of every rollout, epoch after epoch. Rollouts are whole (an epoch's
+    incomplete last one is dropped), so any process count splits them alike and a checkpoint
+    resumes on another count at the same rollout."""
+    if num_questions < rollout_batch:
+        raise ConfigError(f"rollout_batch ({rollout_batch}) is larger than the {num_questions} training questions")
+    return [b for e in range(epochs) for b in epoch_batches(num_questions, rollout_batch, seed, e) if len(b) == rollout_batch]
 
 
 def check_rollout_shares(world: int, rollout_batch: int, sampling_batch: int, update_batch: int, section: str,

@@ -31,6 +31,8 @@ Artifacts: RUN/config.yaml, metrics.jsonl, checkpoints/step-N (N = rollouts), fi
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -109,7 +111,7 @@ def judge_rollout(judge, grpo, questions, texts: list[tuple[str, ...]], seq_logp
             ranking_matches=float((pred == oracle_ranks).all(1)[valid].float().mean()) if valid.any() else None,
         )
     else:
-        judged_flat = judge.score([JudgeRequest(r.video, r.question, (a,)) for r in requests for a in r.answers])
+        judged_flat = judge.score([JudgeRequest(r.video, r.question, (a,), r.context) for r in requests for a in r.answers])
         judged = [judged_flat[i * g : (i + 1) * g] for i in range(len(requests))]
         valid = torch.tensor([all(j.status == "ok" for j in grp) for grp in judged])
         scores = torch.tensor([[float(j.value) if j.status == "ok" else 0.0 for j in grp] for grp in judged])
@@ -118,15 +120,27 @@ def judge_rollout(judge, grpo, questions, texts: list[tuple[str, ...]], seq_logp
     return advantages * valid[:, None], valid, metrics
 
 
-def _contexts(cfg: GRPOConfig, model, visual, questions, path: Path) -> dict:
-    """The ranker's context per video, written once from the starting policy (narrative) or read
-    from the caption file, and kept in RUN/contexts.json so a resumed run reads the same."""
+def _contexts(cfg: GRPOConfig, acc, model, visual, questions, path: Path) -> dict:
+    """The ranker's context per video: read from the caption file, or narratives written once by the
+    starting policy, each process writing those of its share of the videos. Kept in RUN/contexts.json
+    with the settings that made them; a resumed run reuses them only when those settings match and
+    every video has one."""
     if cfg.context.kind == "none":
         return {}
-    if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
-    contexts = build_contexts(cfg.context, model, visual, questions, prompts_path=cfg.judge.prompts, progress=cfg.run.progress)
-    path.write_text(json.dumps(contexts, indent=1, ensure_ascii=False), encoding="utf-8")
+    settings = {**asdict(cfg.context), "prompts": cfg.judge.prompts, "policy": cfg.model.init_from}
+    one_per_video = list({video_key(q.video): q for q in questions if q.video is not None}.values())
+    if cfg.run.resume and path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved.get("settings") == settings and all(video_key(q.video) in saved["contexts"] for q in one_per_video):
+            return saved["contexts"]
+    share = one_per_video if cfg.context.kind == "caption" else one_per_video[acc.process_index :: acc.num_processes]
+    contexts = build_contexts(cfg.context, model, visual, share, prompts_path=cfg.judge.prompts, progress=cfg.run.progress)
+    if cfg.context.kind != "caption" and acc.num_processes > 1:
+        contexts = {k: v for part in gather_object([contexts]) for k, v in part.items()}
+    if acc.is_main_process:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"settings": settings, "contexts": contexts}, indent=1, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, path)
     return contexts
 
 
@@ -159,16 +173,16 @@ def run(cfg: GRPOConfig) -> Path:
     visual = VisualInputs(model, cfg.data.feature_cache)
     collate = Collator(model.tokenizer.pad_token_id, visual)
     questions = read_questions(cfg.data.train, cfg.data.video_root)
-    judge, contexts = None, {}  # only rank 0 judges: one judge process, one cache file
+    contexts = _contexts(cfg, acc, model, visual, questions, rt.run_dir / "contexts.json")
+    judge = None  # only rank 0 judges: one judge process, one cache file
     if rt.is_main:
         judge = build_judge(cfg.judge, cfg.judge.cache or rt.run_dir / "judge_cache.sqlite", model=model, visual=visual,
                             progress=False)
-        contexts = _contexts(cfg, model, visual, questions, rt.run_dir / "contexts.json")
     gen = GenerationConfig(
         max_new_tokens=cfg.sampling.max_new_tokens, do_sample=True, temperature=cfg.sampling.temperature,
         top_p=cfg.sampling.top_p, num_return_sequences=g, batch_size=cfg.sampling.batch_size,
     )
-    rollouts = rollout_plan(len(questions), grpo.rollout_batch, cfg.train.seed, cfg.train.epochs, world)
+    rollouts = rollout_plan(len(questions), grpo.rollout_batch, cfg.train.seed, cfg.train.epochs)
     total = len(rollouts) if cfg.train.max_steps is None else min(len(rollouts), cfg.train.max_steps)
     updates_per_rollout = grpo.num_iterations * -(-grpo.rollout_batch * g // grpo.mini_batch)
     rt.print(f"GRPO ({grpo.advantage}): {len(questions)} questions, {total} rollouts of {grpo.rollout_batch} x {g} answers")
