@@ -253,14 +253,16 @@ def run(cfg: GRPOConfig) -> Path:
                 backward(acc, loss * scale)
                 optimizer_step(acc, model, optimizer, scheduler, cfg.train.max_grad_norm)
                 updates += 1
-                sums["loss"] += float(loss.detach()) * scale  # the mean over processes is then the global loss
+                # each process adds its part of the mini-batch's value; the sum over processes is the value
+                local_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+                sums["loss"] += float(loss.detach()) * scale / world
                 for key in ("kl", "entropy", "clip_fraction"):
                     if key in stats:
-                        sums[key] += float(stats[key])
+                        sums[key] += float(stats[key]) * local_tokens / max(num_tokens, 1)
         step += 1
         bar.update(1)
-        means = torch.tensor([v / updates for v in sums.values()] + [float(lengths.mean())], device=acc.device)
-        means = acc.reduce(means, reduction="mean") if world > 1 else means
+        means = torch.tensor([v / updates for v in sums.values()] + [float(lengths.mean()) / world], device=acc.device)
+        means = acc.reduce(means, reduction="sum") if world > 1 else means
         metrics.update(zip(sums, means[:-1].tolist()))
         metrics.update(
             advantage_abs_mean=float(all_advantages.abs().mean()), advantage_std=float(all_advantages.std()),
