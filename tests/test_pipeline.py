@@ -50,6 +50,8 @@ def test_seed_table_reports_mean_and_sample_standard_deviation(tmp_path):
     # generative scores are not percentages: correctness 10 x (0.4, 0.5, 0.6) = 5.00 ± 1.00
     assert "| SFT (start of every method) | 5.00 ± 1.00 | 2.50 ± 0.50 | 2.50 ± 0.50 | 2.50 ± 0.50 | 2.50 ± 0.50 | 3.00 ± 0.60 |" in table
     assert "| retrospective | 1 | 10 ± 0 | 1.20 ± 0.20 | n/a | 50.0 ± 10.0 |" in table
+    # DPO minus SFT per seed: +10, +10, -20 points; mean 0, sample sd sqrt((100 + 100 + 400) / 2) = 17.3
+    assert "| LLaVA-Hound: DPO | +10.0 | +10.0 | -20.0 | +0.0 ± 17.3 |" in table
     assert "±" not in format_results(runs[:1])
     written = plot_pipeline(runs, tmp_path / "img")
     assert [p.name for p in written] == ["accuracy.png", "isr_iterations.png"]

@@ -301,6 +301,19 @@ def format_results(runs: list[dict]) -> str:
     for name in per_seed[0]:
         cells = [_cell([rows.get(name, {}).get(c) for rows in per_seed]) for c in COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if len(runs) > 1:
+        start = "SFT (start of every method)"
+        seeds = [r["budget"]["seed"] for r in runs]
+        lines += ["", "Gain in short-answer accuracy over each seed's own SFT start (points):", "",
+                  "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd |", "|---|" + "---|" * (len(seeds) + 1)]
+        for name in per_seed[0]:
+            if name in (start, "untrained"):
+                continue
+            gains = [100 * (rows[name]["all"] - rows[start]["all"]) if name in rows else None for rows in per_seed]
+            cells = [f"{g:+.1f}" if g is not None else "n/a" for g in gains]
+            kept = [g for g in gains if g is not None]
+            mean, std = mean_std(kept) if kept else (None, None)
+            lines.append(f"| {name} | " + " | ".join(cells) + (f" | {mean:+.1f} ± {std:.1f} |" if kept else " | n/a |"))
     if any("generative" in evals for rows in per_seed for evals in rows.values()):
         lines += ["", "Generative benchmark (descriptions of the held-out videos, five criteria scored 0-5 by the oracle):", "",
                   "| model | " + " | ".join(CRITERIA) + " |", "|---|" + "---|" * len(CRITERIA)]
