@@ -11,6 +11,7 @@ and the stages' metrics.jsonl. matplotlib is an optional extra (`pip install -e 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 
@@ -58,7 +59,7 @@ def plot_pipeline(runs: list[dict], img_dir, run_dirs: list[Path] | None = None)
         stats = [mean_std([100 * r[n][column] for r in rows if n in r and column in r[n]] or [0.0]) for n in names]
         xs = [i + (k - 0.5) * width for i in range(len(names))]
         ax.bar(xs, [m for m, _ in stats], width, yerr=[s for _, s in stats] if len(runs) > 1 else None, capsize=3, label=label)
-    short = [n.replace(" (start of every method)", "").replace(" context), iteration ", ", it. ").replace(": ", "\n")
+    short = [re.sub(r" context\), iteration (\d+)", r", it. \1)", n.replace(" (start of every method)", "")).replace(": ", "\n")
              for n in names]
     ax.set_xticks(range(len(names)), short, fontsize=7, rotation=20, ha="right")
     ax.set_ylabel("held-out accuracy %")
@@ -88,10 +89,13 @@ def plot_pipeline(runs: list[dict], img_dir, run_dirs: list[Path] | None = None)
     # judge agreement per context
     if all("judges" in r for r in runs):
         contexts = list(runs[0]["judges"])
-        stats = [mean_std([100 * r["judges"][c]["agreement"] for r in runs if r["judges"][c]["agreement"] is not None] or [0.0])
-                 for c in contexts]
+        values = [[100 * r["judges"][c]["agreement"] for r in runs if r["judges"][c]["agreement"] is not None] for c in contexts]
+        stats = [mean_std(v) if v else (0.0, 0.0) for v in values]
         fig, ax = plt.subplots(figsize=(8, 4))
         ax.bar(contexts, [m for m, _ in stats], yerr=[s for _, s in stats] if len(runs) > 1 else None, capsize=3)
+        for x, v in enumerate(values):
+            if not v:  # e.g. every verdict failed the swap check: no agreement to show, not 0%
+                ax.text(x, 2, "no verdict\nleft", ha="center", va="bottom", fontsize=8)
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
         ax.axhline(50, color="grey", linestyle="--", linewidth=1, label="chance")
         ax.set(ylabel="agreement with the oracle %", title="Self-judge agreement by context")
