@@ -1,6 +1,7 @@
 """`vlmalign demo`: the embedded default, every stage end to end on a laptop CPU.
 
-Measured: 4.9 minutes on two idle cores (benchmark, SFT, every method, short-answer and multiple-choice evaluation).
+Measured: 6.7 minutes on two idle cores (benchmark, SFT, every method; short-answer, multiple-choice and
+generative evaluation of every checkpoint).
 
 Writes the synthetic benchmark, trains the tiny video LLM with SFT, then from that one checkpoint
 runs each alignment method on a short budget (VLM-RLAIF RM + PPO, LLaVA-Hound DPO, one ISR-DPO

@@ -58,7 +58,7 @@ class Budget:
 
 
 FULL = Budget()
-# `vlmalign demo`: every training stage touched; 4.9 minutes measured on two idle CPU cores.
+# `vlmalign demo`: every training stage touched; 6.7 minutes measured on two idle CPU cores.
 QUICK = Budget(sft_epochs=4, judge_data=False, self_judge=False, rm_questions=300, ppo_rollouts=10,
                dpo_questions=400, isr_iterations=1, isr_questions=200, grpo_rollouts=15)
 
