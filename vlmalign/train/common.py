@@ -246,10 +246,7 @@ def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: floa
 
 def global_count(accelerator, count: int) -> int:
     """Sum of `count` over processes (used to normalise losses by the global token count)."""
-    if accelerator.num_processes == 1:
-        return count
-    tensor = torch.tensor([count], device=accelerator.device)
-    return int(accelerator.reduce(tensor, reduction="sum").item())
+    return int(all_sum(accelerator)(torch.tensor([count])).item())
 
 
 @dataclass

@@ -20,9 +20,10 @@ gathers the answers, judges them all (one judge, one cache) and computes every a
 process then trains on its share, and gradients are averaged. Questions are sampled in batches of
 `sampling.batch_size`, each batch with its own seed, so a rollout's answers do not depend on the
 process count: with several processes, `grpo.rollout_batch / processes` must be a multiple of
-`sampling.batch_size`, and `grpo.mini_batch` of the process count. With one mini-batch per rollout the update is that of one
-process; with several, each mini-batch takes an equal part from every process's share, so its
-composition (not its expectation) depends on the process count. DeepSpeed is not supported here.
+`sampling.batch_size`, and `grpo.mini_batch` of the process count. With one mini-batch per rollout
+the update is that of one process; with several, each mini-batch takes an equal part from every
+process's share, so its composition (not its expectation) depends on the process count. DeepSpeed
+is not supported here.
 
 Artifacts: RUN/config.yaml, metrics.jsonl, checkpoints/step-N (N = rollouts), final/, and with
 `eval_qa` the held-out accuracy of final/ in RUN/eval/.
@@ -59,6 +60,7 @@ from vlmalign.losses import (
 from vlmalign.model.generation import GenerationConfig
 from vlmalign.model.video_lm import MANIFEST, build_model, load_model
 from vlmalign.train.common import (
+    all_sum,
     backward,
     check_rollout_shares,
     global_count,
@@ -240,7 +242,8 @@ def run(cfg: GRPOConfig) -> Path:
                 batch = collate(rows[start : start + local_batch])
                 # token aggregation divides by the mini-batch's tokens on every process; x world
                 # because DDP averages gradients (the sequence mean needs neither: shares are equal)
-                num_tokens = global_count(acc, int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()))
+                local_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+                num_tokens = global_count(acc, local_tokens)
                 scale = world if grpo.aggregation == "token" else 1
                 with acc.autocast():
                     logps, mask, entropy = _forward_logps(model, batch, acc.device, grpo.c_entropy != 0)
@@ -254,7 +257,6 @@ def run(cfg: GRPOConfig) -> Path:
                 optimizer_step(acc, model, optimizer, scheduler, cfg.train.max_grad_norm)
                 updates += 1
                 # each process adds its part of the mini-batch's value; the sum over processes is the value
-                local_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
                 sums["loss"] += float(loss.detach()) * scale / world
                 for key in ("kl", "entropy", "clip_fraction"):
                     if key in stats:
@@ -262,7 +264,7 @@ def run(cfg: GRPOConfig) -> Path:
         step += 1
         bar.update(1)
         means = torch.tensor([v / updates for v in sums.values()] + [float(lengths.mean()) / world], device=acc.device)
-        means = acc.reduce(means, reduction="sum") if world > 1 else means
+        means = all_sum(acc)(means)
         metrics.update(zip(sums, means[:-1].tolist()))
         metrics.update(
             advantage_abs_mean=float(all_advantages.abs().mean()), advantage_std=float(all_advantages.std()),
