@@ -175,6 +175,6 @@ def test_interrupted_iterative_dpo_redoes_no_finished_iteration(tiny_policy, tin
     # iteration t+1 starts from iteration t's policy
     assert summary[1]["policy_in"] == summary[0]["policy_out"]
     # retrospective contexts: one per video, rewritten from the previous iteration's
-    first_ctx = json.loads((run_dir / "iter-01" / "contexts.json").read_text())
-    second_ctx = json.loads((run_dir / "iter-02" / "contexts.json").read_text())
+    first_ctx = json.loads((run_dir / "iter-01" / "contexts.json").read_text())["contexts"]
+    second_ctx = json.loads((run_dir / "iter-02" / "contexts.json").read_text())["contexts"]
     assert first_ctx.keys() == second_ctx.keys() and len(first_ctx) > 1

@@ -82,12 +82,39 @@ def test_self_judge_parse_failures_are_counted_never_scored(tiny_policy, tiny_be
         "judge.max_new_tokens": "4"})
     model, visual, questions = _setup(cfg)
     _, stats = make_preferences(cfg, model, visual, questions, tmp_path / "self")
-    contexts = json.loads((tmp_path / "self" / "contexts.json").read_text())
+    contexts = json.loads((tmp_path / "self" / "contexts.json").read_text())["contexts"]
     assert len(contexts) == len({q.video for q in questions})
     assert all(c.count("Part ") == 3 for c in contexts.values())  # three clip captions per narrative
     parse_errors = stats["by_status"].get("parse_error", 0)
     assert stats["pairs"] + sum(stats["dropped"].values()) == 12
     assert stats["dropped"].get("parse_error", 0) == parse_errors  # random replies: dropped, counted
+
+
+def test_a_rerun_reuses_contexts_only_when_made_with_the_same_settings(tiny_policy, tiny_bench, tmp_path, monkeypatch):
+    """Changing the context settings and re-running in the same folder must not judge with the old
+    contexts (they were reused whatever the settings before)."""
+    from vlmalign.feedback import preferences
+
+    out = tmp_path / "ctx"
+    cfg = prefs_cfg(tiny_policy, tiny_bench, out, **{"context.kind": "caption", "sampling.num_samples": "2"})
+    model, visual, questions = _setup(cfg)
+    make_preferences(cfg, model, visual, questions, out)
+    captions = load_captions(tiny_bench / "captions.json")
+    saved = json.loads((out / "contexts.json").read_text())
+    assert saved["settings"]["kind"] == "caption" and set(saved["contexts"].values()) <= set(captions.values())
+
+    narrative = prefs_cfg(tiny_policy, tiny_bench, out, **{
+        "context.kind": "narrative", "context.clips": "2", "context.max_new_tokens": "4", "sampling.num_samples": "2"})
+    records = [json.loads(line) for line in make_preferences(narrative, model, visual, questions, out)[0].read_text().splitlines()]
+    contexts = json.loads((out / "contexts.json").read_text())["contexts"]
+    assert all(c.count("Part ") == 2 for c in contexts.values())  # written again, not the captions
+    assert all(r["context"].count("Part ") == 2 for r in records)
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("contexts made with these settings exist: they should be reused")
+
+    monkeypatch.setattr(preferences, "build_contexts", no_rebuild)
+    make_preferences(narrative, model, visual, questions, out)
 
 
 def test_clips_cover_the_frames_in_order_at_the_model_frame_count():

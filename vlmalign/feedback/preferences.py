@@ -27,7 +27,7 @@ import json
 import os
 import random
 import statistics
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -125,6 +125,28 @@ def build_contexts(
     if cfg.kind == "narrative":
         return narratives(model, visual, videos, cfg.clips, cfg.max_clip_len, cfg.max_new_tokens, prompts_path=prompts_path, progress=progress)
     return retrospective_contexts(model, visual, videos, previous, cfg.max_new_tokens, prompts_path=prompts_path, progress=progress)
+
+
+def save_contexts(path: Path, settings: dict, contexts: dict) -> None:
+    """RUN/contexts.json: the contexts and the settings that made them, written atomically."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"settings": settings, "contexts": contexts}, indent=1, ensure_ascii=False, default=str),
+                   encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load_contexts(path: Path, settings: dict | None = None, videos=()) -> dict | None:
+    """Contexts saved by `save_contexts`, or None when there are none to reuse: with `settings`, those
+    saved must have been made with the same settings and cover every one of `videos` (a run resumed
+    after its context settings changed writes them again instead of judging with stale ones)."""
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    if settings is not None:
+        same = saved.get("settings") == json.loads(json.dumps(settings, default=str))
+        if not same or any(video_key(v) not in saved["contexts"] for v in videos):
+            return None
+    return saved["contexts"]
 
 
 # --- judging ---------------------------------------------------------------------------------------
@@ -282,9 +304,10 @@ def make_preferences(
     """Sample, judge and pair for `questions`; write everything under `out_dir`; return (preferences, stats).
 
     `contexts` given: used as is (the iterative DPO loop computes them per its mode); otherwise built
-    per `cfg.context` and saved to contexts.json, which a re-run reuses; `context_name` says what given
-    contexts are (for stats.json; default `cfg.context.kind`). An `hf` judge with model
-    "policy" judges with `model`; one with a saved model's path loads that model.
+    per `cfg.context` and saved to contexts.json, which a re-run with the same context settings
+    reuses; `context_name` says what given contexts are (for stats.json; default `cfg.context.kind`).
+    An `hf` judge with model "policy" judges with `model`; one with a saved model's path loads that
+    model.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     method = cfg.preferences.method
@@ -301,11 +324,12 @@ def make_preferences(
 
     if contexts is None:
         contexts_path = out_dir / "contexts.json"
-        if cfg.run.resume and contexts_path.is_file():
-            contexts = json.loads(contexts_path.read_text(encoding="utf-8"))
-        else:
+        settings = {**asdict(cfg.context), "prompts": cfg.judge.prompts, "policy": cfg.policy}
+        videos = [q.video for q in questions if q.video is not None]
+        contexts = load_contexts(contexts_path, settings, videos) if cfg.run.resume else None
+        if contexts is None:
             contexts = build_contexts(cfg.context, model, visual, questions, prompts_path=cfg.judge.prompts, progress=progress)
-            contexts_path.write_text(json.dumps(contexts, indent=1, ensure_ascii=False), encoding="utf-8")
+            save_contexts(contexts_path, settings, contexts)
 
     cache = Path(cfg.judge.cache) if cfg.judge.cache else out_dir / "judge_cache.sqlite"
     judge = build_judge(cfg.judge, cache, model=model, visual=visual)

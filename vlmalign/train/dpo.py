@@ -208,7 +208,7 @@ def run_iterative(cfg: DPOConfig) -> Path:
     from accelerate.utils import set_seed
 
     from vlmalign.feedback.context import context_for_iteration
-    from vlmalign.feedback.preferences import make_preferences, read_questions
+    from vlmalign.feedback.preferences import load_contexts, make_preferences, read_questions, save_contexts
     from vlmalign.model.video_lm import load_model
 
     loop = cfg.loop
@@ -232,7 +232,7 @@ def run_iterative(cfg: DPOConfig) -> Path:
         contexts_path = it_dir / "contexts.json"
         if (final / MANIFEST).is_file() and (it_dir / "summary.json").is_file():
             print(f"iteration {t}: done ({final})", flush=True)
-            contexts = json.loads(contexts_path.read_text()) if contexts_path.is_file() else {}
+            contexts = load_contexts(contexts_path) or {}
         else:
             print(f"iteration {t}/{loop.iterations}: policy {policy}", flush=True)
             set_seed(cfg.train.seed + t)
@@ -240,15 +240,15 @@ def run_iterative(cfg: DPOConfig) -> Path:
             if torch.cuda.is_available():
                 model.cuda()
             visual = VisualInputs(model, cfg.data.feature_cache)
-            if contexts_path.is_file() and cfg.run.resume:
-                contexts = json.loads(contexts_path.read_text())
-            else:
+            settings = {"mode": loop.context_mode, "policy": str(policy), "prompts": loop.judge.prompts}
+            contexts = load_contexts(contexts_path, settings, videos) if cfg.run.resume else None
+            if contexts is None:
                 contexts = context_for_iteration(
                     loop.context_mode, t, model, visual, videos, previous, first,
                     prompts_path=loop.judge.prompts, progress=cfg.run.progress,
                 )
                 it_dir.mkdir(parents=True, exist_ok=True)
-                contexts_path.write_text(json.dumps(contexts, indent=1, ensure_ascii=False))
+                save_contexts(contexts_path, settings, contexts)
             prefs_cfg = _iteration_prefs_config(cfg, policy, it_dir)
             prefs_path, stats = make_preferences(prefs_cfg, model, visual, questions, it_dir, contexts=contexts,
                                                  context_name=loop.context_mode, progress=cfg.run.progress)

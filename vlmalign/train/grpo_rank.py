@@ -31,8 +31,6 @@ Artifacts: RUN/config.yaml, metrics.jsonl, checkpoints/step-N (N = rollouts), fi
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -47,7 +45,7 @@ from vlmalign.data.formats import VIDEO_TOKEN
 from vlmalign.data.template import IGNORE_INDEX, encode_prompt
 from vlmalign.errors import ConfigError
 from vlmalign.feedback.judges import JudgeRequest, build_judge
-from vlmalign.feedback.preferences import build_contexts, read_questions, video_key
+from vlmalign.feedback.preferences import build_contexts, load_contexts, read_questions, save_contexts, video_key
 from vlmalign.losses import (
     grpo_advantages,
     grpo_loss,
@@ -131,18 +129,15 @@ def _contexts(cfg: GRPOConfig, acc, model, visual, questions, path: Path) -> dic
         return {}
     settings = {**asdict(cfg.context), "prompts": cfg.judge.prompts, "policy": cfg.model.init_from}
     one_per_video = list({video_key(q.video): q for q in questions if q.video is not None}.values())
-    if cfg.run.resume and path.is_file():
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        if saved.get("settings") == settings and all(video_key(q.video) in saved["contexts"] for q in one_per_video):
-            return saved["contexts"]
+    saved = load_contexts(path, settings, [q.video for q in one_per_video]) if cfg.run.resume else None
+    if saved is not None:
+        return saved
     share = one_per_video if cfg.context.kind == "caption" else one_per_video[acc.process_index :: acc.num_processes]
     contexts = build_contexts(cfg.context, model, visual, share, prompts_path=cfg.judge.prompts, progress=cfg.run.progress)
     if cfg.context.kind != "caption" and acc.num_processes > 1:
         contexts = {k: v for part in gather_object([contexts]) for k, v in part.items()}
     if acc.is_main_process:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"settings": settings, "contexts": contexts}, indent=1, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, path)
+        save_contexts(path, settings, contexts)
     return contexts
 
 
