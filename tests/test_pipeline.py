@@ -22,6 +22,9 @@ def test_every_stage_runs_from_one_sft_start_and_reports(tmp_path):
     assert set(results["grpo"]) == {"grpo_rank", "grpo"}
     assert json.loads((tmp_path / "out" / "results.json").read_text())["budget"]["videos"] == 12
     assert 0.0 <= results["sft_eval"]["mcq"] <= 1.0 and "multiple choice" in table
+    scored = results["judges"]["score: caption"]  # the oracle judges here: it orders every pair it separates
+    assert scored["n"] + scored["tied"] > 0 and scored["tied"] == 0 and scored["agreement"] == 1.0
+    assert "scored 1-5 by the self-judge" in table
     generative = results["dpo"]["eval"]["generative"]
     assert set(generative) == {"correctness", "detail", "context", "temporal", "consistency", "average"}
     assert 0.0 <= generative["average"] <= 5.0 and "Generative benchmark" in table
@@ -55,6 +58,22 @@ def test_seed_table_reports_mean_and_sample_standard_deviation(tmp_path):
     assert "±" not in format_results(runs[:1])
     written = plot_pipeline(runs, tmp_path / "img")
     assert [p.name for p in written] == ["accuracy.png", "isr_iterations.png"]
+
+
+def test_judge_tables_keep_pairwise_and_scoring_judges_apart():
+    def judges(agreement, tied):
+        return {"none": {"agreement": agreement, "n": 70, "first_answer_chosen": 0.9, "inconsistent": None,
+                         "parse_errors": 0, "judgments": 200},
+                "score: none": {"agreement": agreement, "n": 40, "tied": tied, "side_agreement": 0.5,
+                                "parse_errors": 2, "judgments": 400}}
+
+    runs = [{**_result(0, 0.4, 0.5, 1.0), "judges": judges(0.5, 10)}, {**_result(1, 0.4, 0.5, 1.0), "judges": judges(0.7, 30)}]
+    lines = format_results(runs).splitlines()
+    pairwise = lines.index("| context | agreement % | pairs | first answer chosen % | inconsistent under swap | parse errors |")
+    scoring = lines.index("| context | agreement % | pairs | pairs scored equal | answers on the oracle's side of 3 % | parse errors |")
+    assert lines[pairwise + 2] == "| none | 60.0 ± 14.1 | 70 ± 0 | 90.0 ± 0.0 | n/a | 0 ± 0 |"
+    assert lines[pairwise + 3] == ""  # the scoring judge is not a row of the pairwise table
+    assert lines[scoring + 2] == "| score: none | 60.0 ± 14.1 | 40 ± 0 | 20 ± 14 | 50.0 ± 0.0 | 2 ± 0 |"
 
 
 @pytest.mark.e2e

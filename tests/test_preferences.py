@@ -191,3 +191,30 @@ def test_judge_stats_count_statuses_and_position_bias():
     assert stats["by_status"] == {"ok": 3, "inconsistent": 1, "parse_error": 1} and stats["judgments"] == 5
     assert stats["first_answer_chosen"] == pytest.approx(1 / 3)  # A in one of the three verdicts
     assert "first_answer_chosen" not in judge_stats([[j(4, kind="score")]])  # scores have no position
+
+
+def test_score_agreement_orders_pairs_the_oracle_separates():
+    """Hand-computed: three answers per question, oracle scores (5, 1, 3) and (2, 2, 4)."""
+    from types import SimpleNamespace
+
+    from vlmalign.feedback.preferences import Question, oracle_agreement
+    from vlmalign.model.generation import Sample
+
+    truth = {"a": 5, "b": 1, "c": 3, "d": 2, "e": 2, "f": 4}
+    oracle = SimpleNamespace(score=lambda video, question, answer: truth[answer])
+
+    def j(value, status="ok"):
+        return Judgment("score", value, status, "raw", "judge", "judge.score@v1", "m", False, None)
+
+    questions = [Question("q1", "v1.mp4", "?"), Question("q2", "v2.mp4", "?")]
+    samples = [[Sample(t, [], [], True) for t in "abc"], [Sample(t, [], [], True) for t in "def"]]
+    judgments = [[j(4), j(2), j(4)], [j(1), j(5), j(None, "parse_error")]]
+    result = oracle_agreement(oracle, "score_threshold", questions, samples, judgments)
+    # q1: (a, b) ordered right, (a, c) tied, (b, c) ordered right; q2: (d, e) equal for the oracle,
+    # (d, f) and (e, f) lose f to a parse error
+    assert (result["pair_agreement"], result["pairs_ordered"], result["pairs_tied"]) == (1.0, 2, 1)
+    # sides of 3: a 4/5 yes, b 2/1 yes, c 4/3 yes, d 1/2 yes, e 5/2 no; f not judged
+    assert (result["agreement"], result["n"]) == (pytest.approx(4 / 5), 5)
+    judgments[0] = [j(4), j(5), j(3)]  # (a, b) and (b, c) now reversed, (a, c) still right
+    result = oracle_agreement(oracle, "score_threshold", questions, samples, judgments)
+    assert (result["pair_agreement"], result["pairs_ordered"], result["pairs_tied"]) == (pytest.approx(1 / 3), 3, 0)

@@ -6,8 +6,9 @@
   sft     the tiny model on the short- and long-answer data (a mixture; with `judge_data`, plus the
           judge-format examples so it can judge its own answers, as a pretrained LLM does)
   judges  self-judge agreement with the oracle on held-out questions: no context, narrative of 1
-          and 3 clips, caption proxy (pairwise), and no context / 3-clip narrative with the swap
-          check (each pair judged in both orders; position-following verdicts dropped)
+          and 3 clips, caption proxy (pairwise), no context / 3-clip narrative with the swap check
+          (each pair judged in both orders; position-following verdicts dropped), and the same pairs
+          scored 1-5 one answer at a time with no context, a 3-clip narrative or the caption
   ppo     VLM-RLAIF: 2 samples judged with a 3-clip narrative, a reward model on those
           preferences, PPO against it
   dpo     LLaVA-Hound: 6 samples scored 1-5 with the caption (the oracle stands in for the
@@ -175,6 +176,20 @@ class Pipeline:
                           "inconsistent": stats["by_status"].get("inconsistent", 0),
                           # under the swap check only position-proof verdicts remain: no bias to read
                           "first_answer_chosen": None if swap else stats.get("first_answer_chosen")}
+        # the same answer pairs scored 1-5 one answer at a time: a judge with no position to follow
+        for name, ctx in [("none", {"context__kind": "none"}),
+                          ("narrative-3", {"context__kind": "narrative", "context__clips": 3}),
+                          ("caption", {"context__kind": "caption"})]:
+            run_dir = self.out / "judges" / f"score-{name}"
+            cfg = self.prefs_config(run_dir, sft_final, data__train=f"[{self.bench}/qa_val.json]",
+                                    preferences__method="score_threshold", sampling__num_samples=2, preferences__limit=n,
+                                    **self.judge(""), **ctx)
+            _, stats = make_preferences(cfg, model, visual, questions, run_dir)
+            agreement = stats["oracle_agreement"]
+            rows[f"score: {name}"] = {"agreement": agreement["pair_agreement"], "n": agreement["pairs_ordered"],
+                                      "tied": agreement["pairs_tied"], "side_agreement": agreement["agreement"],
+                                      "parse_errors": stats["by_status"].get("parse_error", 0),
+                                      "judgments": stats["judgments"]}
         return rows
 
     def ppo_stage(self, sft_final: Path) -> dict:
@@ -325,12 +340,23 @@ def format_results(runs: list[dict]) -> str:
                   "with the swap check, only verdicts that survive swapping A and B count):", "",
                   "| context | agreement % | pairs | first answer chosen % | inconsistent under swap | parse errors |",
                   "|---|---|---|---|---|---|"]
-        for name in first["judges"]:
-            rows = [r["judges"][name] for r in runs if name in r.get("judges", {})]
-            lines.append(f"| {name} | {_cell([row['agreement'] for row in rows])} | {_cell([row['n'] for row in rows], False, 0)} "
-                         f"| {_cell([row.get('first_answer_chosen') for row in rows])} "
-                         f"| {_cell([row.get('inconsistent') for row in rows], False, 0)} "
-                         f"| {_cell([row['parse_errors'] for row in rows], False, 0)} |")
+        judges = {name: [r["judges"][name] for r in runs if name in r.get("judges", {})] for name in first["judges"]}
+        for name, rows in judges.items():
+            if "tied" not in rows[0]:
+                lines.append(f"| {name} | {_cell([row['agreement'] for row in rows])} | {_cell([row['n'] for row in rows], False, 0)} "
+                             f"| {_cell([row.get('first_answer_chosen') for row in rows])} "
+                             f"| {_cell([row.get('inconsistent') for row in rows], False, 0)} "
+                             f"| {_cell([row['parse_errors'] for row in rows], False, 0)} |")
+        scored = {name: rows for name, rows in judges.items() if "tied" in rows[0]}
+        if scored:
+            lines += ["", "The same answer pairs scored 1-5 by the self-judge, one answer at a time (no position to follow); "
+                      "agreement counts the pairs the oracle scores differently and the judge too:", "",
+                      "| context | agreement % | pairs | pairs scored equal | answers on the oracle's side of 3 % | parse errors |",
+                      "|---|---|---|---|---|---|"]
+            for name, rows in scored.items():
+                lines.append(f"| {name} | {_cell([row['agreement'] for row in rows])} | {_cell([row['n'] for row in rows], False, 0)} "
+                             f"| {_cell([row['tied'] for row in rows], False, 0)} | {_cell([row['side_agreement'] for row in rows])} "
+                             f"| {_cell([row['parse_errors'] for row in rows], False, 0)} |")
     if "isr" in first:
         lines += ["", "ISR-DPO per iteration:", "",
                   "| context | iteration | pairs | chosen/rejected words | judge-oracle agreement % | accuracy % |",

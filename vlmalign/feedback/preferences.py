@@ -23,6 +23,7 @@ lacks.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -260,9 +261,14 @@ def oracle_agreement(oracle, method: str, questions: list[Question], samples: li
 
     pairwise: the judge picks the answer the oracle scores higher (pairs the oracle scores equal
     are left out); score_threshold: the judge's score puts an answer on the same side of the
-    chosen/rejected line (>= 3) as the oracle's; ranked: mean Kendall tau of the two rankings.
+    chosen/rejected line (>= 3) as the oracle's, and `pair_agreement`: of the pairs of one question's
+    answers that the oracle scores differently, those the judge scores differently (`pairs_ordered`)
+    are ordered the same way (`pairs_tied`: the judge gave both the same score); a scoring judge sees
+    one answer at a time, so unlike a pairwise one it has no position to follow. ranked: mean
+    Kendall tau of the two rankings.
     """
     agree, total, taus = 0, 0, []
+    pairs_agree, pairs_ordered, pairs_tied = 0, 0, 0
     for q, group, judged in zip(questions, samples, judgments):
         answers = [s.text for s in group]
         if method == "pairwise":
@@ -279,13 +285,25 @@ def oracle_agreement(oracle, method: str, questions: list[Question], samples: li
             truth = oracle.rank(q.video, q.question, answers)
             taus.append(float(kendall_tau(torch.tensor([judged.value]), torch.tensor([truth]))[0]))
         else:
-            for answer, j in zip(answers, judged):
-                if j.status != "ok":
+            truth = [oracle.score(q.video, q.question, answer) for answer in answers]
+            for j, true in zip(judged, truth):
+                if j.status == "ok":
+                    total += 1
+                    agree += int((j.value >= 3) == (true >= 3))
+            for a, b in itertools.combinations(range(len(answers)), 2):
+                if judged[a].status != "ok" or judged[b].status != "ok" or truth[a] == truth[b]:
                     continue
-                total += 1
-                agree += int((j.value >= 3) == (oracle.score(q.video, q.question, answer) >= 3))
+                if judged[a].value == judged[b].value:
+                    pairs_tied += 1
+                else:
+                    pairs_ordered += 1
+                    pairs_agree += int((judged[a].value > judged[b].value) == (truth[a] > truth[b]))
     if method == "ranked":
         return {"kendall_tau": statistics.fmean(taus) if taus else None, "n": len(taus)}
+    if method == "score_threshold":
+        return {"agreement": agree / total if total else None, "n": total,
+                "pair_agreement": pairs_agree / pairs_ordered if pairs_ordered else None,
+                "pairs_ordered": pairs_ordered, "pairs_tied": pairs_tied}
     return {"agreement": agree / total if total else None, "n": total}
 
 
