@@ -4,7 +4,8 @@ and the stages' metrics.jsonl. matplotlib is an optional extra (`pip install -e 
     accuracy.png          held-out accuracy of every model (short answers and multiple choice), with
                           the standard deviation over seeds as error bars
     isr_iterations.png    ISR-DPO accuracy and chosen/rejected length ratio per iteration, per context
-    judge_agreement.png   self-judge agreement with the oracle per context (when the judges stage ran)
+    judge_agreement.png   self-judge agreement with the oracle per context, each bar with the number
+                          of pairs behind it (when the judges stage ran)
     training_curves.png   the training signal of each stage over its steps (first seed)
 """
 
@@ -93,9 +94,12 @@ def plot_pipeline(runs: list[dict], img_dir, run_dirs: list[Path] | None = None)
         stats = [mean_std(v) if v else (0.0, 0.0) for v in values]
         fig, ax = plt.subplots(figsize=(8, 4))
         ax.bar(contexts, [m for m, _ in stats], yerr=[s for _, s in stats] if len(runs) > 1 else None, capsize=3)
-        for x, v in enumerate(values):
+        for x, (v, (mean, std)) in enumerate(zip(values, stats)):
             if not v:  # e.g. every verdict failed the swap check: no agreement to show, not 0%
                 ax.text(x, 2, "no verdict\nleft", ha="center", va="bottom", fontsize=8)
+            else:  # a bar over 2 pairs and one over 200 look alike without their counts
+                pairs = sum(r["judges"][contexts[x]]["n"] for r in runs)
+                ax.text(x, mean + std + 1, f"n={pairs}", ha="center", va="bottom", fontsize=7)
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
         ax.axhline(50, color="grey", linestyle="--", linewidth=1, label="chance")
         ax.set(ylabel="agreement with the oracle %", title="Self-judge agreement by context")
