@@ -25,6 +25,9 @@ def test_every_stage_runs_from_one_sft_start_and_reports(tmp_path):
     scored = results["judges"]["score: caption"]  # the oracle judges here: it orders every pair it separates
     assert scored["n"] + scored["tied"] > 0 and scored["tied"] == 0 and scored["agreement"] == 1.0
     assert "scored 1-5 by the self-judge" in table
+    # the 4 held-out questions of 12 videos never repeat a question, so no true-vs-wrong pair exists:
+    # the row says so instead of failing (tests/test_judge_probe.py checks the probe itself)
+    assert "| true vs wrong: caption | n/a | 0 |" in table
     generative = results["dpo"]["eval"]["generative"]
     assert set(generative) == {"correctness", "detail", "context", "temporal", "consistency", "average"}
     assert 0.0 <= generative["average"] <= 5.0 and "Generative benchmark" in table

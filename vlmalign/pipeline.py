@@ -7,8 +7,10 @@
           judge-format examples so it can judge its own answers, as a pretrained LLM does)
   judges  self-judge agreement with the oracle on held-out questions: no context, narrative of 1
           and 3 clips, caption proxy (pairwise), no context / 3-clip narrative with the swap check
-          (each pair judged in both orders; position-following verdicts dropped), and the same pairs
-          scored 1-5 one answer at a time with no context, a 3-clip narrative or the caption
+          (each pair judged in both orders; position-following verdicts dropped), pairs of a true
+          and a wrong answer without and with the caption (`feedback/judge_probe.py`), and the
+          sampled pairs scored 1-5 one answer at a time with no context, a 3-clip narrative or the
+          caption
   ppo     VLM-RLAIF: 2 samples judged with a 3-clip narrative, a reward model on those
           preferences, PPO against it
   dpo     LLaVA-Hound: 6 samples scored 1-5 with the caption (the oracle stands in for the
@@ -152,7 +154,11 @@ class Pipeline:
 
     def judges_stage(self, sft_final: Path) -> dict:
         from vlmalign.data.features import VisualInputs
-        from vlmalign.feedback.preferences import make_preferences, read_questions
+        from vlmalign.feedback.context import caption_for, load_captions
+        from vlmalign.feedback.judge_probe import probe_judge, true_vs_wrong_pairs
+        from vlmalign.feedback.judges import build_judge
+        from vlmalign.feedback.oracle import Oracle
+        from vlmalign.feedback.preferences import make_preferences, read_questions, video_key
         from vlmalign.model.video_lm import load_model
 
         model = load_model(sft_final).eval()
@@ -176,6 +182,19 @@ class Pipeline:
                           "inconsistent": stats["by_status"].get("inconsistent", 0),
                           # under the swap check only position-proof verdicts remain: no bias to read
                           "first_answer_chosen": None if swap else stats.get("first_answer_chosen")}
+        # a true and a wrong answer per question: does the judge read the answers at all?
+        pairs = true_vs_wrong_pairs(Oracle.from_dir(self.bench), questions, seed=self.budget.bench_seed)
+        probe_dir = self.out / "judges" / "true-vs-wrong"
+        probe_dir.mkdir(parents=True, exist_ok=True)
+        judge = build_judge(self.prefs_config(probe_dir, sft_final, **self.judge("")).judge, probe_dir / "judge_cache.sqlite",
+                            model=model, visual=visual, progress=False)
+        captions = load_captions(self.bench / "captions.json")
+        for name, contexts in [("none", {}), ("caption", {video_key(p.question.video): caption_for(captions, p.question.video)
+                                                          for p in pairs})]:
+            probe = probe_judge(judge, pairs, contexts)
+            rows[f"true vs wrong: {name}"] = {"agreement": probe["accuracy"], "n": probe["n"], "parse_errors": probe["not_judged"],
+                                              "judgments": len(pairs), "inconsistent": None,
+                                              "first_answer_chosen": probe["first_answer_chosen"]}
         # the same answer pairs scored 1-5 one answer at a time: a judge with no position to follow
         for name, ctx in [("none", {"context__kind": "none"}),
                           ("narrative-3", {"context__kind": "narrative", "context__clips": 3}),
@@ -336,8 +355,9 @@ def format_results(runs: list[dict]) -> str:
             cells = [_cell([rows.get(name, {}).get("generative", {}).get(c) for rows in per_seed], False, 2) for c in CRITERIA]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if "judges" in first:
-        lines += ["", "Judge agreement with the oracle (pairwise, held-out questions, pairs the oracle scores differently; "
-                  "with the swap check, only verdicts that survive swapping A and B count):", "",
+        lines += ["", "Judge agreement with the oracle (pairwise, held-out questions, pairs of the SFT model's samples the "
+                  "oracle scores differently; with the swap check, only verdicts that survive swapping A and B count; "
+                  "true vs wrong: the reference answer against another video's reference answer to the same question):", "",
                   "| context | agreement % | pairs | first answer chosen % | inconsistent under swap | parse errors |",
                   "|---|---|---|---|---|---|"]
         judges = {name: [r["judges"][name] for r in runs if name in r.get("judges", {})] for name in first["judges"]}

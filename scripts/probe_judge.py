@@ -1,0 +1,63 @@
+"""Does a local judge read the answers? Its accuracy on true-vs-wrong pairs of the synthetic benchmark.
+
+    python scripts/probe_judge.py --bench runs/replicate/bench --judge runs/replicate/sft/final
+    python scripts/probe_judge.py --bench B --judge MODEL --questions B/sft_easy.json   # its training questions
+
+Each question gets the oracle's reference answer and another video's reference answer to the same
+question, in random order (`vlmalign/feedback/judge_probe.py`); the judge picks one, once without
+context and once with the video's caption. A judge that follows the position scores about 50%.
+The judge is an `hf` model (a saved vlmalign or llava-hf folder) asked with the bundled tiny-model
+prompts unless --prompts says otherwise; verdicts are cached in OUT/judge_cache.sqlite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from vlmalign.config import JudgeConfig
+from vlmalign.feedback.context import caption_for, load_captions
+from vlmalign.feedback.judge_probe import probe_judge, true_vs_wrong_pairs
+from vlmalign.feedback.judges import build_judge
+from vlmalign.feedback.oracle import Oracle
+from vlmalign.feedback.preferences import read_questions, video_key
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bench", required=True, help="synthetic benchmark folder (vlmalign make-synthetic)")
+    parser.add_argument("--judge", required=True, help="saved model folder that judges")
+    parser.add_argument("--questions", help="question file (default: BENCH/qa_val.json)")
+    parser.add_argument("--limit", type=int, default=200, help="questions read from the file")
+    parser.add_argument("--prompts", default=str(REPO / "configs" / "tiny" / "prompts"))
+    parser.add_argument("--max-new-tokens", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0, help="which wrong answer and which order")
+    parser.add_argument("--out", help="folder for the cache and probe.json (default: JUDGE/../probe)")
+    args = parser.parse_args()
+
+    bench = Path(args.bench)
+    out = Path(args.out) if args.out else Path(args.judge).parent / "probe"
+    out.mkdir(parents=True, exist_ok=True)
+    questions = read_questions([args.questions or str(bench / "qa_val.json")], None, args.limit)
+    pairs = true_vs_wrong_pairs(Oracle.from_dir(bench), questions, args.seed)
+    judge = build_judge(JudgeConfig(backend="hf", model=args.judge, max_new_tokens=args.max_new_tokens, prompts=args.prompts),
+                        out / "judge_cache.sqlite")
+    captions = load_captions(bench / "captions.json")
+    results = {
+        "none": probe_judge(judge, pairs),
+        "caption": probe_judge(judge, pairs, {video_key(p.question.video): caption_for(captions, p.question.video) for p in pairs}),
+    }
+    (out / "probe.json").write_text(json.dumps({"judge": args.judge, "questions": len(questions), **results}, indent=2))
+    print(f"{len(pairs)} true-vs-wrong pairs from {len(questions)} questions; judge {args.judge}")
+    for name, r in results.items():
+        accuracy = "n/a" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%"
+        first = "n/a" if r["first_answer_chosen"] is None else f"{100 * r['first_answer_chosen']:.0f}%"
+        print(f"  context {name:8s} accuracy {accuracy} of {r['n']}, first answer chosen {first}, not judged {r['not_judged']}")
+    print(f"written: {out / 'probe.json'}")
+
+
+if __name__ == "__main__":
+    main()
