@@ -92,7 +92,7 @@ def plot_pipeline(runs: list[dict], img_dir, run_dirs: list[Path] | None = None)
         contexts = list(runs[0]["judges"])
         values = [[100 * r["judges"][c]["agreement"] for r in runs if r["judges"][c]["agreement"] is not None] for c in contexts]
         stats = [mean_std(v) if v else (0.0, 0.0) for v in values]
-        fig, ax = plt.subplots(figsize=(8, 4))
+        fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(contexts)), 4.5))
         ax.bar(contexts, [m for m, _ in stats], yerr=[s for _, s in stats] if len(runs) > 1 else None, capsize=3)
         for x, (v, (mean, std)) in enumerate(zip(values, stats)):
             if not v:  # e.g. every verdict failed the swap check: no agreement to show, not 0%
@@ -100,7 +100,7 @@ def plot_pipeline(runs: list[dict], img_dir, run_dirs: list[Path] | None = None)
             else:  # a bar over 2 pairs and one over 200 look alike without their counts
                 pairs = sum(r["judges"][contexts[x]]["n"] for r in runs)
                 ax.text(x, mean + std + 1, f"n={pairs}", ha="center", va="bottom", fontsize=7)
-        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
         ax.axhline(50, color="grey", linestyle="--", linewidth=1, label="chance")
         ax.set(ylabel="agreement with the oracle %", title="Self-judge agreement by context")
         ax.legend(fontsize=8)
