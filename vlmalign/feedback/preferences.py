@@ -17,8 +17,8 @@ under swap_check drops its question and is counted under that reason, as are pai
 are identical or one of them empty.
 
 Artifacts in RUN/: `samples.jsonl`, `contexts.json`, `judge_cache.sqlite`, `preferences.jsonl`,
-`stats.json`. Re-running reuses the samples and contexts and asks the judge only what its cache
-lacks.
+`stats.json`. Re-running reuses the samples (same question ids), the contexts (made with the same
+settings) and asks the judge only what its cache lacks.
 """
 
 from __future__ import annotations
@@ -143,6 +143,8 @@ def load_contexts(path: Path, settings: dict | None = None, videos=()) -> dict |
     if not path.is_file():
         return None
     saved = json.loads(path.read_text(encoding="utf-8"))
+    if "settings" not in saved:  # a bare {video: context}, as runs before the settings were kept wrote it
+        return saved if settings is None else None
     if settings is not None:
         same = saved.get("settings") == json.loads(json.dumps(settings, default=str))
         if not same or any(video_key(v) not in saved["contexts"] for v in videos):
