@@ -5,7 +5,8 @@
 
 Each question gets the oracle's reference answer and another video's reference answer to the same
 question, in random order (`vlmalign/feedback/judge_probe.py`); the judge picks one, once without
-context and once with the video's caption. A judge that follows the position scores about 50%.
+context and once with the video's caption. The true answer is first in half the pairs, so a
+judge that follows the position scores 50%.
 The judge is an `hf` model (a saved vlmalign or llava-hf folder) asked with the bundled tiny-model
 prompts unless --prompts says otherwise; verdicts are cached in OUT/judge_cache.sqlite.
 """
@@ -35,13 +36,14 @@ def main() -> None:
     parser.add_argument("--prompts", default=str(REPO / "configs" / "tiny" / "prompts"))
     parser.add_argument("--max-new-tokens", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0, help="which wrong answer and which order")
-    parser.add_argument("--out", help="folder for the cache and probe.json (default: JUDGE/../probe)")
+    parser.add_argument("--out", help="folder for the cache and probe.json (default: JUDGE/../probe-QUESTIONS)")
     args = parser.parse_args()
 
     bench = Path(args.bench)
-    out = Path(args.out) if args.out else Path(args.judge).parent / "probe"
+    question_file = Path(args.questions or bench / "qa_val.json")
+    out = Path(args.out) if args.out else Path(args.judge).parent / f"probe-{question_file.stem}"
     out.mkdir(parents=True, exist_ok=True)
-    questions = read_questions([args.questions or str(bench / "qa_val.json")], None, args.limit)
+    questions = read_questions([str(question_file)], None, args.limit)
     pairs = true_vs_wrong_pairs(Oracle.from_dir(bench), questions, args.seed)
     judge = build_judge(JudgeConfig(backend="hf", model=args.judge, max_new_tokens=args.max_new_tokens, prompts=args.prompts),
                         out / "judge_cache.sqlite")
@@ -50,7 +52,8 @@ def main() -> None:
         "none": probe_judge(judge, pairs),
         "caption": probe_judge(judge, pairs, {video_key(p.question.video): caption_for(captions, p.question.video) for p in pairs}),
     }
-    (out / "probe.json").write_text(json.dumps({"judge": args.judge, "questions": len(questions), **results}, indent=2))
+    (out / "probe.json").write_text(json.dumps({"judge": args.judge, "questions_file": str(question_file), "questions": len(questions),
+                                                "pairs": len(pairs), "seed": args.seed, **results}, indent=2))
     print(f"{len(pairs)} true-vs-wrong pairs from {len(questions)} questions; judge {args.judge}")
     for name, r in results.items():
         accuracy = "n/a" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%"

@@ -24,7 +24,7 @@ def test_every_stage_runs_from_one_sft_start_and_reports(tmp_path):
     assert 0.0 <= results["sft_eval"]["mcq"] <= 1.0 and "multiple choice" in table
     scored = results["judges"]["score: caption"]  # the oracle judges here: it orders every pair it separates
     assert scored["n"] + scored["tied"] > 0 and scored["tied"] == 0 and scored["agreement"] == 1.0
-    assert "scored 1-5 by the self-judge" in table
+    assert "scored 1-5 by the judge" in table
     # the 4 held-out questions of 12 videos never repeat a question, so no true-vs-wrong pair exists:
     # the row says so instead of failing (tests/test_judge_probe.py checks the probe itself)
     assert "| true vs wrong: caption | n/a | 0 |" in table

@@ -369,7 +369,7 @@ def format_results(runs: list[dict]) -> str:
                              f"| {_cell([row['parse_errors'] for row in rows], False, 0)} |")
         scored = {name: rows for name, rows in judges.items() if "tied" in rows[0]}
         if scored:
-            lines += ["", "The same answer pairs scored 1-5 by the self-judge, one answer at a time (no position to follow); "
+            lines += ["", "The same answer pairs scored 1-5 by the judge, one answer at a time (no position to follow); "
                       "agreement counts the pairs the oracle scores differently and the judge too:", "",
                       "| context | agreement % | pairs | pairs scored equal | answers on the oracle's side of 3 % | parse errors |",
                       "|---|---|---|---|---|---|"]
