@@ -17,12 +17,11 @@ import argparse
 import json
 from pathlib import Path
 
-from vlmalign.config import JudgeConfig
-from vlmalign.feedback.context import caption_for, load_captions
+from vlmalign.config import ContextConfig, JudgeConfig
 from vlmalign.feedback.judge_probe import probe_judge, true_vs_wrong_pairs
 from vlmalign.feedback.judges import build_judge
 from vlmalign.feedback.oracle import Oracle
-from vlmalign.feedback.preferences import read_questions, video_key
+from vlmalign.feedback.preferences import build_contexts, read_questions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,11 +46,9 @@ def main() -> None:
     pairs = true_vs_wrong_pairs(Oracle.from_dir(bench), questions, args.seed)
     judge = build_judge(JudgeConfig(backend="hf", model=args.judge, max_new_tokens=args.max_new_tokens, prompts=args.prompts),
                         out / "judge_cache.sqlite")
-    captions = load_captions(bench / "captions.json")
-    results = {
-        "none": probe_judge(judge, pairs),
-        "caption": probe_judge(judge, pairs, {video_key(p.question.video): caption_for(captions, p.question.video) for p in pairs}),
-    }
+    captions = build_contexts(ContextConfig(kind="caption", captions=str(bench / "captions.json")), None, None,
+                              [p.question for p in pairs])
+    results = {"none": probe_judge(judge, pairs), "caption": probe_judge(judge, pairs, captions)}
     (out / "probe.json").write_text(json.dumps({"judge": args.judge, "questions_file": str(question_file), "questions": len(questions),
                                                 "pairs": len(pairs), "seed": args.seed, **results}, indent=2))
     print(f"{len(pairs)} true-vs-wrong pairs from {len(questions)} questions; judge {args.judge}")

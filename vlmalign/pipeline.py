@@ -32,7 +32,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vlmalign.config import DPOConfig, GRPOConfig, PPOConfig, PrefsConfig, RMConfig, SFTConfig, load_config
+from vlmalign.config import ContextConfig, DPOConfig, GRPOConfig, PPOConfig, PrefsConfig, RMConfig, SFTConfig, load_config
 from vlmalign.errors import VlmalignError
 from vlmalign.eval.synthetic import evaluate_synthetic
 
@@ -154,11 +154,10 @@ class Pipeline:
 
     def judges_stage(self, sft_final: Path) -> dict:
         from vlmalign.data.features import VisualInputs
-        from vlmalign.feedback.context import caption_for, load_captions
         from vlmalign.feedback.judge_probe import probe_judge, true_vs_wrong_pairs
         from vlmalign.feedback.judges import build_judge
         from vlmalign.feedback.oracle import Oracle
-        from vlmalign.feedback.preferences import make_preferences, read_questions, video_key
+        from vlmalign.feedback.preferences import build_contexts, make_preferences, read_questions
         from vlmalign.model.video_lm import load_model
 
         model = load_model(sft_final).eval()
@@ -188,9 +187,9 @@ class Pipeline:
         probe_dir.mkdir(parents=True, exist_ok=True)
         judge = build_judge(self.prefs_config(probe_dir, sft_final, **self.judge("")).judge, probe_dir / "judge_cache.sqlite",
                             model=model, visual=visual, progress=False)
-        captions = load_captions(self.bench / "captions.json")
-        for name, contexts in [("none", {}), ("caption", {video_key(p.question.video): caption_for(captions, p.question.video)
-                                                          for p in pairs})]:
+        captions = build_contexts(ContextConfig(kind="caption", captions=str(self.bench / "captions.json")), model, visual,
+                                  [p.question for p in pairs])
+        for name, contexts in [("none", {}), ("caption", captions)]:
             probe = probe_judge(judge, pairs, contexts)
             rows[f"true vs wrong: {name}"] = {"agreement": probe["accuracy"], "n": probe["n"], "parse_errors": probe["not_judged"],
                                               "judgments": len(pairs), "inconsistent": None,
