@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -6,7 +8,7 @@ from tests.conftest import tiny_model_overrides
 from vlmalign.config import ModelConfig, SFTConfig, load_config
 from vlmalign.data.formats import Turn
 from vlmalign.data.template import IGNORE_INDEX, VISUAL_TOKEN_ID, encode_conversation, encode_prompt
-from vlmalign.errors import DataError
+from vlmalign.errors import ConfigError, DataError
 from vlmalign.model.projector import build_projector, spatio_temporal_pool
 from vlmalign.model.video_lm import build_model, load_model
 from vlmalign.model.vision import preprocess_frames
@@ -218,3 +220,26 @@ def test_qlora_on_a_saved_model_quantises_the_base_and_trains_the_adapter(word_c
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
     assert all(m.weight.dtype == torch.uint8 for m in layers)  # the base stayed quantised
+
+    # On AVX512-BF16 processors bitsandbytes repacks each 4-bit weight for its CPU kernel before an
+    # inference forward; that repacking asserted on the tiny config's old 344-wide MLP. Every layer
+    # of the tiny config must survive it, whichever processor runs this test.
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    for m in layers:
+        _convert_weight_packed_for_cpu(m.weight.data.clone(), copy.deepcopy(m.weight.quant_state))
+
+
+def test_qlora_on_cpu_refuses_a_shape_the_cpu_kernel_cannot_pack(word_corpus, tmp_path):
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs the optional bitsandbytes extra (pip install -e '.[qlora]')")
+    if torch.cuda.is_available():
+        pytest.skip("the CPU 4-bit kernel's shape rule applies only without CUDA")
+    build_model(tiny(word_corpus, **{"model.llm.arch.intermediate_size": 344})).save_pretrained(tmp_path / "start")
+    qlora = {"model.init_from": str(tmp_path / "start"), "model.lora.enabled": "true",
+             "model.quantization.load_in_4bit": "true", "model.quantization.compute_dtype": "float32"}
+    with pytest.raises(ConfigError) as info:
+        build_model(tiny(word_corpus, **qlora))
+    message = str(info.value)
+    assert "\n" not in message
+    # gate_proj (128 -> 344) is the first layer the kernel cannot pack
+    assert "layers.0.mlp.gate_proj" in message and "128 -> 344" in message and "divisible by 32" in message

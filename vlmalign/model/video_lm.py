@@ -163,7 +163,31 @@ def _load_llm(source: str | Path, cfg: ModelConfig):
             bnb_4bit_compute_dtype=_DTYPES[cfg.quantization.compute_dtype],
             llm_int8_skip_modules=["lm_head"],
         )
-    return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    llm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if cfg.quantization.load_in_4bit and not torch.cuda.is_available():
+        _check_cpu_4bit_shapes(llm, source)
+    return llm
+
+
+# bitsandbytes' CPU 4-bit kernel (taken on AVX512-BF16 processors) repacks each weight in blocks of
+# this many output rows, with whole quantisation blocks per input row, and fails on any other shape;
+# other CPUs fall back and accept it. Checked on every CPU so a config that runs on one runs on all.
+_CPU_4BIT_BLOCK_N = 32
+
+
+def _check_cpu_4bit_shapes(llm, source) -> None:
+    import bitsandbytes as bnb
+
+    for name, module in llm.named_modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        blocksize = module.weight.quant_state.blocksize
+        if module.out_features % _CPU_4BIT_BLOCK_N or module.in_features % blocksize:
+            raise ConfigError(
+                f"model.quantization.load_in_4bit: layer {name} of {source} maps {module.in_features} -> {module.out_features} "
+                f"features; bitsandbytes' CPU 4-bit kernel needs out_features divisible by {_CPU_4BIT_BLOCK_N} and in_features "
+                f"divisible by its block size {blocksize} (run on CUDA, or use hidden/intermediate sizes divisible by {blocksize})"
+            )
 
 
 def _random_llm(cfg: ModelConfig, tokenizer):
