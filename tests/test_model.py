@@ -243,3 +243,15 @@ def test_qlora_on_cpu_refuses_a_shape_the_cpu_kernel_cannot_pack(word_corpus, tm
     assert "\n" not in message
     # gate_proj (128 -> 344) is the first layer the kernel cannot pack
     assert "layers.0.mlp.gate_proj" in message and "128 -> 344" in message and "divisible by 32" in message
+
+
+def test_word_tokenizer_comes_from_the_corpus_alone(word_corpus):
+    """The tiny model's vocabulary (and so its initialisation) depends on the benchmark's files only:
+    it once also took every packaged prompt's words, so editing a prompt moved every tiny result."""
+    from vlmalign.model.tokenizer import SPECIAL_TOKENS, corpus_words
+
+    model = build_model(tiny(word_corpus))
+    expected = SPECIAL_TOKENS + corpus_words([word_corpus])
+    assert sorted(model.tokenizer.get_vocab(), key=model.tokenizer.get_vocab().get) == expected
+    # a word of the packaged judge prompts that the corpus lacks reads as <unk>
+    assert model.tokenizer.convert_tokens_to_ids("assistant") == model.tokenizer.unk_token_id

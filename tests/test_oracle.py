@@ -129,6 +129,26 @@ def test_short_answer_rules(hand, question, answer, score):
     assert v.reason
 
 
+@pytest.mark.parametrize("question, answer, score", [
+    # vid_00001: a red square moving left, a blue circle moving down
+    ("What colour is the circle?", "The circle is blue.", 5),
+    ("What colour is the circle?", "Blue.", 5),
+    ("What colour is the circle?", "The square is blue.", 1),  # blue, but said of the square
+    ("What colour is the square?", "The circle is red.", 1),
+    ("What shape is the blue object?", "The blue object is a circle.", 5),
+    ("What shape is the blue object?", "The red object is a circle.", 1),
+    ("Which way does the red square move?", "The red square moves left.", 5),
+    ("Which way does the red square move?", "The blue square moves left.", 1),
+    ("Which way does the red square move?", "The red circle moves left.", 1),
+    ("Which way does the red square move?", "It moves left.", 5),
+])
+def test_short_answers_bind_the_value_to_the_asked_object(hand, question, answer, score):
+    v = hand.verdict("vid_00001", question, answer)
+    assert v.score == score, v
+    if score == 1:
+        assert "not the" in v.reason
+
+
 def test_count_words_and_digits(hand):
     q = "How many objects appear in the video?"
     for answer in ("Two.", "2", "There are two objects.", "2 objects", "Two objects, one of them moving left."):

@@ -30,8 +30,11 @@ A word is negated, and ignored, when "not", "no", "never", "nor", "neither", "wi
 and "but"): "It is not red but blue" reads as blue. That is the only negation handled; double
 negatives, "anything but red", "red is wrong" and similar are misread.
 
-Then: exactly the true value -> score 5, correct; the true value and wrong ones (hedging) -> 2;
-only wrong values -> 1; no value of the category -> 1.
+Then: an answer that names another object than the one asked about ("The square is yellow." to
+"What colour is the triangle?": a shape word, none of them the asked shape; for shape questions a
+colour word, none the asked colour; direction questions both) -> 1, whatever it states; else exactly
+the true value -> score 5, correct; the true value and wrong ones (hedging) -> 2; only wrong values
+-> 1; no value of the category -> 1.
 
 Describe answers. An object is mentioned when a colour word is followed by a shape word, with at
 most one word between them from a small list (large, small, coloured, ...): "a red square". Mentions
@@ -415,6 +418,24 @@ def _describe_score(fraction: float) -> int:
 # ------------------------------------------------------------------------------------- oracle
 
 
+def _other_subject(parsed: syn.ParsedQuestion, answer: str) -> str | None:
+    """The object a short answer names when it is not the one asked about, else None.
+
+    "The square is yellow." answers "What colour is the triangle?" about the square: a value bound
+    to the wrong object is wrong, whatever the asked object's colour. An answer that names no
+    object ("Yellow.", "It is yellow.") is read as about the asked one.
+    """
+    if parsed.qtype in ("colour", "direction") and parsed.shape:
+        shapes = extract_values("shape", answer)
+        if shapes and parsed.shape not in shapes:
+            return f"the {shapes[0]}"
+    if parsed.qtype in ("shape", "direction") and parsed.colour:
+        colours = extract_values("colour", answer)
+        if colours and parsed.colour not in colours:
+            return f"the {colours[0]} object"
+    return None
+
+
 class Oracle:
     """Scores and ranks answers about synthetic-benchmark videos from their ground truth."""
 
@@ -493,7 +514,10 @@ class Oracle:
             raise VlmalignError(f"oracle: question {question!r} about {meta['id']}: {e}") from None
         values = list(dict.fromkeys(extract_values(parsed.qtype, answer)))
         said = ", ".join(map(str, values)) or "nothing"
-        if values == [truth]:
+        other = _other_subject(parsed, answer)
+        if other:
+            score, why = 1, f"answers about {other}, not the {' '.join(x for x in (parsed.colour, parsed.shape) if x) or 'object'} asked about"
+        elif values == [truth]:
             score, why = 5, f"states {truth}, the true {parsed.qtype}"
         elif truth in values:
             score, why = 2, f"hedges: states {said}; only {truth} is true"

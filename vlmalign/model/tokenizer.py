@@ -43,9 +43,10 @@ def build_word_tokenizer(words: list[str]):
     )
 
 
-def load_tokenizer(cfg: TokenizerConfig, llm_pretrained: str | None, extra_corpus: list[str | Path] = ()):
+def load_tokenizer(cfg: TokenizerConfig, llm_pretrained: str | None):
     """Pretrained tokenizer when one is named (or the LLM is pretrained), else a word-level one
-    built from `cfg.word_corpus` plus `extra_corpus` (the packaged prompt files)."""
+    built from `cfg.word_corpus` alone (the benchmark's own files), so that editing a packaged prompt
+    changes no tiny model's vocabulary or initialisation; prompt words outside it read as <unk>."""
     name = cfg.pretrained or llm_pretrained
     if name:
         from transformers import AutoTokenizer
@@ -56,4 +57,4 @@ def load_tokenizer(cfg: TokenizerConfig, llm_pretrained: str | None, extra_corpu
         return tokenizer
     if not cfg.word_corpus:
         raise ConfigError("model.tokenizer: give `pretrained` or a `word_corpus` to build a word-level tokenizer from")
-    return build_word_tokenizer(corpus_words([*cfg.word_corpus, *extra_corpus]))
+    return build_word_tokenizer(corpus_words(cfg.word_corpus))

@@ -143,10 +143,6 @@ def _contiguous(state: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Building and loading
 # ---------------------------------------------------------------------------------------------
-def _prompt_corpus() -> list[Path]:
-    return sorted((Path(__file__).resolve().parents[1] / "prompts").glob("*.yaml"))
-
-
 def _load_llm(source: str | Path, cfg: ModelConfig):
     from transformers import AutoModelForCausalLM
 
@@ -263,7 +259,7 @@ def build_model(cfg: ModelConfig) -> VideoLM:
         model = VideoLM(arch, start.vision, start.projector, llm, start.tokenizer, base)
         return _set_trainable(model)
 
-    tokenizer = load_tokenizer(cfg.tokenizer, cfg.llm.pretrained, extra_corpus=_prompt_corpus())
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.llm.pretrained)
     vision = VisionTower(cfg.vision)
     if cfg.llm.pretrained:
         llm, base = _load_llm(cfg.llm.pretrained, cfg), {"pretrained": cfg.llm.pretrained}
