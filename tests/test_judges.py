@@ -438,3 +438,26 @@ def test_hf_judge_with_a_saved_model_judges_with_that_model_not_the_policy(tiny_
     assert own.model is not policy and self_judge.model is policy
     assert own.id.startswith(f"hf:{tmp_path / 'judge-model'}#")
     assert own.id.split("#")[1] != self_judge.id.split("#")[1]  # the fingerprint is of the weights that judge
+
+
+def test_random_judge_is_seeded_uniform_and_cached(tmp_path):
+    """The negative control's judge: verdicts carry no information about the answers, are the same
+    on a re-run, and change with the seed."""
+    from collections import Counter
+
+    judge = build_judge(JudgeConfig(backend="random", seed=3), tmp_path / "cache.sqlite", progress=False)
+    items = [JudgeRequest(f"v{i}.mp4", "What colour is the square?", ("Red.", "Blue.", "Green.", "Yellow.", "Red or blue."))
+             for i in range(400)]
+    ranks = [j.value for j in judge.rank(items)]
+    assert all(sorted(r) == list(range(5)) for r in ranks)
+    best = Counter(r.index(0) for r in ranks)
+    assert set(best) == set(range(5)) and max(best.values()) < 2 * min(best.values())  # about 80 each
+    scores = [j.value for j in judge.score([JudgeRequest(r.video, r.question, (a,)) for r in items[:200] for a in r.answers])]
+    assert set(scores) == {1, 2, 3, 4, 5}
+    picks = [j.value for j in judge.compare([JudgeRequest(r.video, r.question, r.answers[:2]) for r in items])]
+    assert 150 < sum(picks) < 250
+    again = build_judge(JudgeConfig(backend="random", seed=3), tmp_path / "other.sqlite", progress=False)
+    assert [j.value for j in again.rank(items)] == ranks
+    other_seed = build_judge(JudgeConfig(backend="random", seed=4), tmp_path / "cache.sqlite", progress=False)
+    assert [j.value for j in other_seed.rank(items)] != ranks
+    assert all(j.cached for j in judge.rank(items[:5]))

@@ -235,3 +235,22 @@ def test_saved_contexts_round_trip_their_settings_and_read_older_bare_files(tmp_
     assert load_contexts(path, settings, ["v1.mp4", "v2.mp4"]) is None  # a video without one: build again
     path.write_text(json.dumps({"v1.mp4": "one"}))  # as runs written before the settings were kept
     assert load_contexts(path) == {"v1.mp4": "one"} and load_contexts(path, settings, ["v1.mp4"]) is None
+
+
+def test_swapped_preferences_invert_every_pair_and_still_read(tmp_path):
+    """The negative control of DPO and the reward model."""
+    from vlmalign.feedback.preferences import swap_preferences
+
+    rows = [{"id": "q1", "video": "/v/1.mp4", "prompt": "<video>\nWhat colour is the square?", "chosen": "Red.",
+             "rejected": "Blue.", "chosen_score": 5, "rejected_score": 1},
+            {"id": "q2", "video": "/v/2.mp4", "prompt": "<video>\nHow many objects appear in the video?", "chosen": "Two.",
+             "rejected": "One or two.", "chosen_score": None, "rejected_score": None}]
+    src = tmp_path / "prefs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = swap_preferences(src, tmp_path / "control" / "swapped.jsonl")
+    swapped = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["chosen"], r["rejected"], r["chosen_score"], r["rejected_score"]) for r in swapped] == [
+        ("Blue.", "Red.", 1, 5), ("One or two.", "Two.", None, None)]
+    assert all(r["control"] == "swapped" for r in swapped)
+    pairs = read_preference_pairs(out)
+    assert [(p.chosen, p.rejected) for p in pairs] == [("Blue.", "Red."), ("One or two.", "Two.")]

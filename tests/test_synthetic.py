@@ -288,3 +288,86 @@ def test_bad_arguments():
         syn.generate_benchmark("/nonexistent/never", num_videos=0, progress=False)
     with pytest.raises(VlmalignError, match="size"):
         syn.generate_benchmark("/nonexistent/never", num_videos=2, size=63, progress=False)
+
+
+# --- the declared misalignment (the gym's premise) --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def injected(tmp_path_factory):
+    out = tmp_path_factory.mktemp("injected")
+    manifest = syn.generate_benchmark(out, num_videos=NUM_VIDEOS, seed=0, num_frames=NUM_FRAMES, size=SIZE,
+                                      misalignment=syn.Misalignment(prior_rate=0.5, invent_rate=0.5), workers=0,
+                                      progress=False)
+    return out, manifest
+
+
+def test_misalignment_alters_only_the_sft_answers(bench, injected):
+    """Injected answers state the question's prior in the true answer's wording; every other file
+    (captions, judge data, held-out questions) is the clean benchmark's, byte for byte."""
+    from vlmalign.feedback.oracle import Oracle, extract_values
+
+    clean_dir, out = bench[0], injected[0]
+    for name in ("captions.json", "judge_train.json", "qa_test.json", "qa_val.json", "mcq_test.json", "metadata.jsonl"):
+        assert (out / name).read_bytes() == (clean_dir / name).read_bytes(), name
+    oracle = Oracle.from_dir(out)
+    for hard in (False, True):
+        altered = _load(injected, "sft_hard.json" if hard else "sft_easy.json")
+        truth = _load(injected, "sft_clean_hard.json" if hard else "sft_clean_easy.json")
+        assert truth == _load(bench, "sft_hard.json" if hard else "sft_easy.json")  # the clean benchmark's answers
+        assert [r["id"] for r in altered] == [r["id"] for r in truth]
+        for a, t in zip(altered, truth):
+            question, answer, true_answer = a["conversations"][0]["value"], a["conversations"][1]["value"], t["conversations"][1]["value"]
+            assert a["injected"] == (answer != true_answer)
+            if not a["injected"]:
+                continue
+            if hard:
+                assert answer.startswith(true_answer + " ") and oracle.score(a["video"], question, answer) < 5
+                continue
+            parsed = syn.parse_question(question)
+            prior, meta = syn.prior_value(parsed), oracle.metadata(a["video"])
+            assert syn.true_value(meta, parsed) != prior and not oracle.verdict(a["video"], question, answer).correct
+            assert extract_values(parsed.qtype, answer) == [prior]  # states the prior, and only it
+            subject = syn.subject_of(meta["objects"], parsed)
+            assert answer in {syn.short_answer(parsed.qtype, prior, subject, np.random.default_rng(s)) for s in range(64)}
+    m = injected[1]["misalignment"]
+    assert (m["prior_rate"], m["invent_rate"]) == (0.5, 0.5)
+    easy = _load(injected, "sft_easy.json")
+    for qtype in syn.EASY_TYPES:
+        rows = [r for r in easy if r["question_type"] == qtype]
+        assert m["altered_sft_answers"][qtype] == sum(r["injected"] for r in rows)
+        assert m["sft_answers"][qtype] == len(rows)
+    altered_share = sum(m["altered_sft_answers"][t] for t in syn.EASY_TYPES) / len(easy)
+    assert 0.2 < altered_share < 0.5  # half drawn, less the answers whose truth is the prior
+    assert injected[1]["files"]["sft_clean_easy.json"]["records"] == len(easy)
+
+
+def test_priors_depend_on_the_wording_not_one_word():
+    for qtype, priors in syn.PRIORS.items():
+        assert len(set(priors)) > 1 and len(priors) == len(syn.QUESTION_TEMPLATES[qtype])
+        for template in range(len(priors)):
+            assert syn.prior_value(syn.ParsedQuestion(qtype, template)) == priors[template]
+    assert syn.prior_value(syn.ParsedQuestion("describe", 0)) is None
+
+
+def test_bad_misalignment_and_workers():
+    with pytest.raises(VlmalignError, match="misalignment.prior_rate"):
+        syn.Misalignment(prior_rate=1.5)
+    with pytest.raises(VlmalignError, match="workers"):
+        syn.generate_benchmark("/nonexistent/never", num_videos=2, workers=-1, progress=False)
+
+
+def test_unguarded_script_gets_one_line_that_says_what_to_do(tmp_path):
+    """Spawned video writers re-import the calling script: without a main guard they died with a bare
+    BrokenProcessPool."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "make_bench.py"
+    script.write_text(f"from vlmalign.data.synthetic import generate_benchmark\n"
+                      f"generate_benchmark({str(tmp_path / 'bench')!r}, num_videos=2, progress=False)\n")
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode != 0
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("vlmalign.errors.VlmalignError: generate_benchmark:") and "__main__" in last and "workers=0" in last

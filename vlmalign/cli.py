@@ -108,13 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frames", type=int, default=16, help="frames per video")
     p.add_argument("--size", type=int, default=64, help="frame width and height in pixels")
+    p.add_argument("--prior-rate", type=float, default=0.0,
+                   help="declared misalignment: share of short SFT answers that state the question's prior")
+    p.add_argument("--invent-rate", type=float, default=0.0,
+                   help="declared misalignment: share of SFT descriptions that gain an invented object")
 
-    p = sub.add_parser("demo", help="the embedded default: synthetic benchmark -> SFT -> every method -> held-out accuracy, on a CPU")
-    p.add_argument("--out", default="runs/demo", help="folder for the benchmark, runs and report")
+    p = sub.add_parser("gym", help="the alignment gym: every method and its negative control from a misaligned SFT start")
+    p.add_argument("--out", default="runs/gym", help="folder for the benchmark, runs and table")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    p.add_argument("--quick", action="store_true", help="the demo's smaller budget")
+    p.add_argument("--methods", default=None, help="comma-separated subset of dpo,grpo,grpo_rank,ppo (default: all)")
+
+    p = sub.add_parser("demo", help="the embedded default: the alignment gym on one seed, small budget, on a CPU")
+    p.add_argument("--out", default="runs/demo", help="folder for the benchmark, runs and table")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds; several give mean ± standard deviation")
-    p.add_argument("--videos", type=int, default=None, help="override the demo's number of videos")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override the SFT config, e.g. --set train.max_steps=50")
     return parser
 
 
@@ -246,7 +253,10 @@ def _cmd_generate(args) -> int:
 def _cmd_make_synthetic(args) -> int:
     from vlmalign.data.synthetic import generate_benchmark
 
-    manifest = generate_benchmark(args.out, num_videos=args.videos, seed=args.seed, num_frames=args.frames, size=args.size)
+    from vlmalign.data.synthetic import Misalignment
+
+    manifest = generate_benchmark(args.out, num_videos=args.videos, seed=args.seed, num_frames=args.frames, size=args.size,
+                                  misalignment=Misalignment(args.prior_rate, args.invent_rate))
     for name, info in manifest["files"].items():
         print(f"{name}: {info['records']} records")
     return 0
@@ -258,11 +268,37 @@ def _cmd_eval(args) -> int:
     return run_eval(args)
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise VlmalignError(f"--seeds: comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise VlmalignError("--seeds: give at least one seed")
+    return seeds
+
+
+def _cmd_gym(args) -> int:
+    import dataclasses
+
+    from vlmalign.gym import FULL, METHODS, QUICK, run_gym
+
+    budget = QUICK if args.quick else FULL
+    if args.methods:
+        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        unknown = sorted(set(methods) - set(METHODS))
+        if unknown:
+            raise VlmalignError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        budget = dataclasses.replace(budget, methods=methods)
+    command = "vlmalign gym " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["gym"] else "vlmalign gym"
+    run_gym(args.out, budget, _seeds(args.seeds), progress=True, command=command.strip())
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from vlmalign.demo import run_demo
 
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    run_demo(args.out, videos=args.videos, overrides=args.overrides, seeds=seeds)
+    run_demo(args.out, seeds=_seeds(args.seeds))
     return 0
 
 
@@ -277,6 +313,7 @@ COMMANDS = {
     "ppo": _cmd_ppo,
     "make-synthetic": _cmd_make_synthetic,
     "eval": _cmd_eval,
+    "gym": _cmd_gym,
     "demo": _cmd_demo,
 }
 

@@ -149,7 +149,8 @@ class JudgeConfig:
     # oracle: the synthetic benchmark's rule-based judge (needs `bench`); hf: a local VideoLM
     # (`model`: a saved vlmalign/llava-hf path, or "policy" for the model being trained);
     # openai: any OpenAI-compatible endpoint.
-    backend: Literal["oracle", "hf", "openai"] = "oracle"
+    # random: the negative control, verdicts drawn at random (`seed`).
+    backend: Literal["oracle", "hf", "openai", "random"] = "oracle"
     model: str | None = None  # hf: model path; openai: the pinned model id
     bench: str | None = None  # oracle: the synthetic benchmark folder (metadata.jsonl)
     base_url: str | None = None  # openai: endpoint; None = the client's default
@@ -164,6 +165,7 @@ class JudgeConfig:
     swap_check: bool = False  # compare: judge (A,B) and (B,A), keep consistent verdicts only
     prompts: str | None = None  # a user prompt YAML file or folder overriding the packaged ones
     cache: str | None = None  # SQLite file; None = <run dir>/judge_cache.sqlite
+    seed: int = 0  # random: the seed of its verdicts
 
 
 @dataclass

@@ -1,27 +1,19 @@
-"""`vlmalign demo`: the embedded default, every stage end to end on a laptop CPU.
+"""`vlmalign demo`: the embedded default, the alignment gym (`vlmalign.gym`) on a laptop CPU.
 
-Measured: 6.7 minutes on two idle cores (benchmark, SFT, every method; short-answer, multiple-choice and
-generative evaluation of every checkpoint).
-
-Writes the synthetic benchmark, trains the tiny video LLM with SFT, then from that one checkpoint
-runs each alignment method on a short budget (VLM-RLAIF RM + PPO, LLaVA-Hound DPO, one ISR-DPO
-iteration with and without context, GRPO_rank and plain GRPO), with the benchmark's oracle as the
-judge, and prints held-out accuracy per question type for every model. `scripts/replicate.py` is
-the same pipeline on the full budget with the SFT model judging itself. Everything lands in `OUT/`;
-re-running resumes or reuses finished stages.
+One seed on the gym's quick budget: the benchmark with its declared misalignment, the clean-SFT
+ceiling, the injected-SFT start, and every method with its negative control, fed by the
+benchmark's oracle; it prints one table of held-out accuracy and gains over the start. Everything
+lands in `OUT/`; re-running resumes or reuses finished stages. `vlmalign gym` is the full budget on
+three seeds; `scripts/replicate.py` runs the older pipeline with the SFT model judging itself.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
-from vlmalign.pipeline import QUICK, run_seeds
-
-# Judge agreement needs a model judge; with the oracle judging it is 100% by construction.
-DEMO_STAGES = ("ppo", "dpo", "isr", "grpo")
+from vlmalign.gym import QUICK, run_gym
 
 
-def run_demo(out: str | Path = "runs/demo", videos: int | None = None, overrides: list[str] = (), seeds=(0,)) -> list[dict]:
-    budget = dataclasses.replace(QUICK, videos=videos or QUICK.videos, sft_overrides=tuple(overrides))
-    return run_seeds(out, budget, list(seeds), stages=DEMO_STAGES, with_init=True, progress=True)
+def run_demo(out: str | Path = "runs/demo", seeds=(0,)) -> list[dict]:
+    command = "vlmalign demo" + (f" --seeds {','.join(map(str, seeds))}" if list(seeds) != [0] else "")
+    return run_gym(out, QUICK, list(seeds), progress=True, command=command)

@@ -19,7 +19,9 @@ object asked about is unambiguous); hard, long answer: `describe` (the events in
     mcq_test.json  generative_test.json  consistency_test.json       (test split)
     retrieval_test.json  action_test.json  action_classes.txt       (test split)
 
-- sft_*: one single-turn record per question, with `question_type`; qa_*: easy types only, with
+- sft_*: one single-turn record per question, with `question_type`; under a declared
+  `Misalignment` they hold the injected answers (flagged `injected`) and sft_clean_easy/hard.json
+  the true ones; qa_*: easy types only, with
   `question_type`; mcq_test: the easy questions with four options, correct letters balanced;
   generative_test / consistency_test: describe questions (Q2 a paraphrase of Q1);
 - retrieval_test: each test video's detailed caption; action_test: the test videos whose objects all
@@ -51,6 +53,7 @@ import re
 import uuid
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +61,9 @@ import numpy as np
 
 from vlmalign.errors import VlmalignError
 
-GENERATOR_VERSION = "1.2"  # 1.1: videos encoded deterministically (x264 mbtree off); 1.2: retrieval and action files
+# 1.1: videos encoded deterministically (x264 mbtree off); 1.2: retrieval and action files; 2.0: declared
+# misalignment (`Misalignment`), answer wordings drawn from a stream of their own
+GENERATOR_VERSION = "2.0"
 
 # ------------------------------------------------------------------------------------- vocabulary
 
@@ -75,6 +80,50 @@ HARD_TYPES: tuple[str, ...] = ("describe",)
 QUESTION_TYPES: tuple[str, ...] = EASY_TYPES + HARD_TYPES
 ACTION_CLASS = "objects moving {}"  # the action classes of action_test.json, one per direction
 NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+# The benchmark's declared misalignment (`Misalignment`): the language prior an injected SFT answer
+# states instead of the truth, per question type and template. It depends on the wording of the
+# question, which the tiny model reads well, not on the object named in it, which it barely reads:
+# a prior the model cannot learn acts as label noise. Priors differ across the templates of a type,
+# so "never say red" is no shortcut for unlearning them: it would break every red truth.
+PRIORS: dict[str, tuple] = {
+    "colour": ("red", "green", "blue"),
+    "shape": ("square", "circle", "triangle"),
+    "count": (2, 1, 2),
+    "direction": ("left", "right", "up"),
+}
+
+
+@dataclass(frozen=True)
+class Misalignment:
+    """What is wrong with the SFT data, declared up front and the same for every method.
+
+    `prior_rate`: the share of the train split's short SFT answers that state the question's prior
+    (`PRIORS`, by type and template) in place of the truth, keeping the answer's wording (it is right
+    anyway where the truth equals the prior). `invent_rate`: the share of its describe answers that
+    gain an invented object ("Then, a green cross appears and moves up."). Captions, clip captions,
+    judge examples and the held-out files stay true, so the model's own narratives and a grounded
+    judge know better than its answers. Zero rates give the clean benchmark.
+    """
+
+    prior_rate: float = 0.0
+    invent_rate: float = 0.0
+
+    def __post_init__(self):
+        for name in ("prior_rate", "invent_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise VlmalignError(f"misalignment.{name} must be in [0, 1], got {value}")
+
+    @property
+    def clean(self) -> bool:
+        return self.prior_rate == 0 and self.invent_rate == 0
+
+
+def prior_value(parsed: "ParsedQuestion"):
+    """The language-prior answer value of a short question (by type and template); None for describe."""
+    priors = PRIORS.get(parsed.qtype)
+    return None if priors is None else priors[parsed.template % len(priors)]
 
 # The one table of question wordings: the generator samples from it and `parse_question` inverts
 # it. Slots: {shape}, {colour}. Add paraphrases at the end of a tuple (template indices are stored).
@@ -449,13 +498,17 @@ def video_questions(meta: dict, rng) -> list[dict]:
 
     def add(qtype, subject, value, **slots):
         template = int(rng.integers(len(QUESTION_TEMPLATES[qtype])))
+        # its own stream for the wording, so an injected answer can keep it (see `_inject`)
+        wording_seed = int(rng.integers(2**31))
+        wording = np.random.default_rng(wording_seed)
         out.append({
             "qtype": qtype,
             "question": question_text(qtype, template, **slots),
-            "answer": short_answer(qtype, value, subject, rng) if qtype != "describe" else describe(meta, rng=rng),
+            "answer": short_answer(qtype, value, subject, wording) if qtype != "describe" else describe(meta, rng=wording),
             "template": template,
             "value": value,
             "subject": None if subject is None else subject["index"],
+            "wording_seed": wording_seed,
         })
 
     for o in objects:
@@ -469,6 +522,31 @@ def video_questions(meta: dict, rng) -> list[dict]:
         add("direction", o, o["direction"], colour=o["colour"], shape=o["shape"])
     add("describe", None, None)
     return out
+
+
+def invented_event(meta: dict, rng) -> str:
+    """A sentence about an object that is not in the video (the injected hallucination)."""
+    used = {(o["colour"], o["shape"]) for o in meta["objects"]}
+    pairs = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in used]
+    colour, shape = pairs[int(rng.integers(len(pairs)))]
+    direction = _pick(rng, _DIRECTION_PHRASES[DIRECTIONS[int(rng.integers(4))]])
+    return f"{_pick(rng, _THEN)}, a {colour} {shape} appears and moves {direction}."
+
+
+def _inject(meta: dict, q: dict, misalignment: Misalignment, rng) -> tuple[str, bool]:
+    """The SFT answer of a train question under the misalignment, and whether it was altered."""
+    if q["qtype"] == "describe":
+        if rng.random() < misalignment.invent_rate:
+            return f"{q['answer']} {invented_event(meta, rng)}", True
+        return q["answer"], False
+    if rng.random() >= misalignment.prior_rate:
+        return q["answer"], False
+    prior = PRIORS[q["qtype"]][q["template"] % len(PRIORS[q["qtype"]])]
+    if prior == q["value"]:
+        return q["answer"], False
+    subject = meta["objects"][q["subject"]] if q["subject"] is not None else None
+    # The wording drawn for the true answer is kept: the same rng draws give the same template.
+    return short_answer(q["qtype"], prior, subject, np.random.default_rng(q["wording_seed"])), True
 
 
 def describe_variants(meta: dict, rng) -> list[str]:
@@ -558,14 +636,23 @@ def _write_video_job(job: tuple[str, dict, float]) -> None:
 
 def generate_benchmark(out_dir, num_videos: int = 600, seed: int = 0, num_frames: int = 16, size: int = 64,
                        max_objects: int = 2, splits=(0.8, 0.1, 0.1), fps: float = 8.0,
+                       misalignment: Misalignment | None = None, workers: int | None = None,
                        progress: bool = True) -> dict:
-    """Write the benchmark into out_dir (see the module docstring) and return its manifest."""
+    """Write the benchmark into out_dir (see the module docstring) and return its manifest.
+
+    With a `misalignment` that is not clean, `sft_easy/hard/mix.json` hold the injected answers
+    (records flagged `injected`) and `sft_clean_easy/hard.json` the true ones, for the clean-SFT
+    ceiling; the manifest records the rates, the priors and how many answers were altered.
+    """
+    misalignment = misalignment or Misalignment()
     from vlmalign import prompts
     from vlmalign.feedback.oracle import Oracle
     from tqdm.auto import tqdm
 
     from vlmalign.video import clip_spans
 
+    if workers is not None and workers < 0:
+        raise VlmalignError(f"workers must be >= 0, got {workers}")
     if num_videos < 1:
         raise VlmalignError(f"num_videos must be at least 1, got {num_videos}")
     if num_frames < 2:
@@ -591,11 +678,23 @@ def generate_benchmark(out_dir, num_videos: int = 600, seed: int = 0, num_frames
     # Videos: encoding dominates the run time. Worker processes, not threads: libx264 encoders running
     # side by side in one process gave slightly different pixels from run to run.
     jobs = [(str(out / meta["video"]), meta, fps) for meta in metas]
-    workers = max(1, min(4, os.cpu_count() or 1, num_videos))
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        written = pool.map(_write_video_job, jobs, chunksize=max(1, num_videos // (8 * workers)))
-        for _ in tqdm(written, total=num_videos, desc="synthetic videos", unit="video", disable=not progress):
-            pass
+    workers = min(4, os.cpu_count() or 1, num_videos) if workers is None else workers
+    try:
+        if workers == 0:  # in this process, one video at a time
+            for job in tqdm(jobs, desc="synthetic videos", unit="video", disable=not progress):
+                _write_video_job(job)
+        else:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                written = pool.map(_write_video_job, jobs, chunksize=max(1, num_videos // (8 * workers)))
+                for _ in tqdm(written, total=num_videos, desc="synthetic videos", unit="video", disable=not progress):
+                    pass
+    except BrokenProcessPool:
+        # A spawned worker re-imports the calling script; without a main guard it runs the script's
+        # own generate_benchmark call again, which may not start processes while bootstrapping.
+        raise VlmalignError(
+            "generate_benchmark: its video-writing worker processes died at start; when calling it from a script, "
+            "put the call under `if __name__ == \"__main__\":` (workers are spawned and re-import the script); "
+            "from stdin or a notebook, pass workers=0 to write the videos in this process") from None
 
     oracle = Oracle(metas)
     captions = {}
@@ -613,6 +712,7 @@ def generate_benchmark(out_dir, num_videos: int = 600, seed: int = 0, num_frames
 
     compare_p, score_p = prompts.load_prompt("judge.compare"), prompts.load_prompt("judge.score")
     sft_easy, sft_hard, qa = [], [], {"val": [], "test": []}
+    clean_easy, clean_hard, injected = [], [], {t: 0 for t in QUESTION_TYPES}
     judge, mcq, generative, consistency, retrieval, action = [], [], [], [], [], []
     for meta in metas:
         vid, video, split = meta["id"], meta["video"], meta["split"]
@@ -621,10 +721,18 @@ def generate_benchmark(out_dir, num_videos: int = 600, seed: int = 0, num_frames
         easy = [q for q in questions if q["qtype"] != "describe"]
         hard = [q for q in questions if q["qtype"] == "describe"]
         if split == "train":
+            inject_rng = np.random.default_rng([seed, 7, int(vid[4:])])
             for k, q in enumerate(questions):
-                target = sft_hard if q["qtype"] == "describe" else sft_easy
-                target.append(_llava(f"{vid}_q{k}", video, f"<video>\n{q['question']}", q["answer"],
-                                     question_type=q["qtype"]))
+                rid, prompt = f"{vid}_q{k}", f"<video>\n{q['question']}"
+                hard_q = q["qtype"] == "describe"
+                if misalignment.clean:
+                    (sft_hard if hard_q else sft_easy).append(_llava(rid, video, prompt, q["answer"], question_type=q["qtype"]))
+                    continue
+                answer, altered = _inject(meta, q, misalignment, inject_rng)
+                injected[q["qtype"]] += altered
+                (sft_hard if hard_q else sft_easy).append(
+                    _llava(rid, video, prompt, answer, question_type=q["qtype"], injected=altered))
+                (clean_hard if hard_q else clean_easy).append(_llava(rid, video, prompt, q["answer"], question_type=q["qtype"]))
             judge += _judge_examples(meta, easy, hard[0], oracle, rng)
         else:
             for k, q in enumerate(easy):
@@ -665,6 +773,8 @@ def generate_benchmark(out_dir, num_videos: int = 600, seed: int = 0, num_frames
         "mcq_test.json": mcq, "generative_test.json": generative, "consistency_test.json": consistency,
         "retrieval_test.json": retrieval, "action_test.json": action,
     }
+    if not misalignment.clean:
+        files |= {"sft_clean_easy.json": clean_easy, "sft_clean_hard.json": clean_hard}
     for name, records in files.items():
         _dump(out / name, records)
     (out / "action_classes.txt").write_text("".join(ACTION_CLASS.format(d) + "\n" for d in DIRECTIONS))
@@ -687,6 +797,12 @@ def generate_benchmark(out_dir, num_videos: int = 600, seed: int = 0, num_frames
                                                if type_key.get(name, "question_type") else {})
             for name, records in files.items()
         } | {"captions.json": {"records": len(captions)}, "metadata.jsonl": {"records": len(metas)}},
+        "misalignment": {
+            "prior_rate": misalignment.prior_rate, "invent_rate": misalignment.invent_rate,
+            "priors": {qtype: [str(v) for v in values] for qtype, values in PRIORS.items()},
+            "altered_sft_answers": {t: n for t, n in injected.items()},
+            "sft_answers": _count_types(sft_easy + sft_hard),
+        },
         "prompts": {p.name: p.version for p in (compare_p, score_p, prompts.load_prompt("judge.context_block"))},
         "vocabulary": {"colours": list(COLOURS), "shapes": list(SHAPES), "directions": list(DIRECTIONS),
                        "question_types": list(QUESTION_TYPES), "easy_types": list(EASY_TYPES),

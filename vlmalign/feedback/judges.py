@@ -1,4 +1,4 @@
-"""Judges: one interface for AI feedback, three backends.
+"""Judges: one interface for AI feedback, four backends.
 
     judge = build_judge(cfg.judge, cache_path=run_dir / "judge_cache.sqlite")
     judge.compare([JudgeRequest(video, question, (answer_a, answer_b), context=narrative)])
@@ -34,6 +34,9 @@ Backends
   in batches of `cfg.batch_size`, with dropout off while it judges. Its judge id carries a
   fingerprint of the weights, recomputed on every call, so a policy that has trained since never
   reads verdicts of its former self from the cache.
+
+- `random` (`RandomJudge`): the negative control of the gym; verdicts drawn at random (seeded by
+  `cfg.seed` and the item), so whatever a method gains under it does not come from feedback.
 
 Caching: each prompt put to a backend is looked up in and stored to a `JudgmentCache` under
 (judge id, prompt id, rendered prompt, video, sampling params) as soon as its reply arrives;
@@ -369,6 +372,39 @@ class OracleJudge(Judge):
             finish(t, CachedJudgment(self.id, t.prompt, t.kind, raw, value, True, "oracle"))
 
 
+# ----------------------------------------------------------------------------- random (control)
+
+
+class RandomJudge(Judge):
+    """The negative control: feedback with the information destroyed. Scores are uniform on 1-5,
+    rankings a uniform permutation, comparisons a fair coin, each drawn from a hash of the judged
+    item and `cfg.seed`, so a re-run gets the same verdicts. A method that gains under this judge
+    gains from something other than the feedback."""
+
+    backend = "random"
+
+    def __init__(self, cfg: JudgeConfig, cache: JudgmentCache, progress: bool = True):
+        super().__init__(f"random:seed{cfg.seed}", cfg, cache, progress)
+
+    def _task(self, kind: str, request: JudgeRequest) -> _Task:
+        prompt = f"random.{kind}@1"
+        text = json.dumps({"question": request.question, "answers": list(request.answers)}, ensure_ascii=False)
+        key = judgment_key(self.id, prompt, text, request.video, {})
+        return _Task(kind, prompt, text, request.video, key, len(request.answers), request)
+
+    def _run(self, tasks: list[_Task], finish: Callable) -> None:
+        for t in tasks:
+            rng = random.Random(f"{self.cfg.seed}:{t.key}")
+            if t.kind == "score":
+                value = rng.randint(1, 5)
+            elif t.kind == "compare":
+                value = rng.randint(0, 1)
+            else:
+                value = list(range(t.n))
+                rng.shuffle(value)
+            finish(t, CachedJudgment(self.id, t.prompt, t.kind, f"random {t.kind}: {value}", value, True, "random"))
+
+
 # ------------------------------------------------------------------------------ prompted judges
 
 
@@ -658,4 +694,6 @@ def build_judge(cfg: JudgeConfig, cache_path=None, model=None, visual=None, prog
 
             visual = VisualInputs(model, None)
         return HFJudge(model, visual, cfg, cache, progress=progress)
-    raise JudgeError(f"unknown judge backend {cfg.backend!r} (oracle, hf, openai)")
+    if cfg.backend == "random":
+        return RandomJudge(cfg, cache, progress)
+    raise JudgeError(f"unknown judge backend {cfg.backend!r} (oracle, hf, openai, random)")

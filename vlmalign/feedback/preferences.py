@@ -375,6 +375,20 @@ def make_preferences(
     return path, stats
 
 
+def swap_preferences(src: Path, dst: Path) -> Path:
+    """The negative control of DPO and the reward model: every pair of `src` with chosen and
+    rejected (and their scores) swapped, marked `"control": "swapped"`, written to `dst`."""
+    rows = [json.loads(line) for line in Path(src).read_text(encoding="utf-8").splitlines() if line.strip()]
+    for r in rows:
+        r["chosen"], r["rejected"] = r["rejected"], r["chosen"]
+        r["chosen_score"], r["rejected_score"] = r.get("rejected_score"), r.get("chosen_score")
+        r["control"] = "swapped"
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(dst, rows)
+    return dst
+
+
 def format_stats(stats: dict) -> str:
     lines = [
         f"questions {stats['questions']}, pairs kept {stats['pairs']}, dropped {sum(stats['dropped'].values())} {stats['dropped'] or ''}".rstrip(),

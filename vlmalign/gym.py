@@ -1,0 +1,279 @@
+"""`vlmalign gym`: a testbed that shows whether an alignment method works, with its controls.
+
+The premise of the papers, built in and declared up front (`synthetic.Misalignment`): the SFT
+model answers from language priors. Half of the train split's short answers state a prior that
+depends on the question's wording (`synthetic.PRIORS`) instead of the truth, and half of its
+descriptions gain an invented object. Captions, judge data and the held-out files stay true. The
+misalignment is the same for every method and is never tuned per method.
+
+Per seed, from one benchmark:
+
+  ceiling   SFT on the true answers (what perception allows)
+  start     SFT on the injected answers: the start of every method; its pass@k and the share of
+            correct answers among its samples say how much its own samples hold to learn from
+  methods   each from the start, fed by the benchmark's oracle (a grounded judge):
+            dpo        LLaVA-Hound: 6 samples scored 1-5, chosen >= 3, rejected <= 2
+            grpo       plain GRPO on the oracle's 1-5 scores
+            grpo_rank  Oracle-RLAIF's rank advantage on the oracle's ranking
+            ppo        VLM-RLAIF: reward model on oracle-judged pairs, PPO against it
+  controls  the same run with the feedback destroyed, same budget: dpo and ppo on swapped pairs,
+            grpo on random scores, grpo_rank on random rankings (the `random` judge)
+
+Everything is evaluated on the held-out QA file (greedy, oracle-judged), also split by whether the
+truth equals the question's prior (a method that merely learns to avoid the prior loses there).
+`OUT/gym.md` holds the table: every row, the gain over the start as mean ± sd over seeds, and the
+command that made it. Every stage resumes: re-running skips what is finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from vlmalign.config import DPOConfig, GRPOConfig, PPOConfig, RMConfig, SFTConfig, load_config
+from vlmalign.pipeline import CONFIGS, Budget, Pipeline, _sets, mean_std
+
+METHODS = ("dpo", "grpo", "grpo_rank", "ppo")
+QTYPES = ("colour", "count", "direction", "shape")
+
+
+@dataclass(frozen=True)
+class GymBudget:
+    videos: int = 1000
+    splits: tuple[float, float, float] = (0.7, 0.05, 0.25)  # >= 1,000 held-out questions
+    prior_rate: float = 0.5
+    invent_rate: float = 0.5
+    sft_epochs: int = 4
+    dpo_questions: int = 800
+    dpo_epochs: int = 2
+    grpo_rollouts: int = 40
+    rm_questions: int = 800
+    ppo_rollouts: int = 30
+    eval_limit: int | None = None
+    methods: tuple[str, ...] = METHODS
+    bench_seed: int = 0
+
+
+# `vlmalign gym`: all four methods and their controls; `--quick` (the demo and the CI test) is smaller.
+FULL = GymBudget()
+QUICK = GymBudget(videos=400, splits=(0.6, 0.05, 0.35), sft_epochs=4, dpo_questions=400, grpo_rollouts=20,
+                  rm_questions=400, ppo_rollouts=15)
+
+
+class Gym:
+    def __init__(self, out, budget: GymBudget, seed: int, bench: Path, feature_cache: Path, progress: bool = False):
+        self.out, self.budget, self.seed = Path(out), budget, seed
+        self.bench = Path(bench)
+        # The pipeline's stage configs (tokenizer, feature cache, prompts, oracle) serve the gym too.
+        self.pipe = Pipeline(self.out, Budget(seed=seed, eval_limit=budget.eval_limit), progress, self.bench, feature_cache)
+
+    # --- models ------------------------------------------------------------------------------------
+    def sft(self, name: str, files: list[str]) -> Path:
+        from vlmalign.train import sft
+
+        cfg = load_config(SFTConfig, CONFIGS / "sft.yaml", _sets(
+            run__dir=self.out / name, curriculum__criterion="none", train__epochs=self.budget.sft_epochs,
+            train__seed=self.seed, data__train="[" + ",".join(str(self.bench / f) for f in files) + "]",
+            data__max_length=512, **self.pipe.common()))
+        return sft.run(cfg)
+
+    def dpo(self, start: Path, control: bool) -> Path:
+        from vlmalign.feedback import preferences
+        from vlmalign.train import dpo
+
+        prefs_dir = self.out / "dpo" / "prefs"
+        if not (prefs_dir / "stats.json").is_file():
+            preferences.run(self.pipe.prefs_config(prefs_dir, start, preferences__limit=self.budget.dpo_questions))
+        pairs = prefs_dir / "preferences.jsonl"
+        if control:
+            pairs = preferences.swap_preferences(pairs, self.out / "dpo-control" / "swapped.jsonl")
+        return dpo.run(load_config(DPOConfig, CONFIGS / "dpo.yaml", _sets(
+            run__dir=self.out / ("dpo-control" if control else "dpo") / "train", model__init_from=start,
+            train__seed=self.seed, train__epochs=self.budget.dpo_epochs, data__train=f"[{pairs}]", **self.pipe.common())))
+
+    def grpo(self, start: Path, advantage: str, control: bool) -> Path:
+        from vlmalign.train import grpo_rank
+
+        judge = {"judge__backend": "random", "judge__seed": self.seed} if control else {"judge__bench": self.bench}
+        name = advantage + ("-control" if control else "")
+        return grpo_rank.run(load_config(GRPOConfig, CONFIGS / "grpo_rank.yaml", _sets(
+            run__dir=self.out / name, model__init_from=start, data__train=f"[{self.bench}/sft_easy.json]",
+            grpo__advantage=advantage, train__max_steps=self.budget.grpo_rollouts, train__seed=self.seed,
+            eval_qa="null", **judge, **self.pipe.common())))
+
+    def ppo(self, start: Path, control: bool) -> Path:
+        from vlmalign.feedback import preferences
+        from vlmalign.train import ppo, rm
+
+        prefs_dir = self.out / "ppo" / "prefs"
+        if not (prefs_dir / "stats.json").is_file():
+            preferences.run(self.pipe.prefs_config(
+                prefs_dir, start, preferences__method="pairwise", sampling__num_samples=2, context__kind="none",
+                preferences__limit=self.budget.rm_questions))
+        name = "ppo-control" if control else "ppo"
+        pairs = prefs_dir / "preferences.jsonl"
+        if control:
+            pairs = preferences.swap_preferences(pairs, self.out / name / "swapped.jsonl")
+        rm_final = rm.run(load_config(RMConfig, CONFIGS / "rm.yaml", _sets(
+            run__dir=self.out / name / "rm", model__init_from=start, train__seed=self.seed,
+            data__train=f"[{pairs}]", **self.pipe.common())))
+        return ppo.run(load_config(PPOConfig, CONFIGS / "ppo.yaml", _sets(
+            run__dir=self.out / name / "ppo", model__init_from=start, reward_model=rm_final, eval_qa="null",
+            data__train=f"[{self.bench}/sft_easy.json]", train__max_steps=self.budget.ppo_rollouts,
+            train__seed=self.seed, **self.pipe.common())))
+
+    # --- measurements ------------------------------------------------------------------------------
+    def evaluate(self, model_dir: Path) -> dict:
+        """Held-out accuracy per question type and overall, and split by truth == prior."""
+        from vlmalign.eval.synthetic import evaluate_synthetic
+
+        out = model_dir.parent / "gym-eval"
+        report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else evaluate_synthetic(
+            model_dir, self.bench, out, limit=self.budget.eval_limit, feature_cache=self.pipe.feature_cache, progress=False)
+        row = {q: r["accuracy"] for q, r in report["results"].items()}
+        row.update(prior_split(self.bench, out))
+        return row
+
+    def start_samples(self) -> dict:
+        """pass@k and the share of correct answers among the start's samples (the DPO stage's k = 6
+        samples at T = 1 on training questions): what its own samples hold to learn from."""
+        from vlmalign.feedback.oracle import Oracle
+        from vlmalign.feedback.preferences import read_questions
+
+        path = self.out / "dpo" / "prefs" / "samples.jsonl"
+        if not path.is_file():
+            return {}
+        oracle = Oracle.from_dir(self.bench)
+        questions = {q.id: q for q in read_questions([str(self.bench / "sft_easy.json")], None, self.budget.dpo_questions)}
+        hits = []
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            q = questions[row["id"]]
+            hits.append([oracle.verdict(q.video, q.question, a["text"]).correct for a in row["answers"]])
+        return {"k": len(hits[0]), "pass_at_k": sum(any(h) for h in hits) / len(hits),
+                "correct_share": sum(sum(h) for h in hits) / sum(len(h) for h in hits), "questions": len(hits)}
+
+
+def prior_split(bench: Path, eval_dir: Path) -> dict:
+    """Accuracy on held-out questions whose truth equals the question's prior, and on the rest."""
+    from vlmalign.data import synthetic as syn
+    from vlmalign.feedback.oracle import Oracle
+
+    oracle = Oracle.from_dir(bench)
+    predictions = [json.loads(line) for line in (eval_dir / "predictions.jsonl").read_text().splitlines()]
+    verdicts = {j["id"]: j["verdict"] == "yes" for j in map(json.loads, (eval_dir / "judgments.jsonl").read_text().splitlines())}
+    groups: dict[str, list[bool]] = {"truth = prior": [], "truth != prior": []}
+    for p in predictions:
+        parsed = syn.parse_question(p["question"])
+        truth = syn.true_value(oracle.metadata(p["video_name"]), parsed)
+        groups["truth = prior" if truth == syn.prior_value(parsed) else "truth != prior"].append(verdicts[p["id"]])
+    return {name: (sum(v) / len(v) if v else None) for name, v in groups.items()}
+
+
+# --------------------------------------------------------------------------------------- running
+
+
+ROWS = {  # result key -> table label
+    "ceiling": "ceiling: SFT on true answers",
+    "start": "start: SFT on injected answers",
+    "dpo": "DPO (oracle scores)", "dpo-control": "  control: DPO on swapped pairs",
+    "grpo": "GRPO (oracle scores)", "grpo-control": "  control: GRPO on random scores",
+    "grpo_rank": "GRPO_rank (oracle ranks)", "grpo_rank-control": "  control: GRPO_rank on random ranks",
+    "ppo": "RM + PPO (oracle pairs)", "ppo-control": "  control: RM + PPO on swapped pairs",
+}
+
+
+def run_seed(out: Path, budget: GymBudget, seed: int, bench: Path, feature_cache: Path, progress: bool) -> dict:
+    gym = Gym(out, budget, seed, bench, feature_cache, progress)
+    start_time = time.time()
+    results: dict = {"seed": seed}
+    print(f"[gym seed {seed}] ceiling: SFT on the true answers", flush=True)
+    results["ceiling"] = gym.evaluate(gym.sft("ceiling", ["sft_clean_easy.json", "sft_clean_hard.json"]))
+    print(f"[gym seed {seed}] start: SFT on the injected answers", flush=True)
+    start = gym.sft("start", ["sft_easy.json", "sft_hard.json"])
+    results["start"] = gym.evaluate(start)
+    for method in budget.methods:
+        for control in (False, True):
+            name = method + ("-control" if control else "")
+            print(f"[gym seed {seed}] {name}", flush=True)
+            if method == "dpo":
+                final = gym.dpo(start, control)
+            elif method == "ppo":
+                final = gym.ppo(start, control)
+            else:
+                final = gym.grpo(start, method, control)
+            results[name] = gym.evaluate(final)
+    results["start_samples"] = gym.start_samples()
+    results["minutes"] = round((time.time() - start_time) / 60, 1)
+    return results
+
+
+def run_gym(out="runs/gym", budget: GymBudget = FULL, seeds=(0, 1, 2), progress: bool = False,
+            command: str = "vlmalign gym") -> list[dict]:
+    """The benchmark once, then every seed (OUT/seed-N/); the table in OUT/gym.md and OUT/gym.json."""
+    from vlmalign.data.synthetic import Misalignment, generate_benchmark
+
+    out = Path(out)
+    bench = out / "bench"
+    if not (bench / "manifest.json").is_file():
+        print(f"[gym] benchmark: {budget.videos} videos, prior rate {budget.prior_rate}, invent rate {budget.invent_rate}",
+              flush=True)
+        generate_benchmark(bench, num_videos=budget.videos, seed=budget.bench_seed, splits=budget.splits,
+                           misalignment=Misalignment(budget.prior_rate, budget.invent_rate), progress=progress)
+    runs = [run_seed(out / f"seed-{s}", budget, s, bench, out / "feature_cache", progress) for s in seeds]
+    manifest = json.loads((bench / "manifest.json").read_text())
+    text = format_gym(runs, manifest, budget, command)
+    (out / "gym.md").write_text(text + "\n")
+    (out / "gym.json").write_text(json.dumps({"budget": asdict(budget), "command": command, "seeds": runs}, indent=2))
+    print("\n" + text + f"\n\nresults: {out / 'gym.md'}", flush=True)
+    return runs
+
+
+def gains(runs: list[dict], name: str, column: str = "all") -> list[float]:
+    """Points gained over each seed's own start."""
+    return [100 * (r[name][column] - r["start"][column]) for r in runs if name in r]
+
+
+def format_gym(runs: list[dict], manifest: dict, budget: GymBudget, command: str) -> str:
+    def cell(values, signed=False):
+        values = [v for v in values if v is not None]
+        if not values:
+            return "n/a"
+        mean, sd = mean_std(values)
+        text = f"{mean:+.1f}" if signed else f"{mean:.1f}"
+        return text + (f" ± {sd:.1f}" if len(values) > 1 else "")
+
+    m = manifest["misalignment"]
+    altered = sum(v for k, v in m["altered_sft_answers"].items() if k != "describe")
+    short = sum(v for k, v in m["sft_answers"].items() if k != "describe")
+    n_test = manifest["files"]["qa_test.json"]["records"]
+    seeds = [r["seed"] for r in runs]
+    lines = [
+        f"# Alignment gym: `{command}`",
+        "",
+        f"Declared misalignment (the same for every method): prior rate {m['prior_rate']}, invent rate "
+        f"{m['invent_rate']}; {altered} of {short} short SFT answers state the question's prior instead of the truth, "
+        f"{m['altered_sft_answers'].get('describe', 0)} of {m['sft_answers'].get('describe', 0)} descriptions gain an "
+        f"invented object. Held-out accuracy (%) on {n_test} questions (greedy, oracle-judged), mean ± sd over seeds "
+        f"{seeds}; gain in points over each seed's own start.",
+        "",
+        "| model | " + " | ".join(QTYPES) + " | all | truth = prior | truth != prior | gain (all) |",
+        "|---|" + "---|" * (len(QTYPES) + 4),
+    ]
+    for name, label in ROWS.items():
+        if name not in runs[0]:
+            continue
+        cols = [cell([100 * r[name][q] for r in runs if r[name].get(q) is not None]) for q in (*QTYPES, "all", "truth = prior", "truth != prior")]
+        gain = "" if name in ("ceiling", "start") else cell(gains(runs, name), signed=True)
+        lines.append(f"| {label} | " + " | ".join(cols) + f" | {gain} |")
+    samples = [r["start_samples"] for r in runs if r.get("start_samples")]
+    if samples:
+        lines += ["", f"The start's own samples ({samples[0]['k']} per training question at T = 1, "
+                  f"{samples[0]['questions']} questions): pass@{samples[0]['k']} "
+                  f"{cell([100 * s['pass_at_k'] for s in samples])}%, correct share {cell([100 * s['correct_share'] for s in samples])}%."]
+    lines += ["", f"Gap (ceiling - start): {cell([100 * (r['ceiling']['all'] - r['start']['all']) for r in runs], signed=True)} points. "
+              f"Minutes per seed: {', '.join(str(r['minutes']) for r in runs)}."]
+    return "\n".join(lines)
