@@ -94,3 +94,24 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert draws == {0, 1}  # 0.5 < 0.75 so token 1 is needed; 0.8 >= 0.75 so token 2 is not
     gen.top_p = 0.01
     assert {int(_pick(logits, gen, torch.Generator().manual_seed(s))) for s in range(20)} == {0}
+
+
+def test_generate_command_seed_repeats_samples_and_prints_no_warnings(tiny_policy, tiny_bench):
+    """`vlmalign generate --sample --seed N` gives the same answers on every run, another seed others;
+    the command prints no library warnings (DeepSpeed's CPU notice, transformers' cache rename)."""
+    import json
+    import subprocess
+    import sys
+
+    video = tiny_bench / json.loads((tiny_bench / "qa_test.json").read_text())[0]["video_name"]
+
+    def answers(seed):
+        res = subprocess.run([sys.executable, "-m", "vlmalign.cli", "generate", "--model", str(tiny_policy), "--video",
+                              str(video), "--question", "What colour is the square?", "--sample", "--max-new-tokens", "8",
+                              "--num-return-sequences", "6", "--seed", str(seed)], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        assert "warn" not in res.stderr.lower(), res.stderr
+        return json.loads(res.stdout)["answers"]
+
+    first = answers(1)
+    assert answers(1) == first and answers(2) != first

@@ -100,9 +100,17 @@ def run_cli(*args, cwd=None):
 def test_help_lists_every_subcommand():
     out = run_cli("--help").stdout
     for cmd in ["train-sft", "generate", "make-instructions", "make-prefs", "train-rm", "ppo", "dpo", "grpo-rank",
-                "eval", "make-synthetic", "demo"]:
+                "eval", "make-synthetic", "gym", "demo"]:
         assert cmd in out
     assert "--iterations" in run_cli("dpo", "--help").stdout
+
+
+def test_gym_refuses_unknown_methods_and_seeds_in_one_line(tmp_path):
+    res = run_cli("gym", "--out", str(tmp_path / "gym"), "--methods", "dpo,sft")
+    assert res.returncode == 2 and res.stderr.strip() == "error: --methods: unknown sft; choose from dpo, grpo, grpo_rank, ppo"
+    res = run_cli("gym", "--out", str(tmp_path / "gym"), "--seeds", "0,x")
+    assert res.returncode == 2 and res.stderr.strip() == "error: --seeds: comma-separated integers, got '0,x'"
+    assert not (tmp_path / "gym").exists()
 
 
 def test_missing_input_is_one_error_line_and_no_output():

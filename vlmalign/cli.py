@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--num-return-sequences", type=int, default=1, help="answers per question (G)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampling (with --sample): the same answers every run")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--feature-cache", default=None, help="folder for cached video features")
 
@@ -240,7 +241,8 @@ def _cmd_generate(args) -> int:
         except VlmalignError:
             requests = [(s.id, s.video, s.turns[0].text) for s in read_instructions(args.data)]
     gen = GenerationConfig(args.max_new_tokens, args.sample, args.temperature, args.top_p, args.num_return_sequences, args.batch_size)
-    answers = generate_answers(model, VisualInputs(model, args.feature_cache), [(v, q) for _, v, q in requests], gen, progress=args.data is not None)
+    answers = generate_answers(model, VisualInputs(model, args.feature_cache), [(v, q) for _, v, q in requests], gen,
+                               progress=args.data is not None, seed=args.seed)
     records = [{"id": i, "video": v, "question": q, "answers": a} for (i, v, q), a in zip(requests, answers)]
     if args.out:
         write_jsonl(args.out, records)
@@ -319,7 +321,16 @@ COMMANDS = {
 
 
 def _quiet_libraries() -> None:
-    """Our own progress bars say what is happening; per-shard bars from transformers only add noise."""
+    """Our own progress bars say what is happening; per-shard bars from transformers only add noise.
+    DeepSpeed warns on every CPU-only start that it picked the CPU (it is told so instead), and
+    bitsandbytes on some CPUs that an optional speed-up package is missing."""
+    import logging
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -12,6 +12,8 @@ the tokens.
 
 from __future__ import annotations
 
+import inspect
+
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +69,13 @@ def _pick(logits: torch.Tensor, gen: GenerationConfig, generator: torch.Generato
 
 
 @torch.no_grad()
+def _cache_name(llm) -> str:
+    """What the LLM's forward calls its KV cache: `cache` in recent transformers 5.x, where the older
+    `past_key_values` still works but warns on every call; `past_key_values` before."""
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def sample_tokens(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor, features, gen: GenerationConfig,
     generator: torch.Generator | None = None,
@@ -78,11 +87,12 @@ def sample_tokens(
     """
     tokenizer, llm, g = model.tokenizer, model.llm, gen.num_return_sequences
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    cache_name = _cache_name(llm)
     out = llm(
         inputs_embeds=model.embed(input_ids, features), attention_mask=attention_mask,
         position_ids=_positions(attention_mask), use_cache=True,
     )
-    cache, logits = out.past_key_values, out.logits[:, -1]
+    cache, logits = getattr(out, cache_name), out.logits[:, -1]
     if g > 1:
         cache.batch_repeat_interleave(g)
         attention_mask = attention_mask.repeat_interleave(g, 0)
@@ -105,9 +115,9 @@ def sample_tokens(
         position = position + 1
         out = llm(
             input_ids=nxt[:, None], attention_mask=attention_mask, position_ids=position[:, None],
-            past_key_values=cache, use_cache=True,
+            use_cache=True, **{cache_name: cache},
         )
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        cache, logits = getattr(out, cache_name), out.logits[:, -1]
     tokens_t = torch.stack(tokens, 1)
     logps_t = torch.stack(logps, 1)
     # length = tokens up to and including EOS, or all of them when the row never ended
@@ -187,7 +197,11 @@ def sample_answers(
 
 def generate_answers(
     model, visual: VisualInputs, requests: list[tuple[str | list[str] | None, str]], gen: GenerationConfig,
-    progress: bool = False,
+    progress: bool = False, seed: int | None = None,
 ) -> list[list[str]]:
-    """For each (video, question), `gen.num_return_sequences` answer texts (decoded, stripped)."""
-    return [[s.text for s in group] for group in sample_answers(model, visual, requests, gen, progress)]
+    """For each (video, question), `gen.num_return_sequences` answer texts (decoded, stripped);
+    with `seed`, sampled answers are the same on every run."""
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    return [[s.text for s in group] for group in sample_answers(model, visual, requests, gen, progress, generator)]

@@ -1,0 +1,83 @@
+"""The alignment gym: its measurements (hand-computed) and the learning regression test."""
+
+import json
+
+import pytest
+
+from vlmalign.data import synthetic as syn
+from vlmalign.feedback.oracle import Oracle
+from vlmalign.gym import GymBudget, format_gym, gains, prior_split
+
+
+def test_prior_split_counts_by_truth_equal_to_the_prior(tiny_bench, tmp_path):
+    questions = json.loads((tiny_bench / "qa_test.json").read_text())
+    oracle = Oracle.from_dir(tiny_bench)
+    # every other answer judged right
+    preds = [{"id": q["question_id"], "video_name": q["video_name"], "question": q["question"]} for q in questions]
+    verdicts = {p["id"]: i % 2 == 0 for i, p in enumerate(preds)}
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+    (tmp_path / "judgments.jsonl").write_text("".join(json.dumps({"id": k, "verdict": "yes" if v else "no"}) + "\n"
+                                                      for k, v in verdicts.items()))
+    at_prior = []
+    for p in preds:
+        parsed = syn.parse_question(p["question"])
+        at_prior.append(syn.true_value(oracle.metadata(p["video_name"]), parsed) == syn.PRIORS[parsed.qtype][parsed.template])
+    assert 0 < sum(at_prior) < len(preds)
+    hits_at = [verdicts[p["id"]] for p, a in zip(preds, at_prior) if a]
+    hits_off = [verdicts[p["id"]] for p, a in zip(preds, at_prior) if not a]
+    split = prior_split(tiny_bench, tmp_path)
+    assert split == {"truth = prior": sum(hits_at) / len(hits_at), "truth != prior": sum(hits_off) / len(hits_off)}
+
+
+def test_table_gains_are_over_each_seeds_own_start():
+    def row(all_, colour=0.5):
+        return {"colour": colour, "count": 0.9, "direction": 0.3, "shape": 0.3, "all": all_,
+                "truth = prior": 0.4, "truth != prior": 0.2}
+
+    runs = [{"seed": 0, "ceiling": row(0.60), "start": row(0.30), "dpo": row(0.40), "dpo-control": row(0.28), "minutes": 1.0},
+            {"seed": 1, "ceiling": row(0.62), "start": row(0.34), "dpo": row(0.48), "dpo-control": row(0.34), "minutes": 1.2}]
+    assert gains(runs, "dpo") == pytest.approx([10.0, 14.0])
+    manifest = {"misalignment": {"prior_rate": 0.5, "invent_rate": 0.5,
+                                 "altered_sft_answers": {"colour": 3, "count": 1, "describe": 2},
+                                 "sft_answers": {"colour": 8, "count": 4, "describe": 4}},
+                "files": {"qa_test.json": {"records": 1000}}}
+    text = format_gym(runs, manifest, GymBudget(methods=("dpo",)), "vlmalign gym --seeds 0,1")
+    lines = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    # gains +10 and +14: mean +12.0, sample sd 2.8; the control: -2 and 0 -> -1.0 ± 1.4
+    assert lines["| DPO (oracle scores)"].endswith("| +12.0 ± 2.8 |")
+    assert lines["|   control: DPO on swapped pairs"].endswith("| -1.0 ± 1.4 |")
+    assert "| 44.0 ± 5.7 |" in lines["| DPO (oracle scores)"]  # all: 40 and 48
+    assert "4 of 12 short SFT answers" in text and "2 of 4 descriptions" in text and "1000 questions" in text
+    assert "Gap (ceiling - start): +29.0 ± 1.4 points" in text and "`vlmalign gym --seeds 0,1`" in text
+
+
+# --- the learning regression test --------------------------------------------------------------------
+# One seed at reduced sizes: oracle-fed DPO and GRPO must lift a misaligned start by a clear margin,
+# and the same runs with the feedback destroyed (swapped pairs, random scores) must not. A sign error
+# in a loss, an advantage pointing the wrong way or a judge wired backwards fails it.
+LEARNING = GymBudget(videos=160, splits=(0.6, 0.05, 0.35), sft_epochs=4, dpo_questions=240, dpo_epochs=2,
+                     grpo_rollouts=12, methods=("dpo", "grpo"))
+MARGIN = 5.0  # points of held-out accuracy over the start
+CONTROL_MAX = 1.0  # a control may move within noise, never gain more than this
+
+
+@pytest.mark.e2e
+def test_oracle_feedback_lifts_the_start_and_destroyed_feedback_does_not(tmp_path, one_thread):
+    from vlmalign.data.synthetic import Misalignment, generate_benchmark
+    from vlmalign.gym import Gym
+
+    bench = tmp_path / "bench"
+    generate_benchmark(bench, num_videos=LEARNING.videos, seed=0, splits=LEARNING.splits,
+                       misalignment=Misalignment(LEARNING.prior_rate, LEARNING.invent_rate), progress=False)
+    gym = Gym(tmp_path / "seed-0", LEARNING, 0, bench, tmp_path / "feature_cache")
+    start = gym.sft("start", ["sft_easy.json", "sft_hard.json"])
+    base = gym.evaluate(start)["all"]
+    gains = {
+        "dpo": gym.evaluate(gym.dpo(start, control=False))["all"] - base,
+        "dpo-control": gym.evaluate(gym.dpo(start, control=True))["all"] - base,
+        "grpo": gym.evaluate(gym.grpo(start, "grpo", control=False))["all"] - base,
+        "grpo-control": gym.evaluate(gym.grpo(start, "grpo", control=True))["all"] - base,
+    }
+    points = {k: round(100 * v, 1) for k, v in gains.items()}
+    assert points["dpo"] >= MARGIN and points["grpo"] >= MARGIN, points
+    assert points["dpo-control"] <= CONTROL_MAX and points["grpo-control"] <= CONTROL_MAX, points
