@@ -44,6 +44,9 @@ def test_recorded_logps_are_the_policy_logps_of_the_sampled_tokens(model):
     gen = GenerationConfig(max_new_tokens=8, do_sample=True, temperature=0.7, top_p=0.9, num_return_sequences=g)
     tokens, logps, lengths = sample_tokens(model, input_ids, mask, feats, gen, torch.Generator().manual_seed(0))
     assert tokens.shape[0] == len(QUESTIONS) * g
+    # sampling keeps no autograd graph, though the model trains (a graph per decoding step would
+    # cost a 7B rollout its memory)
+    assert any(p.requires_grad for p in model.parameters()) and not logps.requires_grad
     full = torch.cat([input_ids.repeat_interleave(g, 0), tokens], 1)
     new_mask = torch.arange(tokens.shape[1])[None] < lengths[:, None]
     full_mask = torch.cat([mask.repeat_interleave(g, 0), new_mask.long()], 1)

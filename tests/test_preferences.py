@@ -244,13 +244,13 @@ def test_swapped_preferences_invert_every_pair_and_still_read(tmp_path):
     rows = [{"id": "q1", "video": "/v/1.mp4", "prompt": "<video>\nWhat colour is the square?", "chosen": "Red.",
              "rejected": "Blue.", "chosen_score": 5, "rejected_score": 1},
             {"id": "q2", "video": "/v/2.mp4", "prompt": "<video>\nHow many objects appear in the video?", "chosen": "Two.",
-             "rejected": "One or two.", "chosen_score": None, "rejected_score": None}]
+             "rejected": "One or two.", "chosen_score": None, "rejected_score": None, "choice": 1}]
     src = tmp_path / "prefs.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = swap_preferences(src, tmp_path / "control" / "swapped.jsonl")
     swapped = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["chosen"], r["rejected"], r["chosen_score"], r["rejected_score"]) for r in swapped] == [
         ("Blue.", "Red.", 1, 5), ("One or two.", "Two.", None, None)]
-    assert all(r["control"] == "swapped" for r in swapped)
+    assert all(r["control"] == "swapped" for r in swapped) and swapped[1]["choice"] == 0
     pairs = read_preference_pairs(out)
     assert [(p.chosen, p.rejected) for p in pairs] == [("Blue.", "Red."), ("One or two.", "Two.")]

@@ -328,8 +328,7 @@ def test_misalignment_alters_only_the_sft_answers(bench, injected):
             prior, meta = syn.prior_value(parsed), oracle.metadata(a["video"])
             assert syn.true_value(meta, parsed) != prior and not oracle.verdict(a["video"], question, answer).correct
             assert extract_values(parsed.qtype, answer) == [prior]  # states the prior, and only it
-            subject = syn.subject_of(meta["objects"], parsed)
-            assert answer in {syn.short_answer(parsed.qtype, prior, subject, np.random.default_rng(s)) for s in range(64)}
+            assert answer in {syn.short_answer(parsed.qtype, prior, None, np.random.default_rng(s)) for s in range(64)}
     m = injected[1]["misalignment"]
     assert (m["prior_rate"], m["invent_rate"]) == (0.5, 0.5)
     easy = _load(injected, "sft_easy.json")

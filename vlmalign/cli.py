@@ -292,8 +292,9 @@ def _cmd_gym(args) -> int:
         if unknown:
             raise VlmalignError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
         budget = dataclasses.replace(budget, methods=methods)
-    command = "vlmalign gym " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["gym"] else "vlmalign gym"
-    run_gym(args.out, budget, _seeds(args.seeds), progress=True, command=command.strip())
+    command = " ".join(["vlmalign gym", *(["--quick"] if args.quick else []), "--out", args.out, "--seeds", args.seeds,
+                        *(["--methods", args.methods] if args.methods else [])])
+    run_gym(args.out, budget, _seeds(args.seeds), progress=True, command=command)
     return 0
 
 

@@ -16,8 +16,9 @@ Per seed, from one benchmark:
             grpo       plain GRPO on the oracle's 1-5 scores
             grpo_rank  Oracle-RLAIF's rank advantage on the oracle's ranking
             ppo        VLM-RLAIF: reward model on oracle-judged pairs, PPO against it
-  controls  the same run with the feedback destroyed, same budget: dpo and ppo on swapped pairs,
-            grpo on random scores, grpo_rank on random rankings (the `random` judge)
+  controls  the same run with the feedback destroyed, same budget: grpo on random scores, grpo_rank
+            on random rankings (the `random` judge: verdicts unrelated to truth); dpo and ppo on
+            swapped pairs (the feedback reversed: these must lose, and check its direction)
 
 Everything is evaluated on the held-out QA file (greedy, oracle-judged), also split by whether the
 truth equals the question's prior (a method that merely learns to avoid the prior loses there).
@@ -34,6 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vlmalign.config import DPOConfig, GRPOConfig, PPOConfig, RMConfig, SFTConfig, load_config
+from vlmalign.errors import VlmalignError
 from vlmalign.pipeline import CONFIGS, Budget, Pipeline, _sets, mean_std
 
 METHODS = ("dpo", "grpo", "grpo_rank", "ppo")
@@ -42,11 +44,12 @@ QTYPES = ("colour", "count", "direction", "shape")
 
 @dataclass(frozen=True)
 class GymBudget:
-    videos: int = 1000
-    splits: tuple[float, float, float] = (0.7, 0.05, 0.25)  # >= 1,000 held-out questions
+    videos: int = 640
+    splits: tuple[float, float, float] = (0.6, 0.05, 0.35)  # 224 held-out videos: about 1,050 questions
+    max_objects: int = 2  # objects per video: 1 makes attributes unambiguous (the CI learning test)
     prior_rate: float = 0.5
     invent_rate: float = 0.5
-    sft_epochs: int = 4
+    sft_epochs: int = 8  # 4 left even colour at chance on 240 training videos (24%; 8 epochs: 74%)
     dpo_questions: int = 800
     dpo_epochs: int = 2
     grpo_rollouts: int = 40
@@ -59,8 +62,7 @@ class GymBudget:
 
 # `vlmalign gym`: all four methods and their controls; `--quick` (the demo and the CI test) is smaller.
 FULL = GymBudget()
-QUICK = GymBudget(videos=400, splits=(0.6, 0.05, 0.35), sft_epochs=4, dpo_questions=400, grpo_rollouts=20,
-                  rm_questions=400, ppo_rollouts=15)
+QUICK = GymBudget(videos=400, dpo_questions=400, grpo_rollouts=20, rm_questions=400, ppo_rollouts=15)
 
 
 class Gym:
@@ -144,10 +146,10 @@ class Gym:
         from vlmalign.feedback.preferences import read_questions
 
         path = self.out / "dpo" / "prefs" / "samples.jsonl"
-        if not path.is_file():
+        if not path.is_file() or not path.read_text().strip():
             return {}
         oracle = Oracle.from_dir(self.bench)
-        questions = {q.id: q for q in read_questions([str(self.bench / "sft_easy.json")], None, self.budget.dpo_questions)}
+        questions = {q.id: q for q in read_questions([str(self.bench / "sft_easy.json")], None, None)}
         hits = []
         for line in path.read_text().splitlines():
             row = json.loads(line)
@@ -199,13 +201,17 @@ def run_seed(out: Path, budget: GymBudget, seed: int, bench: Path, feature_cache
         for control in (False, True):
             name = method + ("-control" if control else "")
             print(f"[gym seed {seed}] {name}", flush=True)
-            if method == "dpo":
-                final = gym.dpo(start, control)
-            elif method == "ppo":
-                final = gym.ppo(start, control)
-            else:
-                final = gym.grpo(start, method, control)
-            results[name] = gym.evaluate(final)
+            try:
+                if method == "dpo":
+                    final = gym.dpo(start, control)
+                elif method == "ppo":
+                    final = gym.ppo(start, control)
+                else:
+                    final = gym.grpo(start, method, control)
+                results[name] = gym.evaluate(final)
+            except VlmalignError as e:  # e.g. no preference pairs: say so in the table, run the others
+                print(f"[gym seed {seed}] {name} failed: {e}", flush=True)
+                results[name] = {"failed": str(e)}
     results["start_samples"] = gym.start_samples()
     results["minutes"] = round((time.time() - start_time) / 60, 1)
     return results
@@ -217,12 +223,13 @@ def run_gym(out="runs/gym", budget: GymBudget = FULL, seeds=(0, 1, 2), progress:
     from vlmalign.data.synthetic import Misalignment, generate_benchmark
 
     out = Path(out)
+    _check_settings(out, budget)
     bench = out / "bench"
     if not (bench / "manifest.json").is_file():
         print(f"[gym] benchmark: {budget.videos} videos, prior rate {budget.prior_rate}, invent rate {budget.invent_rate}",
               flush=True)
         generate_benchmark(bench, num_videos=budget.videos, seed=budget.bench_seed, splits=budget.splits,
-                           misalignment=Misalignment(budget.prior_rate, budget.invent_rate), progress=progress)
+                           max_objects=budget.max_objects, misalignment=Misalignment(budget.prior_rate, budget.invent_rate), progress=progress)
     runs = [run_seed(out / f"seed-{s}", budget, s, bench, out / "feature_cache", progress) for s in seeds]
     manifest = json.loads((bench / "manifest.json").read_text())
     text = format_gym(runs, manifest, budget, command)
@@ -232,9 +239,31 @@ def run_gym(out="runs/gym", budget: GymBudget = FULL, seeds=(0, 1, 2), progress:
     return runs
 
 
+def _check_settings(out: Path, budget: GymBudget) -> None:
+    """Every stage reuses what it finds finished, so a folder holds one budget: the first run records
+    it (with the benchmark generator's version) and a run with other settings is refused. The
+    methods may differ: each has its own folder."""
+    from vlmalign.data.synthetic import GENERATOR_VERSION
+
+    settings = json.loads(json.dumps({**asdict(budget), "generator": GENERATOR_VERSION}))
+    settings.pop("methods")
+    path = out / "gym-settings.json"
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        changed = sorted(k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k))
+        if changed:
+            raise VlmalignError(f"{out} holds a gym run with other settings ({', '.join(changed)}); "
+                                "use another --out, or remove the folder")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise VlmalignError(f"{out} is not empty and holds no gym run ({path.name} is missing); use another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2))
+
+
 def gains(runs: list[dict], name: str, column: str = "all") -> list[float]:
-    """Points gained over each seed's own start."""
-    return [100 * (r[name][column] - r["start"][column]) for r in runs if name in r]
+    """Points gained over each seed's own start (seeds where the run failed are left out)."""
+    return [100 * (r[name][column] - r["start"][column]) for r in runs if column in r.get(name, {})]
 
 
 def format_gym(runs: list[dict], manifest: dict, budget: GymBudget, command: str) -> str:
@@ -266,9 +295,14 @@ def format_gym(runs: list[dict], manifest: dict, budget: GymBudget, command: str
     for name, label in ROWS.items():
         if name not in runs[0]:
             continue
-        cols = [cell([100 * r[name][q] for r in runs if r[name].get(q) is not None]) for q in (*QTYPES, "all", "truth = prior", "truth != prior")]
+        cols = [cell([100 * r[name][q] for r in runs if r.get(name, {}).get(q) is not None])
+                for q in (*QTYPES, "all", "truth = prior", "truth != prior")]
         gain = "" if name in ("ceiling", "start") else cell(gains(runs, name), signed=True)
         lines.append(f"| {label} | " + " | ".join(cols) + f" | {gain} |")
+    for r in runs:
+        for name, row in r.items():
+            if isinstance(row, dict) and "failed" in row:
+                lines.append(f"\nseed {r['seed']}, {ROWS.get(name, name).strip()}: failed: {row['failed']}")
     samples = [r["start_samples"] for r in runs if r.get("start_samples")]
     if samples:
         lines += ["", f"The start's own samples ({samples[0]['k']} per training question at T = 1, "

@@ -504,7 +504,11 @@ def video_questions(meta: dict, rng) -> list[dict]:
         out.append({
             "qtype": qtype,
             "question": question_text(qtype, template, **slots),
-            "answer": short_answer(qtype, value, subject, wording) if qtype != "describe" else describe(meta, rng=wording),
+            # Short answers never name their object: a tiny model that cannot yet copy the question's
+            # object into its answer then names another one, an error no perception or feedback is
+            # about (any change to the model "fixes" it, random feedback included). The oracle still
+            # checks binding: the value must be the asked object's.
+            "answer": short_answer(qtype, value, None, wording) if qtype != "describe" else describe(meta, rng=wording),
             "template": template,
             "value": value,
             "subject": None if subject is None else subject["index"],
@@ -544,9 +548,8 @@ def _inject(meta: dict, q: dict, misalignment: Misalignment, rng) -> tuple[str, 
     prior = PRIORS[q["qtype"]][q["template"] % len(PRIORS[q["qtype"]])]
     if prior == q["value"]:
         return q["answer"], False
-    subject = meta["objects"][q["subject"]] if q["subject"] is not None else None
     # The wording drawn for the true answer is kept: the same rng draws give the same template.
-    return short_answer(q["qtype"], prior, subject, np.random.default_rng(q["wording_seed"])), True
+    return short_answer(q["qtype"], prior, None, np.random.default_rng(q["wording_seed"])), True
 
 
 def describe_variants(meta: dict, rng) -> list[str]:
@@ -692,9 +695,9 @@ def generate_benchmark(out_dir, num_videos: int = 600, seed: int = 0, num_frames
         # A spawned worker re-imports the calling script; without a main guard it runs the script's
         # own generate_benchmark call again, which may not start processes while bootstrapping.
         raise VlmalignError(
-            "generate_benchmark: its video-writing worker processes died at start; when calling it from a script, "
-            "put the call under `if __name__ == \"__main__\":` (workers are spawned and re-import the script); "
-            "from stdin or a notebook, pass workers=0 to write the videos in this process") from None
+            "generate_benchmark: a video-writing worker process died (out of memory, or, when called from a script "
+            "without `if __name__ == \"__main__\":`, at start: workers are spawned and re-import the script); "
+            "guard the call, or pass workers=0 to write the videos in this process") from None
 
     oracle = Oracle(metas)
     captions = {}
@@ -841,9 +844,9 @@ def _judge_examples(meta, easy, describe_q, oracle, rng) -> list[dict]:
     out = []
 
     def wrong_short(q):
+        # worded as the true short answers are (no object named), so naming one is no cue to judges
         wrong = wrong_value(q["qtype"], q["value"], objects, rng)
-        subject = objects[q["subject"]] if q["subject"] is not None else None
-        return short_answer(q["qtype"], wrong, subject, rng), wrong
+        return short_answer(q["qtype"], wrong, None, rng), wrong
 
     def flawed_description():
         true_score = oracle.score(vid, describe_q["question"], describe_q["answer"])

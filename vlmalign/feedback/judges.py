@@ -328,6 +328,13 @@ def _rules_version() -> str:
     return h.hexdigest()[:10]
 
 
+def _rule_task(judge_id: str, prompt: str, kind: str, request: JudgeRequest) -> _Task:
+    """A task for a judge that reads question and answers directly (no prompt, no context)."""
+    text = json.dumps({"question": request.question, "answers": list(request.answers)}, ensure_ascii=False)
+    key = judgment_key(judge_id, prompt, text, request.video, {})
+    return _Task(kind, prompt, text, request.video, key, len(request.answers), request)
+
+
 class OracleJudge(Judge):
     backend = "oracle"
 
@@ -342,10 +349,7 @@ class OracleJudge(Judge):
         self._rules = _rules_version()
 
     def _task(self, kind: str, request: JudgeRequest) -> _Task:
-        prompt = f"oracle.{kind}@{self._rules}"
-        text = json.dumps({"question": request.question, "answers": list(request.answers)}, ensure_ascii=False)
-        key = judgment_key(self.id, prompt, text, request.video, {})
-        return _Task(kind, prompt, text, request.video, key, len(request.answers), request)
+        return _rule_task(self.id, f"oracle.{kind}@{self._rules}", kind, request)
 
     def _run(self, tasks: list[_Task], finish: Callable) -> None:
         for t in tasks:
@@ -376,10 +380,11 @@ class OracleJudge(Judge):
 
 
 class RandomJudge(Judge):
-    """The negative control: feedback with the information destroyed. Scores are uniform on 1-5,
+    """The negative control: feedback unrelated to the answers' truth. Scores are uniform on 1-5,
     rankings a uniform permutation, comparisons a fair coin, each drawn from a hash of the judged
-    item and `cfg.seed`, so a re-run gets the same verdicts. A method that gains under this judge
-    gains from something other than the feedback."""
+    item (video, question, answers) and `cfg.seed`, so a re-run gets the same verdicts; the same
+    answer to the same question always gets the same verdict, an arbitrary but consistent reward.
+    A method that gains under this judge gains from something other than grounded feedback."""
 
     backend = "random"
 
@@ -387,10 +392,7 @@ class RandomJudge(Judge):
         super().__init__(f"random:seed{cfg.seed}", cfg, cache, progress)
 
     def _task(self, kind: str, request: JudgeRequest) -> _Task:
-        prompt = f"random.{kind}@1"
-        text = json.dumps({"question": request.question, "answers": list(request.answers)}, ensure_ascii=False)
-        key = judgment_key(self.id, prompt, text, request.video, {})
-        return _Task(kind, prompt, text, request.video, key, len(request.answers), request)
+        return _rule_task(self.id, f"random.{kind}@1", kind, request)
 
     def _run(self, tasks: list[_Task], finish: Callable) -> None:
         for t in tasks:

@@ -377,11 +377,15 @@ def make_preferences(
 
 def swap_preferences(src: Path, dst: Path) -> Path:
     """The negative control of DPO and the reward model: every pair of `src` with chosen and
-    rejected (and their scores) swapped, marked `"control": "swapped"`, written to `dst`."""
+    rejected (and their scores, and a pairwise judge's choice) swapped, marked `"control": "swapped"`,
+    written to `dst`. This reverses the feedback: a method trained on it must lose, so the control
+    checks the direction of learning (the gym's random judge is the control with no information)."""
     rows = [json.loads(line) for line in Path(src).read_text(encoding="utf-8").splitlines() if line.strip()]
     for r in rows:
         r["chosen"], r["rejected"] = r["rejected"], r["chosen"]
         r["chosen_score"], r["rejected_score"] = r.get("rejected_score"), r.get("chosen_score")
+        if r.get("choice") in (0, 1):
+            r["choice"] = 1 - r["choice"]
         r["control"] = "swapped"
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)

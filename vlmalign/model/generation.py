@@ -68,7 +68,6 @@ def _pick(logits: torch.Tensor, gen: GenerationConfig, generator: torch.Generato
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
 def _cache_name(llm) -> str:
     """What the LLM's forward calls its KV cache: `cache` in recent transformers 5.x, where the older
     `past_key_values` still works but warns on every call; `past_key_values` before."""
@@ -76,6 +75,7 @@ def _cache_name(llm) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
+@torch.no_grad()
 def sample_tokens(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor, features, gen: GenerationConfig,
     generator: torch.Generator | None = None,
