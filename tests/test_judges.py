@@ -461,3 +461,12 @@ def test_random_judge_is_seeded_uniform_and_cached(tmp_path):
     other_seed = build_judge(JudgeConfig(backend="random", seed=4), tmp_path / "cache.sqlite", progress=False)
     assert [j.value for j in other_seed.rank(items)] != ranks
     assert all(j.cached for j in judge.rank(items[:5]))
+
+
+def test_random_judge_gives_the_same_verdicts_wherever_the_videos_lie(tmp_path):
+    judge = build_judge(JudgeConfig(backend="random"), tmp_path / "a.sqlite", progress=False)
+    here = [JudgeRequest(f"/data/run1/videos/v{i}.mp4", "How many objects appear in the video?", ("One.", "Two.", "2."))
+            for i in range(50)]
+    there = [JudgeRequest(f"/elsewhere/videos/v{i}.mp4", r.question, r.answers) for i, r in enumerate(here)]
+    again = build_judge(JudgeConfig(backend="random"), tmp_path / "b.sqlite", progress=False)
+    assert [j.value for j in judge.rank(here)] == [j.value for j in again.rank(there)]

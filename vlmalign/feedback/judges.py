@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import hashlib
 import json
 import logging
@@ -328,6 +329,15 @@ def _rules_version() -> str:
     return h.hexdigest()[:10]
 
 
+def _video_name(video) -> str | list[str] | None:
+    """A video path (or frame paths) without its folders."""
+    if video is None:
+        return None
+    if isinstance(video, (str, os.PathLike)):
+        return Path(video).name
+    return [Path(v).name for v in video]
+
+
 def _rule_task(judge_id: str, prompt: str, kind: str, request: JudgeRequest) -> _Task:
     """A task for a judge that reads question and answers directly (no prompt, no context)."""
     text = json.dumps({"question": request.question, "answers": list(request.answers)}, ensure_ascii=False)
@@ -392,7 +402,9 @@ class RandomJudge(Judge):
         super().__init__(f"random:seed{cfg.seed}", cfg, cache, progress)
 
     def _task(self, kind: str, request: JudgeRequest) -> _Task:
-        return _rule_task(self.id, f"random.{kind}@1", kind, request)
+        # keyed by the video's file name, not its path: the same verdicts wherever the data lies
+        named = JudgeRequest(_video_name(request.video), request.question, request.answers)
+        return dataclasses.replace(_rule_task(self.id, f"random.{kind}@1", kind, named), video=request.video, request=request)
 
     def _run(self, tasks: list[_Task], finish: Callable) -> None:
         for t in tasks:
