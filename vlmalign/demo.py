@@ -1,7 +1,7 @@
 """`vlmalign demo`: the embedded default, the alignment gym (`vlmalign.gym`) on a laptop CPU.
 
 One seed on the gym's quick budget: the benchmark with its declared misalignment, the clean-SFT
-ceiling, the injected-SFT start, and every method with its negative control, fed by the
+ceiling, the injected-SFT start, and DPO and GRPO with their negative controls, fed by the
 benchmark's oracle; it prints one table of held-out accuracy and gains over the start. Everything
 lands in `OUT/`; re-running resumes or reuses finished stages. `vlmalign gym` is the full budget on
 three seeds; `scripts/replicate.py` runs the older pipeline with the SFT model judging itself.
