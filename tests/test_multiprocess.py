@@ -42,8 +42,11 @@ def _weights(run_dir):
 
 
 def _assert_same_weights(a, b):
-    for name in a:  # same global batches, gradients all-reduced: equal up to float summation order
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+    # Same global batches, gradients all-reduced: equal up to float summation order. ZeRO-3 sums its
+    # partitioned gradients in another order: with the 384-wide tiny MLP one weight of 16,384 ended
+    # 1.4e-5 away after 4 steps; a missing or doubled all-reduce moves weights by 1e-3 and more.
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=3e-5)
 
 
 @pytest.fixture(scope="module")
