@@ -22,8 +22,14 @@ def test_every_stage_runs_from_one_sft_start_and_reports(tmp_path):
     assert set(results["grpo"]) == {"grpo_rank", "grpo"}
     assert json.loads((tmp_path / "out" / "results.json").read_text())["budget"]["videos"] == 12
     assert 0.0 <= results["sft_eval"]["mcq"] <= 1.0 and "multiple choice" in table
-    scored = results["judges"]["score: caption"]  # the oracle judges here: it orders every pair it separates
-    assert scored["n"] + scored["tied"] > 0 and scored["tied"] == 0 and scored["agreement"] == 1.0
+    # The oracle judges here: it never ties a pair it separates, and agrees on every pair it orders.
+    # Whether the 2-epoch model's two samples of the few held-out questions differ in score at all
+    # depends on the benchmark's text (none do on benchmark 2.0), so the count is not asserted; the
+    # pair agreement itself is checked on a hand-computed case (test_preferences.py,
+    # test_score_agreement_orders_pairs_the_oracle_separates).
+    scored = results["judges"]["score: caption"]
+    assert scored["tied"] == 0 and scored["agreement"] in (None, 1.0)
+    assert (scored["agreement"] is None) == (scored["n"] == 0)
     assert "scored 1-5 by the judge" in table
     # the 4 held-out questions of 12 videos never repeat a question, so no true-vs-wrong pair exists:
     # the row says so instead of failing (tests/test_judge_probe.py checks the probe itself)
