@@ -1,9 +1,9 @@
 """`vlmalign gym`: a testbed that shows whether an alignment method works, with its controls.
 
 The premise of the papers, built in and declared up front (`synthetic.Misalignment`): the SFT
-model answers from language priors. Half of the train split's short answers state a prior that
-depends on the question's wording (`synthetic.PRIORS`) instead of the truth, and half of its
-descriptions gain an invented object. Captions, judge data and the held-out files stay true. The
+model answers from language priors. A share of the train split's short answers (`prior_rate`,
+0.75) state a prior that depends on the question's wording (`synthetic.PRIORS`) instead of the
+truth, and half of its descriptions gain an invented object. Captions, judge data and the held-out files stay true. The
 misalignment is the same for every method and is never tuned per method.
 
 Per seed, from one benchmark:
