@@ -134,3 +134,16 @@ def test_every_judge_request_carries_its_own_video_context(advantage):
     assert len(judge.requests) == 3 * per_question
     for i, request in enumerate(judge.requests):
         assert request.context == f"caption of video{(i // per_question) % 2}"
+
+
+def test_max_steps_sets_the_rollout_count_past_the_epochs():
+    """train.max_steps overrides train.epochs, as in the other stages: 10 questions in rollouts of 4
+    give 2 whole rollouts an epoch, so 5 rollouts take 3 epochs' plans, cut at 5; epoch 0 comes first
+    and unchanged, so a longer run resumes a shorter one's rollouts."""
+    from vlmalign.train.common import epoch_batches, rollout_plan
+
+    plan = rollout_plan(10, 4, seed=0, epochs=1, max_rollouts=5)
+    assert len(plan) == 5 and all(len(b) == 4 for b in plan)
+    assert plan[:2] == epoch_batches(10, 4, 0, 0)[:2] == rollout_plan(10, 4, seed=0, epochs=1)
+    assert plan[2:4] == epoch_batches(10, 4, 0, 1)[:2]
+    assert len(rollout_plan(10, 4, seed=0, epochs=3, max_rollouts=1)) == 1

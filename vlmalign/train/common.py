@@ -138,13 +138,19 @@ def epoch_batches(num_items: int, batch_size: int, seed: int, tag: int, rank: in
     return batches
 
 
-def rollout_plan(num_questions: int, rollout_batch: int, seed: int, epochs: int) -> list[list[int]]:
+def rollout_plan(num_questions: int, rollout_batch: int, seed: int, epochs: int,
+                 max_rollouts: int | None = None) -> list[list[int]]:
     """The question indices of every rollout, epoch after epoch. Rollouts are whole (an epoch's
     incomplete last one is dropped), so any process count splits them alike and a checkpoint
-    resumes on another count at the same rollout."""
+    resumes on another count at the same rollout. `max_rollouts` (train.max_steps) overrides
+    `epochs`, as it does for the other stages: the plan runs as many epochs as it takes."""
     if num_questions < rollout_batch:
         raise ConfigError(f"rollout_batch ({rollout_batch}) is larger than the {num_questions} training questions")
-    return [b for e in range(epochs) for b in epoch_batches(num_questions, rollout_batch, seed, e) if len(b) == rollout_batch]
+    per_epoch = num_questions // rollout_batch
+    if max_rollouts is not None:
+        epochs = -(-max_rollouts // per_epoch)
+    plan = [b for e in range(epochs) for b in epoch_batches(num_questions, rollout_batch, seed, e) if len(b) == rollout_batch]
+    return plan if max_rollouts is None else plan[:max_rollouts]
 
 
 def check_rollout_shares(world: int, rollout_batch: int, sampling_batch: int, update_batch: int, section: str,

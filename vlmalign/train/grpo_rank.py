@@ -179,8 +179,8 @@ def run(cfg: GRPOConfig) -> Path:
         max_new_tokens=cfg.sampling.max_new_tokens, do_sample=True, temperature=cfg.sampling.temperature,
         top_p=cfg.sampling.top_p, num_return_sequences=g, batch_size=cfg.sampling.batch_size,
     )
-    rollouts = rollout_plan(len(questions), grpo.rollout_batch, cfg.train.seed, cfg.train.epochs)
-    total = len(rollouts) if cfg.train.max_steps is None else min(len(rollouts), cfg.train.max_steps)
+    rollouts = rollout_plan(len(questions), grpo.rollout_batch, cfg.train.seed, cfg.train.epochs, cfg.train.max_steps)
+    total = len(rollouts)
     updates_per_rollout = grpo.num_iterations * -(-grpo.rollout_batch * g // grpo.mini_batch)
     rt.print(f"GRPO ({grpo.advantage}): {len(questions)} questions, {total} rollouts of {grpo.rollout_batch} x {g} answers")
 

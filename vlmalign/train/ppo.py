@@ -185,8 +185,8 @@ def run(cfg: PPOConfig) -> Path:
         max_new_tokens=cfg.sampling.max_new_tokens, do_sample=True, temperature=cfg.sampling.temperature,
         top_p=cfg.sampling.top_p, num_return_sequences=g, batch_size=cfg.sampling.batch_size,
     )
-    rollouts = rollout_plan(len(questions), ppo.rollout_batch, cfg.train.seed, cfg.train.epochs)
-    total = len(rollouts) if cfg.train.max_steps is None else min(len(rollouts), cfg.train.max_steps)
+    rollouts = rollout_plan(len(questions), ppo.rollout_batch, cfg.train.seed, cfg.train.epochs, cfg.train.max_steps)
+    total = len(rollouts)
     total_updates = sum(ppo.ppo_epochs * -(-len(b) * g // ppo.step_batch) for b in rollouts[:total])
     rt.print(f"PPO: {len(questions)} questions, {total} rollouts of {ppo.rollout_batch} x {g} answers, {total_updates} optimizer steps")
 
