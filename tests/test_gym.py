@@ -61,8 +61,8 @@ def test_table_gains_are_over_each_seeds_own_start():
 # DPO runs without the tiny config's SFT term on the chosen answers: with it, DPO with its loss's sign
 # flipped passed this test too (the SFT term alone fixed the count).
 LEARNING = GymBudget(videos=200, splits=(0.6, 0.05, 0.35), max_objects=1, sft_epochs=6, sft_batch_size=8,
-                     dpo_questions=240, dpo_epochs=2, dpo_sft_weight=0.0,
-                     grpo_rollouts=12, methods=("dpo", "grpo"))
+                     dpo_questions=240, dpo_epochs=2, dpo_lr=2e-4, dpo_sft_weight=0.0,
+                     grpo_rollouts=12, grpo_lr=1e-4, methods=("dpo", "grpo"))
 MARGIN = 5.0  # points of held-out accuracy over the start
 CONTROL_MAX = 1.0  # a control may move within noise, never gain more than this
 
