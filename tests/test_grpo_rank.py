@@ -27,15 +27,20 @@ def _metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("advantage", ["grpo_rank", "grpo"])
-def test_grpo_runs_and_logs_what_a_researcher_watches(tiny_policy, tiny_bench, tmp_path, advantage):
+@pytest.mark.parametrize("advantage,loss", [
+    ("grpo_rank", "bnpo"), ("grpo", "bnpo"), ("grpo_rank_monotone", "grpo"), ("dr_grpo", "dr_grpo"), ("grpo", "dapo")])
+def test_grpo_runs_and_logs_what_a_researcher_watches(tiny_policy, tiny_bench, tmp_path, advantage, loss):
     run_dir = tmp_path / advantage
-    final = grpo_rank.run(grpo_cfg(tiny_policy, tiny_bench, run_dir, **{"grpo.advantage": advantage, "grpo.num_iterations": "2"}))
+    extra = {"grpo.advantage": advantage, "grpo.num_iterations": "2", "grpo.loss": loss}
+    if loss == "dapo":  # with clip-higher and GSPO's sequence ratio: every knob runs in the trainer
+        extra.update({"grpo.clip_high": "0.28", "grpo.ratio": "sequence"})
+    final = grpo_rank.run(grpo_cfg(tiny_policy, tiny_bench, run_dir, **extra))
     metrics = _metrics(run_dir)
     assert [m["step"] for m in metrics] == [1, 2, 3]
+    ranks = advantage.startswith("grpo_rank")
     for m in metrics:
         assert m["groups_skipped"] == 0 and m["kl"] >= 0 and 0 <= m["clip_fraction"] <= 1
-        if advantage == "grpo_rank":
+        if ranks:
             assert -1 <= m["kendall_tau"] <= 1 and 0 <= m["delta_mean"] < 1 and 0 <= m["ranking_matches"] <= 1
         else:
             assert 1 <= m["score_mean"] <= 5
@@ -44,7 +49,7 @@ def test_grpo_runs_and_logs_what_a_researcher_watches(tiny_policy, tiny_bench, t
     moved = any(not torch.equal(before[k], after[k]) for k in before)
     # an untrained model's answers may all score 1: zero score advantages, nothing to learn
     assert moved == any(m["advantage_abs_mean"] > 0 for m in metrics)
-    if advantage == "grpo_rank":
+    if ranks:
         assert moved  # rank advantages are zero only if the policy already orders like the oracle
 
 

@@ -49,16 +49,18 @@ def trl_dpo(loss_type, beta, label_smoothing, pc, pr, rc, rr, lengths_c, lengths
     return loss.item(), m["rewards/chosen"][-1], m["rewards/rejected"][-1]
 
 
-def trl_grpo(loss_type, logps, old, ref, advantages, mask, beta, entropies, entropy_coef, num_items=None):
+def trl_grpo(loss_type, logps, old, ref, advantages, mask, beta, entropies, entropy_coef, num_items=None,
+             epsilon_high=0.2, importance_sampling_level="token", steps_per_generation=1):
     """TRL's GRPO loss on given per-token tensors; returns (loss, metrics)."""
     from trl.trainer.grpo_trainer import GRPOTrainer
 
     metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
     trainer = SimpleNamespace(
         _get_per_token_logps_and_entropies=lambda *a, **kw: (logps, entropies, None),
-        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token", beta=beta,
-        args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
-        loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.2, use_vllm=False,
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level=importance_sampling_level,
+        beta=beta, args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=steps_per_generation),
+        loss_type=loss_type, epsilon_low=0.2, epsilon_high=epsilon_high, use_vllm=False,
+        max_completion_length=logps.shape[1],
         vllm_importance_sampling_correction=False, model=SimpleNamespace(training=True),
         current_gradient_accumulation_steps=1, _entropy_bonus_enabled=entropy_coef != 0.0,
         entropy_coef=entropy_coef, use_adaptive_entropy=False, aux_loss_enabled=False,
@@ -358,6 +360,46 @@ def test_grpo_rank_advantages_small_case():
     assert not advantages.requires_grad  # rank advantages are targets, not a path for gradients
 
 
+def test_monotone_rank_advantage_orders_by_the_judge_where_the_papers_does_not():
+    """G = 3, the judge ranks answer 0 best; the policy ranks it last (log-probs -3, -1, -2).
+    Table DCG: 1, log2(3)/2 = 0.79248, 2/3. delta = 1 - 2/3, 1 - 0.79248, 1 - (2/3)/0.79248 =
+    0.33333, 0.20752, 0.15876; their mean 0.23320."""
+    oracle = torch.tensor([[0, 1, 2]])
+    seq_logps = torch.tensor([[-3.0, -1.0, -2.0]])
+    paper, delta = L.grpo_rank_advantages(oracle, seq_logps)
+    torch.testing.assert_close(delta, torch.tensor([[0.33333, 0.20752, 0.15876]]), atol=1e-4, rtol=0)
+    # the paper's advantage (mean - delta): the best answer is pushed down, the worst up
+    torch.testing.assert_close(paper, torch.tensor([[-0.10013, 0.02568, 0.07444]]), atol=1e-4, rtol=0)
+    # the variant: rank gain 1, 0, -1 plus half of those, over (G - 1) / 2 = 1
+    monotone, same_delta = L.grpo_rank_monotone_advantages(oracle, seq_logps)
+    torch.testing.assert_close(same_delta, delta)
+    torch.testing.assert_close(monotone, torch.tensor([[0.94993, 0.01284, -0.96278]]), atol=1e-4, rtol=0)
+    # in every group, whatever the policy's ranking, a better-ranked answer gets a larger advantage
+    torch.manual_seed(11)
+    for g in (2, 5, 8):
+        oracle = torch.stack([torch.randperm(g) for _ in range(200)])
+        adv, _ = L.grpo_rank_monotone_advantages(oracle, torch.randn(200, g))
+        by_rank = torch.gather(adv, 1, torch.argsort(oracle, dim=1))  # column k: the answer ranked k
+        assert (by_rank[:, :-1] > by_rank[:, 1:]).all()
+        torch.testing.assert_close(adv.sum(1), torch.zeros(200), atol=1e-5, rtol=0)
+
+
+def test_advantage_estimators_are_the_configs_choices():
+    import typing
+
+    from vlmalign.config import GRPOSection
+
+    hints = typing.get_type_hints(GRPOSection)
+    assert set(typing.get_args(hints["advantage"])) == set(L.ADVANTAGE_ESTIMATORS)
+    assert set(typing.get_args(hints["loss"])) == set(L.GRPO_LOSSES)
+    scores = torch.tensor([[1.0, 3.0, 5.0]])
+    torch.testing.assert_close(L.ADVANTAGE_ESTIMATORS["dr_grpo"].compute(scores, scores, "table")[0],
+                               torch.tensor([[-2.0, 0.0, 2.0]]))
+    torch.testing.assert_close(L.ADVANTAGE_ESTIMATORS["grpo"].compute(scores, scores, "table")[0],
+                               torch.tensor([[-2.0, 0.0, 2.0]]) / (2.0 + 1e-4))
+    assert {n for n, e in L.ADVANTAGE_ESTIMATORS.items() if e.feedback == "ranks"} == {"grpo_rank", "grpo_rank_monotone"}
+
+
 def test_grpo_advantages_match_trl_formula():
     pytest.importorskip("trl")
     from trl.trainer.utils import nanstd
@@ -393,17 +435,42 @@ def test_grpo_loss_on_policy_is_minus_mean_advantage():
     mask = right_padded_mask([3, 1], 3)
     logps = torch.randn(2, 3)
     advantages = torch.tensor([1.0, -2.0])
-    token, stats = L.grpo_loss(logps, logps, None, advantages, mask, aggregation="token")
+    token, stats = L.grpo_loss(logps, logps, None, advantages, mask, loss="bnpo")
     assert token.item() == pytest.approx(-(3 * 1.0 + 1 * -2.0) / 4)  # long answers weigh more
-    sequence, _ = L.grpo_loss(logps, logps, None, advantages, mask, aggregation="sequence")
+    sequence, _ = L.grpo_loss(logps, logps, None, advantages, mask, loss="grpo")
     assert sequence.item() == pytest.approx(-(1.0 - 2.0) / 2)  # every answer weighs the same
+    # Dr. GRPO: token sum over 2 answers x the cap of 3 tokens; DAPO: token sum over 2 tokens per update
+    dr, _ = L.grpo_loss(logps, logps, None, advantages, mask, loss="dr_grpo", counts=L.LossCounts(max_length=3))
+    assert dr.item() == pytest.approx(-(3 * 1.0 + 1 * -2.0) / 6)
+    dapo, _ = L.grpo_loss(logps, logps, None, advantages, mask, loss="dapo", counts=L.LossCounts(mean_tokens=2.0))
+    assert dapo.item() == pytest.approx(-(3 * 1.0 + 1 * -2.0) / 2)
     assert stats["clip_fraction"].item() == 0.0 and set(stats) == {"clip_fraction"}
-    # A step split in two micro-batches gives the full batch's token mean when told the step's count.
-    halves = [L.grpo_loss(logps[i:i + 1], logps[i:i + 1], None, advantages[i:i + 1], mask[i:i + 1], num_tokens=4)[0]
-              for i in range(2)]
-    assert (halves[0] + halves[1]).item() == pytest.approx(token.item())
-    with pytest.raises(ValueError, match="token, sequence"):
-        L.grpo_loss(logps, logps, None, advantages, mask, aggregation="group")
+    # An update split in two micro-batches gives the whole update's loss when told its counts.
+    for loss, counts in (("bnpo", L.LossCounts(tokens=4)), ("grpo", L.LossCounts(answers=2)),
+                         ("dr_grpo", L.LossCounts(answers=2, max_length=3))):
+        whole = L.grpo_loss(logps, logps, None, advantages, mask, loss=loss, counts=counts)[0]
+        halves = [L.grpo_loss(logps[i:i + 1], logps[i:i + 1], None, advantages[i:i + 1], mask[i:i + 1], loss=loss,
+                              counts=counts)[0] for i in range(2)]
+        assert (halves[0] + halves[1]).item() == pytest.approx(whole.item()), loss
+    with pytest.raises(ValueError, match="bnpo, grpo, dapo, dr_grpo"):
+        L.grpo_loss(logps, logps, None, advantages, mask, loss="group")
+    with pytest.raises(ValueError, match="mean_tokens"):
+        L.grpo_loss(logps, logps, None, advantages, mask, loss="dapo")
+
+
+def test_clip_higher_and_sequence_ratio():
+    mask = right_padded_mask([2, 2], 2)
+    old = torch.zeros(2, 2)
+    logps = torch.full((2, 2), math.log(1.25))  # ratio 1.25: past 1 + 0.2, inside 1 + 0.28
+    adv = torch.tensor([1.0, 1.0])
+    assert L.grpo_loss(logps, old, None, adv, mask)[0].item() == pytest.approx(-1.2)
+    assert L.grpo_loss(logps, old, None, adv, mask, clip_high=0.28)[0].item() == pytest.approx(-1.25)
+    # GSPO: one ratio per answer, the geometric mean of its token ratios: tokens at 1.5 and 1 / 1.5 give 1
+    logps = torch.tensor([[math.log(1.5), -math.log(1.5)], [0.0, 0.0]])
+    seq, stats = L.grpo_loss(logps, old, None, adv, mask, ratio="sequence")
+    assert seq.item() == pytest.approx(-1.0) and stats["clip_fraction"].item() == 0.0
+    tok, stats = L.grpo_loss(logps, old, None, adv, mask, ratio="token")
+    assert tok.item() == pytest.approx(-(1.2 + 1 / 1.5 + 2) / 4) and stats["clip_fraction"].item() == 0.25
 
 
 def test_grpo_loss_clipping_and_k3_kl():
@@ -433,9 +500,11 @@ def test_grpo_loss_gradient_only_through_policy():
     assert old.grad is None and ref.grad is None and adv.grad is None
 
 
-@pytest.mark.parametrize("trl_type,aggregation,beta,c_entropy", [
-    ("bnpo", "token", 0.04, 0.01), ("grpo", "sequence", 0.04, 0.0), ("dapo", "token", 0.0, 0.0)])
-def test_grpo_loss_matches_trl(trl_type, aggregation, beta, c_entropy):
+@pytest.mark.parametrize("loss,beta,c_entropy,clip_high,ratio", [
+    ("bnpo", 0.04, 0.01, None, "token"), ("grpo", 0.04, 0.0, None, "token"), ("dapo", 0.0, 0.0, 0.28, "token"),
+    ("dr_grpo", 0.04, 0.0, None, "token"), ("grpo", 0.04, 0.0, None, "sequence"), ("dapo", 0.0, 0.0, None, "sequence")])
+def test_grpo_loss_matches_trl(loss, beta, c_entropy, clip_high, ratio):
+    """Every policy loss, clip-higher and GSPO's sequence ratio equal TRL 1.16's `_compute_loss`."""
     pytest.importorskip("trl")
     torch.manual_seed(9)
     mask = right_padded_mask([6, 2, 4, 5], 6)
@@ -444,16 +513,21 @@ def test_grpo_loss_matches_trl(trl_type, aggregation, beta, c_entropy):
     ref = (logps + 0.3 * torch.randn(4, 6, dtype=torch.float64)).detach()
     entropy = 3 * torch.rand(4, 6, dtype=torch.float64)
     advantages = torch.randn(4, dtype=torch.float64)
-    num_items = 2 * int(mask.sum()) if trl_type == "dapo" else None  # as if this were half the step
-    trl_loss, trl_metrics = trl_grpo(trl_type, logps, old, ref, advantages, mask, beta, entropy, c_entropy, num_items)
+    # DAPO: the rollout (TRL's generation batch) holds 2 updates of this size
+    num_items = 2 * int(mask.sum()) if loss == "dapo" else None
+    trl_loss, trl_metrics = trl_grpo(loss, logps, old, ref, advantages, mask, beta, entropy, c_entropy, num_items,
+                                     epsilon_high=0.2 if clip_high is None else clip_high,
+                                     importance_sampling_level=ratio, steps_per_generation=2)
     (trl_grad,) = torch.autograd.grad(trl_loss, logps)
+    counts = L.LossCounts(mean_tokens=int(mask.sum()), max_length=6)
     ours, stats = L.grpo_loss(logps, old, ref if beta else None, advantages, mask, beta=beta, entropy=entropy,
-                              c_entropy=c_entropy, aggregation=aggregation, num_tokens=num_items)
+                              c_entropy=c_entropy, loss=loss, counts=counts, clip_high=clip_high, ratio=ratio)
     (our_grad,) = torch.autograd.grad(ours, logps)
     assert ours.item() == pytest.approx(trl_loss.item(), abs=1e-9)
     torch.testing.assert_close(our_grad, trl_grad)
-    assert 0 < stats["clip_fraction"].item() < 1
-    assert stats["clip_fraction"].item() == pytest.approx(trl_metrics["clip_ratio/region_mean"][-1])
+    if ratio == "token":
+        assert 0 < stats["clip_fraction"].item() < 1
+        assert stats["clip_fraction"].item() == pytest.approx(trl_metrics["clip_ratio/region_mean"][-1])
     assert stats["entropy"].item() == pytest.approx(trl_metrics["entropy"][-1])
     if beta:
         assert stats["kl"].item() == pytest.approx(trl_metrics["kl"][-1])
@@ -464,8 +538,7 @@ def test_grpo_entropy_bonus_is_aggregated_like_the_loss():
     mask = right_padded_mask([3, 1], 3)
     logps = torch.zeros(2, 3)
     entropy = torch.tensor([[1.0, 1.0, 1.0], [4.0, 0.0, 0.0]])
-    loss, _ = L.grpo_loss(logps, logps, None, torch.zeros(2), mask, entropy=entropy, c_entropy=1.0,
-                          aggregation="sequence")
+    loss, _ = L.grpo_loss(logps, logps, None, torch.zeros(2), mask, entropy=entropy, c_entropy=1.0, loss="grpo")
     assert loss.item() == pytest.approx(-(1.0 + 4.0) / 2)
 
 

@@ -250,10 +250,12 @@ class DPOConfig:
 
 @dataclass
 class GRPOSection:
-    # grpo_rank (Oracle-RLAIF): the judge ranks the G answers; advantage = group-mean delta - delta,
-    # delta = 1 - nDCG of the policy's log-prob ranking against the judge's. grpo: the judge scores
-    # each answer 1-5; advantage = (score - group mean) / group std.
-    advantage: Literal["grpo_rank", "grpo"] = "grpo_rank"
+    # The advantage estimator (`losses.ADVANTAGE_ESTIMATORS`). grpo_rank (Oracle-RLAIF): the judge
+    # ranks the G answers; advantage = group-mean delta - delta, delta = 1 - nDCG of the policy's
+    # log-prob ranking against the judge's. grpo_rank_monotone: the judge's rank gain plus half that
+    # term, so a better-ranked answer always gains more. grpo: the judge scores each answer 1-5;
+    # advantage = (score - group mean) / group std; dr_grpo: without the std.
+    advantage: Literal["grpo_rank", "grpo_rank_monotone", "grpo", "dr_grpo"] = "grpo_rank"
     dcg: Literal["table", "eq10"] = "table"
     logp_order: Literal["sum", "mean"] = "sum"  # the policy's ranking: summed or mean token log-probs
     rollout_batch: int = 64  # prompts per rollout (each with sampling.num_samples answers)
@@ -262,7 +264,12 @@ class GRPOSection:
     clip: float = 0.2
     beta: float = 0.04  # KL coefficient to the frozen reference (k3 estimator); 0 disables it
     c_entropy: float = 0.0  # entropy bonus coefficient
-    aggregation: Literal["token", "sequence"] = "token"
+    # The policy loss (`losses.GRPO_LOSSES`): bnpo (mean over the update's answer tokens), grpo (mean
+    # within each answer, then over answers: Oracle-RLAIF's Eq. 6), dapo (token sum over the rollout's
+    # mean tokens per update), dr_grpo (token sum over answers x sampling.max_new_tokens).
+    loss: Literal["bnpo", "grpo", "dapo", "dr_grpo"] = "bnpo"
+    clip_high: float | None = None  # upper ratio clip (DAPO's clip-higher, e.g. 0.28); None: clip
+    ratio: Literal["token", "sequence"] = "token"  # sequence: one geometric-mean ratio per answer (GSPO)
 
 
 @dataclass

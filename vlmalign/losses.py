@@ -6,6 +6,9 @@ shifted here (position t predicts token t + 1), as causal LMs do.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -317,6 +320,47 @@ def grpo_advantages(scores: torch.Tensor, eps: float = 1e-4, scale: str = "std")
     return centred / (std + eps)
 
 
+def grpo_rank_monotone_advantages(
+    oracle_ranks: torch.Tensor, seq_logps: torch.Tensor, dcg: str = "table"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A rank advantage that always prefers the answers the judge ranks higher: (advantages, delta).
+
+    A_i = (rank_gain_i + (mean_j(delta_j) - delta_i) / 2) / ((G - 1) / 2), with rank_gain_i =
+    (G - 1) / 2 - oracle_rank_i and delta the GRPO_rank penalty. The gain term alone orders the group by
+    the judge's ranking, one unit per place; the penalty term, bounded by half a unit (delta lies in
+    [0, 1)), only rewards the answers the policy already places right. So in every group, whatever the
+    policy's ranking, a better-ranked answer gets a strictly larger advantage, unlike
+    `grpo_rank_advantages`, where a best answer the policy misplaces gets a negative one. Advantages
+    sum to zero per group; the division keeps them within [-1.25, 1.25].
+    """
+    g = oracle_ranks.shape[-1]
+    delta = rank_ndcg_penalty(oracle_ranks, ranks_from_scores(seq_logps.detach()), dcg)
+    gain = (g - 1) / 2 - oracle_ranks.float()
+    advantages = (gain + (delta.mean(-1, keepdim=True) - delta) / 2) / max((g - 1) / 2, 1)
+    return advantages, delta
+
+
+# Advantage estimators by name (`grpo.advantage`), as verl's core_algos registers them. Each says which
+# feedback it needs from the judge (a 1-5 score per answer, or a ranking per group) and maps
+# (feedback [B, G], the policy's sequence log-probs [B, G], dcg form) to (advantages [B, G], the rank
+# penalty delta [B, G] or None). Any of them composes with any GRPO policy loss below.
+@dataclass(frozen=True)
+class AdvantageEstimator:
+    feedback: str  # "scores" | "ranks"
+    compute: Callable[[torch.Tensor, torch.Tensor, str], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
+    # the original GRPO: (score - group mean) / group std
+    "grpo": AdvantageEstimator("scores", lambda scores, logps, dcg: (grpo_advantages(scores), None)),
+    # Dr. GRPO: no division by the group's std, so low-spread groups are not inflated
+    "dr_grpo": AdvantageEstimator("scores", lambda scores, logps, dcg: (grpo_advantages(scores, scale="none"), None)),
+    # Oracle-RLAIF's Eq. 5: group-mean delta - delta, delta from the policy's ranking against the judge's
+    "grpo_rank": AdvantageEstimator("ranks", grpo_rank_advantages),
+    "grpo_rank_monotone": AdvantageEstimator("ranks", grpo_rank_monotone_advantages),
+}
+
+
 def kendall_tau(ranks_a: torch.Tensor, ranks_b: torch.Tensor) -> torch.Tensor:
     """Kendall's tau-a per group: [B, G] and [B, G] -> [B] in [-1, 1] (1 = same order, -1 = reversed).
 
@@ -329,7 +373,52 @@ def kendall_tau(ranks_a: torch.Tensor, ranks_b: torch.Tensor) -> torch.Tensor:
     return (sign_a * sign_b).sum((-1, -2)).float() / max(g * (g - 1), 1)
 
 
-GRPO_AGGREGATIONS = ("token", "sequence")
+# GRPO policy losses differ in how the per-token terms become one number (TRL's `loss_type`); each is
+# registered by name (`grpo.loss`). A loss is this process's sum of terms over a normaliser counted
+# over the whole update (`LossCounts`, every process and micro-batch), so the sum over processes and
+# micro-batches is the update's loss and the gradient does not depend on how the update is split.
+@dataclass(frozen=True)
+class LossCounts:
+    tokens: int | None = None  # answer tokens in the update; None: this batch's
+    answers: int | None = None  # answers in the update; None: this batch's
+    mean_tokens: float | None = None  # answer tokens per update, averaged over the rollout (DAPO)
+    max_length: int | None = None  # the sampling cap on answer tokens (Dr. GRPO)
+
+
+def _bnpo(terms: torch.Tensor, mask: torch.Tensor, counts: LossCounts) -> torch.Tensor:
+    """Mean over every answer token of the update: long answers weigh more (TRL "bnpo")."""
+    tokens = mask.sum().clamp(min=1) if counts.tokens is None else max(counts.tokens, 1)
+    return (terms * mask).sum() / tokens
+
+
+def _grpo(terms: torch.Tensor, mask: torch.Tensor, counts: LossCounts) -> torch.Tensor:
+    """Mean within each answer, then over answers: every answer weighs the same (the original GRPO,
+    Oracle-RLAIF's Eq. 6, TRL "grpo")."""
+    answers = terms.shape[0] if counts.answers is None else counts.answers
+    return masked_mean(terms, mask, dim=-1).sum() / max(answers, 1)
+
+
+def _dapo(terms: torch.Tensor, mask: torch.Tensor, counts: LossCounts) -> torch.Tensor:
+    """Token sum over the rollout's mean tokens per update (DAPO's token-level normalisation, TRL "dapo"):
+    one normaliser for every update of a rollout, so a short update does not weigh more."""
+    if counts.mean_tokens is None:
+        raise ValueError("the dapo loss needs counts.mean_tokens (answer tokens per update over the rollout)")
+    return (terms * mask).sum() / max(counts.mean_tokens, 1.0)
+
+
+def _dr_grpo(terms: torch.Tensor, mask: torch.Tensor, counts: LossCounts) -> torch.Tensor:
+    """Token sum over answers x the length cap (Dr. GRPO, TRL "dr_grpo"): no per-answer length
+    normalisation, so a long wrong answer is not penalised less per token."""
+    if counts.max_length is None:
+        raise ValueError("the dr_grpo loss needs counts.max_length (the sampling cap on answer tokens)")
+    answers = terms.shape[0] if counts.answers is None else counts.answers
+    return (terms * mask).sum() / (max(answers, 1) * counts.max_length)
+
+
+GRPO_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, LossCounts], torch.Tensor]] = {
+    "bnpo": _bnpo, "grpo": _grpo, "dapo": _dapo, "dr_grpo": _dr_grpo,
+}
+GRPO_RATIOS = ("token", "sequence")
 
 
 def grpo_loss(
@@ -342,35 +431,41 @@ def grpo_loss(
     beta: float = 0.0,
     entropy: torch.Tensor | None = None,
     c_entropy: float = 0.0,
-    aggregation: str = "token",
-    num_tokens: int | None = None,
+    loss: str = "bnpo",
+    counts: LossCounts = LossCounts(),
+    clip_high: float | None = None,
+    ratio: str = "token",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO / GRPO_rank loss over completions; per-token inputs are [B, T], `advantages` is [B].
 
-    Per token: -min(ratio * A, clamp(ratio, 1 - clip, 1 + clip) * A) + beta * KL - c_entropy * H, with
-    ratio = exp(logp - old_logp), the sequence advantage A broadcast over its tokens, KL the k3 estimate
+    Per token: -min(r * A, clamp(r, 1 - clip, 1 + clip_high) * A) + beta * KL - c_entropy * H, with
+    r = exp(logp - old_logp) (`ratio="token"`) or, for GSPO, the answer's geometric mean ratio
+    exp(mean_t(logp - old_logp)) (`ratio="sequence"`); `clip_high` (DAPO's clip-higher) defaults to
+    `clip`. A is the sequence advantage broadcast over its tokens, KL the k3 estimate
     exp(ref - logp) - (ref - logp) - 1 (unbiased, always >= 0) and H the `entropy` [B, T] of the
-    policy (required when c_entropy != 0; needs a gradient to act as a bonus).
-    `aggregation="token"` averages over every valid token of the batch (long answers weigh more; DAPO,
-    TRL's "bnpo"/"dapo"); `num_tokens` replaces this batch's token count, as in `sft_loss`, so a step
-    split into micro-batches gets the same gradient. `"sequence"` averages within each answer, then
-    over answers (the original GRPO, TRL's "grpo"). The entropy term is aggregated with the rest,
-    whereas TRL always takes its token mean; the two agree for "token".
+    policy (required when c_entropy != 0; needs a gradient to act as a bonus). The terms are reduced
+    by `GRPO_LOSSES[loss]` with the update's `counts`. The entropy term is reduced with the rest,
+    whereas TRL always takes its token mean; the two agree for "bnpo".
     Gradient flows only through `logps` (and `entropy`). Returns (loss, stats) with detached stats:
     clip_fraction (tokens whose ratio is clipped in the direction the advantage pushes), plus kl when
     `ref_logps` is given and entropy when `entropy` is given, each a mean over valid tokens.
     """
-    if aggregation not in GRPO_AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {', '.join(GRPO_AGGREGATIONS)}")
+    if loss not in GRPO_LOSSES:
+        raise ValueError(f"unknown GRPO loss {loss!r}; expected one of {', '.join(GRPO_LOSSES)}")
+    if ratio not in GRPO_RATIOS:
+        raise ValueError(f"unknown ratio {ratio!r}; expected one of {', '.join(GRPO_RATIOS)}")
     if beta != 0.0 and ref_logps is None:
         raise ValueError("beta != 0 needs ref_logps")
     if c_entropy != 0.0 and entropy is None:
         raise ValueError("c_entropy != 0 needs entropy")
+    high = clip if clip_high is None else clip_high
     mask = mask.to(logps.dtype)
     adv = advantages.detach().unsqueeze(-1)
-    ratio = torch.exp(logps - old_logps.detach())
-    clipped_ratio = ratio.clamp(1 - clip, 1 + clip)
-    per_token = -torch.minimum(ratio * adv, clipped_ratio * adv)
+    log_ratio = logps - old_logps.detach()
+    if ratio == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)).unsqueeze(-1)
+    r = torch.exp(log_ratio)
+    per_token = -torch.minimum(r * adv, r.clamp(1 - clip, 1 + high) * adv).expand_as(logps)
     stats = {}
     if ref_logps is not None:
         ref_diff = ref_logps.detach() - logps
@@ -380,14 +475,9 @@ def grpo_loss(
     if entropy is not None:
         per_token = per_token - c_entropy * entropy
         stats["entropy"] = masked_mean(entropy.detach(), mask)
-    clipped = ((ratio < 1 - clip) & (adv < 0)) | ((ratio > 1 + clip) & (adv > 0))
-    stats["clip_fraction"] = masked_mean(clipped.to(logps.dtype), mask)
-    if aggregation == "token":
-        count = mask.sum().clamp(min=1) if num_tokens is None else max(num_tokens, 1)
-        loss = (per_token * mask).sum() / count
-    else:
-        loss = masked_mean(per_token, mask, dim=-1).mean()
-    return loss, stats
+    clipped = ((r < 1 - clip) & (adv < 0)) | ((r > 1 + high) & (adv > 0))
+    stats["clip_fraction"] = masked_mean(clipped.expand_as(logps).to(logps.dtype), mask)
+    return GRPO_LOSSES[loss](per_token, mask, counts), stats
 
 
 def token_entropy(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:

@@ -1,11 +1,12 @@
-"""GRPO_rank (Oracle-RLAIF), with plain GRPO as a sibling (`grpo.advantage: grpo_rank | grpo`).
+"""GRPO_rank (Oracle-RLAIF), with plain GRPO as a sibling (`grpo.advantage`).
 
 Per rollout: `grpo.rollout_batch` questions, G = `sampling.num_samples` answers each from the
-current policy (one shared video prefix per question); the judge ranks each group (grpo_rank) or
-scores each answer (grpo); advantages come from `losses.grpo_rank_advantages` (the policy's ranking
-= the order of its sequence log-probs, compared with the judge's by nDCG) or
-`losses.grpo_advantages`; then `grpo.num_iterations` passes of `losses.grpo_loss` over the rollout
-in mini-batches: clipped surrogate, k3 KL to the frozen starting policy (beta), entropy bonus.
+current policy (one shared video prefix per question); the judge ranks each group or scores each
+answer, as the advantage estimator asks (`losses.ADVANTAGE_ESTIMATORS[grpo.advantage]`: grpo_rank
+compares the policy's ranking, the order of its sequence log-probs, with the judge's by nDCG); then
+`grpo.num_iterations` passes of `losses.grpo_loss` over the rollout in mini-batches: clipped
+surrogate (token or GSPO sequence ratio, optional clip-higher), k3 KL to the frozen starting policy
+(beta), entropy bonus, reduced by the chosen policy loss (`losses.GRPO_LOSSES[grpo.loss]`).
 
 Context (`context`): what the ranker reads besides the question and answers: nothing, the video's
 caption from a file (the proxy a text-only API ranker needs), or a narrative of clip captions
@@ -47,9 +48,9 @@ from vlmalign.errors import ConfigError
 from vlmalign.feedback.judges import JudgeRequest, build_judge
 from vlmalign.feedback.preferences import build_contexts, load_contexts, read_questions, save_contexts, video_key
 from vlmalign.losses import (
-    grpo_advantages,
+    ADVANTAGE_ESTIMATORS,
+    LossCounts,
     grpo_loss,
-    grpo_rank_advantages,
     kendall_tau,
     ranks_from_scores,
     token_entropy,
@@ -98,25 +99,26 @@ def judge_rollout(judge, grpo, questions, texts: list[tuple[str, ...]], seq_logp
     requests = [JudgeRequest(q.video, q.question, answers, contexts.get(video_key(q.video), "") if q.video is not None else "")
                 for q, answers in zip(questions, texts)]
     metrics = {}
-    if grpo.advantage == "grpo_rank":
+    estimator = ADVANTAGE_ESTIMATORS[grpo.advantage]
+    if estimator.feedback == "ranks":
         judged = judge.rank(requests)
         valid = torch.tensor([j.status == "ok" for j in judged])
-        oracle_ranks = torch.tensor([j.value if j.status == "ok" else list(range(g)) for j in judged])
-        advantages, delta = grpo_rank_advantages(oracle_ranks, seq_logps, dcg=grpo.dcg)
+        feedback = torch.tensor([j.value if j.status == "ok" else list(range(g)) for j in judged])
         pred = ranks_from_scores(seq_logps)
-        tau = kendall_tau(pred, oracle_ranks)[valid]
+        tau = kendall_tau(pred, feedback)[valid]
         metrics.update(
-            delta_mean=float(delta[valid].mean()) if valid.any() else None,
             kendall_tau=float(tau.mean()) if valid.any() else None,
-            ranking_matches=float((pred == oracle_ranks).all(1)[valid].float().mean()) if valid.any() else None,
+            ranking_matches=float((pred == feedback).all(1)[valid].float().mean()) if valid.any() else None,
         )
     else:
         judged_flat = judge.score([JudgeRequest(r.video, r.question, (a,), r.context) for r in requests for a in r.answers])
         judged = [judged_flat[i * g : (i + 1) * g] for i in range(len(requests))]
         valid = torch.tensor([all(j.status == "ok" for j in grp) for grp in judged])
-        scores = torch.tensor([[float(j.value) if j.status == "ok" else 0.0 for j in grp] for grp in judged])
-        advantages = grpo_advantages(scores)
-        metrics["score_mean"] = float(scores[valid].mean()) if valid.any() else None
+        feedback = torch.tensor([[float(j.value) if j.status == "ok" else 0.0 for j in grp] for grp in judged])
+        metrics["score_mean"] = float(feedback[valid].mean()) if valid.any() else None
+    advantages, delta = estimator.compute(feedback, seq_logps, grpo.dcg)
+    if delta is not None:
+        metrics["delta_mean"] = float(delta[valid].mean()) if valid.any() else None
     return advantages * valid[:, None], valid, metrics
 
 
@@ -218,8 +220,10 @@ def run(cfg: GRPOConfig) -> Path:
         # old and reference log-probs of the sampled answers, before any update on this rollout
         with torch.no_grad():
             olds, refs = [], []
+            rollout_tokens = 0
             for start in range(0, len(rows), local_batch):
                 batch = collate(rows[start : start + local_batch])
+                rollout_tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
                 olds.append(_forward_logps(model, batch, acc.device, False)[0] if grpo.num_iterations > 1 else None)
                 if grpo.beta > 0:
                     if reference is not None:
@@ -232,21 +236,25 @@ def run(cfg: GRPOConfig) -> Path:
         model.train()
         sums = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_fraction": 0.0}
         updates = 0
+        updates_per_pass = len(range(0, len(rows), local_batch))
+        mean_tokens = global_count(acc, rollout_tokens) / updates_per_pass
         for _ in range(grpo.num_iterations):
             for k, start in enumerate(range(0, len(rows), local_batch)):
                 batch = collate(rows[start : start + local_batch])
-                # token aggregation divides by the mini-batch's tokens on every process; x world
-                # because DDP averages gradients (the sequence mean needs neither: shares are equal)
+                # every loss divides this process's terms by a count over the whole update (all
+                # processes); x world because DDP averages gradients
                 local_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
                 num_tokens = global_count(acc, local_tokens)
-                scale = world if grpo.aggregation == "token" else 1
+                counts = LossCounts(tokens=num_tokens, answers=global_count(acc, len(batch["labels"])),
+                                    mean_tokens=mean_tokens, max_length=cfg.sampling.max_new_tokens)
+                scale = world
                 with acc.autocast():
                     logps, mask, entropy = _forward_logps(model, batch, acc.device, grpo.c_entropy != 0)
                     old = olds[k] if olds[k] is not None else logps.detach()
                     loss, stats = grpo_loss(
                         logps, old, refs[k] if refs else None, flat_adv[start : start + local_batch].to(acc.device),
                         mask, clip=grpo.clip, beta=grpo.beta, entropy=entropy, c_entropy=grpo.c_entropy,
-                        aggregation=grpo.aggregation, num_tokens=num_tokens,
+                        loss=grpo.loss, counts=counts, clip_high=grpo.clip_high, ratio=grpo.ratio,
                     )
                 backward(acc, loss * scale)
                 optimizer_step(acc, model, optimizer, scheduler, cfg.train.max_grad_norm)
