@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/gym", help="folder for the benchmark, runs and table")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     p.add_argument("--quick", action="store_true", help="the demo's smaller budget")
-    p.add_argument("--methods", default=None, help="comma-separated subset of dpo,grpo,grpo_rank,ppo (default: all)")
+    p.add_argument("--methods", default=None, help="comma-separated subset of dpo,grpo,grpo_rank,grpo_rank_monotone,ppo (default: all)")
 
     p = sub.add_parser("demo", help="the embedded default: the alignment gym on one seed, small budget, on a CPU")
     p.add_argument("--out", default="runs/demo", help="folder for the benchmark, runs and table")

@@ -15,8 +15,10 @@ Per seed, from one benchmark:
             dpo        LLaVA-Hound: 6 samples scored 1-5, chosen >= 3, rejected <= 2
             grpo       plain GRPO on the oracle's 1-5 scores
             grpo_rank  Oracle-RLAIF's rank advantage on the oracle's ranking
+            grpo_rank_monotone  the same ranking, an advantage that always prefers better-ranked
+                       answers (losses.grpo_rank_monotone_advantages)
             ppo        VLM-RLAIF: reward model on oracle-judged pairs, PPO against it
-  controls  the same run with the feedback destroyed, same budget: grpo on random scores, grpo_rank
+  controls  the same run with the feedback destroyed, same budget: grpo on random scores, both grpo_rank
             on random rankings (the `random` judge: verdicts unrelated to truth); dpo and ppo on
             swapped pairs (the feedback reversed: these must lose, and check its direction)
 
@@ -38,7 +40,7 @@ from vlmalign.config import DPOConfig, GRPOConfig, PPOConfig, RMConfig, SFTConfi
 from vlmalign.errors import VlmalignError
 from vlmalign.pipeline import CONFIGS, Budget, Pipeline, _sets, mean_std
 
-METHODS = ("dpo", "grpo", "grpo_rank", "ppo")
+METHODS = ("dpo", "grpo", "grpo_rank", "grpo_rank_monotone", "ppo")
 QTYPES = ("colour", "count", "direction", "shape")
 
 
@@ -205,6 +207,8 @@ ROWS = {  # result key -> table label
     "dpo": "DPO (oracle scores)", "dpo-control": "  control: DPO on swapped pairs",
     "grpo": "GRPO (oracle scores)", "grpo-control": "  control: GRPO on random scores",
     "grpo_rank": "GRPO_rank (oracle ranks)", "grpo_rank-control": "  control: GRPO_rank on random ranks",
+    "grpo_rank_monotone": "GRPO_rank, monotone advantage (oracle ranks)",
+    "grpo_rank_monotone-control": "  control: monotone GRPO_rank on random ranks",
     "ppo": "RM + PPO (oracle pairs)", "ppo-control": "  control: RM + PPO on swapped pairs",
 }
 
