@@ -82,3 +82,17 @@ def test_bundled_configs_load_and_chain():
     assert len(run_dirs) >= 17
     for path, start in starts:
         assert start in run_dirs, f"{path} starts from {start}/final, which no bundled config writes"
+
+
+def test_recipes_start_where_their_papers_start():
+    """ISR-DPO's first iteration starts from the SFT model after DPO on seed preference data (LLaVA-Hound's
+    DPO), not from the SFT model; Oracle-RLAIF's loss averages within each answer, then over the group (Eq. 6)."""
+    from pathlib import Path
+
+    from vlmalign.config import DPOConfig, GRPOConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    isr = load_config(DPOConfig, root / "isr_dpo" / "isr_dpo_7b.yaml")
+    seed_dpo = load_config(DPOConfig, root / "llava_hound" / "dpo_7b.yaml")
+    assert isr.model.init_from == f"{seed_dpo.run.dir}/final" and isr.loop.iterations == 9
+    assert load_config(GRPOConfig, root / "oracle_rlaif" / "grpo_rank_7b.yaml").grpo.loss == "grpo"
