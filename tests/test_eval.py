@@ -231,7 +231,8 @@ def test_synthetic_eval_with_an_openai_judge_end_to_end_and_resumed(tiny_model, 
         report = json.loads((out / "report.json").read_text())
         assert report["judge"]["id"] == "openai:judge-model" and report["judge"]["answered_by"] == ["judge-2024-01-01"]
         assert report["judge"]["prompts"] == ["eval.qa@v1"] and report["judge"]["endpoint"] == server.url
-        assert report["judging"] == {"items": len(prompts), "cached": 0, "sent": first, "failed": 0, "parse_errors": 0}
+        assert report["judging"] == {"items": len(prompts), "cached": 0, "sent": first, "failed": 0, "parse_errors": 0,
+                                     "failure_rate": 0.0, "reasked": 0, "reask_fixed": 0}
         assert {"colour", "all"} <= set(report["results"]) and report["results"]["all"]["judged"] == len(prompts)
         md = (out / "report.md").read_text()
         assert "openai:judge-model" in md and "judge-2024-01-01" in md and "eval.qa@v1" in md
@@ -256,8 +257,11 @@ def test_predictions_mode_reproduces_hand_computed_accuracy_and_score(tmp_path):
         judge = _judge_file(tmp_path, server)
         out = tmp_path / "out"
         assert main(["eval", "msvd-qa", "--predictions", str(FIXTURE), "--judge", str(judge), "--out", str(out)]) == 0
-        assert server.requests == 8
+        # 8 prompts, and the unreadable reply asked again once (the script answers the re-ask unreadably too)
+        assert server.requests == 9
         report = json.loads((out / "report.json").read_text())
+        assert (report["judging"]["reasked"], report["judging"]["reask_fixed"]) == (1, 0)
+        assert report["judging"]["failure_rate"] == pytest.approx(2 / 8)
         # Judged: 6 of 8 (one unparseable reply, one failed request); yes: 3 -> accuracy 3/6.
         # Scores, integer part: 5, 1, int(4.8) = 4, 2, 4, 0 -> 16 / 6.
         assert report["results"] == {"all": {"n": 8, "judged": 6, "yes": 3, "no": 3, "failed": 1, "parse_errors": 1,
@@ -272,7 +276,7 @@ def test_predictions_mode_reproduces_hand_computed_accuracy_and_score(tmp_path):
         # A re-run asks again only for the failed judgment; with float scores 4.8 counts as 4.8.
         assert main(["eval", "msvd-qa", "--predictions", str(FIXTURE), "--judge", str(judge), "--out", str(out),
                      "--float-scores"]) == 0
-        assert server.requests == 9
+        assert server.requests == 10
         report = json.loads((out / "report.json").read_text())
         assert report["results"]["all"]["score"] == pytest.approx((5 + 1 + 4.8 + 2 + 4 + 0) / 6)
         assert report["judging"]["cached"] == 7 and report["judging"]["sent"] == 1
@@ -280,7 +284,7 @@ def test_predictions_mode_reproduces_hand_computed_accuracy_and_score(tmp_path):
 
 def test_killed_eval_resumes_without_resending_judged_items(tmp_path):
     with ScriptedJudgeServer(fixture_reply, delay=0.3) as server:
-        judge = _judge_file(tmp_path, server, concurrency=1)
+        judge = _judge_file(tmp_path, server, concurrency=1, reask=0)  # re-asks resume as tested in test_judges
         out = tmp_path / "out"
         cmd = [sys.executable, "-m", "vlmalign.cli", "eval", "msvd-qa", "--predictions", str(FIXTURE), "--judge",
                str(judge), "--out", str(out)]

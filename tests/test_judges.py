@@ -198,7 +198,7 @@ def _score_requests(n, tag="s"):
 def test_openai_judge_survives_faults_and_never_judges_twice(tmp_path, monkeypatch):
     monkeypatch.delenv(KEY_ENV, raising=False)  # local server: a placeholder key is used
     with FakeJudgeServer(seed=3, rate_limit=0.2, server_error=0.15, slow=0.08, garbage=0.15, slow_s=1.0) as server:
-        cfg = _openai_cfg(server)
+        cfg = _openai_cfg(server, reask=0)  # unreadable replies stay unread here; re-asking is tested below
         judge = build_judge(cfg, tmp_path / "cache.sqlite", progress=False)
         compares, scores = _compare_requests(30), _score_requests(15)
         out_c, out_s = judge.compare(compares), judge.score(scores)
@@ -240,6 +240,53 @@ def test_openai_judge_survives_faults_and_never_judges_twice(tmp_path, monkeypat
         assert all(j.cached for j in again)
         assert [(j.status, j.value, j.raw, j.model) for j in again] == [(j.status, j.value, j.raw, j.model) for j in results]
         assert rerun.stats()["parse_errors"] == parse_errors and rerun.stats()["calls"] == 0
+
+
+def test_unreadable_replies_are_asked_again_with_a_format_reminder(tmp_path, monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    compares, scores = _compare_requests(30), _score_requests(15)
+    with FakeJudgeServer(seed=5, garbage=0.4) as server:
+        once = build_judge(_openai_cfg(server, reask=0), tmp_path / "none.sqlite", progress=False)
+        unread_without = sum(j.status == "parse_error" for j in once.compare(compares) + once.score(scores))
+        judge = build_judge(_openai_cfg(server, reask=2), tmp_path / "cache.sqlite", progress=False)
+        results = judge.compare(compares) + judge.score(scores)
+        stats = judge.stats()
+        unread = sum(j.status == "parse_error" for j in results)
+        assert unread_without >= 10 and unread <= unread_without / 2
+        assert stats["parse_errors"] == unread and stats["reasked"] >= unread_without
+        assert 0 < stats["reask_fixed"] <= stats["reasked"]
+        # a re-ask carries the original prompt, the unreadable reply and the reminder; the server answers
+        # it as it answers the prompt itself, and the verdict is read from that reply
+        reasks = [b["messages"][-1]["content"] for b in server.bodies if "Your reply was:" in b["messages"][-1]["content"]]
+        assert reasks and all(GARBAGE in r and "Answer again, exactly in the format" in r for r in reasks)
+        assert all(r.split("\nYour reply was:")[0].startswith(("Two assistants", "Grade an answer", "Notes")) for r in reasks)
+        for req, j in zip(compares, results):
+            if j.status == "ok":
+                assert j.value == (0 if req.answers[0] <= req.answers[1] else 1) and j.prompt == "judge.compare@v1"
+        # every reply is cached under its own prompt: a re-run asks nothing and reads the same verdicts
+        before = server.requests
+        again = build_judge(_openai_cfg(server, reask=2), tmp_path / "cache.sqlite", progress=False)
+        rerun = again.compare(compares) + again.score(scores)
+        assert server.requests == before
+        assert [(j.status, j.value, j.raw) for j in rerun] == [(j.status, j.value, j.raw) for j in results]
+
+
+def test_eval_replies_the_caller_cannot_read_are_asked_again(tmp_path, monkeypatch):
+    """`complete` with a reader: eval prompts (free text) get the same re-asks as verdicts."""
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    texts = [(None, f"Is answer {i} right? Reply yes or no.") for i in range(20)]
+
+    def read(raw):  # the fake server echoes non-judge prompts: "Echo: ..." is readable, its garbage is not
+        return raw if raw.startswith("Echo:") else None
+
+    with FakeJudgeServer(seed=1, garbage=0.5) as server:
+        plain = build_judge(_openai_cfg(server, reask=0), tmp_path / "a.sqlite", progress=False).complete(texts, "eval.x@v1")
+        assert all(j.status == "ok" for j in plain)  # without a reader every reply counts as read
+        judge = build_judge(_openai_cfg(server, reask=3), tmp_path / "b.sqlite", progress=False)
+        read_back = judge.complete(texts, "eval.x@v1", parse=read)
+        assert judge.stats()["reasked"] > 0
+        assert all(j.status == "ok" and j.value.startswith("Echo:") for j in read_back if j.status == "ok")
+        assert sum(j.status == "parse_error" for j in read_back) == judge.stats()["parse_errors"] < judge.stats()["reasked"]
 
 
 def test_openai_failed_requests_are_reported_and_retried_next_run(tmp_path, monkeypatch):
@@ -387,7 +434,7 @@ def test_hf_judge_batches_caches_and_reports_parse_errors(tiny_bench, bench_item
         return real_generate(m, v, requests, gen, progress)
 
     monkeypatch.setattr(generation, "generate_answers", counting_generate)
-    cfg = JudgeConfig(backend="hf", batch_size=2, max_new_tokens=6)
+    cfg = JudgeConfig(backend="hf", batch_size=2, max_new_tokens=6, reask=0)  # one call per batch, no re-asks
     judge = build_judge(cfg, tmp_path / "cache.sqlite", model=model, visual=visual, progress=False)
     assert judge.id.startswith("hf:policy#")
 

@@ -190,6 +190,7 @@ def test_judge_stats_count_statuses_and_position_bias():
 
     stats = judge_stats([j(0), j(1), j(1), j(None, "inconsistent"), j(None, "parse_error")])
     assert stats["by_status"] == {"ok": 3, "inconsistent": 1, "parse_error": 1} and stats["judgments"] == 5
+    assert stats["failure_rate"] == pytest.approx(2 / 5)
     assert stats["first_answer_chosen"] == pytest.approx(1 / 3)  # A in one of the three verdicts
     assert "first_answer_chosen" not in judge_stats([[j(4, kind="score")]])  # scores have no position
 

@@ -159,6 +159,7 @@ class JudgeConfig:
     max_new_tokens: int = 64
     concurrency: int = 8  # openai: requests in flight
     max_retries: int = 5  # per request, on 429 / 5xx / timeouts
+    reask: int = 1  # times an unreadable reply is asked again, with the reply and a format reminder
     backoff_base: float = 1.0  # seconds; doubled per retry, with jitter
     timeout: float = 60.0  # seconds per request
     batch_size: int = 8  # hf: prompts per generate call

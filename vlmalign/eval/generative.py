@@ -183,7 +183,8 @@ def _judge(items_by_set: dict[str, list[GenItem]], cfg: JudgeConfig, cache_path,
             prompt = load_prompt(f"eval.{criterion}", cfg.prompts)
             prompt_ids.append(prompt.id)
             # Text-only judging: the video is not part of what the judge reads, nor of the cache key.
-            results = judge.complete([(None, _render(prompt, it)) for it in items], prompt_id=prompt.id)
+            results = judge.complete([(None, _render(prompt, it)) for it in items], prompt_id=prompt.id,
+                                     parse=lambda raw: parse_criterion_score(raw, float_scores))
             for it, j in zip(items, results):
                 status, score = j.status, None
                 if status == "ok":
@@ -292,14 +293,18 @@ def evaluate_generative(
     if judge_cfg.backend == "oracle":
         records, judge_id, prompt_ids, sent, endpoint = _oracle_judgments(items_by_set, judge_cfg.bench), "oracle", \
             ["oracle.generative"], 0, None
+        reasks = {"reasked": 0, "reask_fixed": 0}
     else:
         records, judge, prompt_ids = _judge(items_by_set, judge_cfg, out_dir / "judge_cache.sqlite", float_scores, progress)
         judge_id, sent, endpoint = judge.id, judge.stats()["calls"], getattr(judge, "endpoint", None)
+        reasks = {k: judge.stats()[k] for k in ("reasked", "reask_fixed")}
     results = _results(records)
     summary = judge_summary(judge_cfg, judge_id, judge_file, records, prompt_ids, endpoint)
     judging = {"judgments": len(records), "cached": sum(r["cached"] for r in records), "sent": sent,
                "failed": sum(r["status"] == "failed" for r in records),
-               "parse_errors": sum(r["status"] == "parse_error" for r in records)}
+               "parse_errors": sum(r["status"] == "parse_error" for r in records), **reasks}
+    # the judge's failure rate on this benchmark, after the re-asks of unreadable replies
+    judging["failure_rate"] = (judging["failed"] + judging["parse_errors"]) / max(len(records), 1)
     report = {
         "benchmark": benchmark,
         "task": "generative",

@@ -127,7 +127,8 @@ def _llm_judgments(preds: list[QAPrediction], cfg: JudgeConfig, cache_path, floa
     texts = [prompt.render(question=strip_placeholder(p.question), answer=p.answer, pred=p.pred) for p in preds]
     try:
         # The judge never sees the video (the protocol is text-only), so the video is not part of the key.
-        results = judge.complete([(None, t) for t in texts], prompt_id=prompt.id)
+        results = judge.complete([(None, t) for t in texts], prompt_id=prompt.id,
+                                 parse=lambda raw: parse_qa_reply(raw, float_scores))
     finally:
         judge.cache.close()
     records = []
@@ -225,7 +226,7 @@ def evaluate_qa(
             raise JudgeError("the oracle judge needs judge.bench, the synthetic benchmark folder (--set judge.bench=DIR)")
         judge_cfg = replace(judge_cfg, bench=str(bench))
         records, judge_id, prompts = _oracle_judgments(preds, bench), "oracle", ["oracle.verdict"]
-        sent = 0
+        sent, reasks = 0, {"reasked": 0, "reask_fixed": 0}
     else:
         if judge_cfg.backend == "hf" and judge_cfg.model == "policy":
             if model_dir is None:
@@ -234,6 +235,7 @@ def evaluate_qa(
             judge_cfg = replace(judge_cfg, model=str(model_dir))
         records, judge, prompt_id = _llm_judgments(preds, judge_cfg, out_dir / "judge_cache.sqlite", float_scores, progress)
         judge_id, prompts, sent = judge.id, [prompt_id], judge.stats()["calls"]
+        reasks = {k: judge.stats()[k] for k in ("reasked", "reask_fixed")}
         endpoint = getattr(judge, "endpoint", None)
 
     results = qa_results([p.qtype for p in preds], records)
@@ -244,6 +246,9 @@ def evaluate_qa(
         "sent": sent,
         "failed": results["all"]["failed"],
         "parse_errors": results["all"]["parse_errors"],
+        # the judge's failure rate on this benchmark, after the re-asks of unreadable replies
+        "failure_rate": (results["all"]["failed"] + results["all"]["parse_errors"]) / max(len(records), 1),
+        **reasks,
     }
     report = {
         "benchmark": benchmark,

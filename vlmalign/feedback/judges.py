@@ -143,6 +143,7 @@ class _Task:
     key: str
     n: int = 0  # number of answers, for parsing a ranking
     request: JudgeRequest | None = None  # the oracle reads question and answers directly
+    parse: Callable[[str], Any] | None = None  # complete: the caller's reader; None means unreadable
 
 
 @dataclass
@@ -208,19 +209,24 @@ class Judge:
         tasks = [self._task("rank", r) for r in requests]
         return [self._judgment(t, o) for t, o in zip(tasks, self._judge_tasks(tasks))]
 
-    def complete(self, prompts, prompt_id: str = "free") -> list[Judgment]:
+    def complete(self, prompts, prompt_id: str = "free", parse: Callable[[str], Any] | None = None) -> list[Judgment]:
         """Free generation: one text per (video or None, prompt text). `prompt_id` names the
-        template the texts were rendered from, for the record (the text itself is in the key)."""
+        template the texts were rendered from, for the record (the text itself is in the key).
+        With `parse`, a reply it reads as None is a parse error, asked again like a verdict
+        (`cfg.reask`); the judgment's value stays the reply's text."""
         prompts = list(prompts)
         self._begin()
-        tasks = [self._complete_task(video, str(text), prompt_id) for video, text in prompts]
+        tasks = [dataclasses.replace(self._complete_task(video, str(text), prompt_id), parse=parse) for video, text in prompts]
         return [self._judgment(t, o) for t, o in zip(tasks, self._judge_tasks(tasks))]
 
     def stats(self) -> dict:
         """Counters since this judge was built. Per prompt (a swap-checked pair is two):
         prompts asked, cache_hits, calls (prompts sent to the backend after de-duplication),
-        retries, parse_errors, failures; per judgment: judgments, inconsistent."""
-        keys = ("judgments", "prompts", "cache_hits", "calls", "retries", "parse_errors", "failures", "inconsistent")
+        retries, reasked (unreadable replies asked again with a format reminder), reask_fixed (of
+        those, read on a later try), parse_errors and failures (left after the re-asks); per
+        judgment: judgments, inconsistent."""
+        keys = ("judgments", "prompts", "cache_hits", "calls", "retries", "reasked", "reask_fixed", "parse_errors",
+                "failures", "inconsistent")
         return {k: self._counts[k] for k in keys}
 
     # ----------------------------------------------------------------------------- backend hooks
@@ -236,8 +242,36 @@ class Judge:
     def _run(self, tasks: list[_Task], finish: Callable) -> None:
         raise NotImplementedError
 
+    def _reask_task(self, task: _Task, reply: str) -> _Task | None:
+        """The prompt that asks `task` again after the unreadable `reply`; None: this backend's
+        replies are never unreadable (oracle, random)."""
+        return None
+
     # ---------------------------------------------------------------------------------- plumbing
     def _judge_tasks(self, tasks: list[_Task]) -> list[_Outcome]:
+        """Outcomes of `tasks`; an unreadable reply is asked again, up to `cfg.reask` times, each
+        time with the prompt, the reply and a reminder of the format. Every reply is cached under
+        its own prompt, so a re-run reads the same sequence from the cache."""
+        result = self._cached_or_run(tasks)
+        latest = {t.key: (t, o) for t, o in zip(tasks, result)}  # per distinct prompt: the task asked last
+        for _ in range(self.cfg.reask):
+            unread = {key: self._reask_task(t, o.record.raw) for key, (t, o) in latest.items()
+                      if o.record is not None and not o.record.parse_ok}
+            unread = {key: t for key, t in unread.items() if t is not None}
+            if not unread:
+                break
+            self._counts["reasked"] += len(unread)
+            for (key, again), out in zip(unread.items(), self._cached_or_run(list(unread.values()))):
+                if out.record is not None:  # a failed call keeps the unreadable reply
+                    self._counts["reask_fixed"] += out.record.parse_ok
+                    latest[key] = (again, out)
+        result = [latest[t.key][1] for t in tasks]
+        self._counts["prompts"] += len(tasks)
+        self._counts["failures"] += sum(o.record is None for o in result)
+        self._counts["parse_errors"] += sum(o.record is not None and not o.record.parse_ok for o in result)
+        return result
+
+    def _cached_or_run(self, tasks: list[_Task]) -> list[_Outcome]:
         outcomes: dict[str, _Outcome] = {}
         todo: dict[str, _Task] = {}
         for t in tasks:
@@ -269,11 +303,7 @@ class Judge:
             if failed:
                 log.warning("judge %s: %d of %d prompts failed (not cached; a re-run retries them)",
                             self.id, failed, len(todo))
-        result = [outcomes[t.key] for t in tasks]
-        self._counts["prompts"] += len(tasks)
-        self._counts["failures"] += sum(o.record is None for o in result)
-        self._counts["parse_errors"] += sum(o.record is not None and not o.record.parse_ok for o in result)
-        return result
+        return [outcomes[t.key] for t in tasks]
 
     def _record(self, task: _Task, raw: str, model: str) -> CachedJudgment:
         """Parse a text reply into the record that is cached."""
@@ -285,6 +315,8 @@ class Judge:
             value = parse_ranking(raw, task.n)
         else:
             value = raw.strip() or None
+            if value is not None and task.parse is not None and task.parse(raw) is None:
+                return CachedJudgment(self.id, task.prompt, task.kind, raw, None, False, model)
         return CachedJudgment(self.id, task.prompt, task.kind, raw, value, value is not None, model)
 
     def _judgment(self, task: _Task, out: _Outcome) -> Judgment:
@@ -463,6 +495,12 @@ class _PromptedJudge(Judge):
     def _complete_task(self, video, text: str, prompt_id: str) -> _Task:
         text = self._text(text, video)
         return _Task("complete", prompt_id, text, video, judgment_key(self.id, prompt_id, text, video, self._params()))
+
+    def _reask_task(self, task: _Task, reply: str) -> _Task:
+        reask = load_prompt("judge.reask", self.cfg.prompts)
+        text = reask.render(prompt=task.text, reply=reply.strip())
+        # The record keeps the original prompt's id: the re-ask is the same judgment, asked again.
+        return dataclasses.replace(task, text=text, key=judgment_key(self.id, reask.id, text, task.video, self._params()))
 
 
 # ------------------------------------------------------------------------------------- openai

@@ -243,7 +243,9 @@ def judge_stats(judgments: list) -> dict:
     counts: dict[str, int] = {}
     for j in flat:
         counts[j.status] = counts.get(j.status, 0) + 1
-    stats = {"judgments": len(flat), "by_status": counts, "cached": sum(j.cached for j in flat)}
+    # the judge's failure rate in this stage: failed, unreadable (after re-asks) or inconsistent verdicts
+    failure_rate = (len(flat) - counts.get("ok", 0)) / max(len(flat), 1)
+    stats = {"judgments": len(flat), "by_status": counts, "failure_rate": failure_rate, "cached": sum(j.cached for j in flat)}
     verdicts = [j.value for j in flat if j.kind == "compare" and j.status == "ok"]
     if verdicts:  # position bias: an unbiased judge of randomly ordered pairs picks A about half the time
         stats["first_answer_chosen"] = verdicts.count(0) / len(verdicts)
@@ -361,6 +363,7 @@ def make_preferences(
         "pairs": len(records),
         "dropped": dropped,
         **judge_stats(judgments),
+        **{k: judge.stats()[k] for k in ("reasked", "reask_fixed")},
         **length_stats(records),
         "judge": judge.id,
         "context": context_name or cfg.context.kind,
