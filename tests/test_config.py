@@ -89,10 +89,15 @@ def test_recipes_start_where_their_papers_start():
     DPO), not from the SFT model; Oracle-RLAIF's loss averages within each answer, then over the group (Eq. 6)."""
     from pathlib import Path
 
-    from vlmalign.config import DPOConfig, GRPOConfig
+    from vlmalign.config import DPOConfig, GRPOConfig, RMConfig
 
     root = Path(__file__).resolve().parents[1] / "configs"
     isr = load_config(DPOConfig, root / "isr_dpo" / "isr_dpo_7b.yaml")
     seed_dpo = load_config(DPOConfig, root / "llava_hound" / "dpo_7b.yaml")
     assert isr.model.init_from == f"{seed_dpo.run.dir}/final" and isr.loop.iterations == 9
-    assert load_config(GRPOConfig, root / "oracle_rlaif" / "grpo_rank_7b.yaml").grpo.loss == "grpo"
+    oracle_rlaif = load_config(GRPOConfig, root / "oracle_rlaif" / "grpo_rank_7b.yaml")
+    assert oracle_rlaif.grpo.loss == "grpo"
+    # its oracle is a reward model trained by the bundled RM recipe; the API ranker is the alternative
+    rm = load_config(RMConfig, root / "oracle_rlaif" / "rm_7b.yaml")
+    assert (oracle_rlaif.judge.backend, oracle_rlaif.judge.model) == ("reward", f"{rm.run.dir}/final")
+    assert load_config(GRPOConfig, root / "oracle_rlaif" / "grpo_rank_7b_api.yaml").judge.backend == "openai"

@@ -150,8 +150,9 @@ class JudgeConfig:
     # (`model`: a saved vlmalign/llava-hf path, or "policy" for the model being trained);
     # openai: any OpenAI-compatible endpoint.
     # random: the negative control, verdicts drawn at random (`seed`).
-    backend: Literal["oracle", "hf", "openai", "random"] = "oracle"
-    model: str | None = None  # hf: model path; openai: the pinned model id
+    # reward: a reward model trained by `train-rm` (`model`: its folder) scores and ranks by reward.
+    backend: Literal["oracle", "hf", "openai", "random", "reward"] = "oracle"
+    model: str | None = None  # hf: model path; openai: the pinned model id; reward: the reward model folder
     bench: str | None = None  # oracle: the synthetic benchmark folder (metadata.jsonl)
     base_url: str | None = None  # openai: endpoint; None = the client's default
     api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never from config
@@ -162,7 +163,8 @@ class JudgeConfig:
     reask: int = 1  # times an unreadable reply is asked again, with the reply and a format reminder
     backoff_base: float = 1.0  # seconds; doubled per retry, with jitter
     timeout: float = 60.0  # seconds per request
-    batch_size: int = 8  # hf: prompts per generate call
+    batch_size: int = 8  # hf: prompts per generate call; reward: requests per forward pass
+    max_length: int = 2048  # reward: tokens of one answer's input, visual tokens included
     swap_check: bool = False  # compare: judge (A,B) and (B,A), keep consistent verdicts only
     prompts: str | None = None  # a user prompt YAML file or folder overriding the packaged ones
     cache: str | None = None  # SQLite file; None = <run dir>/judge_cache.sqlite

@@ -717,6 +717,49 @@ class HFJudge(_PromptedJudge):
             self.model.train(was_training)
 
 
+# ------------------------------------------------------------------------------------- reward
+
+
+class RewardJudge(Judge):
+    """A trained vlmalign reward model (`train-rm`) as the judge: Oracle-RLAIF's oracle. It sees the
+    video and reads question and answer; it ignores any text context. score: the answer's reward (a
+    real number, not 1-5); compare: the answer with the higher reward (A on a tie); rank: answers by
+    reward, best first (ties by position). The raw record lists the rewards."""
+
+    backend = "reward"
+
+    def __init__(self, model, visual, cfg: JudgeConfig, cache: JudgmentCache, progress: bool = True):
+        self.model, self.visual = model, visual
+        super().__init__(f"reward:{cfg.model}#{_weights_fingerprint(model)}", cfg, cache, progress)
+
+    def _task(self, kind: str, request: JudgeRequest) -> _Task:
+        text = json.dumps([request.question, list(request.answers)], ensure_ascii=False)
+        key = judgment_key(self.id, f"reward.{kind}", text, request.video, {"max_length": self.cfg.max_length})
+        return _Task(kind, f"reward.{kind}", text, request.video, key, len(request.answers), request)
+
+    def _run(self, tasks: list[_Task], finish: Callable) -> None:
+        from vlmalign.data.collate import Collator
+        from vlmalign.model.reward import score_samples
+
+        collate = Collator(self.model.tokenizer.pad_token_id, self.visual)
+        size = max(1, self.cfg.batch_size)
+        for start in range(0, len(tasks), size):
+            chunk = tasks[start : start + size]
+            samples = [self.model.encode(t.request.question, a, t.request.video, self.cfg.max_length, f"judge {i}")
+                       for i, t in enumerate(chunk) for a in t.request.answers]
+            rewards = score_samples(self.model, collate, samples, size).tolist()
+            for t in chunk:
+                own, rewards = rewards[: t.n], rewards[t.n :]
+                if t.kind == "score":
+                    value = own[0]
+                elif t.kind == "compare":
+                    value = 0 if own[0] >= own[1] else 1
+                else:
+                    value = sorted(range(t.n), key=lambda i: (-own[i], i))
+                raw = "rewards: " + ", ".join(f"{r:.6g}" for r in own)
+                finish(t, CachedJudgment(self.id, t.prompt, t.kind, raw, value, True, str(self.cfg.model)))
+
+
 # -------------------------------------------------------------------------------------- build
 
 
@@ -748,4 +791,13 @@ def build_judge(cfg: JudgeConfig, cache_path=None, model=None, visual=None, prog
         return HFJudge(model, visual, cfg, cache, progress=progress)
     if cfg.backend == "random":
         return RandomJudge(cfg, cache, progress)
-    raise JudgeError(f"unknown judge backend {cfg.backend!r} (oracle, hf, openai, random)")
+    if cfg.backend == "reward":
+        from vlmalign.data.features import VisualInputs
+        from vlmalign.model.reward import load_reward_model
+
+        if not cfg.model:
+            raise JudgeError("the reward judge needs judge.model: a reward model folder written by `vlmalign train-rm`")
+        reward_model = load_reward_model(cfg.model).to(model.device if model is not None else "cpu")
+        cache_dir = visual.cache_dir.parent if visual is not None and visual.cache_dir is not None else None
+        return RewardJudge(reward_model, VisualInputs(reward_model.backbone, cache_dir), cfg, cache, progress)
+    raise JudgeError(f"unknown judge backend {cfg.backend!r} (oracle, hf, openai, random, reward)")

@@ -331,6 +331,9 @@ def make_preferences(
     An `hf` judge with model "policy" judges with `model`; one with a saved model's path loads that
     model.
     """
+    if cfg.judge.backend == "reward" and cfg.preferences.method == "score_threshold":
+        raise ConfigError("preferences.method: score_threshold splits 1-5 scores at a threshold; the reward judge "
+                          "gives unbounded rewards: use pairwise or ranked")
     out_dir.mkdir(parents=True, exist_ok=True)
     method = cfg.preferences.method
     if method == "pairwise" and cfg.sampling.num_samples != 2:
