@@ -6,7 +6,7 @@ import pytest
 
 from vlmalign.data import synthetic as syn
 from vlmalign.feedback.oracle import Oracle
-from vlmalign.gym import GymBudget, format_gym, gains, prior_split
+from vlmalign.gym import GymBudget, format_gym, gains, prior_split, tau_over_training
 
 
 def test_prior_split_counts_by_truth_equal_to_the_prior(tiny_bench, tmp_path):
@@ -49,6 +49,22 @@ def test_table_gains_are_over_each_seeds_own_start():
     assert "| 44.0 ± 5.7 |" in lines["| DPO (oracle scores)"]  # all: 40 and 48
     assert "4 of 12 short SFT answers" in text and "2 of 4 descriptions" in text and "1000 questions" in text
     assert "Gap (ceiling - start): +29.0 ± 1.4 points" in text and "`vlmalign gym --seeds 0,1`" in text
+    assert "Kendall tau" not in text  # no rank method ran
+
+
+def test_kendall_tau_over_training_is_read_from_the_metrics(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(json.dumps(r) for r in [
+        {"step": 5, "kendall_tau": 0.1}, {"step": 10, "kendall_tau": None}, {"step": 15, "kendall_tau": -0.3}]))
+    assert tau_over_training(metrics) == {"tau_first": 0.1, "tau_last": -0.3}
+    row = {"colour": 0.5, "count": 0.5, "direction": 0.3, "shape": 0.3, "all": 0.4, "truth = prior": 0.4, "truth != prior": 0.2}
+    runs = [{"seed": s, "ceiling": row, "start": row, "grpo_rank": {**row, "tau_first": t0, "tau_last": t1}, "minutes": 1.0}
+            for s, (t0, t1) in enumerate([(0.1, -0.3), (0.3, -0.1)])]
+    manifest = {"misalignment": {"prior_rate": 0.75, "invent_rate": 0.5, "altered_sft_answers": {}, "sft_answers": {}},
+                "files": {"qa_test.json": {"records": 10}}}
+    text = format_gym(runs, manifest, GymBudget(methods=("grpo_rank",)), "vlmalign gym")
+    # first: 0.1 and 0.3 -> +0.20 ± 0.14; last: -0.3 and -0.1 -> -0.20 ± 0.14
+    assert "GRPO_rank (oracle ranks) +0.20 ± 0.14 -> -0.20 ± 0.14" in text
 
 
 # --- the learning regression test --------------------------------------------------------------------

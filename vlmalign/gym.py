@@ -198,6 +198,14 @@ def prior_split(bench: Path, eval_dir: Path) -> dict:
     return {name: (sum(v) / len(v) if v else None) for name, v in groups.items()}
 
 
+def tau_over_training(metrics_path: Path) -> dict:
+    """Kendall tau between the policy's log-prob ranking and the judge's, at the first and the last
+    logged rollout: whether rank training made the policy order its answers as the judge does."""
+    taus = [row["kendall_tau"] for row in map(json.loads, metrics_path.read_text().splitlines())
+            if row.get("kendall_tau") is not None]
+    return {"tau_first": taus[0], "tau_last": taus[-1]} if taus else {}
+
+
 # --------------------------------------------------------------------------------------- running
 
 
@@ -234,6 +242,8 @@ def run_seed(out: Path, budget: GymBudget, seed: int, bench: Path, feature_cache
                 else:
                     final = gym.grpo(start, method, control)
                 results[name] = gym.evaluate(final)
+                if method.startswith("grpo_rank"):
+                    results[name].update(tau_over_training(final.parent / "metrics.jsonl"))
             except VlmalignError as e:  # e.g. no preference pairs: say so in the table, run the others
                 print(f"[gym seed {seed}] {name} failed: {e}", flush=True)
                 results[name] = {"failed": str(e)}
@@ -292,13 +302,13 @@ def gains(runs: list[dict], name: str, column: str = "all") -> list[float]:
 
 
 def format_gym(runs: list[dict], manifest: dict, budget: GymBudget, command: str) -> str:
-    def cell(values, signed=False):
+    def cell(values, signed=False, digits=1):
         values = [v for v in values if v is not None]
         if not values:
             return "n/a"
         mean, sd = mean_std(values)
-        text = f"{mean:+.1f}" if signed else f"{mean:.1f}"
-        return text + (f" ± {sd:.1f}" if len(values) > 1 else "")
+        text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+        return text + (f" ± {sd:.{digits}f}" if len(values) > 1 else "")
 
     m = manifest["misalignment"]
     altered = sum(v for k, v in m["altered_sft_answers"].items() if k != "describe")
@@ -333,6 +343,12 @@ def format_gym(runs: list[dict], manifest: dict, budget: GymBudget, command: str
         lines += ["", f"The start's own samples ({samples[0]['k']} per training question at T = 1, "
                   f"{samples[0]['questions']} questions): pass@{samples[0]['k']} "
                   f"{cell([100 * s['pass_at_k'] for s in samples])}%, correct share {cell([100 * s['correct_share'] for s in samples])}%."]
+    taus = [(ROWS[name].strip(), [r[name] for r in runs if "tau_first" in r.get(name, {})]) for name in ROWS]
+    taus = [(label, rows) for label, rows in taus if rows]
+    if taus:
+        lines += ["", "Kendall tau of the policy's ranking against the judge's, first -> last logged rollout: " + "; ".join(
+            f"{label} {cell([row['tau_first'] for row in rows], True, 2)} -> {cell([row['tau_last'] for row in rows], True, 2)}"
+            for label, rows in taus) + "."]
     lines += ["", f"Gap (ceiling - start): {cell([100 * (r['ceiling']['all'] - r['start']['all']) for r in runs], signed=True)} points. "
               f"Minutes per seed: {', '.join(str(r['minutes']) for r in runs)}."]
     return "\n".join(lines)
