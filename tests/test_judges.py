@@ -400,7 +400,7 @@ def test_judge_server_replies_follow_the_prompts():
 
     compare = load_prompt("judge.compare").render(context_block=context_block(""), question="q", answer_a="b", answer_b="a")
     assert parse_choice(judge_reply(compare)) == 1
-    score = load_prompt("judge.score").render(context_block="", question="q", answer="abc")
+    score = load_prompt("judge.score").render(context_block="", question="q", reference_block="", answer="abc")
     assert parse_score(judge_reply(score)) == 4
     rank = load_prompt("judge.rank").render(context_block="", question="q", answers=format_numbered(["c", "a", "b"]), num_answers=3)
     assert parse_ranking(judge_reply(rank), 3) == [2, 0, 1]

@@ -161,7 +161,7 @@ def test_pairs_with_an_empty_or_identical_answer_are_dropped_and_counted():
     samples = [[Sample("red", [], [-1.0], True), Sample("", [], [-0.5], True)],
                [Sample("blue", [], [-1.0], True), Sample("blue", [], [-1.0], True)],
                [Sample("green", [], [-1.0], True), Sample("red", [], [-2.0], True)]]
-    judged = [SimpleNamespace(status="ok", value=0, judge="j", model="m", prompt="p@v1")] * 3
+    judged = [SimpleNamespace(status="ok", value=0, judge="j", model="m", prompt="p@v1", raw="A")] * 3
     records, dropped = build_records(cfg, questions, samples, judged, {}, seed=0)
     assert dropped == {"empty_answer": 1, "identical_answers": 1}
     assert [(r["chosen"], r["rejected"]) for r in records] == [("green", "red")]
@@ -255,3 +255,45 @@ def test_swapped_preferences_invert_every_pair_and_still_read(tmp_path):
     assert all(r["control"] == "swapped" for r in swapped) and swapped[1]["choice"] == 0
     pairs = read_preference_pairs(out)
     assert [(p.chosen, p.rejected) for p in pairs] == [("Blue.", "Red."), ("One or two.", "Two.")]
+
+
+def test_score_judge_reads_the_reference_answer_and_explains_its_score(tmp_path, monkeypatch):
+    """LLaVA-Hound's judge: the QA file's reference answer goes into the score prompt, the judge
+    explains before "Score: N", and the explanations reach the preference records."""
+    from tests.test_eval import ScriptedJudgeServer
+    from vlmalign.config import JudgeConfig
+    from vlmalign.feedback.judges import build_judge
+    from vlmalign.feedback.preferences import build_records, judge_candidates
+    from vlmalign.model.generation import Sample
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    qa = tmp_path / "qa.json"
+    qa.write_text(json.dumps([{"video_name": "v1", "question_id": "q1", "question": "What colour is the ball?",
+                               "answer": "Blue."}]))
+    questions = read_questions([str(qa)], video_root=str(tmp_path))
+    assert questions[0].reference == "Blue."
+
+    def script(prompt):  # grades against the reference it was shown
+        answer = prompt.split("\nAnswer: ")[1].split("\n")[0]
+        if "Reference answer (written by a person who watched the video): Blue." not in prompt:
+            return "Score: 3"
+        return (f"The answer says {answer} and the reference says blue.\n"
+                f"Score: {5 if answer == 'Blue.' else 1}")
+
+    samples = [[Sample(text, [1], [-0.5], True) for text in ("Red.", "Blue.")]]
+    with ScriptedJudgeServer(script) as server:
+        cfg = JudgeConfig(backend="openai", model="judge", base_url=server.url, max_retries=0, explain=True)
+        judge = build_judge(cfg, tmp_path / "cache.sqlite", progress=False)
+        judged = judge_candidates(judge, "score_threshold", questions, samples, {})
+        sent = list(server.hits)
+    assert all("First explain your grade" in p and "Reference answer" in p for p in sent) and len(sent) == 2
+    assert [j.value for j in judged[0]] == [1, 5] and all(j.prompt == "judge.score_explained@v1" for j in judged[0])
+    records, _ = build_records(PrefsConfig(), questions, samples, judged, {}, seed=0)
+    (record,) = records
+    assert (record["chosen"], record["rejected"], record["reference"]) == ("Blue.", "Red.", "Blue.")
+    assert record["judge_replies"][0].startswith("The answer says Red. and the reference says blue.")
+    # without a reference the score prompt shows none
+    from vlmalign.prompts import load_prompt, reference_block
+
+    assert reference_block("") == "" and "Reference answer" not in load_prompt("judge.score").render(
+        context_block="", question="q", reference_block=reference_block(""), answer="a")

@@ -16,7 +16,10 @@ from vlmalign.prompts import (
 
 EXPECTED = {
     "judge.compare": ("context_block", "question", "answer_a", "answer_b"),
-    "judge.score": ("context_block", "question", "answer"),
+    "judge.score": ("context_block", "question", "reference_block", "answer"),
+    "judge.score_explained": ("context_block", "question", "reference_block", "answer"),
+    "judge.reference_block": ("reference",),
+    "judge.reask": ("prompt", "reply"),
     "judge.rank": ("context_block", "num_answers", "question", "answers"),
     "judge.context_block": ("context",),
     "context.caption_clip": (),
@@ -32,7 +35,7 @@ def test_packaged_prompts():
         p = load_prompt(name)
         assert p.name == name and p.version and p.fields == fields
         assert p.id == f"{name}@{p.version}"
-        sees_video = name not in ("judge.context_block", "context.narrative_part")
+        sees_video = name not in ("judge.context_block", "judge.reference_block", "judge.reask", "context.narrative_part")
         assert p.template.startswith("<video>\n") == sees_video, name
         assert "{" not in p.render(**{f: "x" for f in fields})
 
@@ -42,7 +45,7 @@ def test_render_errors_name_prompt_and_field():
     with pytest.raises(VlmalignError, match=r"judge\.score.*'answer'"):
         p.render(context_block="", question="q")
     with pytest.raises(VlmalignError, match=r"judge\.score.*'colour'"):
-        p.render(context_block="", question="q", answer="a", colour="red")
+        p.render(context_block="", question="q", reference_block="", answer="a", colour="red")
 
 
 def test_braces_and_fields():
@@ -186,7 +189,7 @@ def test_judge_examples_round_trip(bench):
         else:
             m = re.search(r"\nQuestion: (.*)\nAnswer: (.*)\n", prompt)
             question, answer = m.groups()
-            assert prompt == score.render(context_block=block, question=question, answer=answer)
+            assert prompt == score.render(context_block=block, question=question, reference_block="", answer=answer)
             assert re.fullmatch(r"Score: [1-5]", reply)
             assert parse_score(reply) == oracle.score(r["video"], question, answer)
             assert r["prompt_id"] == score.id

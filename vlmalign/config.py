@@ -166,6 +166,7 @@ class JudgeConfig:
     batch_size: int = 8  # hf: prompts per generate call; reward: requests per forward pass
     max_length: int = 2048  # reward: tokens of one answer's input, visual tokens included
     swap_check: bool = False  # compare: judge (A,B) and (B,A), keep consistent verdicts only
+    explain: bool = False  # score: a short explanation, then "Score: N" (LLaVA-Hound's judge)
     prompts: str | None = None  # a user prompt YAML file or folder overriding the packaged ones
     cache: str | None = None  # SQLite file; None = <run dir>/judge_cache.sqlite
     seed: int = 0  # random: the seed of its verdicts

@@ -893,7 +893,8 @@ def _render_judge(item: dict, context: str | None, compare_p, score_p) -> None:
         prompt = compare_p.render(context_block=block, question=item["question"], answer_a=a, answer_b=b)
         prompt_id = compare_p.id
     else:
-        prompt = score_p.render(context_block=block, question=item["question"], answer=item["answers"][0])
+        prompt = score_p.render(context_block=block, question=item["question"], reference_block="",
+                                answer=item["answers"][0])
         prompt_id = score_p.id
     record = _llava(item["id"], item["video"], prompt, item["reply"],
                     question_type=f"judge_{item['judge_task']}", judge_task=item["judge_task"],

@@ -78,6 +78,7 @@ from vlmalign.prompts import (
     parse_choice,
     parse_ranking,
     parse_score,
+    reference_block,
 )
 
 __all__ = [
@@ -107,12 +108,14 @@ class JudgeRequest:
 
     `video`: a video path, a list of frame paths, or None. `context`: text about the video (a
     caption, a clip narrative, a retrospective context) shown to the judge; "" shows none.
+    `reference`: the data's reference answer, read by the score prompt (LLaVA-Hound's judge).
     """
 
     video: Any
     question: str
     answers: tuple[str, ...]
     context: str = ""
+    reference: str = ""  # score: the data's reference answer, shown to prompted judges when given
 
     def __post_init__(self):
         self.answers = tuple(str(a) for a in self.answers)
@@ -460,6 +463,8 @@ class _PromptedJudge(Judge):
     def __init__(self, judge_id: str, cfg: JudgeConfig, cache: JudgmentCache, progress: bool = True):
         super().__init__(judge_id, cfg, cache, progress)
         self.prompts: dict[str, Prompt] = {k: load_prompt(f"judge.{k}", cfg.prompts) for k in ("compare", "score", "rank")}
+        if cfg.explain:
+            self.prompts["score"] = load_prompt("judge.score_explained", cfg.prompts)
 
     def _params(self) -> dict:
         raise NotImplementedError
@@ -478,11 +483,12 @@ class _PromptedJudge(Judge):
         if kind == "compare":
             values.update(answer_a=answers[0], answer_b=answers[1])
         elif kind == "score":
-            values.update(answer=answers[0])
+            values.update(answer=answers[0], reference_block=reference_block(request.reference, self.cfg.prompts))
         else:
             values.update(answers=format_numbered(answers), num_answers=len(answers))
-        if values["context_block"] and "context_block" not in prompt.fields:
-            raise JudgeError(f"prompt {prompt.id} has no {{context_block}} slot, but the requests carry context")
+        for slot, what in (("context_block", "context"), ("reference_block", "reference answers")):
+            if values.get(slot) and slot not in prompt.fields:
+                raise JudgeError(f"prompt {prompt.id} has no {{{slot}}} slot, but the requests carry {what}")
         # A user prompt may leave out slots it does not need (e.g. the context).
         return prompt.render(**{k: v for k, v in values.items() if k in prompt.fields})
 

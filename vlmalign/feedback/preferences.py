@@ -48,6 +48,7 @@ class Question:
     id: str
     video: str | list[str] | None
     question: str  # without the <video> placeholder
+    reference: str = ""  # the data's answer (QA files) or first assistant turn: the score prompt shows it
 
 
 def read_questions(paths: list[str], video_root=None, limit: int | None = None) -> list[Question]:
@@ -59,11 +60,12 @@ def read_questions(paths: list[str], video_root=None, limit: int | None = None) 
             raise DataError(f"{path}: no records")
         record = first[1]
         if "question" in record:
-            questions += [Question(q.id, q.video, q.question) for q in read_qa(path, video_root)]
+            questions += [Question(q.id, q.video, q.question, q.answer) for q in read_qa(path, video_root)]
         else:
             for s in read_instructions(path, video_root):
                 text = s.turns[0].text.replace(VIDEO_TOKEN, "").strip()
-                questions.append(Question(s.id, s.video, text))
+                reference = s.turns[1].text.strip() if len(s.turns) > 1 and s.turns[1].role == "assistant" else ""
+                questions.append(Question(s.id, s.video, text, reference))
     return questions[:limit] if limit is not None else questions
 
 
@@ -157,7 +159,7 @@ def judge_candidates(judge, method: str, questions: list[Question], samples: lis
     """Per question: one Judgment (pairwise, ranked) or one per answer (score_threshold)."""
     def request(q, answers):
         ctx = contexts.get(video_key(q.video), "") if q.video is not None else ""
-        return JudgeRequest(q.video, q.question, tuple(answers), ctx)
+        return JudgeRequest(q.video, q.question, tuple(answers), ctx, reference=q.reference)
 
     if method == "pairwise":
         return judge.compare([request(q, [s.text for s in group]) for q, group in zip(questions, samples)])
@@ -230,6 +232,9 @@ def build_records(
             "answer_logps": [s.logp for s in group],
             **detail,
             "context": contexts.get(video_key(q.video), "") if q.video is not None else "",
+            "reference": q.reference,
+            # every reply the pair rests on, an explained score's explanation included
+            "judge_replies": [j.raw for j in verdicts],
             "judge": first.judge,
             "judge_model": first.model,
             "prompt_version": first.prompt,

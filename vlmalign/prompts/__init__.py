@@ -42,6 +42,7 @@ __all__ = [
     "load_prompt",
     "available_prompts",
     "context_block",
+    "reference_block",
     "format_numbered",
     "build_narrative",
     "parse_choice",
@@ -194,6 +195,13 @@ def load_prompt(name: str, path=None) -> Prompt:
 
 
 # ----------------------------------------------------------------------------------------- helpers
+
+
+def reference_block(reference: str | None, path=None) -> str:
+    """Value for a `{reference_block}` slot: "" without a reference answer, else judge.reference_block rendered."""
+    if reference is None or not str(reference).strip():
+        return ""
+    return load_prompt("judge.reference_block", path).render(reference=str(reference).strip())
 
 
 def context_block(context: str | None, path=None) -> str:
