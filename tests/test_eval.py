@@ -527,3 +527,52 @@ def test_generation_journal_resumes_and_drops_a_torn_last_line(tmp_path):
                               progress=False)
     assert answers == {"a": "one", "b": "two"} and (stats.generated, stats.reused) == (0, 2)
     assert journal.read_text().splitlines() == [json.dumps(x) for x in lines]
+
+
+# ---------------------------------------------------------------------- caption-grounded QA (LLaVA-Hound)
+
+
+def test_caption_grounded_qa_reports_acc_and_score_as_llava_hound(tmp_path):
+    """The released test file carries captions; the judge reads caption, question, reference and
+    prediction and scores 1-5; accuracy is the share of scores >= 3. Hand-computed: scores 5, 2, 3 and
+    one reply without a score (asked again once, still unreadable): acc 2/3, score 10/3."""
+    data = tmp_path / "msrvtt.qa.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "a", "video": "frames/v1", "caption": "A man jumps into a pool.",
+         "conversations": [{"from": "human", "value": "<video>\nWhat does the man do?"}, {"from": "gpt", "value": "He jumps."}]},
+        {"id": "b", "video": "frames/v2", "caption": "A cat sleeps on a sofa.", "question": "What animal is shown?",
+         "answer": "A cat."},
+        {"id": "c", "video": "frames/v3", "caption": "Two cars race.", "question": "How many cars?", "answer": "Two."},
+        {"id": "d", "video": "frames/v4", "caption": "A dog runs.", "question": "What runs?", "answer": "A dog."},
+    ]))
+    preds = tmp_path / "preds.json"
+    preds.write_text(json.dumps([
+        {"id": "a", "video_name": "v1", "question": "What does the man do?", "answer": "He jumps.", "pred": "He jumps in."},
+        {"id": "b", "video_name": "v2", "question": "What animal is shown?", "answer": "A cat.", "pred": "A dog."},
+        {"id": "c", "video_name": "v3", "question": "How many cars?", "answer": "Two.", "pred": "Some cars."},
+        {"id": "d", "video_name": "v4", "question": "What runs?", "answer": "A dog.", "pred": "An animal."},
+    ]))
+    replies = {"He jumps in.": "Explanation: right.\nScore: 5", "A dog.": "Explanation: wrong animal.\nScore: 2",
+               "Some cars.": "Explanation: vague.\nScore: 3", "An animal.": "I cannot tell."}
+
+    def script(prompt):
+        assert "Caption: " in prompt and "Reference answer: " in prompt
+        return replies[_line(prompt, "Predicted answer:")]
+
+    with ScriptedJudgeServer(script) as server:
+        judge = _judge_file(tmp_path, server)
+        out = tmp_path / "out"
+        assert main(["eval", "msrvtt-caption-qa", "--predictions", str(preds), "--data", str(data), "--judge", str(judge),
+                     "--out", str(out)]) == 0
+        sent = list(server.hits)
+    report = json.loads((out / "report.json").read_text())
+    assert report["acc/score"] == f"{100 * 2 / 3:.2f}/{10 / 3:.2f}"
+    a = report["results"]["all"]
+    assert (a["judged"], a["yes"], a["parse_errors"]) == (3, 2, 1)
+    assert any("Caption: A man jumps into a pool." in p and "Question: What does the man do?" in p for p in sent)
+    assert report["judging"]["reasked"] == 1 and "acc/score (as LLaVA-Hound reports it)" in (out / "report.md").read_text()
+    records = [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
+    assert records[1]["raw"].startswith("Explanation: wrong animal.")  # the explanation is kept
+    # without --data there are no captions: the command says what it needs
+    assert main(["eval", "msrvtt-caption-qa", "--predictions", str(preds), "--judge", str(judge),
+                 "--out", str(tmp_path / "x")]) == 2

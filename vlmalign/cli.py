@@ -18,7 +18,8 @@ from vlmalign.errors import VlmalignError
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
-EVAL_BENCHMARKS = ["synthetic", "msvd-qa", "msrvtt-qa", "tgif-qa", "activitynet-qa", "generative", "video-mme", "retrieval", "action"]
+EVAL_BENCHMARKS = ["synthetic", "msvd-qa", "msrvtt-qa", "tgif-qa", "activitynet-qa", "msvd-caption-qa", "msrvtt-caption-qa",
+                   "tgif-caption-qa", "ssv2-caption-qa", "generative", "video-mme", "retrieval", "action"]
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:

@@ -1,6 +1,7 @@
 """`vlmalign eval BENCHMARK ...`: turn the command's arguments into one evaluation (parsed in vlmalign.cli).
 
     synthetic | msvd-qa | msrvtt-qa | tgif-qa | activitynet-qa   zero-shot QA, judged (vlmalign.eval.qa)
+    msvd- | msrvtt- | tgif- | ssv2-caption-qa                      the same, the judge reading captions (LLaVA-Hound)
     video-mme                                                      multiple choice, no judge (vlmalign.eval.mcq)
     generative                                                     five criteria, judged (vlmalign.eval.generative)
     retrieval | action                                             CLIP-score, no judge (vlmalign.eval.retrieval)
@@ -16,7 +17,8 @@ from vlmalign.data.formats import HUB_SCHEME
 from vlmalign.errors import VlmalignError
 from vlmalign.eval.common import Decoding, load_judge_config
 
-QA_BENCHMARKS = ("synthetic", "msvd-qa", "msrvtt-qa", "tgif-qa", "activitynet-qa")
+QA_BENCHMARKS = ("synthetic", "msvd-qa", "msrvtt-qa", "tgif-qa", "activitynet-qa",
+                 "msvd-caption-qa", "msrvtt-caption-qa", "tgif-caption-qa", "ssv2-caption-qa")
 
 
 def _decoding(args, default_tokens: int) -> Decoding:
@@ -87,7 +89,9 @@ def _qa(args) -> dict:
     cfg, judge_file = _judge(args, "oracle" if args.benchmark == "synthetic" else None)
     if cfg.backend == "oracle" and cfg.bench is None and bench is not None:
         cfg.bench = str(bench)
-    return evaluate_qa(args.benchmark, _out(args), cfg, judge_file=judge_file, data=None if args.predictions else data,
+    # caption-grounded sets read their captions from --data, also when judging given predictions
+    keep_data = not args.predictions or args.benchmark.endswith("caption-qa")
+    return evaluate_qa(args.benchmark, _out(args), cfg, judge_file=judge_file, data=data if keep_data else None,
                        videos=args.videos, model_dir=args.model, predictions=args.predictions,
                        decoding=_decoding(args, 64), limit=args.limit, feature_cache=args.feature_cache,
                        float_scores=args.float_scores)

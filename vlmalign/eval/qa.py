@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from vlmalign.config import JudgeConfig
-from vlmalign.data.formats import read_qa
+from vlmalign.data.formats import QAItem, read_qa
 from vlmalign.errors import JudgeError, VlmalignError
 from vlmalign.eval.common import (
     Decoding,
@@ -50,11 +50,14 @@ from vlmalign.eval.common import (
 )
 from vlmalign.eval.replies import parse_qa_reply
 from vlmalign.feedback.cache import utc_now
-from vlmalign.prompts import load_prompt
+from vlmalign.prompts import load_prompt, parse_score
 
 __all__ = ["QAPrediction", "read_predictions", "evaluate_qa", "qa_results", "results_table", "format_table"]
 
 _QTYPE_FIELDS = ("question_type", "type", "qtype")
+# LLaVA-Hound's caption-grounded test sets: the judge reads the video's caption too (`eval.caption_qa`).
+CAPTION_QA_BENCHMARKS = ("msvd-caption-qa", "msrvtt-caption-qa", "tgif-caption-qa", "ssv2-caption-qa")
+CAPTION_QA_PASS = 3  # a score of 3 or more counts as correct, as in LLaVA-Hound's evaluation
 
 
 @dataclass
@@ -67,14 +70,47 @@ class QAPrediction:
     pred: str
     qtype: str | None = None
     source: str = ""  # "file:line" of the question or prediction
+    caption: str | None = None  # the caption-grounded protocol: what the judge reads about the video
 
     def record(self) -> dict:
-        """The Video-ChatGPT prediction record (plus qtype)."""
+        """The Video-ChatGPT prediction record (plus qtype and caption when present)."""
         out = {"id": self.key, "video_name": self.video_name, "question": self.question, "answer": self.answer,
                "pred": self.pred}
         if self.qtype is not None:
             out["qtype"] = self.qtype
+        if self.caption is not None:
+            out["caption"] = self.caption
         return out
+
+
+def read_caption_qa(path, video_root=None) -> list[tuple[QAItem, str]]:
+    """LLaVA-Hound's released test files ({msvd,msrvtt,tgif,ssv2}.qa.jsonl): per line `id`, `video`
+    (a video or a folder of frames), `caption`, and the question and reference answer as `question`
+    and `answer`, or as the first two `conversations` turns. Returns (item, caption) pairs."""
+    out = []
+    for f, data in read_records(path):
+        turns = data.get("conversations")
+        if turns is not None:
+            if not isinstance(turns, list) or len(turns) < 2 or not all(isinstance(t, dict) and "value" in t for t in turns[:2]):
+                raise f.error("field 'conversations' needs a question turn and an answer turn, each with 'value'")
+            question, answer = strip_placeholder(str(turns[0]["value"])), str(turns[1]["value"]).strip()
+        else:
+            question, answer = f.text("question"), f.text("answer")
+        video = f.text("video")
+        video = str(Path(video_root) / video) if video_root else video
+        out.append((QAItem(f.text("id"), video, question, answer, source=f.where), f.text("caption")))
+    return out
+
+
+def attach_captions(preds: list[QAPrediction], captioned: list[tuple[QAItem, str]], data) -> None:
+    """Give each prediction its video's caption from the released file (by question id, else video)."""
+    by_id = {item.id: caption for item, caption in captioned}
+    by_video = {Path(item.video).name: caption for item, caption in captioned}
+    for p in preds:
+        caption = by_id.get(p.key, by_video.get(Path(p.video_name).name))
+        if caption is None:
+            raise VlmalignError(f"{p.source}: prediction {p.key!r} has no caption in {data} (matched by id, then video)")
+        p.caption = caption
 
 
 def read_predictions(path) -> list[QAPrediction]:
@@ -118,24 +154,33 @@ def _oracle_judgments(preds: list[QAPrediction], bench) -> list[dict]:
     return records
 
 
+def _caption_qa_reply(text) -> tuple[bool, int] | None:
+    """(score >= 3, score) from an `eval.caption_qa` reply ("Explanation: ...", "Score: N", 1-5)."""
+    score = parse_score(text)
+    return None if score is None else (score >= CAPTION_QA_PASS, score)
+
+
 def _llm_judgments(preds: list[QAPrediction], cfg: JudgeConfig, cache_path, float_scores: bool, progress: bool):
-    """(records, judge, prompt id) from an openai or hf judge asked with the `eval.qa` prompt."""
+    """(records, judge, prompt id) from an openai or hf judge asked with the `eval.qa` prompt, or with
+    `eval.caption_qa` when the predictions carry captions."""
     from vlmalign.feedback.judges import build_judge
 
-    prompt = load_prompt("eval.qa", cfg.prompts)
+    grounded = bool(preds) and preds[0].caption is not None
+    prompt = load_prompt("eval.caption_qa" if grounded else "eval.qa", cfg.prompts)
     judge = build_judge(cfg, cache_path, progress=progress)
-    texts = [prompt.render(question=strip_placeholder(p.question), answer=p.answer, pred=p.pred) for p in preds]
+    fields = [{"question": strip_placeholder(p.question), "answer": p.answer, "pred": p.pred} for p in preds]
+    texts = [prompt.render(**f, caption=p.caption) if grounded else prompt.render(**f) for f, p in zip(fields, preds)]
+    read = _caption_qa_reply if grounded else (lambda raw: parse_qa_reply(raw, float_scores))
     try:
         # The judge never sees the video (the protocol is text-only), so the video is not part of the key.
-        results = judge.complete([(None, t) for t in texts], prompt_id=prompt.id,
-                                 parse=lambda raw: parse_qa_reply(raw, float_scores))
+        results = judge.complete([(None, t) for t in texts], prompt_id=prompt.id, parse=read)
     finally:
         judge.cache.close()
     records = []
     for p, j in zip(preds, results):
         status, verdict, score = j.status, None, None
         if status == "ok":
-            parsed = parse_qa_reply(j.value, float_scores)
+            parsed = read(j.value)
             if parsed is None:
                 status = "parse_error"
             else:
@@ -208,14 +253,27 @@ def evaluate_qa(
     if (model_dir is None) == (predictions is None):
         raise VlmalignError(f"eval {benchmark}: give either a model with its data, or a predictions file")
     gen_stats = None
+    captioned = None
+    if benchmark in CAPTION_QA_BENCHMARKS:
+        if data is None:
+            raise VlmalignError(f"eval {benchmark}: needs --data, the released test file with its captions "
+                                "(also with --predictions: the captions come from it)")
+        if judge_cfg.backend == "oracle":
+            raise JudgeError(f"eval {benchmark}: the caption-grounded protocol needs an LLM judge (--judge), not the oracle")
+        captioned = read_caption_qa(data, video_root=videos)
     if predictions is not None:
         preds, decoding = read_predictions(predictions)[:limit], None
+        if captioned is not None:
+            attach_captions(preds, captioned, data)
     else:
         if data is None:
             raise VlmalignError(f"eval {benchmark}: the model needs --data, a QA file to answer")
         decoding = decoding or Decoding()
-        preds, gen_stats = _generate(read_qa(data, video_root=videos)[:limit], model_dir, decoding, out_dir,
-                                     feature_cache, progress)
+        items = [item for item, _ in captioned] if captioned is not None else read_qa(data, video_root=videos)
+        preds, gen_stats = _generate(items[:limit], model_dir, decoding, out_dir, feature_cache, progress)
+        if captioned is not None:
+            for p, (_, caption) in zip(preds, captioned):
+                p.caption = caption
     if not preds:
         raise VlmalignError(f"eval {benchmark}: {predictions or data} holds no questions")
 
@@ -264,6 +322,10 @@ def evaluate_qa(
         "table": results_table(results),
         "created": utc_now(),
     }
+    if captioned is not None:  # LLaVA-Hound reports accuracy (score >= 3, %) / mean score (1-5)
+        a = results["all"]
+        report["scores"] = "1-5; correct when >= 3"
+        report["acc/score"] = None if a["accuracy"] is None else f"{100 * a['accuracy']:.2f}/{a['score']:.2f}"
     write_outputs(out_dir, [p.record() for p in preds], records, report, _markdown(report))
     return report
 
@@ -275,6 +337,8 @@ def _markdown(report: dict) -> str:
     lines += describe_decoding(report["generation"])
     lines += [describe_judge(report["judge"]), f"Scores: {report['scores']}; accuracy = yes / (yes + no).", ""]
     lines += [report["table"], ""]
+    if "acc/score" in report:
+        lines += [f"acc/score (as LLaVA-Hound reports it): {report['acc/score']}", ""]
     j = report["judging"]
     lines.append(f"Judgments: {j['items']} items, {j['cached']} from the cache, {j['sent']} prompts sent to the judge.")
     if j["failed"] or j["parse_errors"]:
