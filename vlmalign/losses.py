@@ -355,7 +355,7 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
     "grpo": AdvantageEstimator("scores", lambda scores, logps, dcg: (grpo_advantages(scores), None)),
     # Dr. GRPO: no division by the group's std, so low-spread groups are not inflated
     "dr_grpo": AdvantageEstimator("scores", lambda scores, logps, dcg: (grpo_advantages(scores, scale="none"), None)),
-    # Oracle-RLAIF's Eq. 5: group-mean delta - delta, delta from the policy's ranking against the judge's
+    # Oracle-RLAIF's rank advantage: group-mean delta - delta, delta from the policy's ranking against the judge's
     "grpo_rank": AdvantageEstimator("ranks", grpo_rank_advantages),
     "grpo_rank_monotone": AdvantageEstimator("ranks", grpo_rank_monotone_advantages),
 }
