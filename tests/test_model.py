@@ -1,4 +1,5 @@
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -129,8 +130,12 @@ def test_lora_adapter_saved_on_top_of_a_referenced_base(word_corpus, tmp_path):
     base = build_model(tiny(word_corpus))
     base.save_pretrained(tmp_path / "base")
     cfg = tiny(word_corpus, **{"model.init_from": str(tmp_path / "base"), "model.lora.enabled": "true", "model.lora.r": 4})
-    model = build_model(cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = build_model(cfg)
     assert model.uses_lora
+    noise = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]  # shown to users by default
+    assert not noise, noise  # no noise for users
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or n.startswith("projector") for n in trainable)
     with torch.no_grad():
@@ -141,7 +146,10 @@ def test_lora_adapter_saved_on_top_of_a_referenced_base(word_corpus, tmp_path):
         torch.testing.assert_close(_logits(model, word_corpus), _logits(load_model(tmp_path / "base"), word_corpus))
     model.save_pretrained(tmp_path / "lora")
     assert (tmp_path / "lora" / "adapter").is_dir() and not (tmp_path / "lora" / "llm").exists()
-    loaded = load_model(tmp_path / "lora")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_model(tmp_path / "lora")
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)]
     torch.testing.assert_close(_logits(model, word_corpus), _logits(loaded, word_corpus))
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -203,6 +205,15 @@ def _random_llm(cfg: ModelConfig, tokenizer):
     return LlamaForCausalLM(llm_config).to(_DTYPES[cfg.llm.dtype])
 
 
+@contextmanager
+def _peft_quietly():
+    """peft reads `model.is_gradient_checkpointing`, which transformers 5.x deprecates with a
+    FutureWarning on every LoRA model it wraps: noise about peft's internals, not the user's setup."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def _apply_lora(llm, cfg: ModelConfig):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -215,7 +226,8 @@ def _apply_lora(llm, cfg: ModelConfig):
         target_modules=cfg.lora.target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(llm, lora)
+    with _peft_quietly():
+        return get_peft_model(llm, lora)
 
 
 def _set_trainable(model: VideoLM) -> VideoLM:
@@ -330,7 +342,8 @@ def load_model(path: str | Path, trainable: bool = False, quantization: Quantiza
     if (path / "adapter").is_dir():
         from peft import PeftModel
 
-        llm = PeftModel.from_pretrained(llm, path / "adapter", is_trainable=trainable)
+        with _peft_quietly():
+            llm = PeftModel.from_pretrained(llm, path / "adapter", is_trainable=trainable)
 
     projector = build_projector(cfg.projector, vision.hidden_size, llm.config.hidden_size)
     projector.load_state_dict(load_file(path / "projector.safetensors"))
