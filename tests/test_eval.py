@@ -573,6 +573,11 @@ def test_caption_grounded_qa_reports_acc_and_score_as_llava_hound(tmp_path):
     assert report["judging"]["reasked"] == 1 and "acc/score (as LLaVA-Hound reports it)" in (out / "report.md").read_text()
     records = [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
     assert records[1]["raw"].startswith("Explanation: wrong animal.")  # the explanation is kept
+    # the command line offers every QA benchmark the evaluation knows (the CLI keeps its own list)
+    from vlmalign.cli import EVAL_BENCHMARKS
+    from vlmalign.eval.command import QA_BENCHMARKS
+
+    assert set(QA_BENCHMARKS) <= set(EVAL_BENCHMARKS)
     # without --data there are no captions: the command says what it needs
     assert main(["eval", "msrvtt-caption-qa", "--predictions", str(preds), "--judge", str(judge),
                  "--out", str(tmp_path / "x")]) == 2

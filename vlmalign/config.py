@@ -163,7 +163,7 @@ class JudgeConfig:
     reask: int = 1  # times an unreadable reply is asked again, with the reply and a format reminder
     backoff_base: float = 1.0  # seconds; doubled per retry, with jitter
     timeout: float = 60.0  # seconds per request
-    batch_size: int = 8  # hf: prompts per generate call; reward: requests per forward pass
+    batch_size: int = 8  # hf: prompts per generate call; reward: answers per forward pass
     max_length: int = 2048  # reward: tokens of one answer's input, visual tokens included
     swap_check: bool = False  # compare: judge (A,B) and (B,A), keep consistent verdicts only
     explain: bool = False  # score: a short explanation, then "Score: N" (LLaVA-Hound's judge)

@@ -1,6 +1,6 @@
 """`vlmalign demo`: the embedded default, the alignment gym (`vlmalign.gym`) on a laptop CPU.
 
-Measured: 6 min 14 s on two idle cores.
+Measured: 9 min 4 s on two idle cores (docs/results.md).
 
 One seed on the gym's quick budget: the benchmark with its declared misalignment, the clean-SFT
 ceiling, the injected-SFT start, and DPO and GRPO with their negative controls, fed by the

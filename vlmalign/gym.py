@@ -3,8 +3,8 @@
 The premise of the papers, built in and declared up front (`synthetic.Misalignment`): the SFT
 model answers from language priors. A share of the train split's short answers (`prior_rate`,
 0.75) state a prior that depends on the question's wording (`synthetic.PRIORS`) instead of the
-truth, and half of its descriptions gain an invented object. Captions, judge data and the held-out files stay true. The
-misalignment is the same for every method and is never tuned per method.
+truth, and half of its descriptions gain an invented object. Captions, judge data and the held-out
+files stay true. The misalignment is the same for every method and is never tuned per method.
 
 Per seed, from one benchmark:
 

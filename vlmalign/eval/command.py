@@ -16,9 +16,9 @@ from vlmalign.config import JudgeConfig
 from vlmalign.data.formats import HUB_SCHEME
 from vlmalign.errors import VlmalignError
 from vlmalign.eval.common import Decoding, load_judge_config
+from vlmalign.eval.qa import CAPTION_QA_BENCHMARKS
 
-QA_BENCHMARKS = ("synthetic", "msvd-qa", "msrvtt-qa", "tgif-qa", "activitynet-qa",
-                 "msvd-caption-qa", "msrvtt-caption-qa", "tgif-caption-qa", "ssv2-caption-qa")
+QA_BENCHMARKS = ("synthetic", "msvd-qa", "msrvtt-qa", "tgif-qa", "activitynet-qa", *CAPTION_QA_BENCHMARKS)
 
 
 def _decoding(args, default_tokens: int) -> Decoding:
@@ -90,7 +90,7 @@ def _qa(args) -> dict:
     if cfg.backend == "oracle" and cfg.bench is None and bench is not None:
         cfg.bench = str(bench)
     # caption-grounded sets read their captions from --data, also when judging given predictions
-    keep_data = not args.predictions or args.benchmark.endswith("caption-qa")
+    keep_data = not args.predictions or args.benchmark in CAPTION_QA_BENCHMARKS
     return evaluate_qa(args.benchmark, _out(args), cfg, judge_file=judge_file, data=data if keep_data else None,
                        videos=args.videos, model_dir=args.model, predictions=args.predictions,
                        decoding=_decoding(args, 64), limit=args.limit, feature_cache=args.feature_cache,
