@@ -71,7 +71,10 @@ class GymBudget:
     grpo_rollouts: int = 150
     grpo_lr: float = 3e-4
     rm_questions: int = 800
-    ppo_rollouts: int = 30
+    # RM + PPO takes GRPO's budget (rollouts of 16 questions, lr), as declared before it was run; the
+    # reward model trains on its pairs with configs/tiny/rm.yaml's own settings.
+    ppo_rollouts: int = 150
+    ppo_lr: float = 3e-4
     eval_limit: int | None = None
     methods: tuple[str, ...] = METHODS
     bench_seed: int = 0
@@ -81,7 +84,7 @@ class GymBudget:
 # cores): fewer videos, and DPO and GRPO with their controls only.
 FULL = GymBudget()
 QUICK = GymBudget(videos=300, splits=(0.6, 0.05, 0.35), dpo_questions=400, grpo_rollouts=50, rm_questions=400,
-                  ppo_rollouts=10, methods=("dpo", "grpo"))
+                  ppo_rollouts=50, methods=("dpo", "grpo"))
 
 
 class Gym:
@@ -148,7 +151,7 @@ class Gym:
         return ppo.run(load_config(PPOConfig, CONFIGS / "ppo.yaml", _sets(
             run__dir=self.out / name / "ppo", model__init_from=start, reward_model=rm_final, eval_qa="null",
             data__train=f"[{self.bench}/sft_easy.json]", train__max_steps=self.budget.ppo_rollouts,
-            train__seed=self.seed, **self.pipe.common())))
+            train__lr=self.budget.ppo_lr, train__seed=self.seed, **self.pipe.common())))
 
     # --- measurements ------------------------------------------------------------------------------
     def evaluate(self, model_dir: Path) -> dict:
