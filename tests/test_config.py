@@ -96,7 +96,7 @@ def test_recipes_start_where_their_papers_start():
     seed_dpo = load_config(DPOConfig, root / "llava_hound" / "dpo_7b.yaml")
     assert isr.model.init_from == f"{seed_dpo.run.dir}/final" and isr.loop.iterations == 9
     oracle_rlaif = load_config(GRPOConfig, root / "oracle_rlaif" / "grpo_rank_7b.yaml")
-    assert oracle_rlaif.grpo.loss == "grpo"
+    assert (oracle_rlaif.grpo.loss, oracle_rlaif.grpo.reference) == ("grpo", "epoch")  # Eq. 6, Algorithm 1
     # its oracle is a reward model trained by the bundled RM recipe; the API ranker is the alternative
     rm = load_config(RMConfig, root / "oracle_rlaif" / "rm_7b.yaml")
     assert (oracle_rlaif.judge.backend, oracle_rlaif.judge.model) == ("reward", f"{rm.run.dir}/final")

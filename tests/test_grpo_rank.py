@@ -152,3 +152,87 @@ def test_max_steps_sets_the_rollout_count_past_the_epochs():
     assert plan[:2] == epoch_batches(10, 4, 0, 0)[:2] == rollout_plan(10, 4, seed=0, epochs=1)
     assert plan[2:4] == epoch_batches(10, 4, 0, 1)[:2]
     assert len(rollout_plan(10, 4, seed=0, epochs=3, max_rollouts=1)) == 1
+
+
+def test_dynamic_sampling_keeps_only_groups_with_reward_spread(monkeypatch):
+    """DAPO's dynamic sampling: a group whose answers all score alike has zero advantages and is
+    dropped; extra random batches are sampled until rollout_batch groups are kept, or the rounds run
+    out. Here questions with an even number are answered 'bad' by every sample (no spread)."""
+    from vlmalign.feedback.judges import Judgment
+    from vlmalign.feedback.preferences import Question
+    from vlmalign.model.generation import Sample
+
+    class TextJudge:
+        def score(self, requests):
+            return [Judgment("score", 5 if r.answers[0] == "good" else 1, "ok", "", "j", "p", "m", False, None)
+                    for r in requests]
+
+    def fake_share(policy, visual, batch, gen, seed, step, rank, world):
+        groups = [[Sample("bad" if int(q.id[1:]) % 2 == 0 or k else "good", [1], [-1.0], True) for k in range(3)]
+                  for q in batch]
+        return batch, groups
+
+    monkeypatch.setattr(grpo_rank, "sample_share", fake_share)
+    questions = [Question(f"q{i}", None, f"question {i}?") for i in range(20)]
+
+    def rollout(**grpo):
+        cfg = GRPOConfig()
+        cfg.grpo.advantage, cfg.grpo.rollout_batch = "grpo", 4
+        for key, value in grpo.items():
+            setattr(cfg.grpo, key, value)
+        return grpo_rank.collect_rollout(cfg, None, None, None, TextJudge(), questions, [0, 1, 2, 3], 0, {}, 0, 1)
+
+    kept, groups, advantages, metrics = rollout(dynamic_sampling=True, max_sampling_rounds=10)
+    assert len(kept) == 4 and all(int(q.id[1:]) % 2 == 1 for q in kept)
+    assert kept[:2] == [questions[1], questions[3]]  # the first batch's informative groups come first
+    assert (advantages.abs().sum(1) > 0).all() and len(groups) == 4
+    assert metrics["groups_kept"] == 4 and metrics["groups_sampled"] == 4 * metrics["sampling_rounds"] >= 8
+    assert metrics["score_mean"] == pytest.approx((5 + 1 + 1) / 3 / 2 + 1 / 2)  # the first batch's scores
+
+    kept, _, advantages, metrics = rollout(dynamic_sampling=True, max_sampling_rounds=1)
+    assert kept == [questions[1], questions[3]] and metrics["groups_kept"] == 2  # rounds ran out: what there is
+
+    kept, _, advantages, metrics = rollout()  # off: the plan's questions, informative or not
+    assert kept == questions[:4] and advantages[0].abs().sum() == 0 and "groups_kept" not in metrics
+
+
+def test_epoch_reference_resets_the_kl_term_each_epoch(tiny_policy, tiny_bench, tmp_path, monkeypatch):
+    """grpo.reference=epoch (Oracle-RLAIF's Algorithm 1): when an epoch begins the reference becomes
+    the current policy, so the first update of each epoch has zero KL; against the fixed start it
+    does not. A run interrupted within an epoch resumes with that epoch's reference."""
+    from vlmalign.feedback.preferences import read_questions
+
+    n = len(read_questions([f"{tiny_bench}/sft_easy.json"], None, None))
+    per_epoch_batch = n // 2  # 2 rollouts per epoch, one update each
+    extra = {"grpo.rollout_batch": per_epoch_batch, "grpo.mini_batch": per_epoch_batch * 5, "train.max_steps": 4,
+             "train.lr": "1e-3", "train.save_every": 1, "grpo.reference": "epoch"}
+    epoch_run = tmp_path / "epoch"
+    grpo_rank.run(grpo_cfg(tiny_policy, tiny_bench, epoch_run, **extra))
+    kl = [m["kl"] for m in _metrics(epoch_run)]
+    assert abs(kl[0]) < 1e-6 and abs(kl[2]) < 1e-6 and kl[1] > 1e-5 and kl[3] > 1e-5
+    assert sorted(p.name for p in epoch_run.glob("reference-epoch-*")) == ["reference-epoch-0.safetensors",
+                                                                          "reference-epoch-1.safetensors"]
+    start_run = tmp_path / "start"
+    grpo_rank.run(grpo_cfg(tiny_policy, tiny_bench, start_run, **{**extra, "grpo.reference": "start", "train.max_steps": 3}))
+    assert _metrics(start_run)[2]["kl"] > 1e-5
+
+    resumed = tmp_path / "resumed"
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def crash_in_rollout_four(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", crash_in_rollout_four)
+    with pytest.raises(KeyboardInterrupt):
+        grpo_rank.run(grpo_cfg(tiny_policy, tiny_bench, resumed, **extra))
+    monkeypatch.undo()
+    grpo_rank.run(grpo_cfg(tiny_policy, tiny_bench, resumed, **extra))  # resumes at rollout 3, within epoch 1
+    a = load_file(epoch_run / "final" / "llm" / "model.safetensors")
+    b = load_file(resumed / "final" / "llm" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+    with pytest.raises(ConfigError, match="grpo.reference"):
+        grpo_rank.run(grpo_cfg(tiny_policy, tiny_bench, tmp_path / "no-kl", **{**extra, "grpo.beta": 0}))

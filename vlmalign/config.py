@@ -274,6 +274,14 @@ class GRPOSection:
     loss: Literal["bnpo", "grpo", "dapo", "dr_grpo"] = "bnpo"
     clip_high: float | None = None  # upper ratio clip (DAPO's clip-higher, e.g. 0.28); None: clip
     ratio: Literal["token", "sequence"] = "token"  # sequence: one geometric-mean ratio per answer (GSPO)
+    # The KL term's reference: start (the frozen starting policy) or epoch (Oracle-RLAIF's Algorithm 1:
+    # the policy as it was when the current pass over the questions began, reset every pass).
+    reference: Literal["start", "epoch"] = "start"
+    # DAPO's dynamic sampling: groups whose advantages are all zero (no reward spread, or a failed
+    # judgment) are dropped, and up to max_sampling_rounds - 1 further batches of rollout_batch
+    # questions, drawn at random, are sampled and judged to fill the rollout.
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 3
 
 
 @dataclass

@@ -32,11 +32,14 @@ Artifacts: RUN/config.yaml, metrics.jsonl, checkpoints/step-N (N = rollouts), fi
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from accelerate.utils import broadcast_object_list, gather_object
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from vlmalign.config import GRPOConfig
@@ -44,7 +47,7 @@ from vlmalign.data.collate import Collator, EncodedSample, model_inputs
 from vlmalign.data.features import VisualInputs
 from vlmalign.data.formats import VIDEO_TOKEN
 from vlmalign.data.template import IGNORE_INDEX, encode_prompt
-from vlmalign.errors import ConfigError
+from vlmalign.errors import ConfigError, VlmalignError
 from vlmalign.feedback.judges import JudgeRequest, build_judge
 from vlmalign.feedback.preferences import build_contexts, load_contexts, read_questions, save_contexts, video_key
 from vlmalign.losses import (
@@ -122,6 +125,103 @@ def judge_rollout(judge, grpo, questions, texts: list[tuple[str, ...]], seq_logp
     return advantages * valid[:, None], valid, metrics
 
 
+def collect_rollout(cfg: GRPOConfig, policy, visual, gen, judge, questions, indices, step: int, contexts: dict,
+                    rank: int, world: int):
+    """The rollout's questions and groups of answers (every process's, in question order), their
+    advantages [N, G] and the judge's metrics. Each process samples its share of each batch of
+    questions; rank 0 (the only one holding `judge`) judges them all.
+
+    With `grpo.dynamic_sampling` (DAPO), a group whose advantages are all zero teaches nothing and
+    is dropped; further batches of random questions are sampled until `rollout_batch` groups are
+    kept or `max_sampling_rounds` batches were sampled. The kept count is cut to a multiple of the
+    process count; if no group is left, the first batch trains (its KL term only). The judge's
+    metrics describe the first batch: the policy's own rollout."""
+    grpo = cfg.grpo
+    rounds = grpo.max_sampling_rounds if grpo.dynamic_sampling else 1
+    kept: list[tuple] = []
+    sampled = 0
+    for round_ in range(rounds):
+        if round_ == 0:
+            batch = [questions[i] for i in indices]
+        else:
+            draw = torch.Generator().manual_seed((cfg.train.seed * 1_000_003 + step) * 101 + round_)
+            batch = [questions[i] for i in torch.randperm(len(questions), generator=draw)[: grpo.rollout_batch].tolist()]
+        # a seed of its own per round, so extra batches never repeat the first one's random draws
+        _, groups = sample_share(policy, visual, batch, gen, cfg.train.seed + 104_729 * round_, step, rank, world)
+        if world > 1:
+            groups = gather_object(groups)
+        judged = None
+        if judge is not None:
+            seq_logps = torch.tensor([[s.logp if grpo.logp_order == "sum" else s.logp / max(len(s.token_ids), 1)
+                                       for s in grp] for grp in groups])
+            judged = judge_rollout(judge, grpo, batch, [tuple(s.text for s in grp) for grp in groups], seq_logps, contexts)
+        if world > 1:
+            judged = broadcast_object_list([judged], from_process=0)[0]
+        advantages, valid, round_metrics = judged
+        sampled += len(batch)
+        if round_ == 0:
+            first, metrics = list(zip(batch, groups, advantages)), {**round_metrics, "groups_skipped": int((~valid).sum())}
+            if not grpo.dynamic_sampling:
+                kept = first
+                break
+        kept += [item for item in zip(batch, groups, advantages) if bool(item[2].abs().sum() > 0)]
+        if len(kept) >= grpo.rollout_batch:
+            break
+    if grpo.dynamic_sampling:
+        metrics.update(sampling_rounds=round_ + 1, groups_sampled=sampled, groups_kept=min(len(kept), grpo.rollout_batch))
+        kept = kept[: min(len(kept), grpo.rollout_batch) // world * world] or first
+    batch_questions, groups, advantages = zip(*kept)
+    return list(batch_questions), list(groups), torch.stack(advantages), metrics
+
+
+class EpochReference:
+    """The KL reference of Oracle-RLAIF's Algorithm 1 (`grpo.reference: epoch`): the policy as it was
+    when the current epoch (pass over the questions) began. A snapshot of the trainable weights
+    (frozen ones are the policy's own) is swapped in for the reference forward pass, so no second
+    model is held. Each snapshot is saved as RUN/reference-epoch-E.safetensors (the previous epoch's
+    kept too), so a run interrupted within an epoch resumes with that epoch's reference."""
+
+    def __init__(self, policy, run_dir: Path, is_main: bool):
+        self.params = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+        self.run_dir, self.is_main = run_dir, is_main
+        self.snapshot: dict[str, torch.Tensor] = {}
+
+    def path(self, epoch: int) -> Path:
+        return self.run_dir / f"reference-epoch-{epoch}.safetensors"
+
+    def reset(self, epoch: int) -> None:
+        self.snapshot = {n: p.detach().clone() for n, p in self.params.items()}
+        if self.is_main:
+            tmp = self.run_dir / ".tmp-reference.safetensors"
+            save_file({n: t.cpu().contiguous() for n, t in self.snapshot.items()}, tmp)
+            os.replace(tmp, self.path(epoch))
+            for old in self.run_dir.glob("reference-epoch-*.safetensors"):
+                if int(old.stem.rsplit("-", 1)[1]) < epoch - 1:
+                    old.unlink()
+
+    def load(self, epoch: int) -> None:
+        path = self.path(epoch)
+        if not path.is_file():
+            raise VlmalignError(f"{path}: missing; a grpo.reference=epoch run resumed within epoch {epoch} needs the "
+                                "reference saved when that epoch began (start a new run.dir)")
+        saved = load_file(path)
+        missing = sorted(self.params.keys() - saved.keys())
+        if missing:
+            raise VlmalignError(f"{path}: has no weights for {missing[0]} (model config changed?)")
+        self.snapshot = {n: saved[n].to(p.device, p.dtype) for n, p in self.params.items()}
+
+    @contextmanager
+    def swapped_in(self):
+        current = {n: p.data for n, p in self.params.items()}
+        try:
+            for n, p in self.params.items():
+                p.data = self.snapshot[n]
+            yield
+        finally:
+            for n, p in self.params.items():
+                p.data = current[n]
+
+
 def _contexts(cfg: GRPOConfig, acc, model, visual, questions, path: Path) -> dict:
     """The ranker's context per video: read from the caption file, or narratives written once by the
     starting policy, each process writing those of its share of the videos. Kept in RUN/contexts.json
@@ -166,8 +266,13 @@ def run(cfg: GRPOConfig) -> Path:
     check_rollout_shares(world, grpo.rollout_batch, cfg.sampling.batch_size, grpo.mini_batch, "grpo", "mini_batch")
     model = build_model(cfg.model)
     model.to(acc.device)
+    if grpo.reference == "epoch" and grpo.beta <= 0:
+        raise ConfigError("grpo.reference: epoch resets the KL term's reference, which grpo.beta = 0 switches off")
+    if grpo.max_sampling_rounds < 1:
+        raise ConfigError(f"grpo.max_sampling_rounds: at least 1 (got {grpo.max_sampling_rounds})")
     reference = None
-    if grpo.beta > 0 and not model.uses_lora:  # LoRA policies get the reference by disabling adapters
+    # LoRA policies get the starting reference by disabling adapters; the per-epoch one is a snapshot
+    if grpo.beta > 0 and grpo.reference == "start" and not model.uses_lora:
         reference = load_model(cfg.model.init_from).to(acc.device).eval()
     visual = VisualInputs(model, cfg.data.feature_cache)
     collate = Collator(model.tokenizer.pad_token_id, visual)
@@ -182,36 +287,31 @@ def run(cfg: GRPOConfig) -> Path:
         top_p=cfg.sampling.top_p, num_return_sequences=g, batch_size=cfg.sampling.batch_size,
     )
     rollouts = rollout_plan(len(questions), grpo.rollout_batch, cfg.train.seed, cfg.train.epochs, cfg.train.max_steps)
-    total = len(rollouts)
+    total, per_epoch = len(rollouts), len(questions) // grpo.rollout_batch
     updates_per_rollout = grpo.num_iterations * -(-grpo.rollout_batch * g // grpo.mini_batch)
     rt.print(f"GRPO ({grpo.advantage}): {len(questions)} questions, {total} rollouts of {grpo.rollout_batch} x {g} answers")
 
     run = prepare_training(rt, model, cfg.train, total * updates_per_rollout, cfg.run.resume)
     model, optimizer, scheduler, checkpointer, step = run.model, run.optimizer, run.scheduler, run.checkpointer, run.step
     policy = acc.unwrap_model(model)
+    epoch_reference = None
+    if grpo.beta > 0 and grpo.reference == "epoch":
+        epoch_reference = EpochReference(policy, rt.run_dir, rt.is_main)
+        if step % per_epoch:  # resumed within an epoch: its reference was saved when the epoch began
+            epoch_reference.load(step // per_epoch)
 
     # --- loop --------------------------------------------------------------------------------
     bar = tqdm(total=total, initial=step, desc=f"grpo ({grpo.advantage})", disable=not (rt.is_main and cfg.run.progress))
     local_batch = grpo.mini_batch // world
     while step < total:
-        # rollout: each process samples its share; rank 0 judges the whole rollout
+        if epoch_reference is not None and step % per_epoch == 0:
+            epoch_reference.reset(step // per_epoch)
         model.eval()
-        batch_questions, groups = sample_share(policy, visual, [questions[i] for i in rollouts[step]], gen,
-                                               cfg.train.seed, step, rank, world)
-        seq_logps = torch.tensor([[s.logp if grpo.logp_order == "sum" else s.logp / max(len(s.token_ids), 1) for s in grp]
-                                  for grp in groups])
-        shared = [(tuple(s.text for s in grp), lp.tolist()) for grp, lp in zip(groups, seq_logps)]
-        if world > 1:
-            shared = gather_object(shared)
-        if rt.is_main:
-            judged = judge_rollout(judge, grpo, [questions[i] for i in rollouts[step]], [t for t, _ in shared],
-                                   torch.tensor([lp for _, lp in shared]), contexts)
-        else:
-            judged = None
-        if world > 1:
-            judged = broadcast_object_list([judged], from_process=0)[0]
-        all_advantages, valid, metrics = judged
-        share = len(groups)
+        batch_questions, groups, all_advantages, metrics = collect_rollout(
+            cfg, policy, visual, gen, judge, questions, rollouts[step], step, contexts, rank, world)
+        share = len(groups) // world
+        batch_questions = batch_questions[rank * share : (rank + 1) * share]
+        groups = groups[rank * share : (rank + 1) * share]
         advantages = all_advantages[rank * share : (rank + 1) * share]
         rows = [row for q, grp in zip(batch_questions, groups) for row in completion_rows(policy, q.question, q.video, grp)]
         flat_adv = advantages.reshape(-1)
@@ -226,7 +326,10 @@ def run(cfg: GRPOConfig) -> Path:
                 rollout_tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
                 olds.append(_forward_logps(model, batch, acc.device, False)[0] if grpo.num_iterations > 1 else None)
                 if grpo.beta > 0:
-                    if reference is not None:
+                    if epoch_reference is not None:
+                        with epoch_reference.swapped_in():
+                            refs.append(_forward_logps(policy, batch, acc.device, False)[0])
+                    elif reference is not None:
                         refs.append(_forward_logps(reference, batch, acc.device, False)[0])
                     else:
                         with policy.llm.disable_adapter():
@@ -271,7 +374,7 @@ def run(cfg: GRPOConfig) -> Path:
         metrics.update(zip(sums, means[:-1].tolist()))
         metrics.update(
             advantage_abs_mean=float(all_advantages.abs().mean()), advantage_std=float(all_advantages.std()),
-            groups_skipped=int((~valid).sum()), answer_tokens=float(means[-1]), lr=scheduler.get_last_lr()[0],
+            answer_tokens=float(means[-1]), lr=scheduler.get_last_lr()[0],
         )
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", tau=metrics.get("kendall_tau"), score=metrics.get("score_mean"))
         if step % cfg.train.log_every == 0 or step == total:
