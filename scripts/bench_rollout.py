@@ -2,6 +2,12 @@
 
     python scripts/bench_rollout.py                       # tiny model, 16 frames (80 visual tokens)
     python scripts/bench_rollout.py --frames 50 --patch 4 # a longer video prefix (50 + 256 tokens)
+    python scripts/bench_rollout.py --frames 50 --image-size 336 --patch 14    # VLM-RLAIF: 50 + 576 = 626
+    python scripts/bench_rollout.py --frames 112 --image-size 616 --patch 14   # 2,048 visual tokens
+
+The papers' prefixes: VLM-RLAIF pools 50 frames of 24 x 24 CLIP patches to 50 + 576 = 626 visual
+tokens; Video-LLaVA keeps 8 frames x 256 patches = 2,048. This model always pools (T + P tokens),
+so the 2,048-token prefix is made as 112 + 44 x 44; what the sampler sees is the prefix length.
 
 Compares, on the same random-initialised model and prompts, sampling G answers per prompt with
   shared   vlmalign's decoder: one prefill per prompt, its KV cache copied to the G samples
@@ -37,14 +43,17 @@ def main() -> None:
     p.add_argument("--g", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--patch", type=int, default=8, help="CLIP patch size on 64x64 frames (8: 64 patches)")
+    p.add_argument("--image-size", type=int, default=64, help="frame side in pixels")
+    p.add_argument("--patch", type=int, default=8, help="CLIP patch size (64 / 8: 64 patches per frame)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (pinned: the default can be far slower under load)")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
 
     corpus = Path(__file__).resolve().parents[1] / "README.md"
     cfg = load_config(SFTConfig, Path(__file__).resolve().parents[1] / "configs" / "tiny" / "sft.yaml", [
         f"model.tokenizer.word_corpus=[{corpus}]", f"model.num_frames={args.frames}",
-        f"model.vision.arch.patch_size={args.patch}"])
+        f"model.vision.arch.patch_size={args.patch}", f"model.vision.arch.image_size={args.image_size}"])
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
     model.llm.generation_config.eos_token_id = None  # every answer decodes the full length
@@ -53,7 +62,7 @@ def main() -> None:
     model.tokenizer = SimpleNamespace(eos_token_id=-1, pad_token_id=model.tokenizer.pad_token_id)
     input_ids = pad_sequences(ids, 0, side="left")
     mask = torch.ones_like(input_ids)
-    patches = (64 // args.patch) ** 2
+    patches = (args.image_size // args.patch) ** 2
     feats = torch.randn(args.prompts, args.frames, patches, model.vision.hidden_size)
     g, n = args.g, args.new_tokens
 

@@ -40,6 +40,7 @@ def test_grpo_runs_and_logs_what_a_researcher_watches(tiny_policy, tiny_bench, t
     ranks = advantage.startswith("grpo_rank")
     for m in metrics:
         assert m["groups_skipped"] == 0 and m["kl"] >= 0 and 0 <= m["clip_fraction"] <= 1
+        assert m["time_sampling"] > 0 and m["time_judging"] > 0 and m["time_update"] > 0
         if ranks:
             assert -1 <= m["kendall_tau"] <= 1 and 0 <= m["delta_mean"] < 1 and 0 <= m["ranking_matches"] <= 1
         else:

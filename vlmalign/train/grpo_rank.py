@@ -33,6 +33,7 @@ Artifacts: RUN/config.yaml, metrics.jsonl, checkpoints/step-N (N = rollouts), fi
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -128,7 +129,8 @@ def judge_rollout(judge, grpo, questions, texts: list[tuple[str, ...]], seq_logp
 def collect_rollout(cfg: GRPOConfig, policy, visual, gen, judge, questions, indices, step: int, contexts: dict,
                     rank: int, world: int):
     """The rollout's questions and groups of answers (every process's, in question order), their
-    advantages [N, G] and the judge's metrics. Each process samples its share of each batch of
+    advantages [N, G], and metrics (the judge's, and the seconds spent sampling and judging; rank
+    0's, as it waits for the others). Each process samples its share of each batch of
     questions; rank 0 (the only one holding `judge`) judges them all.
 
     With `grpo.dynamic_sampling` (DAPO), a group whose advantages are all zero teaches nothing and
@@ -140,6 +142,7 @@ def collect_rollout(cfg: GRPOConfig, policy, visual, gen, judge, questions, indi
     rounds = grpo.max_sampling_rounds if grpo.dynamic_sampling else 1
     kept: list[tuple] = []
     sampled = 0
+    seconds = {"time_sampling": 0.0, "time_judging": 0.0}
     for round_ in range(rounds):
         if round_ == 0:
             batch = [questions[i] for i in indices]
@@ -147,9 +150,12 @@ def collect_rollout(cfg: GRPOConfig, policy, visual, gen, judge, questions, indi
             draw = torch.Generator().manual_seed((cfg.train.seed * 1_000_003 + step) * 101 + round_)
             batch = [questions[i] for i in torch.randperm(len(questions), generator=draw)[: grpo.rollout_batch].tolist()]
         # a seed of its own per round, so extra batches never repeat the first one's random draws
+        started = time.perf_counter()
         _, groups = sample_share(policy, visual, batch, gen, cfg.train.seed + 104_729 * round_, step, rank, world)
         if world > 1:
             groups = gather_object(groups)
+        seconds["time_sampling"] += time.perf_counter() - started
+        started = time.perf_counter()
         judged = None
         if judge is not None:
             seq_logps = torch.tensor([[s.logp if grpo.logp_order == "sum" else s.logp / max(len(s.token_ids), 1)
@@ -157,6 +163,7 @@ def collect_rollout(cfg: GRPOConfig, policy, visual, gen, judge, questions, indi
             judged = judge_rollout(judge, grpo, batch, [tuple(s.text for s in grp) for grp in groups], seq_logps, contexts)
         if world > 1:
             judged = broadcast_object_list([judged], from_process=0)[0]
+        seconds["time_judging"] += time.perf_counter() - started
         advantages, valid, round_metrics = judged
         sampled += len(batch)
         if round_ == 0:
@@ -171,7 +178,7 @@ def collect_rollout(cfg: GRPOConfig, policy, visual, gen, judge, questions, indi
         metrics.update(sampling_rounds=round_ + 1, groups_sampled=sampled, groups_kept=min(len(kept), grpo.rollout_batch))
         kept = kept[: min(len(kept), grpo.rollout_batch) // world * world] or first
     batch_questions, groups, advantages = zip(*kept)
-    return list(batch_questions), list(groups), torch.stack(advantages), metrics
+    return list(batch_questions), list(groups), torch.stack(advantages), {**metrics, **seconds}
 
 
 class EpochReference:
@@ -318,6 +325,7 @@ def run(cfg: GRPOConfig) -> Path:
         lengths = torch.tensor([len(s.token_ids) for grp in groups for s in grp], dtype=torch.float)
 
         # old and reference log-probs of the sampled answers, before any update on this rollout
+        update_started = time.perf_counter()
         with torch.no_grad():
             olds, refs = [], []
             rollout_tokens = 0
@@ -375,6 +383,7 @@ def run(cfg: GRPOConfig) -> Path:
         metrics.update(
             advantage_abs_mean=float(all_advantages.abs().mean()), advantage_std=float(all_advantages.std()),
             answer_tokens=float(means[-1]), lr=scheduler.get_last_lr()[0],
+            time_update=time.perf_counter() - update_started,  # old/reference passes and optimizer steps
         )
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", tau=metrics.get("kendall_tau"), score=metrics.get("score_mean"))
         if step % cfg.train.log_every == 0 or step == total:
