@@ -122,3 +122,18 @@ def test_a_gym_folder_holds_one_budget(tmp_path):
     (tmp_path / "old" / "results.md").write_text("an older demo")
     with pytest.raises(VlmalignError, match="holds no gym run"):
         _check_settings(tmp_path / "old", QUICK)
+
+
+def test_tau_curves_plot_every_rank_run_of_every_seed(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is the optional 'plots' extra")
+    from vlmalign.plots import plot_gym_tau
+
+    assert plot_gym_tau(tmp_path, tmp_path / "none.png") is None  # no rank runs: no figure
+    for seed in (0, 1):
+        for name in ("grpo_rank", "grpo_rank-control"):
+            run = tmp_path / f"seed-{seed}" / name
+            run.mkdir(parents=True)
+            (run / "metrics.jsonl").write_text("".join(
+                json.dumps({"step": s, "kendall_tau": s / 10, "loss": 0.1}) + "\n" for s in range(1, 6)))
+    figure = plot_gym_tau(tmp_path, tmp_path / "gym_tau.png")
+    assert figure.is_file() and figure.stat().st_size > 1000

@@ -276,6 +276,14 @@ def run_gym(out="runs/gym", budget: GymBudget = FULL, seeds=(0, 1, 2), progress:
     (out / "gym.md").write_text(text + "\n")
     (out / "gym.json").write_text(json.dumps({"budget": asdict(budget), "command": command, "seeds": runs}, indent=2))
     print("\n" + text + f"\n\nresults: {out / 'gym.md'}", flush=True)
+    from vlmalign.plots import MissingMatplotlib, plot_gym_tau
+
+    try:
+        figure = plot_gym_tau(out, out / "gym_tau.png")
+        if figure is not None:
+            print(f"Kendall tau over training: {figure}", flush=True)
+    except MissingMatplotlib as e:
+        print(f"no tau curves: {e}", flush=True)
     return runs
 
 

@@ -132,6 +132,38 @@ def plot_pipeline(runs: list[dict], img_dir, run_dirs: list[Path] | None = None)
     return written
 
 
+# the rank runs of a gym seed (`vlmalign gym`): folder -> label
+RANK_RUNS = {"grpo_rank": "paper's advantage", "grpo_rank-control": "paper's, random ranks",
+             "grpo_rank_monotone": "monotone advantage", "grpo_rank_monotone-control": "monotone, random ranks"}
+
+
+def plot_gym_tau(gym_dir, path) -> Path | None:
+    """gym_tau.png: Kendall tau between the policy's log-prob ranking and the judge's over the
+    rollouts of every GRPO_rank run of a gym folder, one panel per seed; None when there is none."""
+    seeds = sorted(Path(gym_dir).glob("seed-*"), key=lambda p: int(p.name.split("-")[1]))
+    found = [(seed, name) for seed in seeds for name in RANK_RUNS if (seed / name / "metrics.jsonl").is_file()]
+    if not found:
+        return None
+    plt = _pyplot()
+    panels = list(dict.fromkeys(seed for seed, _ in found))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False, sharey=True)
+    for ax, seed in zip(axes.flat, panels):
+        for name, label in RANK_RUNS.items():
+            metrics = seed / name / "metrics.jsonl"
+            if not metrics.is_file():
+                continue
+            rows = [r for r in map(json.loads, metrics.read_text().splitlines()) if r.get("kendall_tau") is not None]
+            ax.plot([r["step"] for r in rows], [r["kendall_tau"] for r in rows], label=label,
+                    linestyle="--" if name.endswith("control") else "-")
+        ax.axhline(0, color="grey", linewidth=0.5)
+        ax.set_title(seed.name, fontsize=9)
+        ax.set_xlabel("rollout", fontsize=8)
+    axes.flat[0].set_ylabel("Kendall tau (policy vs judge)", fontsize=8)
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, plt, Path(path))
+
+
 def _save(fig, plt, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
