@@ -19,7 +19,7 @@ import torch
 
 from vlmalign.config import ModelConfig, VisionConfig
 from vlmalign.data.features import VisualInputs
-from vlmalign.model.video_lm import build_model
+from vlmalign.model.policy import build_model
 from vlmalign.video import write_video
 
 
@@ -50,7 +50,7 @@ def main() -> None:
         cfg.llm.arch = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4}
         cfg.tokenizer.word_corpus = [str(work / "corpus.txt")]
         model = build_model(cfg).eval()
-        visual = VisualInputs(model, str(work / "cache"))
+        visual = model.visual_inputs(str(work / "cache"))
 
         def tokens_for_all() -> float:
             start = time.perf_counter()

@@ -32,9 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vlmalign.config import SFTConfig, load_config  # noqa: E402
 from vlmalign.data.collate import pad_sequences  # noqa: E402
-from vlmalign.data.template import encode_prompt  # noqa: E402
 from vlmalign.model.generation import GenerationConfig, sample_tokens  # noqa: E402
-from vlmalign.model.video_lm import build_model  # noqa: E402
+from vlmalign.model.policy import build_model  # noqa: E402
 
 
 def main() -> None:
@@ -57,7 +56,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
     model.llm.generation_config.eos_token_id = None  # every answer decodes the full length
-    ids = [encode_prompt(model.tokenizer, "<video>\nwhat colour is the red square?", model.num_visual_tokens)] * args.prompts
+    ids = [model.encode_prompt("<video>\nwhat colour is the red square?")] * args.prompts
     # our decoder stops at the tokenizer's EOS: give it one that never comes up
     model.tokenizer = SimpleNamespace(eos_token_id=-1, pad_token_id=model.tokenizer.pad_token_id)
     input_ids = pad_sequences(ids, 0, side="left")
@@ -67,7 +66,7 @@ def main() -> None:
     g, n = args.g, args.new_tokens
 
     def shared():
-        sample_tokens(model, input_ids, mask, feats, GenerationConfig(max_new_tokens=n, do_sample=True, num_return_sequences=g))
+        sample_tokens(model, input_ids, mask, {"features": feats}, GenerationConfig(max_new_tokens=n, do_sample=True, num_return_sequences=g))
 
     def hf():
         model.generate(input_ids, mask, feats, max_new_tokens=n, min_new_tokens=n, do_sample=True, num_return_sequences=g,
@@ -75,7 +74,7 @@ def main() -> None:
 
     def separate():
         for _ in range(g):
-            sample_tokens(model, input_ids, mask, feats, GenerationConfig(max_new_tokens=n, do_sample=True))
+            sample_tokens(model, input_ids, mask, {"features": feats}, GenerationConfig(max_new_tokens=n, do_sample=True))
 
     tokens = args.prompts * g * n
     rows = []

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from vlmalign.config import SFTConfig, load_config  # noqa: E402
-from vlmalign.data.template import IGNORE_INDEX, VICUNA_V1_SYSTEM, encode_prompt  # noqa: E402
+from vlmalign.data.template import IGNORE_INDEX, VICUNA_V1_SYSTEM  # noqa: E402
 
 STAGES = ("sft", "dpo", "grpo_rank")
 WORDS = "red blue green yellow square circle triangle cross moves left right up down what colour shape is the".split()
@@ -57,7 +57,7 @@ def model_overrides(args, corpus: Path) -> list[str]:
 
 
 def build(args, work: Path):
-    from vlmalign.model.video_lm import build_model
+    from vlmalign.model.policy import build_model
 
     corpus = work / "corpus.txt"
     corpus.write_text(f"{VICUNA_V1_SYSTEM} USER: ASSISTANT: {' '.join(WORDS)}")
@@ -81,7 +81,7 @@ def batch(model, rows: int, prompt_words: int, answer_words: int, generator: tor
     ids, labels = [], []
     for _ in range(rows):
         words = [WORDS[int(i)] for i in torch.randint(len(WORDS), (prompt_words + answer_words,), generator=generator)]
-        prompt = encode_prompt(tok, "<video>\n" + " ".join(words[:prompt_words]), model.num_visual_tokens)
+        prompt = model.encode_prompt("<video>\n" + " ".join(words[:prompt_words]))
         answer = tok(" ".join(words[prompt_words:]), add_special_tokens=False)["input_ids"][:answer_words] + [tok.eos_token_id]
         ids.append(prompt + answer)
         labels.append([IGNORE_INDEX] * len(prompt) + answer)
@@ -131,7 +131,7 @@ def run_stage(stage: str, args, work: Path) -> dict:
         started = time.perf_counter()
         with torch.no_grad():
             tokens, _, lengths = sample_tokens(
-                model, prompts.to(device), torch.ones_like(prompts, device=device), feats.to(device, dtype),
+                model, prompts.to(device), torch.ones_like(prompts, device=device), {"features": feats.to(device, dtype)},
                 GenerationConfig(max_new_tokens=args.answer_words, do_sample=True, num_return_sequences=g, batch_size=b),
                 generator=torch.Generator(device=device).manual_seed(0))
         _sync()

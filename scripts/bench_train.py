@@ -273,8 +273,7 @@ def prepare(work: Path, num_pairs: int) -> tuple[list[list[list[int]]], list[lis
 
     from vlmalign.config import SFTConfig, load_config
     from vlmalign.data.formats import read_preference_pairs, write_jsonl
-    from vlmalign.data.template import encode_prompt
-    from vlmalign.model.video_lm import build_model
+    from vlmalign.model.policy import build_model
     from vlmalign.train.dpo import encode_pairs
 
     corpus = work / "corpus.txt"
@@ -284,7 +283,7 @@ def prepare(work: Path, num_pairs: int) -> tuple[list[list[list[int]]], list[lis
     model = build_model(cfg.model)
     model.save_pretrained(work / "policy")  # policy/llm is a plain LlamaForCausalLM dir TRL can load
     write_jsonl(work / "pairs.jsonl", make_pairs(num_pairs))
-    encoded = encode_pairs(read_preference_pairs(work / "pairs.jsonl"), model.tokenizer, model.num_visual_tokens, MAX_LENGTH)
+    encoded = encode_pairs(read_preference_pairs(work / "pairs.jsonl"), model, MAX_LENGTH)
     # GRPO's prompts, text only: vlmalign reads the question as instruction data and renders it in
     # its template; TRL gets the rendered string (the parent checks both give the same ids)
     questions = [pair["prompt"] for pair in make_pairs(num_pairs)]
@@ -292,7 +291,7 @@ def prepare(work: Path, num_pairs: int) -> tuple[list[list[list[int]]], list[lis
         {"id": f"q-{i}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": "x"}]}
         for i, q in enumerate(questions)]))
     write_jsonl(work / "prompts.jsonl", [{"prompt": f"<s>{VICUNA_V1_SYSTEM} USER: {q} ASSISTANT:"} for q in questions])
-    return [[c.input_ids, r.input_ids] for c, r in encoded], [encode_prompt(model.tokenizer, q, 0) for q in questions]
+    return [[c.input_ids, r.input_ids] for c, r in encoded], [model.encode_prompt(q) for q in questions]
 
 
 def spawn(system: str, work: Path, tag: str, args) -> dict:

@@ -64,7 +64,7 @@ def tiny_policy(tiny_bench, tmp_path_factory) -> Path:
     import torch
 
     from vlmalign.config import SFTConfig, load_config
-    from vlmalign.model.video_lm import build_model
+    from vlmalign.model.policy import build_model
 
     out = tmp_path_factory.mktemp("policy")
     torch.manual_seed(0)

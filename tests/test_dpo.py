@@ -11,7 +11,7 @@ from vlmalign.config import DPOConfig, QuantizationConfig, load_config
 from vlmalign.data.formats import read_instructions, write_jsonl
 from vlmalign.errors import ConfigError, DataError
 from vlmalign.feedback.oracle import Oracle
-from vlmalign.model.video_lm import load_model
+from vlmalign.model.policy import load_model
 from vlmalign.train import dpo
 
 TINY_DPO = "configs/tiny/dpo.yaml"

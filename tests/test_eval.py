@@ -26,7 +26,7 @@ from vlmalign.eval.replies import parse_criterion_score, parse_qa_reply
 from vlmalign.eval.synthetic import evaluate_synthetic
 from vlmalign.feedback.cache import JudgmentCache
 from vlmalign.feedback.oracle import Oracle
-from vlmalign.model.video_lm import build_model
+from vlmalign.model.policy import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "data" / "videochatgpt_qa_predictions.json"

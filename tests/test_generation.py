@@ -4,10 +4,9 @@ import torch
 from tests.conftest import tiny_model_overrides
 from vlmalign.config import SFTConfig, load_config
 from vlmalign.data.collate import pad_sequences
-from vlmalign.data.template import encode_prompt
 from vlmalign.losses import token_logps
 from vlmalign.model.generation import GenerationConfig, _pick, sample_tokens
-from vlmalign.model.video_lm import build_model
+from vlmalign.model.policy import build_model
 
 QUESTIONS = ["<video>\nwhat colour is the red square?", "<video>\nhow many objects?"]
 
@@ -20,7 +19,7 @@ def model(word_corpus):
 
 
 def _prompts(model):
-    ids = [encode_prompt(model.tokenizer, q, model.num_visual_tokens) for q in QUESTIONS]
+    ids = [model.encode_prompt(q) for q in QUESTIONS]
     input_ids = pad_sequences(ids, model.tokenizer.pad_token_id, side="left")
     mask = pad_sequences([[1] * len(i) for i in ids], 0, side="left")
     feats = torch.randn(len(ids), 16, 64, 64, generator=torch.Generator().manual_seed(1))
@@ -30,7 +29,7 @@ def _prompts(model):
 def test_greedy_decoding_matches_transformers_generate(model):
     input_ids, mask, feats = _prompts(model)
     assert (mask == 0).any()  # the batch is really left-padded
-    ours, _, lengths = sample_tokens(model, input_ids, mask, feats, GenerationConfig(max_new_tokens=10))
+    ours, _, lengths = sample_tokens(model, input_ids, mask, {"features": feats}, GenerationConfig(max_new_tokens=10))
     theirs = model.generate(input_ids, mask, feats, max_new_tokens=10, do_sample=False)
     for row in range(len(QUESTIONS)):
         n = int(lengths[row])
@@ -42,7 +41,7 @@ def test_recorded_logps_are_the_policy_logps_of_the_sampled_tokens(model):
     input_ids, mask, feats = _prompts(model)
     g = 3
     gen = GenerationConfig(max_new_tokens=8, do_sample=True, temperature=0.7, top_p=0.9, num_return_sequences=g)
-    tokens, logps, lengths = sample_tokens(model, input_ids, mask, feats, gen, torch.Generator().manual_seed(0))
+    tokens, logps, lengths = sample_tokens(model, input_ids, mask, {"features": feats}, gen, torch.Generator().manual_seed(0))
     assert tokens.shape[0] == len(QUESTIONS) * g
     # sampling keeps no autograd graph, though the model trains (a graph per decoding step would
     # cost a 7B rollout its memory)
@@ -74,7 +73,7 @@ def test_the_video_prompt_is_run_once_and_shared_by_its_samples(model):
     handle = model.llm.register_forward_pre_hook(record, with_kwargs=True)
     try:
         gen = GenerationConfig(max_new_tokens=4, do_sample=True, num_return_sequences=5)
-        tokens, _, _ = sample_tokens(model, input_ids, mask, feats, gen, torch.Generator().manual_seed(0))
+        tokens, _, _ = sample_tokens(model, input_ids, mask, {"features": feats}, gen, torch.Generator().manual_seed(0))
     finally:
         handle.remove()
     assert prefill_rows == [2]  # one prefill of the 2 prompts, not of 10 copies
@@ -84,8 +83,8 @@ def test_the_video_prompt_is_run_once_and_shared_by_its_samples(model):
 def test_sampling_is_reproducible_for_a_seed_and_samples_differ(model):
     input_ids, mask, feats = _prompts(model)
     gen = GenerationConfig(max_new_tokens=8, do_sample=True, temperature=1.5, num_return_sequences=4)
-    a = sample_tokens(model, input_ids, mask, feats, gen, torch.Generator().manual_seed(3))[0]
-    b = sample_tokens(model, input_ids, mask, feats, gen, torch.Generator().manual_seed(3))[0]
+    a = sample_tokens(model, input_ids, mask, {"features": feats}, gen, torch.Generator().manual_seed(3))[0]
+    b = sample_tokens(model, input_ids, mask, {"features": feats}, gen, torch.Generator().manual_seed(3))[0]
     assert torch.equal(a, b)
     assert len({tuple(row.tolist()) for row in a[:4]}) > 1
 

@@ -412,12 +412,12 @@ def test_judge_server_replies_follow_the_prompts():
 @pytest.fixture(scope="module")
 def tiny_policy(tiny_bench, tmp_path_factory):
     from vlmalign.data.features import VisualInputs
-    from vlmalign.model.video_lm import build_model
+    from vlmalign.model.policy import build_model
 
     run = tmp_path_factory.mktemp("hf-judge")
     cfg = load_config(SFTConfig, "configs/tiny/sft.yaml", sft_overrides(tiny_bench, run / "run"))
     model = build_model(cfg.model)
-    return model, VisualInputs(model, str(run / "features"))
+    return model, model.visual_inputs(str(run / "features"))
 
 
 def test_hf_judge_batches_caches_and_reports_parse_errors(tiny_bench, bench_items, tiny_policy, tmp_path, monkeypatch):
@@ -472,7 +472,7 @@ def test_hf_judge_with_a_saved_model_judges_with_that_model_not_the_policy(tiny_
     must still win (it used to be ignored, the id naming a model that never judged)."""
     import torch
 
-    from vlmalign.model.video_lm import build_model
+    from vlmalign.model.policy import build_model
 
     policy, visual = tiny_policy
     torch.manual_seed(123)

@@ -11,7 +11,7 @@ from vlmalign.data.formats import Turn
 from vlmalign.data.template import IGNORE_INDEX, VISUAL_TOKEN_ID, encode_conversation, encode_prompt
 from vlmalign.errors import ConfigError, DataError
 from vlmalign.model.projector import build_projector, spatio_temporal_pool
-from vlmalign.model.video_lm import build_model, load_model
+from vlmalign.model.policy import build_model, load_model
 from vlmalign.model.vision import preprocess_frames
 
 TINY = "configs/tiny/sft.yaml"

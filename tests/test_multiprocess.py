@@ -107,7 +107,7 @@ def test_two_process_dpo_matches_one_process(tiny_bench, tmp_path):
     from vlmalign.config import SFTConfig, load_config
     from vlmalign.data.formats import read_instructions, write_jsonl
     from vlmalign.feedback.oracle import Oracle
-    from vlmalign.model.video_lm import build_model
+    from vlmalign.model.policy import build_model
 
     repo = REPO
     torch.manual_seed(0)

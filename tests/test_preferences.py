@@ -13,7 +13,7 @@ from vlmalign.feedback.context import clip_inputs, load_captions
 from vlmalign.feedback.oracle import Oracle
 from vlmalign.feedback.judges import Judgment
 from vlmalign.feedback.preferences import judge_stats, make_preferences, read_questions
-from vlmalign.model.video_lm import load_model
+from vlmalign.model.policy import load_model
 
 
 def prefs_cfg(policy, bench, run_dir, **extra) -> PrefsConfig:
@@ -30,7 +30,7 @@ def prefs_cfg(policy, bench, run_dir, **extra) -> PrefsConfig:
 
 def _setup(cfg):
     model = load_model(cfg.policy).eval()
-    visual = VisualInputs(model, cfg.data.feature_cache)
+    visual = model.visual_inputs(cfg.data.feature_cache)
     return model, visual, read_questions(cfg.data.train, None, cfg.preferences.limit)
 
 

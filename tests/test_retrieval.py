@@ -159,7 +159,7 @@ def test_model_describes_and_its_own_clip_text_tower_scores(clip_dir, bench, tmp
     """A model whose vision tower was loaded from a (local) CLIP checkpoint: the default text tower is
     that checkpoint's; a tower built from a config has none, and the error says what to pass."""
     from vlmalign.config import SFTConfig, load_config
-    from vlmalign.model.video_lm import build_model
+    from vlmalign.model.policy import build_model
 
     torch.manual_seed(0)
     over = sft_overrides(bench, tmp_path / "unused")

@@ -41,7 +41,7 @@ def test_reward_judge_scores_compares_and_ranks_by_reward(tiny_reward_model, tin
 
     # each reward on its own, one unpadded forward pass per answer: what the batched judge must give
     rm = load_reward_model(tiny_reward_model)
-    collate = Collator(rm.tokenizer.pad_token_id, VisualInputs(rm.backbone, None))
+    collate = Collator(rm.backbone, rm.backbone.visual_inputs(None))
     with torch.no_grad():
         def reward(q, a):
             batch = collate([rm.encode(q.question, a, q.video, 512, "one")])

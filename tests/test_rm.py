@@ -91,7 +91,7 @@ def test_saved_reward_model_gives_identical_rewards(tiny_policy, rlaif_pairs, ti
         model.head.bias.fill_(0.5)  # a non-zero bias must survive the round trip too
     pairs = rm.read_pairs([str(rlaif_pairs)], None)[:6]
     samples = [s for pair in rm.encode_pairs(model, pairs, 384) for s in pair]
-    collate = Collator(model.tokenizer.pad_token_id, VisualInputs(model.backbone, str(tmp_path / "cache")))
+    collate = Collator(model.backbone, model.backbone.visual_inputs(str(tmp_path / "cache")))
     before = score_samples(model, collate, samples, batch_size=4)
     model.save_pretrained(tmp_path / "saved")
     assert (tmp_path / "saved" / ("adapter" if lora else "llm")).is_dir()

@@ -85,6 +85,9 @@ class ModelConfig:
     pooling: Literal["after_projector", "before_projector"] = "after_projector"
     num_frames: int = 50
     frame_sampling: Literal["linspace", "segments"] = "linspace"
+    # HF video models (Qwen2-VL, Qwen2.5-VL): every frame is resized to [height, width], multiples of
+    # the checkpoint's patch x merge size (28); a video gives num_frames / 2 x (h / 28) x (w / 28) tokens
+    frame_size: list[int] = field(default_factory=lambda: [336, 336])
     train_projector: bool = True
     lora: LoraConfig = field(default_factory=LoraConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)

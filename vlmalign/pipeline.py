@@ -153,15 +153,14 @@ class Pipeline:
         return load_config(PrefsConfig, CONFIGS / "prefs.yaml", _sets(**values))
 
     def judges_stage(self, sft_final: Path) -> dict:
-        from vlmalign.data.features import VisualInputs
         from vlmalign.feedback.judge_probe import probe_judge, true_vs_wrong_pairs
         from vlmalign.feedback.judges import build_judge
         from vlmalign.feedback.oracle import Oracle
         from vlmalign.feedback.preferences import build_contexts, make_preferences, read_questions
-        from vlmalign.model.video_lm import load_model
+        from vlmalign.model.policy import load_model
 
         model = load_model(sft_final).eval()
-        visual = VisualInputs(model, self.feature_cache)
+        visual = model.visual_inputs(self.feature_cache)
         n = self.budget.judge_questions
         questions = read_questions([str(self.bench / "qa_val.json")], None, n)
         rows = {}
@@ -397,7 +396,7 @@ def run_pipeline(out, budget: Budget = FULL, stages=STAGES, sft: str | None = No
     """Run the stages from one SFT start (trained here unless `sft` names a checkpoint); return results."""
     from accelerate.utils import set_seed
 
-    from vlmalign.model.video_lm import MANIFEST, build_model
+    from vlmalign.model.policy import MANIFEST, build_model
 
     unknown = set(stages) - set(STAGES)
     if unknown:

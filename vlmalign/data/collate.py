@@ -6,9 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vlmalign.data.features import VisualInputs
 from vlmalign.data.formats import InstructionSample
-from vlmalign.data.template import IGNORE_INDEX, VISUAL_TOKEN_ID, encode_conversation
+from vlmalign.data.template import IGNORE_INDEX
 
 
 @dataclass
@@ -19,10 +18,10 @@ class EncodedSample:
     video: str | list[str] | None
 
 
-def encode_instructions(samples: list[InstructionSample], tokenizer, num_visual_tokens: int, max_length: int) -> list[EncodedSample]:
+def encode_instructions(samples: list[InstructionSample], policy, max_length: int) -> list[EncodedSample]:
     out = []
     for s in samples:
-        enc = encode_conversation(tokenizer, s.turns, num_visual_tokens, max_length, sample_id=f"{s.id} ({s.source})")
+        enc = policy.encode_conversation(s.turns, max_length, sample_id=f"{s.id} ({s.source})")
         out.append(EncodedSample(s.id, enc.input_ids, enc.labels, s.video))
     return out
 
@@ -34,12 +33,13 @@ def pad_sequences(seqs: list[list[int]], value: int, side: str = "right") -> tor
 
 
 class Collator:
-    """Pads ids (pad id), labels (-100) and the attention mask, and stacks the visual inputs of the
-    rows that have a video: features [N, T, P, D] under `features`, or frames [N, T, 3, S, S] under
-    `pixels` when the vision tower is trained."""
+    """Pads ids (pad id), labels (-100) and the attention mask, and adds the visual inputs of the
+    rows that have a video as the policy stacks them (`policy.stack_visual`: features or frames for
+    VideoLM, patches and grids for an HF video model)."""
 
-    def __init__(self, pad_id: int, visual: VisualInputs, side: str = "right"):
-        self.pad_id = pad_id
+    def __init__(self, policy, visual, side: str = "right"):
+        self.policy = policy
+        self.pad_id = policy.tokenizer.pad_token_id
         self.visual = visual
         self.side = side
 
@@ -50,20 +50,7 @@ class Collator:
             "labels": pad_sequences([it.labels for it in items], IGNORE_INDEX, self.side),
             "attention_mask": pad_sequences([[1] * len(it.input_ids) for it in items], 0, self.side),
         }
-        videos = [it.video for it in items if VISUAL_TOKEN_ID in it.input_ids]
+        videos = [it.video for it in items if self.policy.visual_slot_id in it.input_ids]
         if videos:
-            key = "features" if self.visual.use_features else "pixels"
-            batch[key] = torch.stack(self.visual.features(videos) if self.visual.use_features else [self.visual.pixels(v) for v in videos])
+            batch.update(self.policy.stack_visual(self.visual.batch(videos)))
         return batch
-
-
-def model_inputs(model, batch: dict, device) -> dict:
-    """The VideoLM forward arguments for a collated batch (runs the vision tower when it is trained)."""
-    features = batch.get("features")
-    if features is None and "pixels" in batch:
-        features = model.video_features(batch["pixels"].to(device))
-    return {
-        "input_ids": batch["input_ids"].to(device),
-        "attention_mask": batch["attention_mask"].to(device),
-        "features": None if features is None else features.to(device),
-    }

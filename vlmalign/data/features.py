@@ -102,6 +102,10 @@ class VisualInputs:
                     os.replace(tmp, path)
         return out
 
+    def batch(self, videos: list) -> list[torch.Tensor]:
+        """What `get` gives, for several videos (feature cache misses computed together)."""
+        return self.features(videos) if self.use_features else [self.pixels(v) for v in videos]
+
     def get(self, video) -> torch.Tensor:
         """Features [T, P, D] if the tower is frozen, else preprocessed frames [T, 3, S, S]."""
         return self.features([video])[0] if self.use_features else self.pixels(video)

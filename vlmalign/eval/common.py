@@ -199,13 +199,12 @@ def generate(model_dir, requests: list[Request], decoding: Decoding, out_dir, fe
         return answers, stats
     import torch
 
-    from vlmalign.data.features import VisualInputs
     from vlmalign.model.generation import GenerationConfig, sample_answers
-    from vlmalign.model.video_lm import load_model
+    from vlmalign.model.policy import load_model
 
     model = load_model(model_dir)
     model.eval()
-    visual = VisualInputs(model, feature_cache)
+    visual = model.visual_inputs(feature_cache)
     gen = GenerationConfig(max_new_tokens=decoding.max_new_tokens, do_sample=not decoding.greedy,
                            temperature=decoding.temperature, top_p=decoding.top_p, batch_size=decoding.batch_size)
     if not journal.is_file():

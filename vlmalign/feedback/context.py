@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from vlmalign.data.features import VisualInputs
 from vlmalign.data.formats import local_data_file
 from vlmalign.errors import DataError
 from vlmalign.model.generation import GenerationConfig, sample_from_visual
@@ -49,7 +48,7 @@ def _video_key(video) -> str:
 
 
 def narratives(
-    model, visual: VisualInputs, videos: list, clips: int = 3, max_clip_len: int = 20,
+    model, visual, videos: list, clips: int = 3, max_clip_len: int = 20,
     max_new_tokens: int = 96, batch_size: int = 8, prompts_path=None, progress: bool = False,
 ) -> dict[str, str]:
     """VLM-RLAIF narratives: {video: narrative} for each distinct video."""
@@ -73,7 +72,7 @@ def narratives(
 
 
 def retrospective_contexts(
-    model, visual: VisualInputs, videos: list, previous: dict[str, str] | None = None,
+    model, visual, videos: list, previous: dict[str, str] | None = None,
     max_new_tokens: int = 96, batch_size: int = 8, prompts_path=None, progress: bool = False,
 ) -> dict[str, str]:
     """ISR-DPO: c_t for each distinct video from the video and c_{t-1} (`previous`); a plain
@@ -98,7 +97,7 @@ def retrospective_contexts(
 
 
 def context_for_iteration(
-    mode: str, iteration: int, model, visual: VisualInputs, videos: list,
+    mode: str, iteration: int, model, visual, videos: list,
     previous: dict[str, str] | None, first: dict[str, str] | None, **kwargs,
 ) -> dict[str, str]:
     """The ISR-DPO context of iteration `iteration` (1-based) under an ablation mode.

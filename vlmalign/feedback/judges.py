@@ -747,7 +747,7 @@ class RewardJudge(Judge):
         from vlmalign.data.collate import Collator
         from vlmalign.model.reward import score_samples
 
-        collate = Collator(self.model.tokenizer.pad_token_id, self.visual)
+        collate = Collator(self.model.backbone, self.visual)
         size = max(1, self.cfg.batch_size)
         for start in range(0, len(tasks), size):
             chunk = tasks[start : start + size]
@@ -785,25 +785,22 @@ def build_judge(cfg: JudgeConfig, cache_path=None, model=None, visual=None, prog
         return OpenAIJudge(cfg, cache, progress)
     if cfg.backend == "hf":
         if cfg.model and cfg.model != "policy":  # a saved judge of its own, even where a policy is at hand
-            from vlmalign.model.video_lm import load_model
+            from vlmalign.model.policy import load_model
 
             model, visual = load_model(cfg.model), None
         elif model is None:
             raise JudgeError("the hf judge needs judge.model (a saved model path), or the policy model passed in")
         if visual is None:
-            from vlmalign.data.features import VisualInputs
-
-            visual = VisualInputs(model, None)
+            visual = model.visual_inputs(None)
         return HFJudge(model, visual, cfg, cache, progress=progress)
     if cfg.backend == "random":
         return RandomJudge(cfg, cache, progress)
     if cfg.backend == "reward":
-        from vlmalign.data.features import VisualInputs
         from vlmalign.model.reward import load_reward_model
 
         if not cfg.model:
             raise JudgeError("the reward judge needs judge.model: a reward model folder written by `vlmalign train-rm`")
         reward_model = load_reward_model(cfg.model).to(model.device if model is not None else "cpu")
         cache_dir = visual.cache_dir.parent if visual is not None and visual.cache_dir is not None else None
-        return RewardJudge(reward_model, VisualInputs(reward_model.backbone, cache_dir), cfg, cache, progress)
+        return RewardJudge(reward_model, reward_model.backbone.visual_inputs(cache_dir), cfg, cache, progress)
     raise JudgeError(f"unknown judge backend {cfg.backend!r} (oracle, hf, openai, random, reward)")

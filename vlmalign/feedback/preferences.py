@@ -34,7 +34,6 @@ from pathlib import Path
 import torch
 
 from vlmalign.config import ContextConfig, PrefsConfig, SamplingConfig, save_config
-from vlmalign.data.features import VisualInputs
 from vlmalign.data.formats import VIDEO_TOKEN, iter_json_records, read_instructions, read_qa
 from vlmalign.errors import ConfigError, DataError
 from vlmalign.feedback.context import caption_for, load_captions, narratives, retrospective_contexts
@@ -82,7 +81,7 @@ def video_key(video) -> str:
 
 # --- sampling --------------------------------------------------------------------------------------
 def sample_candidates(
-    model, visual: VisualInputs, questions: list[Question], sampling: SamplingConfig, seed: int, progress: bool = False
+    model, visual, questions: list[Question], sampling: SamplingConfig, seed: int, progress: bool = False
 ) -> list[list[Sample]]:
     gen = GenerationConfig(
         max_new_tokens=sampling.max_new_tokens, do_sample=True, temperature=sampling.temperature,
@@ -113,7 +112,7 @@ def load_samples(path: Path, questions: list[Question]) -> list[list[Sample]] | 
 
 # --- context ---------------------------------------------------------------------------------------
 def build_contexts(
-    cfg: ContextConfig, model, visual: VisualInputs, questions: list[Question], previous: dict | None = None,
+    cfg: ContextConfig, model, visual, questions: list[Question], previous: dict | None = None,
     prompts_path=None, progress: bool = False,
 ) -> dict[str, str]:
     """{video key: context} for the videos of `questions` under `cfg.kind`."""
@@ -325,7 +324,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def make_preferences(
-    cfg: PrefsConfig, model, visual: VisualInputs, questions: list[Question], out_dir: Path,
+    cfg: PrefsConfig, model, visual, questions: list[Question], out_dir: Path,
     contexts: dict | None = None, context_name: str | None = None, progress: bool = False,
 ) -> tuple[Path, dict]:
     """Sample, judge and pair for `questions`; write everything under `out_dir`; return (preferences, stats).
@@ -423,7 +422,7 @@ def run(cfg: PrefsConfig) -> Path:
     """`vlmalign make-prefs`: config in, RUN/preferences.jsonl and RUN/stats.json out."""
     from accelerate.utils import set_seed
 
-    from vlmalign.model.video_lm import load_model
+    from vlmalign.model.policy import load_model
 
     if not cfg.policy:
         raise ConfigError("policy: give the model that answers (e.g. runs/tiny-sft/final)")
@@ -436,7 +435,7 @@ def run(cfg: PrefsConfig) -> Path:
     model = load_model(cfg.policy).eval()
     if torch.cuda.is_available():
         model.cuda()
-    visual = VisualInputs(model, cfg.data.feature_cache)
+    visual = model.visual_inputs(cfg.data.feature_cache)
     questions = read_questions(cfg.data.train, cfg.data.video_root, cfg.preferences.limit)
     path, stats = make_preferences(cfg, model, visual, questions, run_dir, progress=cfg.run.progress)
     print(format_stats(stats), flush=True)

@@ -1,4 +1,5 @@
-"""Answering questions about videos with a VideoLM: batched, greedy or sampled, G answers per prompt.
+"""Answering questions about videos with a policy (either family): batched, greedy or sampled, G
+answers per prompt.
 
 Decoding is our own short loop rather than `transformers.generate`, for two reasons the feedback
 stages need: the prompt (system text + a few hundred visual tokens) is run once and its KV cache is
@@ -20,9 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vlmalign.data.collate import pad_sequences
-from vlmalign.data.features import VisualInputs
 from vlmalign.data.formats import VIDEO_TOKEN
-from vlmalign.data.template import encode_prompt
 
 
 @dataclass
@@ -49,8 +48,9 @@ class Sample:
         return float(sum(self.token_logps))
 
 
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    # Left-padded rows start counting at their first real token, as in training (right padding).
+def left_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions of left-padded rows, counting from their first real token, as in training (right
+    padding)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
@@ -68,42 +68,55 @@ def _pick(logits: torch.Tensor, gen: GenerationConfig, generator: torch.Generato
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-def _cache_name(llm) -> str:
-    """What the LLM's forward calls its KV cache: `cache` in recent transformers 5.x, where the older
-    `past_key_values` still works but warns on every call; `past_key_values` before."""
-    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+def cache_name(model) -> str:
+    """What a transformers model's forward calls its KV cache: `cache` in recent transformers 5.x,
+    where the older `past_key_values` still works but warns on every call; `past_key_values` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+@dataclass
+class DecodeState:
+    """What decoding carries from step to step: the KV cache and each row's next position."""
+
+    cache: object
+    position: torch.Tensor  # [rows]
+
+    def repeat(self, g: int) -> None:
+        """Each row becomes g rows (its samples), sharing the prefilled prefix."""
+        self.cache.batch_repeat_interleave(g)
+        self.position = self.position.repeat_interleave(g)
+
+    def advance(self, cache) -> None:
+        self.cache, self.position = cache, self.position + 1
 
 
 @torch.no_grad()
 def sample_tokens(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, features, gen: GenerationConfig,
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual: dict, gen: GenerationConfig,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decode G continuations of each left-padded prompt from one shared prefill.
+    """Decode G continuations of each left-padded prompt from one shared prefill (`model.prefill`,
+    then `model.decode` per token; `visual` is `model.stack_visual` of the rows that have a video).
+    Tokens in `model.unsampled_token_ids` (a video model's vision markers) are never picked.
 
     Returns (tokens [B*G, N], token log-probs [B*G, N], lengths [B*G]); rows are prompt-major
     (the G samples of prompt 0 first). Positions after a row's EOS hold pad / 0.
     """
-    tokenizer, llm, g = model.tokenizer, model.llm, gen.num_return_sequences
+    tokenizer, g = model.tokenizer, gen.num_return_sequences
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    cache_name = _cache_name(llm)
-    out = llm(
-        inputs_embeds=model.embed(input_ids, features), attention_mask=attention_mask,
-        position_ids=_positions(attention_mask), use_cache=True,
-    )
-    cache, logits = getattr(out, cache_name), out.logits[:, -1]
+    logits, state = model.prefill(input_ids, attention_mask, visual)
     if g > 1:
-        cache.batch_repeat_interleave(g)
+        state.repeat(g)
         attention_mask = attention_mask.repeat_interleave(g, 0)
         logits = logits.repeat_interleave(g, 0)
     rows = logits.shape[0]
-    position = _positions(attention_mask)[:, -1]
     finished = torch.zeros(rows, dtype=torch.bool, device=logits.device)
     tokens, logps = [], []
+    never = torch.tensor(model.unsampled_token_ids, dtype=torch.long, device=logits.device)
     for _ in range(gen.max_new_tokens):
-        logp_all = logits.float().log_softmax(-1)
-        nxt = _pick(logits.float(), gen, generator)
+        logp_all = logits.float().log_softmax(-1)  # the policy's own log-probs, recorded as they are
+        nxt = _pick(logits.float().index_fill(-1, never, float("-inf")), gen, generator)
         logp = logp_all.gather(-1, nxt[:, None]).squeeze(-1)
         nxt = nxt.masked_fill(finished, pad)
         tokens.append(nxt)
@@ -112,12 +125,7 @@ def sample_tokens(
         if bool(finished.all()):
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        position = position + 1
-        out = llm(
-            input_ids=nxt[:, None], attention_mask=attention_mask, position_ids=position[:, None],
-            use_cache=True, **{cache_name: cache},
-        )
-        cache, logits = getattr(out, cache_name), out.logits[:, -1]
+        logits = model.decode(nxt, attention_mask, state)
     tokens_t = torch.stack(tokens, 1)
     logps_t = torch.stack(logps, 1)
     # length = tokens up to and including EOS, or all of them when the row never ended
@@ -126,23 +134,18 @@ def sample_tokens(
     return tokens_t, logps_t, first_eos
 
 
-def _prompt_batch(model, questions: list[str], features: list[torch.Tensor | None]):
+def _prompt_batch(model, questions: list[str], visual_inputs: list):
     """Left-padded prompt ids, mask and the stacked visual inputs of the rows that have a video."""
-    tokenizer = model.tokenizer
     prompts, visual_rows = [], []
-    for question, feats in zip(questions, features):
-        if feats is not None and VIDEO_TOKEN not in question:
+    for question, visual in zip(questions, visual_inputs):
+        if visual is not None and VIDEO_TOKEN not in question:
             question = f"{VIDEO_TOKEN}\n{question}"
-        prompts.append(encode_prompt(tokenizer, question, model.num_visual_tokens))
-        if feats is not None:
-            visual_rows.append(feats)
-    input_ids = pad_sequences(prompts, tokenizer.pad_token_id, side="left").to(model.device)
+        prompts.append(model.encode_prompt(question))
+        if visual is not None:
+            visual_rows.append(visual)
+    input_ids = pad_sequences(prompts, model.tokenizer.pad_token_id, side="left").to(model.device)
     attention = pad_sequences([[1] * len(p) for p in prompts], 0, side="left").to(model.device)
-    stacked = None
-    if visual_rows:
-        stacked = torch.stack(visual_rows).to(model.device)
-        if not model.cfg.vision.frozen:  # VisualInputs gives frames, not features, for a trained tower
-            stacked = model.video_features(stacked)
+    stacked = {k: v.to(model.device) for k, v in model.stack_visual(visual_rows).items()} if visual_rows else {}
     return input_ids, attention, stacked
 
 
@@ -152,7 +155,7 @@ def sample_from_visual(
 ) -> list[list[Sample]]:
     """Like `sample_answers`, for visual inputs already in hand (e.g. the frames of one clip).
 
-    `visual_inputs[i]` is what `VisualInputs.get` returns for question i's video, or None.
+    `visual_inputs[i]` is what the policy's visual inputs `.get` for question i's video, or None.
     """
     tokenizer, eos = model.tokenizer, model.tokenizer.eos_token_id
     g = gen.num_return_sequences
@@ -176,7 +179,7 @@ def sample_from_visual(
 
 
 def sample_answers(
-    model, visual: VisualInputs, requests: list[tuple[str | list[str] | None, str]], gen: GenerationConfig,
+    model, visual, requests: list[tuple[str | list[str] | None, str]], gen: GenerationConfig,
     progress: bool = False, generator: torch.Generator | None = None,
 ) -> list[list[Sample]]:
     """For each (video, question), `gen.num_return_sequences` samples with their log-probs.
@@ -196,7 +199,7 @@ def sample_answers(
 
 
 def generate_answers(
-    model, visual: VisualInputs, requests: list[tuple[str | list[str] | None, str]], gen: GenerationConfig,
+    model, visual, requests: list[tuple[str | list[str] | None, str]], gen: GenerationConfig,
     progress: bool = False, seed: int | None = None,
 ) -> list[list[str]]:
     """For each (video, question), `gen.num_return_sequences` answer texts (decoded, stripped);

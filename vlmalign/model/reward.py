@@ -22,11 +22,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlmalign.config import ModelConfig
-from vlmalign.data.collate import Collator, EncodedSample, model_inputs
+from vlmalign.data.collate import Collator, EncodedSample
 from vlmalign.data.formats import VIDEO_TOKEN, Turn
-from vlmalign.data.template import IGNORE_INDEX, encode_conversation
+from vlmalign.data.template import IGNORE_INDEX
 from vlmalign.errors import ConfigError
-from vlmalign.model.video_lm import VideoLM, build_model, load_model
+from vlmalign.model.policy import build_model, load_model
+from vlmalign.model.video_lm import VideoLM
 
 HEAD_FILE = "value_head.safetensors"
 REWARD_FILE = "reward.json"
@@ -71,7 +72,7 @@ class RewardModel(nn.Module):
         text = question if video is None or VIDEO_TOKEN in question else f"{VIDEO_TOKEN}\n{question}"
         tail = self.tokenizer(f"USER: {self.evaluation_prompt} ASSISTANT:", add_special_tokens=False).input_ids
         turns = [Turn("user", text), Turn("assistant", answer)]
-        enc = encode_conversation(self.tokenizer, turns, self.backbone.num_visual_tokens, max_length - len(tail), sample_id)
+        enc = self.backbone.encode_conversation(turns, max_length - len(tail), sample_id)
         ids = enc.input_ids + tail
         return EncodedSample(sample_id, ids, [IGNORE_INDEX] * len(ids), video)
 
@@ -99,7 +100,7 @@ def score_samples(model: RewardModel, collate: Collator, samples: list[EncodedSa
     out = []
     for start in range(0, len(samples), batch_size):
         batch = collate(samples[start : start + batch_size])
-        inputs = model_inputs(model.backbone, batch, model.device)
+        inputs = model.backbone.model_inputs(batch, model.device)
         out.append(final_scores(model(**inputs), inputs["attention_mask"]).float().cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
@@ -109,6 +110,9 @@ def build_reward_model(cfg: ModelConfig, evaluation_prompt: str, prompt_id: str)
     """A trainable reward model: `build_model(cfg)` (usually the SFT policy via `init_from`, LoRA per
     cfg.lora) plus a new head with a zero bias."""
     backbone = build_model(cfg)
+    if not isinstance(backbone, VideoLM):
+        raise ConfigError(f"model.init_from: {cfg.init_from} is a {backbone.architecture}; reward and value models "
+                          "(train-rm, ppo) run on vlmalign's VideoLM only so far")
     head = nn.Linear(backbone.llm.config.hidden_size, 1)
     # Zero bias, as VLM-RLAIF's head: the new head adds no offset, and the centering term of the
     # loss keeps the mean reward near zero from there (the Bradley-Terry term sees differences only).

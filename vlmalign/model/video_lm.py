@@ -26,17 +26,25 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlmalign.config import ModelConfig, QuantizationConfig, config_from_dict, to_dict
+from vlmalign.data import template
 from vlmalign.data.template import VISUAL_TOKEN_ID
 from vlmalign.errors import ConfigError
+from vlmalign.model.generation import DecodeState, cache_name, left_positions
+from vlmalign.model.policy import MANIFEST, Policy
 from vlmalign.model.projector import build_projector, spatio_temporal_pool
 from vlmalign.model.tokenizer import load_tokenizer
 from vlmalign.model.vision import VisionTower
 
-MANIFEST = "model.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class VideoLM(nn.Module):
+class VideoLM(Policy):
+    """The policy interface (`model/policy.py`) on our own video LLM: the vicuna_v1 template, a fixed
+    number of visual slots per video (`VISUAL_TOKEN_ID`), features or frames per video."""
+
+    visual_slot_id = VISUAL_TOKEN_ID
+    unsampled_token_ids: tuple[int, ...] = ()  # the visual slot id is no vocabulary id: nothing to keep out
+
     def __init__(self, cfg: ModelConfig, vision: VisionTower, projector: nn.Module, llm: nn.Module, tokenizer, base: dict):
         super().__init__()
         self.cfg = cfg
@@ -45,6 +53,49 @@ class VideoLM(nn.Module):
         self.llm = llm
         self.tokenizer = tokenizer
         self.base = base  # where the LLM base weights come from: {"pretrained": name} | {"checkpoint": path} | {}
+
+    # --- the policy interface ------------------------------------------------------------------
+    def encode_conversation(self, turns, max_length: int, sample_id: str = "") -> template.Encoded:
+        return template.encode_conversation(self.tokenizer, turns, self.num_visual_tokens, max_length, sample_id)
+
+    def encode_prompt(self, question: str) -> list[int]:
+        return template.encode_prompt(self.tokenizer, question, self.num_visual_tokens)
+
+    def visual_inputs(self, cache_dir):
+        from vlmalign.data.features import VisualInputs
+
+        return VisualInputs(self, cache_dir)
+
+    def stack_visual(self, items: list[torch.Tensor]) -> dict:
+        """Per-video features [T, P, D] (frozen tower) or frames [T, 3, S, S] -> the batch's entry."""
+        return {"features" if self.cfg.vision.frozen else "pixels": torch.stack(items)}
+
+    def _features(self, visual: dict, device) -> torch.Tensor | None:
+        if "features" in visual:
+            return visual["features"].to(device)
+        if "pixels" in visual:  # the tower trains: run it inside the step
+            return self.video_features(visual["pixels"].to(device))
+        return None
+
+    def model_inputs(self, batch: dict, device) -> dict:
+        return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device),
+                "features": self._features(batch, device)}
+
+    def prefill(self, input_ids, attention_mask, visual: dict) -> tuple[torch.Tensor, DecodeState]:
+        positions = left_positions(attention_mask)
+        out = self.llm(inputs_embeds=self.embed(input_ids, self._features(visual, input_ids.device)),
+                       attention_mask=attention_mask, position_ids=positions, use_cache=True)
+        return out.logits[:, -1], DecodeState(getattr(out, cache_name(self.llm)), positions[:, -1] + 1)
+
+    def decode(self, tokens, attention_mask, state: DecodeState) -> torch.Tensor:
+        name = cache_name(self.llm)
+        out = self.llm(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=state.position[:, None],
+                       use_cache=True, **{name: state.cache})
+        state.advance(getattr(out, name))
+        return out.logits[:, -1]
+
+    def adapted_module(self):
+        return self.llm
 
     # --- visual tokens -------------------------------------------------------------------------
     @property
@@ -128,6 +179,7 @@ class VideoLM(nn.Module):
         else:
             self.llm.save_pretrained(path / "llm")
         manifest = {
+            "family": "video_lm",
             "config": to_dict(self.cfg),
             "vision": "saved" if saved_vision else "pretrained",
             "base": self.base if self.uses_lora else {},
@@ -242,7 +294,7 @@ def _set_trainable(model: VideoLM) -> VideoLM:
     return model
 
 
-def build_model(cfg: ModelConfig) -> VideoLM:
+def build_video_lm(cfg: ModelConfig) -> VideoLM:
     """A trainable VideoLM from a model config: fresh, from a saved vlmalign model, or from llava-hf.
 
     With `init_from`, the architecture comes from that checkpoint; `num_frames`, `frame_sampling`,
@@ -251,7 +303,7 @@ def build_model(cfg: ModelConfig) -> VideoLM:
     disabling the new adapter gives back the starting model (the reference policy).
     """
     if cfg.init_from:
-        start = load_model(cfg.init_from, quantization=cfg.quantization if cfg.quantization.load_in_4bit else None)
+        start = load_video_lm(cfg.init_from, quantization=cfg.quantization if cfg.quantization.load_in_4bit else None)
         start_llm = start.llm.merge_and_unload() if start.uses_lora else start.llm
         arch = dataclasses.replace(
             start.cfg,
@@ -300,7 +352,7 @@ def _model_type(path: Path) -> str | None:
         raise ConfigError(f"model not found: {path} is no local folder and the hub could not provide it ({exc.__class__.__name__})") from None
 
 
-def load_model(path: str | Path, trainable: bool = False, quantization: QuantizationConfig | None = None) -> VideoLM:
+def load_video_lm(path: str | Path, trainable: bool = False, quantization: QuantizationConfig | None = None) -> VideoLM:
     """Load a model saved by `VideoLM.save_pretrained`, or convert an HF llava-hf LLaVA-1.5 checkpoint.
 
     `quantization` loads the LLM base weights in 4 bits (QLoRA on top of a saved model); a saved LoRA
@@ -333,7 +385,7 @@ def load_model(path: str | Path, trainable: bool = False, quantization: Quantiza
         llm = _load_llm(base["pretrained"], llm_cfg)
     elif "checkpoint" in base:
         try:
-            start = load_model(base["checkpoint"], quantization=quantization)
+            start = load_video_lm(base["checkpoint"], quantization=quantization)
         except ConfigError as e:
             raise ConfigError(f"{path / MANIFEST}: base checkpoint {base['checkpoint']} cannot be loaded: {e}") from None
         llm = start.llm.merge_and_unload() if start.uses_lora else start.llm

@@ -27,13 +27,11 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from vlmalign.config import DPOConfig, PrefsConfig, RunConfig
-from vlmalign.data.collate import Collator, EncodedSample, model_inputs
-from vlmalign.data.features import VisualInputs
+from vlmalign.data.collate import Collator, EncodedSample
 from vlmalign.data.formats import PreferencePair, Turn, read_preference_pairs
-from vlmalign.data.template import encode_conversation
 from vlmalign.errors import ConfigError, DataError
 from vlmalign.losses import dpo_loss, sequence_logps, sft_loss
-from vlmalign.model.video_lm import MANIFEST, build_model
+from vlmalign.model.policy import MANIFEST, build_model
 from vlmalign.train.common import (
     backward,
     epoch_plan,
@@ -48,13 +46,13 @@ from vlmalign.train.common import (
 
 
 # --- data ------------------------------------------------------------------------------------------
-def encode_pairs(pairs: list[PreferencePair], tokenizer, num_visual_tokens: int, max_length: int) -> list[tuple[EncodedSample, EncodedSample]]:
+def encode_pairs(pairs: list[PreferencePair], policy, max_length: int) -> list[tuple[EncodedSample, EncodedSample]]:
     out = []
     for p in pairs:
         rows = []
         for answer in (p.chosen, p.rejected):
             turns = [Turn("user", p.prompt), Turn("assistant", answer)]
-            enc = encode_conversation(tokenizer, turns, num_visual_tokens, max_length, sample_id=f"{p.id} ({p.source})")
+            enc = policy.encode_conversation(turns, max_length, sample_id=f"{p.id} ({p.source})")
             rows.append(EncodedSample(p.id, enc.input_ids, enc.labels, p.video))
         out.append((rows[0], rows[1]))
     return out
@@ -67,7 +65,7 @@ def pair_batch(collate: Collator, items: list[tuple[EncodedSample, EncodedSample
 
 def batch_logps(model, batch: dict, device, average: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(sequence log-probs [2B], logits) of a pair batch."""
-    logits = model(**model_inputs(model, batch, device)).logits
+    logits = model(**model.model_inputs(batch, device)).logits
     return sequence_logps(logits, batch["labels"].to(device), average=average), logits
 
 
@@ -115,9 +113,9 @@ def train(cfg: DPOConfig, pairs: list[PreferencePair]) -> Path:
     acc, train_cfg, dpo = rt.accelerator, cfg.train, cfg.dpo
     model = build_model(cfg.model)
     model.to(acc.device)
-    visual = VisualInputs(model, cfg.data.feature_cache)
-    collate = Collator(model.tokenizer.pad_token_id, visual)
-    encoded = encode_pairs(pairs, model.tokenizer, model.num_visual_tokens, cfg.data.max_length)
+    visual = model.visual_inputs(cfg.data.feature_cache)
+    collate = Collator(model, visual)
+    encoded = encode_pairs(pairs, model, cfg.data.max_length)
     ref_path = rt.run_dir / "reference_logps.safetensors"
     if rt.is_main:
         visual.precompute([p.video for p in pairs if p.video is not None], progress=cfg.run.progress)
@@ -209,7 +207,7 @@ def run_iterative(cfg: DPOConfig) -> Path:
 
     from vlmalign.feedback.context import context_for_iteration
     from vlmalign.feedback.preferences import load_contexts, make_preferences, read_questions, save_contexts
-    from vlmalign.model.video_lm import load_model
+    from vlmalign.model.policy import load_model
 
     loop = cfg.loop
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -239,7 +237,7 @@ def run_iterative(cfg: DPOConfig) -> Path:
             model = load_model(policy).eval()
             if torch.cuda.is_available():
                 model.cuda()
-            visual = VisualInputs(model, cfg.data.feature_cache)
+            visual = model.visual_inputs(cfg.data.feature_cache)
             settings = {"mode": loop.context_mode, "policy": str(policy), "prompts": loop.judge.prompts}
             contexts = load_contexts(contexts_path, settings, videos) if cfg.run.resume else None
             if contexts is None:

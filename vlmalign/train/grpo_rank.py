@@ -44,10 +44,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from vlmalign.config import GRPOConfig
-from vlmalign.data.collate import Collator, EncodedSample, model_inputs
-from vlmalign.data.features import VisualInputs
+from vlmalign.data.collate import Collator, EncodedSample
 from vlmalign.data.formats import VIDEO_TOKEN
-from vlmalign.data.template import IGNORE_INDEX, encode_prompt
+from vlmalign.data.template import IGNORE_INDEX
 from vlmalign.errors import ConfigError, VlmalignError
 from vlmalign.feedback.judges import JudgeRequest, build_judge
 from vlmalign.feedback.preferences import build_contexts, load_contexts, read_questions, save_contexts, video_key
@@ -61,7 +60,7 @@ from vlmalign.losses import (
     token_logps,
 )
 from vlmalign.model.generation import GenerationConfig
-from vlmalign.model.video_lm import MANIFEST, build_model, load_model
+from vlmalign.model.policy import MANIFEST, build_model, load_model
 from vlmalign.train.common import (
     all_sum,
     backward,
@@ -80,7 +79,7 @@ from vlmalign.train.common import (
 def completion_rows(model, question: str, video, samples) -> list[EncodedSample]:
     """Prompt + sampled answer token ids, labels on the answer only (as sampled, EOS included)."""
     text = question if video is None or VIDEO_TOKEN in question else f"{VIDEO_TOKEN}\n{question}"
-    prompt = encode_prompt(model.tokenizer, text, model.num_visual_tokens)
+    prompt = model.encode_prompt(text)
     return [
         EncodedSample("", prompt + s.token_ids, [IGNORE_INDEX] * len(prompt) + s.token_ids, video)
         for s in samples
@@ -88,7 +87,7 @@ def completion_rows(model, question: str, video, samples) -> list[EncodedSample]
 
 
 def _forward_logps(model, batch: dict, device, with_entropy: bool):
-    logits = model(**model_inputs(model, batch, device)).logits
+    logits = model(**model.model_inputs(batch, device)).logits
     labels = batch["labels"].to(device)
     logps, mask = token_logps(logits, labels)
     entropy = token_entropy(logits, labels) if with_entropy else None
@@ -281,8 +280,8 @@ def run(cfg: GRPOConfig) -> Path:
     # LoRA policies get the starting reference by disabling adapters; the per-epoch one is a snapshot
     if grpo.beta > 0 and grpo.reference == "start" and not model.uses_lora:
         reference = load_model(cfg.model.init_from).to(acc.device).eval()
-    visual = VisualInputs(model, cfg.data.feature_cache)
-    collate = Collator(model.tokenizer.pad_token_id, visual)
+    visual = model.visual_inputs(cfg.data.feature_cache)
+    collate = Collator(model, visual)
     questions = read_questions(cfg.data.train, cfg.data.video_root)
     contexts = _contexts(cfg, acc, model, visual, questions, rt.run_dir / "contexts.json")
     judge = None  # only rank 0 judges: one judge process, one cache file

@@ -48,8 +48,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vlmalign.config import PPOConfig
-from vlmalign.data.collate import Collator, model_inputs
-from vlmalign.data.features import VisualInputs
+from vlmalign.data.collate import Collator
 from vlmalign.errors import ConfigError
 from vlmalign.feedback.preferences import read_questions
 from vlmalign.losses import (
@@ -64,7 +63,7 @@ from vlmalign.losses import (
 )
 from vlmalign.model.generation import GenerationConfig
 from vlmalign.model.reward import RewardModel, load_reward_model, score_samples
-from vlmalign.model.video_lm import MANIFEST, build_model, load_model
+from vlmalign.model.policy import MANIFEST, build_model, load_model
 from vlmalign.train.common import (
     all_sum,
     backward,
@@ -98,7 +97,7 @@ def answer_tokens(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tenso
 
 def policy_forward(model, batch: dict, device, with_entropy: bool = False):
     """(log-probs [B, T], mask [B, T], entropy [B, T] or None) of the answer tokens of `batch`."""
-    logits = model(**model_inputs(model, batch, device)).logits
+    logits = model(**model.model_inputs(batch, device)).logits
     labels = batch["labels"].to(device)
     logps, mask = token_logps(logits, labels)
     logps, valid = answer_tokens(logps, mask)
@@ -108,7 +107,7 @@ def policy_forward(model, batch: dict, device, with_entropy: bool = False):
 
 def value_forward(value: RewardModel, batch: dict, device) -> torch.Tensor:
     """[B, T] values of the states before each answer token (position t - 1 predicts token t)."""
-    scores = value(**model_inputs(value.backbone, batch, device))[:, :-1].float()
+    scores = value(**value.backbone.model_inputs(batch, device))[:, :-1].float()
     return answer_tokens(scores, batch["labels"][:, 1:].to(device) != IGNORE_INDEX)[0]
 
 
@@ -176,10 +175,10 @@ def run(cfg: PPOConfig) -> Path:
         # The value model reads the policy's token ids, one value per answer token.
         raise ConfigError(f"reward_model: {cfg.reward_model} must share the policy's tokenizer and visual token count "
                           "(its copy is the value model, which reads the policy's tokens)")
-    policy_visual = VisualInputs(policy, cfg.data.feature_cache)
-    policy_collate = Collator(policy.tokenizer.pad_token_id, policy_visual)
-    value_collate = Collator(policy.tokenizer.pad_token_id, VisualInputs(value.backbone, cfg.data.feature_cache))
-    reward_collate = Collator(reward_model.tokenizer.pad_token_id, VisualInputs(reward_model.backbone, cfg.data.feature_cache))
+    policy_visual = policy.visual_inputs(cfg.data.feature_cache)
+    policy_collate = Collator(policy, policy_visual)
+    value_collate = Collator(value.backbone, value.backbone.visual_inputs(cfg.data.feature_cache))
+    reward_collate = Collator(reward_model.backbone, reward_model.backbone.visual_inputs(cfg.data.feature_cache))
     questions = read_questions(cfg.data.train, cfg.data.video_root)
     gen = GenerationConfig(
         max_new_tokens=cfg.sampling.max_new_tokens, do_sample=True, temperature=cfg.sampling.temperature,

@@ -24,8 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vlmalign.config import RMConfig
-from vlmalign.data.collate import Collator, EncodedSample, model_inputs
-from vlmalign.data.features import VisualInputs
+from vlmalign.data.collate import Collator, EncodedSample
 from vlmalign.data.formats import PreferencePair, read_preference_pairs
 from vlmalign.errors import ConfigError, DataError
 from vlmalign.losses import preference_accuracy, reward_model_loss
@@ -67,7 +66,7 @@ def encode_pairs(model: RewardModel, pairs: list[PreferencePair], max_length: in
 
 def pair_rewards(model, backbone, batch: dict, device) -> torch.Tensor:
     """[2B] rewards of a pair batch (B chosen rows, then B rejected rows)."""
-    inputs = model_inputs(backbone, batch, device)
+    inputs = backbone.model_inputs(batch, device)
     return final_scores(model(**inputs), inputs["attention_mask"])
 
 
@@ -110,8 +109,8 @@ def run(cfg: RMConfig) -> Path:
     prompt = load_prompt("reward.evaluate", cfg.rm.prompts)
     model = build_reward_model(cfg.model, prompt.render(), prompt.id)
     model.to(acc.device)
-    visual = VisualInputs(model.backbone, cfg.data.feature_cache)
-    collate = Collator(model.tokenizer.pad_token_id, visual)
+    visual = model.backbone.visual_inputs(cfg.data.feature_cache)
+    collate = Collator(model.backbone, visual)
     encoded = encode_pairs(model, pairs, cfg.data.max_length)
     encoded_eval = encode_pairs(model, eval_pairs, cfg.data.max_length)
     if rt.is_main:

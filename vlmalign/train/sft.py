@@ -14,12 +14,11 @@ import torch
 from tqdm.auto import tqdm
 
 from vlmalign.config import CurriculumConfig, SFTConfig
-from vlmalign.data.collate import Collator, EncodedSample, encode_instructions, model_inputs
-from vlmalign.data.features import VisualInputs
+from vlmalign.data.collate import Collator, EncodedSample, encode_instructions
 from vlmalign.data.formats import InstructionSample, read_instructions
 from vlmalign.errors import ConfigError
 from vlmalign.losses import sft_loss
-from vlmalign.model.video_lm import MANIFEST, build_model
+from vlmalign.model.policy import MANIFEST, build_model
 from vlmalign.train.common import (
     backward,
     epoch_batches,
@@ -83,16 +82,16 @@ def run(cfg: SFTConfig) -> Path:
 
     files = [read_instructions(path, cfg.data.video_root) for path in cfg.data.train]
     stages = curriculum_stages(files, cfg.curriculum)
-    visual = VisualInputs(model, cfg.data.feature_cache)
+    visual = model.visual_inputs(cfg.data.feature_cache)
     if rt.is_main:
         visual.precompute([s.video for _, data in stages for s in data if s.video is not None], progress=cfg.run.progress)
     acc.wait_for_everyone()
-    collate = Collator(model.tokenizer.pad_token_id, visual)
+    collate = Collator(model, visual)
 
     epochs = cfg.curriculum.epochs_per_stage if cfg.curriculum.criterion != "none" else train.epochs
     passes = []
     for name, samples in stages:
-        data = encode_instructions(samples, model.tokenizer, model.num_visual_tokens, cfg.data.max_length)
+        data = encode_instructions(samples, model, cfg.data.max_length)
         for _ in range(epochs):
             batches = epoch_batches(len(data), train.batch_size, train.seed, len(passes), rt.rank, rt.world)
             passes.append(Pass(name, data, batches, steps_per_epoch(len(batches), train.grad_accum)))
@@ -115,7 +114,7 @@ def run(cfg: SFTConfig) -> Path:
         loss_sum = 0.0
         for j, batch in enumerate(batches):
             with sync_context(acc, model, sync=j == len(batches) - 1), acc.autocast():
-                logits = model(**model_inputs(acc.unwrap_model(model), batch, acc.device)).logits
+                logits = model(**acc.unwrap_model(model).model_inputs(batch, acc.device)).logits
                 # sum over tokens / global token count; x world because DDP averages gradients
                 loss = sft_loss(logits, batch["labels"].to(acc.device), num_tokens) * acc.num_processes
             backward(acc, loss)

@@ -1,0 +1,106 @@
+"""The policy interface: what every stage asks of a video LLM, whichever family implements it.
+
+Two families implement it:
+    VideoLM      (`model/video_lm.py`) our CLIP + pooling + projector + causal LM, the papers' model
+    HFVideoLM    (`model/hf_video.py`) a transformers video model (Qwen2-VL, Qwen2.5-VL) driven
+                 with its own chat template, video tokens and 3D positions
+
+Stages build or load a policy with `build_model` / `load_model` below, which pick the family from
+the checkpoint (a saved model's model.json, or an HF checkpoint's config.json architectures), and
+then only call these operations:
+
+    encode_conversation(turns, max_length, sample_id)   training ids and labels (answers only)
+    encode_prompt(question)                             generation prompt ids
+    visual_slot_id, num_visual_tokens                   how a video shows in the ids, and its size
+    unsampled_token_ids                                 ids sampling never picks (vision markers)
+    visual_inputs(cache_dir)                            per-video inputs (features, or pixels)
+    stack_visual(items)                                 a batch's visual entries for the collator
+    model_inputs(batch, device)                         forward arguments of a collated batch
+    forward(...) -> output with .logits                 teacher-forced logits
+    prefill(input_ids, attention_mask, visual)          shared-prefix sampling: one prefill ...
+    decode(tokens, attention_mask, state)               ... then one token per step
+    reference()                                         context: the starting policy (LoRA off)
+    uses_lora, save_pretrained(path), tokenizer, device
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vlmalign.config import ModelConfig, QuantizationConfig
+
+MANIFEST = "model.json"
+
+
+class Policy(nn.Module):
+    """Base of the model families; see the module doc for the contract."""
+
+    cfg: ModelConfig
+    tokenizer: object
+
+    @property
+    def uses_lora(self) -> bool:
+        raise NotImplementedError
+
+    @contextmanager
+    def reference(self):
+        """The starting policy for as long as the context lasts: a LoRA policy with its adapter off."""
+        if not self.uses_lora:
+            raise RuntimeError("reference(): only a LoRA policy holds its starting weights")
+        with self.adapted_module().disable_adapter():
+            yield self
+
+    def adapted_module(self):
+        """The module LoRA wraps (a peft model)."""
+        raise NotImplementedError
+
+
+def hf_architecture(path: str | Path) -> str | None:
+    """The first `architectures` entry of a local HF checkpoint's config.json, else None."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None
+    architectures = json.loads(config.read_text()).get("architectures") or [None]
+    return architectures[0]
+
+
+def _family(path: Path) -> str:
+    if (path / MANIFEST).is_file():
+        return json.loads((path / MANIFEST).read_text()).get("family", "video_lm")
+    from vlmalign.model.hf_video import is_hf_video
+
+    return "hf_video" if is_hf_video(path) else "video_lm"
+
+
+def build_model(cfg: ModelConfig) -> Policy:
+    """A trainable policy from a model config: the family is the one `model.init_from` holds
+    (our VideoLM when it is empty or a VideoLM / llava-hf checkpoint)."""
+    if cfg.init_from and _family(Path(cfg.init_from)) == "hf_video":
+        from vlmalign.model.hf_video import build_hf_video
+
+        return build_hf_video(cfg)
+    from vlmalign.model.video_lm import build_video_lm
+
+    return build_video_lm(cfg)
+
+
+def load_model(path: str | Path, trainable: bool = False, quantization: QuantizationConfig | None = None) -> Policy:
+    """A saved policy (either family), an HF video checkpoint, or a llava-hf LLaVA-1.5 checkpoint."""
+    path = Path(path)
+    if _family(path) == "hf_video":
+        from vlmalign.model.hf_video import load_hf_video
+
+        return load_hf_video(path, trainable=trainable, quantization=quantization)
+    from vlmalign.model.video_lm import load_video_lm
+
+    return load_video_lm(path, trainable=trainable, quantization=quantization)
+
+
+def visual_rows(policy: Policy, input_ids: torch.Tensor) -> torch.Tensor:
+    """[B] bool: the rows of a batch that hold a video."""
+    return (input_ids == policy.visual_slot_id).any(dim=1)
