@@ -120,10 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     p.add_argument("--quick", action="store_true", help="the demo's smaller budget")
     p.add_argument("--methods", default=None, help="comma-separated subset of dpo,grpo,grpo_rank,grpo_rank_monotone,ppo (default: all)")
+    p.add_argument("--family", default="video_lm",
+                   help="the model every run trains: video_lm (vlmalign's VideoLM), or qwen2_5_vl / qwen2_vl (a tiny random "
+                        "Qwen2.5-VL / Qwen2-VL built offline)")
 
     p = sub.add_parser("demo", help="the embedded default: the alignment gym on one seed, small budget, on a CPU")
     p.add_argument("--out", default="runs/demo", help="folder for the benchmark, runs and table")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds; several give mean ± standard deviation")
+    p.add_argument("--family", default="video_lm",
+                   help="the model every run trains: video_lm (vlmalign's VideoLM), or qwen2_5_vl / qwen2_vl (a tiny random "
+                        "Qwen2.5-VL / Qwen2-VL built offline)")
     return parser
 
 
@@ -224,10 +230,9 @@ def _cmd_ppo(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from vlmalign.data.features import VisualInputs
     from vlmalign.data.formats import read_instructions, read_qa, write_jsonl
     from vlmalign.model.generation import GenerationConfig, generate_answers
-    from vlmalign.model.video_lm import load_model
+    from vlmalign.model.policy import load_model
 
     if bool(args.video) == bool(args.data):
         raise VlmalignError("generate: give either --video with --question, or --data")
@@ -242,7 +247,7 @@ def _cmd_generate(args) -> int:
         except VlmalignError:
             requests = [(s.id, s.video, s.turns[0].text) for s in read_instructions(args.data)]
     gen = GenerationConfig(args.max_new_tokens, args.sample, args.temperature, args.top_p, args.num_return_sequences, args.batch_size)
-    answers = generate_answers(model, VisualInputs(model, args.feature_cache), [(v, q) for _, v, q in requests], gen,
+    answers = generate_answers(model, model.visual_inputs(args.feature_cache), [(v, q) for _, v, q in requests], gen,
                                progress=args.data is not None, seed=args.seed)
     records = [{"id": i, "video": v, "question": q, "answers": a} for (i, v, q), a in zip(requests, answers)]
     if args.out:
@@ -293,8 +298,10 @@ def _cmd_gym(args) -> int:
         if unknown:
             raise VlmalignError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
         budget = dataclasses.replace(budget, methods=methods)
+    budget = dataclasses.replace(budget, family=args.family)
     command = " ".join(["vlmalign gym", *(["--quick"] if args.quick else []), "--out", args.out, "--seeds", args.seeds,
-                        *(["--methods", args.methods] if args.methods else [])])
+                        *(["--methods", args.methods] if args.methods else []),
+                        *(["--family", args.family] if args.family != "video_lm" else [])])
     run_gym(args.out, budget, _seeds(args.seeds), progress=True, command=command)
     return 0
 
@@ -302,7 +309,7 @@ def _cmd_gym(args) -> int:
 def _cmd_demo(args) -> int:
     from vlmalign.demo import run_demo
 
-    run_demo(args.out, seeds=_seeds(args.seeds))
+    run_demo(args.out, seeds=_seeds(args.seeds), family=args.family)
     return 0
 
 

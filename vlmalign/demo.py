@@ -11,11 +11,14 @@ three seeds; `scripts/replicate.py` runs the older pipeline with the SFT model j
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from vlmalign.gym import QUICK, run_gym
 
 
-def run_demo(out: str | Path = "runs/demo", seeds=(0,)) -> list[dict]:
+def run_demo(out: str | Path = "runs/demo", seeds=(0,), family: str = "video_lm") -> list[dict]:
+    """`family`: the model every run trains (`gym.FAMILIES`); a tiny random Qwen2.5-VL with `qwen2_5_vl`."""
     command = "vlmalign demo" + (f" --seeds {','.join(map(str, seeds))}" if list(seeds) != [0] else "")
-    return run_gym(out, QUICK, list(seeds), progress=True, command=command)
+    command += f" --family {family}" if family != "video_lm" else ""
+    return run_gym(out, dataclasses.replace(QUICK, family=family), list(seeds), progress=True, command=command)

@@ -80,7 +80,17 @@ class GymBudget:
     eval_limit: int | None = None
     methods: tuple[str, ...] = METHODS
     bench_seed: int = 0
+    # The model family every run trains (`model/policy.py`): vlmalign's VideoLM, or a tiny random
+    # transformers video model of the same LLM size, built offline from the benchmark's words
+    # (`HF_FAMILIES`); reward models (RM + PPO) run on the VideoLM only so far.
+    family: str = "video_lm"
 
+
+# --family: the transformers class of each tiny random HF model, and the frames it reads (8 frames of
+# 56 x 56 pixels: 4 temporal patches of 2 x 2 merged patches, 16 visual tokens per video)
+HF_FAMILIES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration"}
+HF_FRAMES = {"model__num_frames": 8, "model__frame_size": "[56,56]", "model__train_projector": "false"}
+FAMILIES = ("video_lm", *HF_FAMILIES)
 
 # `vlmalign gym`: all four methods and their controls. `--quick` (the demo, <= 10 minutes on two
 # cores): fewer videos, and DPO and GRPO with their controls only.
@@ -95,6 +105,21 @@ class Gym:
         self.bench = Path(bench)
         # The pipeline's stage configs (tokenizer, feature cache, prompts, oracle) serve the gym too.
         self.pipe = Pipeline(self.out, Budget(seed=seed, eval_limit=budget.eval_limit), progress, self.bench, feature_cache)
+        self.common = self.pipe.common() if budget.family == "video_lm" else {**self.pipe.common(), **HF_FRAMES}
+
+    def initial_model(self) -> dict:
+        """Where SFT starts: a fresh VideoLM from configs/tiny, or a tiny random HF video model saved
+        (once per seed, seeded) in SEED_DIR/tiny-init and loaded like a hub checkpoint."""
+        if self.budget.family == "video_lm":
+            return {}
+        from vlmalign.model.hf_video import save_tiny_hf_video
+        from vlmalign.model.tokenizer import corpus_words
+
+        path = self.out / "tiny-init"
+        if not (path / "config.json").is_file():
+            words = corpus_words([self.bench / f for f in ("sft_mix.json", "judge_train.json", "captions.json")])
+            save_tiny_hf_video(path, words, HF_FAMILIES[self.budget.family], hidden=128, layers=2, seed=self.seed)
+        return {"model__init_from": path}
 
     # --- models ------------------------------------------------------------------------------------
     def sft(self, name: str, files: list[str]) -> Path:
@@ -104,7 +129,7 @@ class Gym:
             run__dir=self.out / name, curriculum__criterion="none", train__epochs=self.budget.sft_epochs,
             train__batch_size=self.budget.sft_batch_size,
             train__seed=self.seed, data__train="[" + ",".join(str(self.bench / f) for f in files) + "]",
-            data__max_length=512, **self.pipe.common()))
+            data__max_length=512, **self.initial_model(), **self.common))
         return sft.run(cfg)
 
     def dpo(self, start: Path, control: bool) -> Path:
@@ -121,7 +146,7 @@ class Gym:
             run__dir=self.out / ("dpo-control" if control else "dpo") / "train", model__init_from=start,
             train__seed=self.seed, train__epochs=self.budget.dpo_epochs, train__lr=self.budget.dpo_lr,
             dpo__sft_weight=self.budget.dpo_sft_weight,
-            data__train=f"[{pairs}]", **self.pipe.common())))
+            data__train=f"[{pairs}]", **self.common)))
 
     def grpo(self, start: Path, advantage: str, control: bool) -> Path:
         from vlmalign.train import grpo_rank
@@ -132,7 +157,7 @@ class Gym:
             run__dir=self.out / name, model__init_from=start, data__train=f"[{self.bench}/sft_easy.json]",
             grpo__advantage=advantage, train__max_steps=self.budget.grpo_rollouts, train__lr=self.budget.grpo_lr,
             train__seed=self.seed,
-            eval_qa="null", **judge, **self.pipe.common())))
+            eval_qa="null", **judge, **self.common)))
 
     def ppo(self, start: Path, control: bool) -> Path:
         from vlmalign.feedback import preferences
@@ -149,11 +174,11 @@ class Gym:
             pairs = preferences.swap_preferences(pairs, self.out / name / "swapped.jsonl")
         rm_final = rm.run(load_config(RMConfig, CONFIGS / "rm.yaml", _sets(
             run__dir=self.out / name / "rm", model__init_from=start, train__seed=self.seed,
-            data__train=f"[{pairs}]", **self.pipe.common())))
+            data__train=f"[{pairs}]", **self.common)))
         return ppo.run(load_config(PPOConfig, CONFIGS / "ppo.yaml", _sets(
             run__dir=self.out / name / "ppo", model__init_from=start, reward_model=rm_final, eval_qa="null",
             data__train=f"[{self.bench}/sft_easy.json]", train__max_steps=self.budget.ppo_rollouts,
-            train__lr=self.budget.ppo_lr, train__seed=self.seed, **self.pipe.common())))
+            train__lr=self.budget.ppo_lr, train__seed=self.seed, **self.common)))
 
     # --- measurements ------------------------------------------------------------------------------
     def evaluate(self, model_dir: Path) -> dict:
@@ -263,6 +288,10 @@ def run_gym(out="runs/gym", budget: GymBudget = FULL, seeds=(0, 1, 2), progress:
     from vlmalign.data.synthetic import Misalignment, generate_benchmark
 
     out = Path(out)
+    if budget.family not in FAMILIES:
+        raise VlmalignError(f"family: {budget.family!r} is not one of {', '.join(FAMILIES)}")
+    if budget.family != "video_lm" and "ppo" in budget.methods:
+        raise VlmalignError(f"family {budget.family}: RM + PPO run on the VideoLM only so far; leave ppo out of --methods")
     _check_settings(out, budget)
     bench = out / "bench"
     if not (bench / "manifest.json").is_file():
