@@ -101,3 +101,12 @@ def test_recipes_start_where_their_papers_start():
     rm = load_config(RMConfig, root / "oracle_rlaif" / "rm_7b.yaml")
     assert (oracle_rlaif.judge.backend, oracle_rlaif.judge.model) == ("reward", f"{rm.run.dir}/final")
     assert load_config(GRPOConfig, root / "oracle_rlaif" / "grpo_rank_7b_api.yaml").judge.backend == "openai"
+    # the Qwen2.5-VL-7B chain: SFT -> DPO and GRPO_rank, each from the SFT run, LoRA on the LLM only
+    from vlmalign.config import SFTConfig
+
+    qwen_sft = load_config(SFTConfig, root / "qwen2_5_vl" / "sft_7b.yaml")
+    qwen_dpo = load_config(DPOConfig, root / "qwen2_5_vl" / "dpo_7b.yaml")
+    qwen_grpo = load_config(GRPOConfig, root / "qwen2_5_vl" / "grpo_rank_7b.yaml")
+    assert qwen_sft.model.init_from == "Qwen/Qwen2.5-VL-7B-Instruct" and qwen_sft.model.lora.enabled
+    assert qwen_dpo.model.init_from == qwen_grpo.model.init_from == f"{qwen_sft.run.dir}/final"
+    assert qwen_grpo.model.frame_size == [336, 336] and qwen_grpo.grpo.reference == "epoch"

@@ -306,8 +306,12 @@ def _frames(cfg: ModelConfig, hf_config, mean, std) -> QwenFrames:
 
 
 def _image_stats(path: Path) -> tuple[list[float], list[float]]:
-    config = path / "preprocessor_config.json"
-    stats = json.loads(config.read_text()) if config.is_file() else {}
+    """The checkpoint's normalisation (its preprocessor_config.json: a local folder's, or a hub name's)."""
+    from transformers.utils import cached_file
+
+    config = path / "preprocessor_config.json" if path.exists() else cached_file(
+        str(path), "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
+    stats = json.loads(Path(config).read_text()) if config and Path(config).is_file() else {}
     return stats.get("image_mean", list(CLIP_MEAN)), stats.get("image_std", list(CLIP_STD))
 
 
@@ -362,7 +366,7 @@ def build_hf_video(cfg: ModelConfig) -> HFVideoLM:
         base = {"checkpoint": str(path.resolve())}
     else:
         hf, tokenizer, mean, std, arch = _from_checkpoint(path, cfg)
-        base = {"hf": str(path.resolve())}
+        base = {"hf": str(path.resolve()) if path.exists() else cfg.init_from}  # a hub name as it is
     hf.requires_grad_(False)
     own = dataclasses.replace(cfg, init_from=None)
     if cfg.lora.enabled:
@@ -380,7 +384,8 @@ def load_hf_video(path, trainable: bool = False, quantization: QuantizationConfi
     if not (path / MANIFEST).is_file():
         cfg = ModelConfig()
         hf, tokenizer, mean, std, arch = _from_checkpoint(path, cfg)
-        model = HFVideoLM(cfg, hf, tokenizer, _frames(cfg, hf.config, mean, std), {"hf": str(path.resolve())}, arch)
+        base = {"hf": str(path.resolve()) if path.exists() else str(path)}
+        model = HFVideoLM(cfg, hf, tokenizer, _frames(cfg, hf.config, mean, std), base, arch)
     else:
         manifest = json.loads((path / MANIFEST).read_text())
         cfg = config_from_dict(ModelConfig, manifest["config"], source=str(path / MANIFEST))

@@ -61,12 +61,18 @@ class Policy(nn.Module):
 
 
 def hf_architecture(path: str | Path) -> str | None:
-    """The first `architectures` entry of a local HF checkpoint's config.json, else None."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
+    """The first `architectures` entry of an HF checkpoint's config.json: a local folder's, or a hub
+    name's (from the hub or its local cache); None for anything else."""
+    path = Path(path)
+    if path.exists():
+        config = path / "config.json"
+        return (json.loads(config.read_text()).get("architectures") or [None])[0] if config.is_file() else None
+    from transformers import AutoConfig
+
+    try:
+        return (AutoConfig.from_pretrained(str(path)).architectures or [None])[0]
+    except (OSError, ValueError):
         return None
-    architectures = json.loads(config.read_text()).get("architectures") or [None]
-    return architectures[0]
 
 
 def _family(path: Path) -> str:
