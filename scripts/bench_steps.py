@@ -3,10 +3,14 @@
     python scripts/bench_steps.py                                   # tiny config (configs/tiny/sft.yaml), CPU
     python scripts/bench_steps.py --qlora                           # the same with an nf4 base + LoRA
     python scripts/bench_steps.py --llama-7b --frames 50 --qlora    # on a GPU: random 7B LLaMA, 50 frames
+    python scripts/bench_steps.py --families video_lm,qwen2_5_vl    # VideoLM and a Qwen2.5-VL of the same LLM size
 
 Every stage runs the loss functions and decoder the trainers use (vlmalign/losses.py,
-vlmalign/model/generation.py) on random-initialised weights and random video features (the frozen
-CLIP tower's output, as the feature cache would hand it over), so nothing is downloaded:
+vlmalign/model/generation.py) through the policy interface on random-initialised weights and random
+videos, so nothing is downloaded: for VideoLM random CLIP features (the frozen tower's output, as
+the feature cache would hand it over); for an HF family (`--families qwen2_5_vl`, a tiny random
+Qwen2.5-VL with the tiny config's LLM width and depth) random frames cut into its patches, whose
+vision tower then runs in every forward pass (it keeps no cache yet):
   sft        forward + backward + AdamW step on B prompt+answer rows
   dpo        the same on B chosen + B rejected rows, sigmoid DPO loss against fixed reference log-probs
   grpo_rank  G sampled answers per prompt (shared-prefix decoding, KV cache) for B prompts, then the
@@ -63,6 +67,19 @@ def build(args, work: Path):
     corpus.write_text(f"{VICUNA_V1_SYSTEM} USER: ASSISTANT: {' '.join(WORDS)}")
     cfg = load_config(SFTConfig, REPO / "configs/tiny/sft.yaml", model_overrides(args, corpus))
     torch.manual_seed(0)
+    if args.family != "video_lm":
+        from vlmalign.gym import HF_FAMILIES
+        from vlmalign.model.hf_video import save_tiny_hf_video
+
+        if args.llama_7b or args.qlora:
+            sys.exit("--llama-7b and --qlora are VideoLM options")
+        arch = cfg.model.llm.arch
+        checkpoint = save_tiny_hf_video(work / args.family, WORDS, HF_FAMILIES[args.family], hidden=arch["hidden_size"],
+                                        layers=arch["num_hidden_layers"], intermediate=arch["intermediate_size"],
+                                        kv_heads=arch["num_key_value_heads"])
+        return build_model(load_config(SFTConfig, REPO / "configs/tiny/sft.yaml", model_overrides(args, corpus) + [
+            f"model.init_from={checkpoint}", f"model.frame_size=[{args.frame_size},{args.frame_size}]",
+            "model.train_projector=false"]).model)
     if not args.qlora:
         return build_model(cfg.model)
     # QLoRA starts from saved weights: save the random model once, then load its base in 4 bits
@@ -75,8 +92,19 @@ def build(args, work: Path):
     return build_model(load_config(SFTConfig, REPO / "configs/tiny/sft.yaml", qlora).model)
 
 
+def random_video(model, generator: torch.Generator):
+    """One video's inputs as the policy takes them: CLIP features for VideoLM, patches of random
+    frames for an HF family."""
+    if hasattr(model, "frames"):
+        size = model.cfg.frame_size
+        frames = torch.randint(0, 256, (model.cfg.num_frames, size[0], size[1], 3), generator=generator, dtype=torch.uint8)
+        return model.frames(frames.numpy())
+    vision = model.vision
+    return torch.randn(model.cfg.num_frames, vision.num_patches, vision.hidden_size, generator=generator)
+
+
 def batch(model, rows: int, prompt_words: int, answer_words: int, generator: torch.Generator):
-    """Rows of equal length (no padding): ids, labels (answer only), random video features."""
+    """Rows of equal length (no padding): ids, labels (answer only), one random video per row."""
     tok = model.tokenizer
     ids, labels = [], []
     for _ in range(rows):
@@ -85,9 +113,7 @@ def batch(model, rows: int, prompt_words: int, answer_words: int, generator: tor
         answer = tok(" ".join(words[prompt_words:]), add_special_tokens=False)["input_ids"][:answer_words] + [tok.eos_token_id]
         ids.append(prompt + answer)
         labels.append([IGNORE_INDEX] * len(prompt) + answer)
-    vision = model.vision
-    features = torch.randn(rows, model.cfg.num_frames, vision.num_patches, vision.hidden_size, generator=generator)
-    return torch.tensor(ids), torch.tensor(labels), features
+    return torch.tensor(ids), torch.tensor(labels), [random_video(model, generator) for _ in range(rows)]
 
 
 def run_stage(stage: str, args, work: Path) -> dict:
@@ -96,14 +122,19 @@ def run_stage(stage: str, args, work: Path) -> dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build(args, work).to(device)
-    dtype = next(model.llm.parameters()).dtype
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     gen = torch.Generator().manual_seed(0)
     b = args.batch_size
 
-    def train_on(ids, labels, feats, loss_fn):
+    def visual(videos) -> dict:
+        return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
+                for k, v in model.stack_visual(videos).items()}
+
+    def train_on(ids, labels, videos, loss_fn):
         model.train()
-        logits = model(ids.to(device), torch.ones_like(ids, device=device), feats.to(device, dtype)).logits
+        inputs = model.model_inputs({"input_ids": ids, "attention_mask": torch.ones_like(ids), **visual(videos)}, device)
+        logits = model(**inputs).logits
         loss = loss_fn(logits, labels.to(device))
         loss.backward()
         optimizer.step()
@@ -111,27 +142,27 @@ def run_stage(stage: str, args, work: Path) -> dict:
 
     def step() -> dict:
         if stage == "sft":
-            ids, labels, feats = batch(model, b, args.prompt_words, args.answer_words, gen)
-            train_on(ids, labels, feats, lambda logits, y: sft_loss(logits, y))
+            ids, labels, videos = batch(model, b, args.prompt_words, args.answer_words, gen)
+            train_on(ids, labels, videos, lambda logits, y: sft_loss(logits, y))
             return {"trained": ids.numel()}
         if stage == "dpo":
-            ids, labels, feats = batch(model, 2 * b, args.prompt_words, args.answer_words, gen)
+            ids, labels, videos = batch(model, 2 * b, args.prompt_words, args.answer_words, gen)
             ref = -torch.rand(2 * b, generator=gen).to(device) * 50
 
             def loss_fn(logits, y):
                 logps = sequence_logps(logits, y)
                 return dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], beta=0.1)[0].mean()
-            train_on(ids, labels, feats, loss_fn)
+            train_on(ids, labels, videos, loss_fn)
             return {"trained": ids.numel()}
         # grpo_rank: sample G answers per prompt, then one clipped update on them
         g = args.group
-        prompts, _, feats = batch(model, b, args.prompt_words, 0, gen)
+        prompts, _, videos = batch(model, b, args.prompt_words, 0, gen)
         prompts = prompts[:, :-1]  # drop the (empty) answer's EOS: the prompt ends with ASSISTANT:
         model.eval()
         started = time.perf_counter()
         with torch.no_grad():
             tokens, _, lengths = sample_tokens(
-                model, prompts.to(device), torch.ones_like(prompts, device=device), {"features": feats.to(device, dtype)},
+                model, prompts.to(device), torch.ones_like(prompts, device=device), visual(videos),
                 GenerationConfig(max_new_tokens=args.answer_words, do_sample=True, num_return_sequences=g, batch_size=b),
                 generator=torch.Generator(device=device).manual_seed(0))
         _sync()
@@ -148,7 +179,7 @@ def run_stage(stage: str, args, work: Path) -> dict:
             oracle = torch.stack([torch.randperm(g, generator=gen) for _ in range(b)]).to(device)
             advantages, _ = grpo_rank_advantages(oracle, seq)
             return grpo_loss(logps, logps.detach(), None, advantages.flatten(), mask)[0]
-        train_on(rows, labels, feats.repeat_interleave(g, 0), loss_fn)
+        train_on(rows, labels, [v for v in videos for _ in range(g)], loss_fn)
         return {"trained": rows.numel(), "sampled": int(lengths.sum()), "sampling_s": sampling}
 
     for _ in range(args.warmup):
@@ -167,7 +198,7 @@ def run_stage(stage: str, args, work: Path) -> dict:
             "trained": sum(r["trained"] for r in records), "sampled": sum(r.get("sampled", 0) for r in records),
             "sampling_s": sum(r.get("sampling_s", 0.0) for r in records),
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "total": sum(p.numel() for p in model.parameters())}
+            "total": sum(p.numel() for p in model.parameters()), "visual_tokens": model.num_visual_tokens}
 
 
 def _sync() -> None:
@@ -189,6 +220,9 @@ def main() -> None:
     p.add_argument("--qlora", action="store_true", help="nf4 base weights + LoRA (bitsandbytes)")
     p.add_argument("--llama-7b", action="store_true", help="LLaMA-7B / CLIP ViT-L/14-336 shapes (use a GPU)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more model config overrides")
+    p.add_argument("--families", default="video_lm", help="comma-separated: video_lm, qwen2_5_vl, qwen2_vl")
+    p.add_argument("--frame-size", type=int, default=112, help="HF families: frame side in pixels (a multiple of 28)")
+    p.add_argument("--family", default="video_lm", help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=STAGES, help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -202,34 +236,39 @@ def main() -> None:
     unknown = set(stages) - set(STAGES)
     if unknown:
         p.error(f"unknown stage(s) {sorted(unknown)}; choose from {', '.join(STAGES)}")
-    forwarded, skip = [], False  # the workers get every option but --stages
+    forwarded, skip = [], False  # the workers get every option but --stages and --families
     for arg in sys.argv[1:]:
-        if skip or arg == "--stages" or arg.startswith("--stages="):
-            skip = arg == "--stages"
+        if skip or arg in ("--stages", "--families") or arg.startswith(("--stages=", "--families=")):
+            skip = arg in ("--stages", "--families")
             continue
         forwarded.append(arg)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for stage in stages:
-            proc = subprocess.run([sys.executable, __file__, *forwarded, "--worker", stage, "--work", tmp],
-                                  capture_output=True, text=True)
-            if proc.returncode:
-                sys.exit(f"{stage} failed:\n{proc.stderr[-4000:]}")
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        for family in [f for f in args.families.split(",") if f]:
+            for stage in stages:
+                proc = subprocess.run([sys.executable, __file__, *forwarded, "--family", family, "--worker", stage,
+                                       "--work", tmp], capture_output=True, text=True)
+                if proc.returncode:
+                    sys.exit(f"{family} {stage} failed:\n{proc.stderr[-4000:]}")
+                rows.append({"family": family, **json.loads(proc.stdout.strip().splitlines()[-1])})
 
     shape = "LLaMA-7B shape" if args.llama_7b else "tiny config"
     first = rows[0]
     print(f"{shape}{', QLoRA nf4' if args.qlora else ''}, {args.frames} frames, {first['device']}; "
-          f"{first['trainable'] / 1e6:.2f}M of {first['total'] / 1e6:.2f}M parameters trainable; "
           f"{args.steps} timed steps after {args.warmup} warm-up, batch {args.batch_size}, G={args.group}")
-    header = f"{'stage':<10} {'s/step':>8} {'trained tok/s':>14} {'sampled tok/s':>14} {'sampling share':>15} {'peak GiB':>9}"
+    for family in dict.fromkeys(r["family"] for r in rows):
+        r = next(r for r in rows if r["family"] == family)
+        print(f"  {family}: {r['trainable'] / 1e6:.2f}M of {r['total'] / 1e6:.2f}M parameters trainable, "
+              f"{r['visual_tokens']} visual tokens per video")
+    header = (f"{'family':<11} {'stage':<10} {'s/step':>8} {'trained tok/s':>14} {'sampled tok/s':>14} {'sampling share':>15} "
+              f"{'peak GiB':>9}")
     print(header)
     print("-" * len(header))
     for r in rows:
         train_s = r["seconds"] - r["sampling_s"]
         sampled = f"{r['sampled'] / r['sampling_s']:.0f}" if r["sampling_s"] else "-"
         share = f"{100 * r['sampling_s'] / r['seconds']:.0f}%" if r["sampling_s"] else "-"
-        print(f"{r['stage']:<10} {r['seconds'] / r['steps']:>8.3f} {r['trained'] / train_s:>14.0f} {sampled:>14} {share:>15} "
+        print(f"{r['family']:<11} {r['stage']:<10} {r['seconds'] / r['steps']:>8.3f} {r['trained'] / train_s:>14.0f} {sampled:>14} {share:>15} "
               f"{r['peak_gib']:>9.2f}")
 
 

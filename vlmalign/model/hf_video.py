@@ -439,7 +439,8 @@ CHATML_SPECIAL = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_en
 
 
 def save_tiny_hf_video(out, words: list[str], architecture: str = "Qwen2_5_VLForConditionalGeneration",
-                       hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
+                       hidden: int = 64, layers: int = 2, seed: int = 0, intermediate: int | None = None,
+                       kv_heads: int = 2) -> Path:
     """A random tiny checkpoint of `architecture` in `out` (config.json, weights, a word-level tokenizer
     over `words` with the family's special tokens and a ChatML template, preprocessor_config.json),
     loadable by `from_pretrained` like a hub checkpoint. Built offline."""
@@ -453,8 +454,8 @@ def save_tiny_hf_video(out, words: list[str], architecture: str = "Qwen2_5_VLFor
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in CHATML_SPECIAL}
     half = hidden // 4 // 2  # rotary frequencies per head (4 heads); Qwen splits them 1 : 1.5 : 1.5 over t, h, w
     sections = [half // 4, (half - half // 4) // 2, (half - half // 4) // 2]
-    text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+    text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=4096,
                 rope_scaling={"type": "mrope", "mrope_section": sections},
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=ids["<|im_end|>"], bos_token_id=None)
     if architecture == "Qwen2_5_VLForConditionalGeneration":
