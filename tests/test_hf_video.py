@@ -217,3 +217,18 @@ def test_the_gym_runs_on_a_tiny_qwen(tmp_path):
     assert manifest["architecture"] == "Qwen2_5_VLForConditionalGeneration"
     with pytest.raises(VlmalignError, match="RM \\+ PPO run on the VideoLM only"):
         run_gym(tmp_path / "other", dataclasses.replace(budget, methods=("ppo",)), [0])
+
+
+def test_narratives_and_retrospective_contexts_read_clips_of_the_video(qwen25, tiny_bench):
+    """VLM-RLAIF's clip narratives and ISR-DPO's contexts on an HF policy: each clip is cut from the
+    decoded frames and stretched back to num_frames, so it has the whole video's token count."""
+    from vlmalign.feedback.context import narratives, retrospective_contexts
+
+    model = policy(qwen25).eval()
+    visual = model.visual_inputs(None)
+    video = read_instructions(tiny_bench / "sft_easy.json")[0].video
+    pieces = visual.clips(video, clips=3, max_clip_len=20)
+    assert len(pieces) == 3 and all(p["video_grid_thw"].tolist() == [2, 4, 4] for p in pieces)
+    assert not torch.equal(pieces[0]["pixel_values_videos"], pieces[2]["pixel_values_videos"])
+    assert set(narratives(model, visual, [video], clips=3, max_new_tokens=3)) == {video}
+    assert set(retrospective_contexts(model, visual, [video], {video: "a red square"}, max_new_tokens=3)) == {video}

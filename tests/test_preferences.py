@@ -9,11 +9,12 @@ from vlmalign.cli import main
 from vlmalign.config import PrefsConfig, load_config
 from vlmalign.data.features import VisualInputs
 from vlmalign.data.formats import read_preference_pairs
-from vlmalign.feedback.context import clip_inputs, load_captions
+from vlmalign.feedback.context import load_captions
 from vlmalign.feedback.oracle import Oracle
 from vlmalign.feedback.judges import Judgment
 from vlmalign.feedback.preferences import judge_stats, make_preferences, read_questions
 from vlmalign.model.policy import load_model
+from vlmalign.video import clip_inputs
 
 
 def prefs_cfg(policy, bench, run_dir, **extra) -> PrefsConfig:

@@ -122,6 +122,17 @@ def clip_spans(num_frames: int, max_clip_len: int = 20, num_clips: int | None = 
     return spans
 
 
+def clip_inputs(frames, clips: int, max_clip_len: int = 20) -> list:
+    """Split a video's [T, ...] frames (or per-frame features) into `clips` clips, each stretched back
+    to T frames, so a clip gives as many visual tokens as the whole video."""
+    num_frames = frames.shape[0]
+    out = []
+    for start, end in clip_spans(num_frames, max_clip_len, clips):
+        stretched = [start + i for i in sample_indices(end - start, num_frames, "linspace")]
+        out.append(frames[stretched])
+    return out
+
+
 def count_frames(path, backend: str = "auto") -> int:
     """Number of decodable frames in a video file, or of frame images in a folder."""
     path = Path(path)

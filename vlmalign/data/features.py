@@ -106,6 +106,12 @@ class VisualInputs:
         """What `get` gives, for several videos (feature cache misses computed together)."""
         return self.features(videos) if self.use_features else [self.pixels(v) for v in videos]
 
+    def clips(self, video, clips: int, max_clip_len: int = 20) -> list[torch.Tensor]:
+        """`get`'s input of `clips` clips of the video (VLM-RLAIF's narratives), each T frames long."""
+        from vlmalign.video import clip_inputs
+
+        return clip_inputs(self.get(video), clips, max_clip_len)
+
     def get(self, video) -> torch.Tensor:
         """Features [T, P, D] if the tower is frozen, else preprocessed frames [T, 3, S, S]."""
         return self.features([video])[0] if self.use_features else self.pixels(video)

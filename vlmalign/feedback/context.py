@@ -20,27 +20,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from vlmalign.data.formats import local_data_file
 from vlmalign.errors import DataError
 from vlmalign.model.generation import GenerationConfig, sample_from_visual
 from vlmalign.prompts import build_narrative, load_prompt
-from vlmalign.video import clip_spans, sample_indices
 
 CONTEXT_MODES = ("none", "fixed", "renew", "retrospective")
-
-
-def clip_inputs(visual_input: torch.Tensor, clips: int, max_clip_len: int = 20) -> list[torch.Tensor]:
-    """Split a video's [T, ...] visual input into `clips` clips, each stretched back to T frames."""
-    num_frames = visual_input.shape[0]
-    spans = clip_spans(num_frames, max_clip_len, clips)
-    out = []
-    for start, end in spans:
-        stretched = [start + i for i in sample_indices(end - start, num_frames, "linspace")]
-        out.append(visual_input[stretched])
-    return out
 
 
 def _video_key(video) -> str:
@@ -61,7 +48,7 @@ def narratives(
     bar = tqdm(total=len(unique), desc=f"narratives ({clips} clips)", disable=not progress, unit="video")
     for start in range(0, len(unique), batch_size):
         keys = unique[start : start + batch_size]
-        inputs = [piece for k in keys for piece in clip_inputs(visual.get(by_key[k]), clips, max_clip_len)]
+        inputs = [piece for k in keys for piece in visual.clips(by_key[k], clips, max_clip_len)]
         captions = [group[0].text for group in sample_from_visual(model, [question] * len(inputs), inputs, gen)]
         for i, key in enumerate(keys):
             own = captions[i * clips : (i + 1) * clips]

@@ -20,7 +20,7 @@ as the merger) over the recorded base (an HF checkpoint or another saved policy)
 
 Not yet here (issue 19): Qwen3-VL, LLaVA-OneVision, LLaVA-NeXT-Video, Video-LLaVA; fps-based frame
 sampling, per-video token budgets and real timestamps; QLoRA; a feature or pixel cache; the reward
-model and PPO; narratives (clip-level contexts).
+model and PPO.
 """
 
 from __future__ import annotations
@@ -139,6 +139,15 @@ class HFVisualInputs:
 
     def batch(self, videos: list) -> list[dict]:
         return [self.get(v) for v in videos]
+
+    def clips(self, video, clips: int, max_clip_len: int = 20) -> list[dict]:
+        """`get`'s input of `clips` clips of the video (VLM-RLAIF's narratives), each `num_frames` long."""
+        from vlmalign.data.features import load_frames
+        from vlmalign.video import clip_inputs
+
+        cfg = self.policy.cfg
+        return [self.policy.frames(c) for c in clip_inputs(load_frames(video, cfg.num_frames, cfg.frame_sampling), clips,
+                                                           max_clip_len)]
 
     def precompute(self, videos: list, batch_size: int = 8, progress: bool = True) -> None:
         """Nothing to fill: this family keeps no cache yet."""
