@@ -75,6 +75,13 @@ def test_ids_are_the_chat_templates_and_labels_cover_the_answers(qwen25):
     assert prompt == enc.input_ids[: len(prompt)]  # the generation prompt is the conversation's start
     with pytest.raises(DataError, match="data.max_length is 20"):
         model.encode_conversation(turns, 20, sample_id="s1")
+    late_video = [Turn("user", "what colour?"), Turn("assistant", "red"), Turn("user", "<video>\nand now?"),
+                  Turn("assistant", "blue")]
+    with pytest.raises(DataError, match="a video after token 24 .* would be cut"):
+        model.encode_conversation(late_video, 24, sample_id="s2")
+    model.tokenizer.eos_token = "<|image_pad|>"  # a checkpoint whose eos never ends a turn
+    with pytest.raises(DataError, match="ends an answer without the tokenizer's eos token"):
+        model.encode_conversation(turns, 512, sample_id="s3")
 
 
 def test_checkpoints_pick_their_family_or_fail_in_one_line(qwen25, tmp_path):
@@ -177,13 +184,14 @@ def test_every_stage_runs_and_lora_dpo_learns_on_a_tiny_qwen(qwen25, tiny_bench,
     last = metrics[-4:]
     assert sum(m["loss"] for m in last) / 4 < 0.6 and sum(m["reward_margin"] for m in last) / 4 > 0.3
 
-    grpo_dir = tmp_path / "grpo"
-    grpo_rank.run(load_config(GRPOConfig, "configs/tiny/grpo_rank.yaml", FRAMES + [
-        f"model.init_from={dpo_final}", f"run.dir={grpo_dir}", f"data.train=[{tiny_bench}/sft_easy.json]",
-        f"judge.bench={tiny_bench}", "sampling.max_new_tokens=5", "grpo.rollout_batch=4", "grpo.mini_batch=10",
-        "train.max_steps=1", "eval_qa=null"]))
-    rollout = json.loads((grpo_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    assert -1 <= rollout["kendall_tau"] <= 1 and rollout["kl"] >= 0
+    for lora in ("true", "false"):  # the reference: the adapter switched off, or a frozen copy of the start
+        grpo_dir = tmp_path / f"grpo-lora-{lora}"
+        grpo_rank.run(load_config(GRPOConfig, "configs/tiny/grpo_rank.yaml", FRAMES + [
+            f"model.init_from={dpo_final}", f"model.lora.enabled={lora}", "model.lora.r=4", f"run.dir={grpo_dir}",
+            f"data.train=[{tiny_bench}/sft_easy.json]", f"judge.bench={tiny_bench}", "sampling.max_new_tokens=5",
+            "grpo.rollout_batch=4", "grpo.mini_batch=10", "train.max_steps=1", "eval_qa=null"]))
+        rollout = json.loads((grpo_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        assert -1 <= rollout["kendall_tau"] <= 1 and rollout["kl"] >= 0
 
     report = evaluate_synthetic(grpo_dir / "final", tiny_bench, tmp_path / "eval", limit=6, feature_cache=None, progress=False)
     assert report["results"]["all"]["n"] == 6
@@ -232,3 +240,39 @@ def test_narratives_and_retrospective_contexts_read_clips_of_the_video(qwen25, t
     assert not torch.equal(pieces[0]["pixel_values_videos"], pieces[2]["pixel_values_videos"])
     assert set(narratives(model, visual, [video], clips=3, max_new_tokens=3)) == {video}
     assert set(retrospective_contexts(model, visual, [video], {video: "a red square"}, max_new_tokens=3)) == {video}
+
+
+def test_qlora_quantises_the_language_model_alone_and_its_adapter_learns(qwen25, tiny_bench, tmp_path):
+    bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs the optional bitsandbytes extra (pip install -e '.[qlora]')")
+    from vlmalign.config import QuantizationConfig
+
+    quantization = QuantizationConfig(load_in_4bit=True, compute_dtype="float32")
+    model = policy(qwen25, lora=LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0), quantization=quantization)
+    four_bit = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(four_bit) == 2 * 7 and all("language_model" in n for n in four_bit)  # q k v o gate up down x 2 layers
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+    visual = model.visual_inputs(None)
+    sample = read_instructions(tiny_bench / "sft_easy.json")[0]
+    enc = model.encode_conversation(sample.turns, 512)
+    batch = Collator(model, visual)([EncodedSample("s", enc.input_ids, enc.labels, sample.video)])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(8):
+        logps, mask = token_logps(model(**model.model_inputs(batch, "cpu")).logits, batch["labels"])
+        loss = -(logps * mask).sum() / mask.sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+    model.eval()
+    with torch.no_grad():
+        before = model(**model.model_inputs(batch, "cpu")).logits
+    model.save_pretrained(tmp_path / "qlora")
+    loaded = load_model(tmp_path / "qlora", quantization=quantization)
+    with torch.no_grad():
+        after = loaded(**loaded.model_inputs(batch, "cpu")).logits
+    torch.testing.assert_close(before, after, rtol=0, atol=1e-4)

@@ -326,7 +326,7 @@ def _check_settings(out: Path, budget: GymBudget) -> None:
     settings.pop("methods")
     path = out / "gym-settings.json"
     if path.is_file():
-        recorded = json.loads(path.read_text())
+        recorded = {"family": "video_lm", **json.loads(path.read_text())}  # folders from before --family
         changed = sorted(k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k))
         if changed:
             raise VlmalignError(f"{out} holds a gym run with other settings ({', '.join(changed)}); "

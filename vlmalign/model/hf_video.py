@@ -12,15 +12,16 @@ What the family does its own way, each in one place below:
                marked in `mm_token_type_ids` (without them transformers silently falls back to
                1D positions); computed here for training, prefill and every decoding step
     LoRA       adapters on the language model's linear layers only; the vision tower is frozen
-               unless `vision.frozen` is false, the merger trains when `train_projector` is true
+               unless `vision.frozen` is false, the merger trains when `train_projector` is true;
+               QLoRA quantises those layers alone to 4 bits (vision tower and LM head stay full)
 
 Saved layout (`save_pretrained`): model.json (family, config, base), tokenizer/, and hf/ (the whole
 transformers model) or adapter/ (+ trainable.safetensors: trained weights outside the adapter, such
 as the merger) over the recorded base (an HF checkpoint or another saved policy).
 
 Not yet here (issue 19): Qwen3-VL, LLaVA-OneVision, LLaVA-NeXT-Video, Video-LLaVA; fps-based frame
-sampling, per-video token budgets and real timestamps; QLoRA; a feature or pixel cache; the reward
-model and PPO.
+sampling, per-video token budgets and real timestamps; a feature or pixel cache; the reward model
+and PPO.
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ class HFVisualInputs:
     """Per video: its patches and grid (no cache yet: frames are decoded and the tower runs in the step)."""
 
     use_features = False
+    cache_dir = None
 
     def __init__(self, policy: "HFVideoLM"):
         self.policy = policy
@@ -227,7 +229,11 @@ class HFVideoLM(Policy):
                                 "conversation turn by turn (a later turn changes an earlier one)")
             answer = turn[len(prompt):]
             cut = answer.find(eos_text)  # what follows the end-of-turn token (a newline) is not learnt
-            spans.append((len(prompt), len(prompt) + (cut + len(eos_text) if cut >= 0 else len(answer))))
+            if cut < 0:
+                raise DataError(f"sample {sample_id!r}: the chat template of {self.architecture} ends an answer without the "
+                                f"tokenizer's eos token {eos_text!r}, where sampling stops; use a checkpoint whose eos "
+                                "token ends a turn (an Instruct one)")
+            spans.append((len(prompt), len(prompt) + cut + len(eos_text)))
             rendered = turn
         enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         input_ids, labels, prompt_length = [], [], 0
@@ -242,6 +248,9 @@ class HFVideoLM(Policy):
             raise DataError(f"sample {sample_id!r}: the prompt needs {prompt_length} tokens ({self.num_visual_tokens} "
                             f"visual) but data.max_length is {max_length}; raise max_length or use fewer frames / a "
                             "smaller model.frame_size")
+        if self.visual_slot_id in input_ids[max_length:]:  # a video of a later turn would lose its tokens
+            raise DataError(f"sample {sample_id!r}: a video after token {max_length} (data.max_length) would be cut; "
+                            "raise max_length or shorten the conversation")
         return Encoded(input_ids[:max_length], labels[:max_length])
 
     def encode_prompt(self, question: str) -> list[int]:
@@ -324,17 +333,33 @@ def _image_stats(path: Path) -> tuple[list[float], list[float]]:
     return stats.get("image_mean", list(CLIP_MEAN)), stats.get("image_std", list(CLIP_STD))
 
 
-def _from_checkpoint(path: Path, cfg: ModelConfig):
+def _from_checkpoint(path: Path, dtype: str, quantization: QuantizationConfig | None):
     """(transformers model, tokenizer, mean, std, architecture) of an HF checkpoint folder."""
     from transformers import AutoTokenizer
 
     arch = hf_architecture(path)
     check_architecture(arch, path / "config.json")
-    if cfg.quantization.load_in_4bit:
-        raise ConfigError("model.quantization.load_in_4bit: QLoRA is not supported for HF video models yet")
-    hf = _model_class(arch).from_pretrained(path, dtype=_DTYPES[cfg.llm.dtype])
+    hf = _pretrained(arch, path, dtype, quantization)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return hf, tokenizer, *_image_stats(path), arch
+
+
+def _pretrained(arch: str, source, dtype: str, quantization: QuantizationConfig | None):
+    """The transformers model in `dtype` ("auto": the checkpoint's own); with 4-bit quantization
+    (QLoRA) only the language model's linear layers are quantised: the vision tower and the LM head
+    stay in full precision."""
+    kwargs = {"dtype": _DTYPES.get(dtype, dtype)}
+    quantised = quantization is not None and quantization.load_in_4bit
+    if quantised:
+        from vlmalign.model.video_lm import four_bit_config
+
+        kwargs["quantization_config"] = four_bit_config(quantization, skip=["lm_head", "model.visual"])
+    hf = _model_class(arch).from_pretrained(source, **kwargs)
+    if quantised and not torch.cuda.is_available():
+        from vlmalign.model.video_lm import check_cpu_4bit_shapes
+
+        check_cpu_4bit_shapes(hf, source)
+    return hf
 
 
 def _set_trainable(model: HFVideoLM) -> HFVideoLM:
@@ -352,10 +377,12 @@ def _set_trainable(model: HFVideoLM) -> HFVideoLM:
 
 
 def _apply_lora(hf, cfg: ModelConfig):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from vlmalign.model.video_lm import _peft_quietly
 
+    if cfg.quantization.load_in_4bit:
+        hf = prepare_model_for_kbit_training(hf, use_gradient_checkpointing=cfg.gradient_checkpointing)
     # the vision tower has layers of the same names (its MLP's gate/up/down_proj): adapt the LLM's only
     targets = "|".join(cfg.lora.target_modules)
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
@@ -368,13 +395,14 @@ def build_hf_video(cfg: ModelConfig) -> HFVideoLM:
     """A trainable policy from `model.init_from`: an HF checkpoint folder, or a saved HF video policy
     (its adapter, if any, merged into the base, so that disabling the new one gives the start)."""
     path = Path(cfg.init_from)
+    quantization = cfg.quantization if cfg.quantization.load_in_4bit else None
     if (path / MANIFEST).is_file():
-        start = load_hf_video(path)
+        start = load_hf_video(path, quantization=quantization)
         hf = start.hf.merge_and_unload() if start.uses_lora else start.hf
         tokenizer, mean, std, arch = start.tokenizer, start.frames.mean, start.frames.std, start.architecture
         base = {"checkpoint": str(path.resolve())}
     else:
-        hf, tokenizer, mean, std, arch = _from_checkpoint(path, cfg)
+        hf, tokenizer, mean, std, arch = _from_checkpoint(path, cfg.llm.dtype, quantization)
         base = {"hf": str(path.resolve()) if path.exists() else cfg.init_from}  # a hub name as it is
     hf.requires_grad_(False)
     own = dataclasses.replace(cfg, init_from=None)
@@ -388,11 +416,9 @@ def load_hf_video(path, trainable: bool = False, quantization: QuantizationConfi
     from transformers import AutoTokenizer
 
     path = Path(path)
-    if quantization is not None:
-        raise ConfigError("model.quantization.load_in_4bit: QLoRA is not supported for HF video models yet")
-    if not (path / MANIFEST).is_file():
+    if not (path / MANIFEST).is_file():  # a reference or a judge as the checkpoint ships (its own dtype)
         cfg = ModelConfig()
-        hf, tokenizer, mean, std, arch = _from_checkpoint(path, cfg)
+        hf, tokenizer, mean, std, arch = _from_checkpoint(path, "auto", quantization)
         base = {"hf": str(path.resolve()) if path.exists() else str(path)}
         model = HFVideoLM(cfg, hf, tokenizer, _frames(cfg, hf.config, mean, std), base, arch)
     else:
@@ -401,11 +427,11 @@ def load_hf_video(path, trainable: bool = False, quantization: QuantizationConfi
         arch, base = manifest["architecture"], manifest["base"]
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
         if (path / "hf").is_dir():
-            hf = _model_class(arch).from_pretrained(path / "hf", dtype=_DTYPES[cfg.llm.dtype])
+            hf = _pretrained(arch, path / "hf", cfg.llm.dtype, quantization)
         elif "hf" in base:
-            hf = _model_class(arch).from_pretrained(base["hf"], dtype=_DTYPES[cfg.llm.dtype])
+            hf = _pretrained(arch, base["hf"], cfg.llm.dtype, quantization)
         elif "checkpoint" in base:
-            start = load_hf_video(base["checkpoint"])
+            start = load_hf_video(base["checkpoint"], quantization=quantization)
             hf = start.hf.merge_and_unload() if start.uses_lora else start.hf
         else:
             raise ConfigError(f"{path / MANIFEST}: no model weights saved and no base recorded")

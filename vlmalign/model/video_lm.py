@@ -202,21 +202,26 @@ def _load_llm(source: str | Path, cfg: ModelConfig):
 
     kwargs = {"dtype": _DTYPES[cfg.llm.dtype], "trust_remote_code": cfg.llm.trust_remote_code}
     if cfg.quantization.load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
-        if importlib.util.find_spec("bitsandbytes") is None:  # runs on CUDA, and on CPU since 0.45
-            raise ConfigError("model.quantization.load_in_4bit needs bitsandbytes: pip install -e '.[qlora]'")
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=cfg.quantization.quant_type,
-            bnb_4bit_use_double_quant=cfg.quantization.double_quant,
-            bnb_4bit_compute_dtype=_DTYPES[cfg.quantization.compute_dtype],
-            llm_int8_skip_modules=["lm_head"],
-        )
+        kwargs["quantization_config"] = four_bit_config(cfg.quantization, skip=["lm_head"])
     llm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if cfg.quantization.load_in_4bit and not torch.cuda.is_available():
-        _check_cpu_4bit_shapes(llm, source)
+        check_cpu_4bit_shapes(llm, source)
     return llm
+
+
+def four_bit_config(quantization: QuantizationConfig, skip: list[str]):
+    """bitsandbytes' nf4/fp4 loading config; `skip`: modules kept in full precision."""
+    from transformers import BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None:  # runs on CUDA, and on CPU since 0.45
+        raise ConfigError("model.quantization.load_in_4bit needs bitsandbytes: pip install -e '.[qlora]'")
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization.quant_type,
+        bnb_4bit_use_double_quant=quantization.double_quant,
+        bnb_4bit_compute_dtype=_DTYPES[quantization.compute_dtype],
+        llm_int8_skip_modules=skip,
+    )
 
 
 # bitsandbytes' CPU 4-bit kernel (taken on AVX512-BF16 processors) repacks each weight in blocks of
@@ -225,7 +230,7 @@ def _load_llm(source: str | Path, cfg: ModelConfig):
 _CPU_4BIT_BLOCK_N = 32
 
 
-def _check_cpu_4bit_shapes(llm, source) -> None:
+def check_cpu_4bit_shapes(llm, source) -> None:
     import bitsandbytes as bnb
 
     for name, module in llm.named_modules():

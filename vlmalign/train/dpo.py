@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -64,8 +65,8 @@ def pair_batch(collate: Collator, items: list[tuple[EncodedSample, EncodedSample
 
 
 def batch_logps(model, batch: dict, device, average: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sequence log-probs [2B], logits) of a pair batch."""
-    logits = model(**model.model_inputs(batch, device)).logits
+    """(sequence log-probs [2B], logits) of a pair batch (`model` may be wrapped for DDP)."""
+    logits = model(**extract_model_from_parallel(model).model_inputs(batch, device)).logits
     return sequence_logps(logits, batch["labels"].to(device), average=average), logits
 
 

@@ -39,7 +39,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import broadcast_object_list, extract_model_from_parallel, gather_object
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -87,7 +87,8 @@ def completion_rows(model, question: str, video, samples) -> list[EncodedSample]
 
 
 def _forward_logps(model, batch: dict, device, with_entropy: bool):
-    logits = model(**model.model_inputs(batch, device)).logits
+    """Token log-probs (and entropies) of a batch; `model` may be wrapped for DDP."""
+    logits = model(**extract_model_from_parallel(model).model_inputs(batch, device)).logits
     labels = batch["labels"].to(device)
     logps, mask = token_logps(logits, labels)
     entropy = token_entropy(logits, labels) if with_entropy else None
@@ -339,7 +340,7 @@ def run(cfg: GRPOConfig) -> Path:
                     elif reference is not None:
                         refs.append(_forward_logps(reference, batch, acc.device, False)[0])
                     else:
-                        with policy.llm.disable_adapter():
+                        with policy.reference():
                             refs.append(_forward_logps(model, batch, acc.device, False)[0])
 
         # optimisation passes over the rollout
