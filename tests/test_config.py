@@ -110,3 +110,22 @@ def test_recipes_start_where_their_papers_start():
     assert qwen_sft.model.init_from == "Qwen/Qwen2.5-VL-7B-Instruct" and qwen_sft.model.lora.enabled
     assert qwen_dpo.model.init_from == qwen_grpo.model.init_from == f"{qwen_sft.run.dir}/final"
     assert qwen_grpo.model.frame_size == [336, 336] and qwen_grpo.grpo.reference == "epoch"
+
+
+def test_a_resumed_run_notes_changed_keys_but_not_keys_added_since(tmp_path):
+    """A run written before a config key existed used its default: resuming it with the default is
+    no change, with another value it is."""
+    import yaml
+
+    from vlmalign.config import SFTConfig, to_dict
+    from vlmalign.train.common import config_changes
+
+    cfg = SFTConfig()
+    written = to_dict(cfg)
+    del written["model"]["frame_size"]  # as saved before the key existed
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump(written))
+    assert config_changes(saved, cfg) == []
+    cfg.model.frame_size = [56, 56]
+    cfg.train.lr = 1.0
+    assert config_changes(saved, cfg) == ["model.frame_size", "train.lr"]

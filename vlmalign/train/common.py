@@ -22,7 +22,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from vlmalign.config import RunConfig, TrainConfig, save_config, to_dict
+from vlmalign.config import RunConfig, TrainConfig, config_from_dict, save_config, to_dict
 from vlmalign.errors import ConfigError, VlmalignError
 
 # --- run directory and metrics --------------------------------------------------------------------
@@ -101,8 +101,7 @@ def setup_run(cfg, run: RunConfig, train: TrainConfig) -> Runtime:
         run_dir.mkdir(parents=True, exist_ok=True)
         previous = run_dir / "config.yaml"
         if previous.is_file() and run.resume:
-            old = yaml.safe_load(previous.read_text()) or {}
-            changed = sorted(_diff_keys(old, to_dict(cfg)))
+            changed = config_changes(previous, cfg)
             if changed:
                 print(f"note: config differs from the one in {previous}: {', '.join(changed)}", flush=True)
         save_config(cfg, previous)
@@ -110,6 +109,17 @@ def setup_run(cfg, run: RunConfig, train: TrainConfig) -> Runtime:
     set_seed(train.seed)
     metrics = MetricsLogger(run_dir, accelerator.is_main_process, train.tensorboard)
     return Runtime(accelerator, run_dir, metrics)
+
+
+def config_changes(previous: Path, cfg) -> list[str]:
+    """Keys whose values differ between a run's saved config.yaml and `cfg`. A key added to the
+    schema since that run was written counts with its default, which the run used."""
+    old = yaml.safe_load(previous.read_text()) or {}
+    try:
+        old = to_dict(config_from_dict(type(cfg), old, source=str(previous)))
+    except ConfigError:  # a key since removed or renamed: compare what was written
+        pass
+    return sorted(_diff_keys(old, to_dict(cfg)))
 
 
 def _diff_keys(old, new, prefix: str = "") -> list[str]:
