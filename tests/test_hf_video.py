@@ -276,3 +276,18 @@ def test_qlora_quantises_the_language_model_alone_and_its_adapter_learns(qwen25,
     with torch.no_grad():
         after = loaded(**loaded.model_inputs(batch, "cpu")).logits
     torch.testing.assert_close(before, after, rtol=0, atol=1e-4)
+
+
+def test_a_batch_may_hold_more_videos_than_a_row_has_tokens(checkpoint, tiny_bench):
+    """The DPO stage of `vlmalign demo --family qwen2_5_vl` stacks 32 videos on rows of ~40 tokens:
+    every row gets the positions (and logits) it gets alone."""
+    model = policy(checkpoint).eval()
+    visual = model.visual_inputs(None)
+    sample = read_instructions(tiny_bench / "sft_easy.json")[0]
+    enc = model.encode_conversation(sample.turns, 512)
+    row = EncodedSample("s", enc.input_ids, enc.labels, sample.video)
+    many = len(enc.input_ids) + 4
+    with torch.no_grad():
+        alone = model(**model.model_inputs(Collator(model, visual)([row]), "cpu")).logits
+        stacked = model(**model.model_inputs(Collator(model, visual)([row] * many), "cpu")).logits
+    torch.testing.assert_close(stacked[-1], alone[0], rtol=0, atol=1e-4)

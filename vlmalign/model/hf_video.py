@@ -270,8 +270,12 @@ class HFVideoLM(Policy):
 
     def _positions(self, input_ids, attention_mask, video_grid_thw) -> torch.Tensor:
         token_types = (input_ids == self.visual_slot_id).int() * 2  # text 0, image 1, video 2
+        # one temporal interval per video, given explicitly: transformers' default (1 s) runs out when a
+        # batch holds more videos than a row has tokens (Qwen2-VL takes no intervals and ignores it)
+        seconds = None if video_grid_thw is None else torch.ones(len(video_grid_thw))
         positions, _ = self.core.model.get_rope_index(input_ids, mm_token_type_ids=token_types,
-                                                      video_grid_thw=video_grid_thw, attention_mask=attention_mask)
+                                                      video_grid_thw=video_grid_thw, attention_mask=attention_mask,
+                                                      second_per_grid_ts=seconds)
         return positions
 
     def forward(self, input_ids, attention_mask, pixel_values_videos=None, video_grid_thw=None, **kwargs):
