@@ -167,7 +167,6 @@ class HFVideoLM(Policy):
         if pad_text is None or tokenizer.chat_template is None:
             raise ConfigError(f"{architecture}: the tokenizer does not match the model (video token id {config.video_token_id} "
                               f"is {pad_text!r}; chat template {'missing' if tokenizer.chat_template is None else 'present'})")
-        self.video_pad = pad_text
         # an answer holding a vision marker would read as another video: sampling never picks them
         self.unsampled_token_ids = tuple(getattr(config, key) for key in (
             "video_token_id", "image_token_id", "vision_start_token_id", "vision_end_token_id"))
@@ -268,8 +267,12 @@ class HFVideoLM(Policy):
         keys = ("input_ids", "attention_mask", "pixel_values_videos", "video_grid_thw")
         return {k: batch[k].to(device) for k in keys if k in batch}
 
+    def _token_types(self, input_ids) -> torch.Tensor:
+        return (input_ids == self.visual_slot_id).int() * 2  # text 0, image 1, video 2
+
     def _positions(self, input_ids, attention_mask, video_grid_thw) -> torch.Tensor:
-        token_types = (input_ids == self.visual_slot_id).int() * 2  # text 0, image 1, video 2
+        """Qwen's 3D rotary positions [3, B, L], the video tokens marked."""
+        token_types = self._token_types(input_ids)
         # one temporal interval per video, given explicitly: transformers' default (1 s) runs out when a
         # batch holds more videos than a row has tokens (Qwen2-VL takes no intervals and ignores it)
         seconds = None if video_grid_thw is None else torch.ones(len(video_grid_thw))
@@ -278,19 +281,21 @@ class HFVideoLM(Policy):
                                                       second_per_grid_ts=seconds)
         return positions
 
-    def forward(self, input_ids, attention_mask, pixel_values_videos=None, video_grid_thw=None, **kwargs):
+    def forward(self, input_ids, attention_mask, pixel_values_videos=None, video_grid_thw=None, position_ids=None,
+                **kwargs):
         if pixel_values_videos is not None:
             pixel_values_videos = pixel_values_videos.to(self.core.model.visual.dtype)
-        return self.hf(input_ids=input_ids, attention_mask=attention_mask,
-                       position_ids=self._positions(input_ids, attention_mask, video_grid_thw),
+        if position_ids is None:
+            position_ids = self._positions(input_ids, attention_mask, video_grid_thw)
+        return self.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
-                       mm_token_type_ids=(input_ids == self.visual_slot_id).int() * 2, **kwargs)
+                       mm_token_type_ids=self._token_types(input_ids), **kwargs)
 
     def prefill(self, input_ids, attention_mask, visual: dict) -> tuple[torch.Tensor, DecodeState]:
-        out = self.forward(input_ids, attention_mask, **visual, use_cache=True)
+        positions = self._positions(input_ids, attention_mask, visual.get("video_grid_thw"))
+        out = self.forward(input_ids, attention_mask, **visual, position_ids=positions, use_cache=True)
         # the prompt ends in text (left padding): the answer's positions continue from its last one
-        last = self._positions(input_ids, attention_mask, visual.get("video_grid_thw"))[0, :, -1]
-        return out.logits[:, -1], DecodeState(getattr(out, cache_name(self.hf)), last + 1)
+        return out.logits[:, -1], DecodeState(getattr(out, cache_name(self.hf)), positions[0, :, -1] + 1)
 
     def decode(self, tokens, attention_mask, state: DecodeState) -> torch.Tensor:
         name = cache_name(self.hf)
@@ -440,12 +445,9 @@ def load_hf_video(path, trainable: bool = False, quantization: QuantizationConfi
         else:
             raise ConfigError(f"{path / MANIFEST}: no model weights saved and no base recorded")
         if (path / "adapter").is_dir():
-            from peft import PeftModel
+            from vlmalign.model.video_lm import load_adapter
 
-            from vlmalign.model.video_lm import _peft_quietly
-
-            with _peft_quietly():
-                hf = PeftModel.from_pretrained(hf, path / "adapter", is_trainable=trainable)
+            hf = load_adapter(hf, path / "adapter", trainable)
         if (path / "trainable.safetensors").is_file():
             params = dict(hf.named_parameters())
             for name, tensor in load_file(path / "trainable.safetensors").items():

@@ -29,7 +29,6 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from vlmalign.config import ModelConfig, QuantizationConfig
@@ -105,8 +104,3 @@ def load_model(path: str | Path, trainable: bool = False, quantization: Quantiza
     from vlmalign.model.video_lm import load_video_lm
 
     return load_video_lm(path, trainable=trainable, quantization=quantization)
-
-
-def visual_rows(policy: Policy, input_ids: torch.Tensor) -> torch.Tensor:
-    """[B] bool: the rows of a batch that hold a video."""
-    return (input_ids == policy.visual_slot_id).any(dim=1)

@@ -271,6 +271,14 @@ def _peft_quietly():
         yield
 
 
+def load_adapter(module, adapter_dir: Path, trainable: bool):
+    """`module` with the LoRA adapter saved in `adapter_dir` (trainable further, or frozen)."""
+    from peft import PeftModel
+
+    with _peft_quietly():
+        return PeftModel.from_pretrained(module, adapter_dir, is_trainable=trainable)
+
+
 def _apply_lora(llm, cfg: ModelConfig):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -397,10 +405,7 @@ def load_video_lm(path: str | Path, trainable: bool = False, quantization: Quant
     else:
         raise ConfigError(f"{path / MANIFEST}: no LLM weights saved and no base recorded")
     if (path / "adapter").is_dir():
-        from peft import PeftModel
-
-        with _peft_quietly():
-            llm = PeftModel.from_pretrained(llm, path / "adapter", is_trainable=trainable)
+        llm = load_adapter(llm, path / "adapter", trainable)
 
     projector = build_projector(cfg.projector, vision.hidden_size, llm.config.hidden_size)
     projector.load_state_dict(load_file(path / "projector.safetensors"))
