@@ -73,6 +73,26 @@ def tiny_policy(tiny_bench, tmp_path_factory) -> Path:
     return out / "init"
 
 
+@pytest.fixture
+def kill_at_step(monkeypatch):
+    """kill_at_step(n): the n-th AdamW step raises KeyboardInterrupt, as if the run were killed
+    there; `monkeypatch.undo()` then lets the test resume it."""
+    import torch
+
+    def arm(n: int) -> None:
+        real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+        def step(self, *a, **k):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+            return real_step(self, *a, **k)
+
+        monkeypatch.setattr(torch.optim.AdamW, "step", step)
+
+    return arm
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models train several times faster on one thread when the cores are shared; a module

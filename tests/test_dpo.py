@@ -93,23 +93,14 @@ def test_dpo_sft_term_and_loss_types_run(tiny_policy, oracle_pairs, tmp_path):
         assert first > {"ipo": 25.0, "hinge": 1.0}[loss_type]
 
 
-def test_interrupted_dpo_resumes_to_the_same_weights(tiny_policy, oracle_pairs, tmp_path, monkeypatch):
+def test_interrupted_dpo_resumes_to_the_same_weights(tiny_policy, oracle_pairs, tmp_path, monkeypatch, kill_at_step):
     extra = {"train.save_every": "2", "train.max_steps": "5"}
     straight = tmp_path / "straight"
     dpo.run(load_config(DPOConfig, TINY_DPO, dpo_overrides(tiny_policy, oracle_pairs, straight, **extra)))
 
     resumed = tmp_path / "resumed"
     cfg = load_config(DPOConfig, TINY_DPO, dpo_overrides(tiny_policy, oracle_pairs, resumed, **extra))
-    real_step = torch.optim.AdamW.step
-    calls = {"n": 0}
-
-    def crash_at_step_four(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", crash_at_step_four)
+    kill_at_step(4)
     with pytest.raises(KeyboardInterrupt):
         dpo.run(cfg)
     monkeypatch.undo()

@@ -54,21 +54,12 @@ def test_grpo_runs_and_logs_what_a_researcher_watches(tiny_policy, tiny_bench, t
         assert moved  # rank advantages are zero only if the policy already orders like the oracle
 
 
-def test_interrupted_grpo_resumes_to_the_same_weights(tiny_policy, tiny_bench, tmp_path, monkeypatch):
+def test_interrupted_grpo_resumes_to_the_same_weights(tiny_policy, tiny_bench, tmp_path, monkeypatch, kill_at_step):
     straight = tmp_path / "straight"
     grpo_rank.run(grpo_cfg(tiny_policy, tiny_bench, straight))
     resumed = tmp_path / "resumed"
     cfg = grpo_cfg(tiny_policy, tiny_bench, resumed)
-    real_step = torch.optim.AdamW.step
-    calls = {"n": 0}
-
-    def crash_in_rollout_three(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", crash_in_rollout_three)
+    kill_at_step(3)  # in rollout 3
     with pytest.raises(KeyboardInterrupt):
         grpo_rank.run(cfg)
     monkeypatch.undo()
@@ -197,7 +188,7 @@ def test_dynamic_sampling_keeps_only_groups_with_reward_spread(monkeypatch):
     assert kept == questions[:4] and advantages[0].abs().sum() == 0 and "groups_kept" not in metrics
 
 
-def test_epoch_reference_resets_the_kl_term_each_epoch(tiny_policy, tiny_bench, tmp_path, monkeypatch):
+def test_epoch_reference_resets_the_kl_term_each_epoch(tiny_policy, tiny_bench, tmp_path, monkeypatch, kill_at_step):
     """grpo.reference=epoch (Oracle-RLAIF's Algorithm 1): when an epoch begins the reference becomes
     the current policy, so the first update of each epoch has zero KL; against the fixed start it
     does not. A run interrupted within an epoch resumes with that epoch's reference."""
@@ -218,15 +209,7 @@ def test_epoch_reference_resets_the_kl_term_each_epoch(tiny_policy, tiny_bench, 
     assert _metrics(start_run)[2]["kl"] > 1e-5
 
     resumed = tmp_path / "resumed"
-    real_step, calls = torch.optim.AdamW.step, {"n": 0}
-
-    def crash_in_rollout_four(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", crash_in_rollout_four)
+    kill_at_step(4)  # in rollout 4, within epoch 2
     with pytest.raises(KeyboardInterrupt):
         grpo_rank.run(grpo_cfg(tiny_policy, tiny_bench, resumed, **extra))
     monkeypatch.undo()

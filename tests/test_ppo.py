@@ -87,21 +87,12 @@ def test_ppo_runs_and_logs_what_a_researcher_watches(tiny_policy, tiny_rm, tiny_
         assert 0 <= report["results"]["all"]["accuracy"] <= 1
 
 
-def test_interrupted_ppo_resumes_to_the_same_weights(tiny_policy, tiny_rm, tiny_bench, tmp_path, monkeypatch):
+def test_interrupted_ppo_resumes_to_the_same_weights(tiny_policy, tiny_rm, tiny_bench, tmp_path, monkeypatch, kill_at_step):
     straight = tmp_path / "straight"
     ppo.run(ppo_cfg(tiny_policy, tiny_rm, tiny_bench, straight))
     resumed = tmp_path / "resumed"
     cfg = ppo_cfg(tiny_policy, tiny_rm, tiny_bench, resumed)
-    real_step = torch.optim.AdamW.step
-    calls = {"n": 0}
-
-    def crash_in_rollout_three(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 10:  # 4 optimizer steps per rollout (2 epochs x 2 steps): the 2nd of rollout 3
-            raise KeyboardInterrupt
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", crash_in_rollout_three)
+    kill_at_step(10)  # 4 optimizer steps per rollout (2 epochs x 2 steps): the 2nd of rollout 3
     with pytest.raises(KeyboardInterrupt):
         ppo.run(cfg)
     monkeypatch.undo()

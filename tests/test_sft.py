@@ -47,23 +47,14 @@ def _final_llm(run_dir):
     return load_file(run_dir / "final" / "llm" / "model.safetensors")
 
 
-def test_interrupted_sft_resumes_to_the_same_weights(tiny_bench, tmp_path, monkeypatch):
+def test_interrupted_sft_resumes_to_the_same_weights(tiny_bench, tmp_path, monkeypatch, kill_at_step):
     overrides = {"train.save_every": "3", "train.max_steps": "7"}
     straight = tmp_path / "straight"
     sft.run(load_config(SFTConfig, TINY, sft_overrides(tiny_bench, straight, **overrides)))
 
     resumed = tmp_path / "resumed"
     cfg = load_config(SFTConfig, TINY, sft_overrides(tiny_bench, resumed, **overrides))
-    real_step = torch.optim.AdamW.step
-    calls = {"n": 0}
-
-    def crash_after_five(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt  # as if killed during step 6
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", crash_after_five)
+    kill_at_step(6)  # as if killed during step 6
     with pytest.raises(KeyboardInterrupt):
         sft.run(cfg)
     monkeypatch.undo()
