@@ -115,10 +115,9 @@ def run_vlmalign(work: Path, tag: str, args) -> dict:
     return {"seconds": seconds, "step_ends": [m["time"] for m in metrics], "first_loss": metrics[0]["loss"]}
 
 
-def run_trl(work: Path, tag: str, args) -> dict:
-    from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+def step_end_recorder():
+    """A TRL trainer callback that records the time each optimizer step ends (`.times`)."""
+    from transformers import TrainerCallback
 
     class StepEnds(TrainerCallback):
         def __init__(self):
@@ -126,6 +125,14 @@ def run_trl(work: Path, tag: str, args) -> dict:
 
         def on_step_end(self, *_, **__):
             self.times.append(time.time())
+
+    return StepEnds()
+
+
+def run_trl(work: Path, tag: str, args) -> dict:
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
 
     rows = [json.loads(line) for line in (work / "pairs.jsonl").read_text().splitlines()]
     # the prompt as vlmalign renders it, so both train on the same ids (checked by the parent)
@@ -141,7 +148,7 @@ def run_trl(work: Path, tag: str, args) -> dict:
         logging_steps=1, save_strategy="no", dataloader_num_workers=0, disable_tqdm=True,
     )
     tokenizer = AutoTokenizer.from_pretrained(work / "policy" / "tokenizer")
-    step_ends = StepEnds()
+    step_ends = step_end_recorder()
     start = time.perf_counter()
     trainer = DPOTrainer(model=str(work / "policy" / "llm"), args=config, train_dataset=data,
                          processing_class=tokenizer, callbacks=[step_ends])
@@ -210,15 +217,8 @@ def run_trl_grpo(work: Path, tag: str, args) -> dict:
     import random as rand
 
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
-
-    class StepEnds(TrainerCallback):
-        def __init__(self):
-            self.times = []
-
-        def on_step_end(self, *_, **__):
-            self.times.append(time.time())
 
     rng = rand.Random(0)
 
@@ -239,7 +239,7 @@ def run_trl_grpo(work: Path, tag: str, args) -> dict:
         logging_steps=1, save_strategy="no", dataloader_num_workers=0, disable_tqdm=True,
     )
     tokenizer = AutoTokenizer.from_pretrained(work / "policy" / "tokenizer")
-    step_ends = StepEnds()
+    step_ends = step_end_recorder()
     start = time.perf_counter()
     trainer = GRPOTrainer(model=str(work / "policy" / "llm"), reward_funcs=random_reward, args=config,
                           train_dataset=data, processing_class=tokenizer, callbacks=[step_ends])
