@@ -1,10 +1,11 @@
-"""HF video models (Qwen2-VL, Qwen2.5-VL) behind the policy interface: tiny random checkpoints saved
-to disk and loaded through `from_pretrained`, as a hub checkpoint would be."""
+"""HF video models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) behind the policy interface: tiny random
+checkpoints saved to disk and loaded through `from_pretrained`, as a hub checkpoint would be."""
 
 import dataclasses
 import json
 import math
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,72 +23,114 @@ from vlmalign.model.policy import build_model, load_model
 from vlmalign.model.tokenizer import corpus_words
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ARCHITECTURES = ["Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration"]
-FRAMES = ["model.num_frames=4", "model.frame_size=[56,56]", "model.train_projector=false", "data.max_length=512",
-          "data.feature_cache=null", "run.progress=false"]
+QWEN3 = "Qwen3VLForConditionalGeneration"
+ARCHITECTURES = ["Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration", QWEN3]
+FRAMES = ["model.num_frames=4", "model.train_projector=false", "data.max_length=512", "data.feature_cache=null",
+          "run.progress=false"]
+
+
+def frame_size(checkpoint) -> list[int]:
+    """Two merged patches a side: 56 pixels at Qwen2's 14-pixel patches, 64 at Qwen3-VL's 16."""
+    return [64, 64] if json.loads((checkpoint / "config.json").read_text())["architectures"][0] == QWEN3 else [56, 56]
+
+
+def save_tiny(tiny_bench, folder, architecture):
+    words = corpus_words([tiny_bench / "sft_mix.json", tiny_bench / "judge_train.json"])
+    return save_tiny_hf_video(folder / "ckpt", words, architecture)
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)
 def checkpoint(request, tiny_bench, tmp_path_factory):
-    words = corpus_words([tiny_bench / "sft_mix.json", tiny_bench / "judge_train.json"])
-    return save_tiny_hf_video(tmp_path_factory.mktemp("hf") / "ckpt", words, request.param)
+    return save_tiny(tiny_bench, tmp_path_factory.mktemp("hf"), request.param)
 
 
 @pytest.fixture(scope="module")
 def qwen25(tiny_bench, tmp_path_factory):
-    words = corpus_words([tiny_bench / "sft_mix.json", tiny_bench / "judge_train.json"])
-    return save_tiny_hf_video(tmp_path_factory.mktemp("qwen25") / "ckpt", words)
+    return save_tiny(tiny_bench, tmp_path_factory.mktemp("qwen25"), "Qwen2_5_VLForConditionalGeneration")
 
 
 def policy(path, **cfg) -> HFVideoLM:
     torch.manual_seed(0)
-    return build_model(ModelConfig(**{"init_from": str(path), "num_frames": 4, "frame_size": [56, 56],
+    return build_model(ModelConfig(**{"init_from": str(path), "num_frames": 4, "frame_size": frame_size(path),
                                       "train_projector": False, **cfg}))
 
 
-def test_frames_are_the_image_processors_patches(qwen25):
+def test_frames_are_the_image_processors_patches(checkpoint):
     """A video of two equal frames is one temporal patch of a still image: our patches and grid
-    equal those of transformers' own Qwen2-VL image processor (its PIL backend) for that image."""
+    equal those of transformers' own Qwen2-VL image processor (its PIL backend, which Qwen3-VL
+    uses too) for that image, at the checkpoint's patch size and normalisation."""
     from PIL import Image
     from transformers import Qwen2VLImageProcessorPil
 
-    frame = np.random.default_rng(0).integers(0, 256, (56, 56, 3), dtype=np.uint8)
-    model = policy(qwen25, num_frames=2)
+    model = policy(checkpoint, num_frames=2)
+    size = model.cfg.frame_size[0]
+    frame = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
     ours = model.frames(np.stack([frame, frame]))
-    theirs = Qwen2VLImageProcessorPil()(images=[Image.fromarray(frame)], return_tensors="pt")
+    stats = json.loads((checkpoint / "preprocessor_config.json").read_text())
+    processor = Qwen2VLImageProcessorPil(patch_size=model.frames.patch, image_mean=stats["image_mean"],
+                                         image_std=stats["image_std"])
+    theirs = processor(images=[Image.fromarray(frame)], return_tensors="pt")
     assert ours["video_grid_thw"].tolist() == theirs["image_grid_thw"][0].tolist() == [1, 4, 4]
     torch.testing.assert_close(ours["pixel_values_videos"], theirs["pixel_values"].float(), rtol=0, atol=1e-5)
     assert model.num_visual_tokens == 4  # 1 x 4 x 4 patches, merged 2 x 2
 
 
-def test_ids_are_the_chat_templates_and_labels_cover_the_answers(qwen25):
-    model = policy(qwen25)
+def processor_text(model, text: str, layout) -> str:
+    """`text` with its video pad expanded by transformers' own processor class for the family
+    (its replace_video_token and get_text_with_replacements, given the video's grid and metadata).
+    Its video processor needs torchvision, which this CPU torch cannot load: the instance is made
+    without one and given the two sizes the expansion reads."""
+    import transformers
+    from transformers.video_utils import VideoMetadata
+
+    cls = getattr(transformers, model.architecture.replace("ForConditionalGeneration", "Processor"))
+    processor = cls.__new__(cls)
+    processor.video_processor = SimpleNamespace(merge_size=model.frames.merge, temporal_patch_size=model.frames.temporal)
+    processor.image_token, processor.video_token = "<|image_pad|>", "<|video_pad|>"
+    processor.vision_start_token, processor.vision_end_token = "<|vision_start|>", "<|vision_end|>"
+    videos = {"video_grid_thw": torch.tensor([model.frames.grid(len(layout.indices))]),
+              "video_metadata": [VideoMetadata(total_num_frames=layout.total, fps=layout.fps,
+                                               frames_indices=list(layout.indices))]}
+    expanded, _ = processor.get_text_with_replacements([text], [], [processor.replace_video_token(videos, 0)], [])
+    return expanded[0]
+
+
+def test_ids_are_the_processors_and_labels_cover_the_answers(checkpoint, tiny_bench):
+    """Our ids of a conversation about a real video equal those of transformers' processor over the
+    chat template's text (Qwen3-VL: each temporal patch's time written before it)."""
+    model = policy(checkpoint)
+    video = read_instructions(tiny_bench / "sft_easy.json")[0].video
+    layout = model.video_layout(video)
     turns = [Turn("user", "<video>\nwhat colour is the square?"), Turn("assistant", "red"),
              Turn("user", "and the circle?"), Turn("assistant", "blue")]
-    enc = model.encode_conversation(turns, 512)
-    template = model.tokenizer.apply_chat_template(model._messages(turns), tokenize=True, return_dict=False)
-    pad = model.visual_slot_id
-    assert template.count(pad) == 1
-    assert enc.input_ids == [i for t in template for i in ([t] * model.num_visual_tokens if t == pad else [t])]
+    enc = model.encode_conversation(turns, 512, layout=layout)
+    template = model.tokenizer.apply_chat_template(model._messages(turns), tokenize=False)
+    assert template.count("<|video_pad|>") == 1
+    expanded = processor_text(model, template, layout)
+    assert enc.input_ids == model.tokenizer(expanded, add_special_tokens=False).input_ids
+    assert enc.input_ids.count(model.visual_slot_id) == model.visual_tokens(layout) == 2 * 4  # 2 patches of 4 tokens
+    assert layout.indices == (0, 5, 10, 15) and layout.fps == 8  # 4 of the 16 frames of a 2-second video
+    if model.architecture == QWEN3:  # each patch's time (frames 0 and 5: 0.3 s), inside the template's markers
+        assert "<|vision_start|><0.3 seconds><|vision_start|>" in expanded and "<1.6 seconds>" in expanded
     learnt = [model.tokenizer.convert_ids_to_tokens(i) for i, label in zip(enc.input_ids, enc.labels) if label != IGNORE_INDEX]
     assert learnt == ["red", "<|im_end|>", "blue", "<|im_end|>"]
-    prompt = model.encode_prompt("<video>\nwhat colour is the square?")
+    prompt = model.encode_prompt("<video>\nwhat colour is the square?", layout)
     assert prompt == enc.input_ids[: len(prompt)]  # the generation prompt is the conversation's start
     with pytest.raises(DataError, match="data.max_length is 20"):
-        model.encode_conversation(turns, 20, sample_id="s1")
+        model.encode_conversation(turns, 20, sample_id="s1", layout=layout)
     late_video = [Turn("user", "what colour?"), Turn("assistant", "red"), Turn("user", "<video>\nand now?"),
                   Turn("assistant", "blue")]
     with pytest.raises(DataError, match="a video after token 24 .* would be cut"):
-        model.encode_conversation(late_video, 24, sample_id="s2")
+        model.encode_conversation(late_video, 24, sample_id="s2", layout=layout)
     model.tokenizer.eos_token = "<|image_pad|>"  # a checkpoint whose eos never ends a turn
     with pytest.raises(DataError, match="ends an answer without the tokenizer's eos token"):
-        model.encode_conversation(turns, 512, sample_id="s3")
+        model.encode_conversation(turns, 512, sample_id="s3", layout=layout)
 
 
 def test_checkpoints_pick_their_family_or_fail_in_one_line(qwen25, tmp_path):
     assert isinstance(load_model(qwen25), HFVideoLM)
     for arch, message in [("LlavaNextForConditionalGeneration", "not a video model vlmalign knows"),
-                          ("Qwen3VLForConditionalGeneration", "does not train yet"),
+                          ("LlavaOnevisionForConditionalGeneration", "does not train yet"),
                           ("SomethingNewForConditionalGeneration", "not a video model vlmalign knows")]:
         folder = tmp_path / arch
         folder.mkdir()
@@ -119,8 +162,9 @@ def test_sampled_logprobs_equal_a_teacher_forced_pass(checkpoint, tiny_bench):
     requests = [(s.video, s.turns[0].text + (" and say it twice" if i else "")) for i, s in enumerate(samples)]
     gen = GenerationConfig(max_new_tokens=6, do_sample=True, num_return_sequences=3)
     groups = sample_answers(model, visual, requests, gen, generator=torch.Generator().manual_seed(0))
-    rows = [EncodedSample("", model.encode_prompt(q) + s.token_ids, [IGNORE_INDEX] * len(model.encode_prompt(q)) + s.token_ids, v)
-            for (v, q), group in zip(requests, groups) for s in group]
+    prompts = [model.encode_prompt(q, model.video_layout(v)) for v, q in requests]
+    rows = [EncodedSample("", p + s.token_ids, [IGNORE_INDEX] * len(p) + s.token_ids, v)
+            for p, (v, _), group in zip(prompts, requests, groups) for s in group]
     batch = Collator(model, visual)(rows)
     with torch.no_grad():
         logps, mask = token_logps(model(**model.model_inputs(batch, "cpu")).logits, batch["labels"])
@@ -130,15 +174,15 @@ def test_sampled_logprobs_equal_a_teacher_forced_pass(checkpoint, tiny_bench):
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_save_and_load_keep_the_logits(qwen25, tiny_bench, tmp_path, lora):
-    model = policy(qwen25, lora=LoraConfig(enabled=lora, r=4, alpha=8, dropout=0.0))
+def test_save_and_load_keep_the_logits(checkpoint, tiny_bench, tmp_path, lora):
+    model = policy(checkpoint, lora=LoraConfig(enabled=lora, r=4, alpha=8, dropout=0.0))
     if lora:  # a trained adapter: move it off its zero start
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.data.normal_(0, 0.1)
     visual = model.visual_inputs(None)
     sample = read_instructions(tiny_bench / "sft_easy.json")[0]
-    enc = model.encode_conversation(sample.turns, 512)
+    enc = model.encode_conversation(sample.turns, 512, layout=model.video_layout(sample.video))
     batch = Collator(model, visual)([EncodedSample("s", enc.input_ids, enc.labels, sample.video)])
     model.eval()
     with torch.no_grad():
@@ -156,15 +200,18 @@ def test_save_and_load_keep_the_logits(qwen25, tiny_bench, tmp_path, lora):
 
 
 @pytest.mark.e2e
-def test_every_stage_runs_and_lora_dpo_learns_on_a_tiny_qwen(qwen25, tiny_bench, tmp_path):
+@pytest.mark.parametrize("architecture", ["Qwen2_5_VLForConditionalGeneration", QWEN3])
+def test_every_stage_runs_and_lora_dpo_learns_on_a_tiny_qwen(architecture, tiny_bench, tmp_path):
     """SFT, then LoRA DPO on oracle pairs (loss falls from log 2, margin rises), GRPO_rank and the
     synthetic evaluation, each through the same stage code as the VideoLM."""
     from vlmalign.eval.synthetic import evaluate_synthetic
     from vlmalign.feedback.oracle import Oracle
     from vlmalign.train import dpo, grpo_rank, sft
 
-    sft_final = sft.run(load_config(SFTConfig, "configs/tiny/sft.yaml", FRAMES + [
-        f"model.init_from={qwen25}", f"run.dir={tmp_path / 'sft'}", f"data.train=[{tiny_bench}/sft_easy.json]",
+    start = save_tiny(tiny_bench, tmp_path, architecture)
+    frames = FRAMES + ["model.frame_size=[{0},{0}]".format(frame_size(start)[0])]
+    sft_final = sft.run(load_config(SFTConfig, "configs/tiny/sft.yaml", frames + [
+        f"model.init_from={start}", f"run.dir={tmp_path / 'sft'}", f"data.train=[{tiny_bench}/sft_easy.json]",
         "curriculum.criterion=none", "train.max_steps=2", "train.batch_size=4"]))
     assert isinstance(load_model(sft_final), HFVideoLM)
 
@@ -175,7 +222,7 @@ def test_every_stage_runs_and_lora_dpo_learns_on_a_tiny_qwen(qwen25, tiny_bench,
              "rejected": samples[(i + 7) % len(samples)].turns[1].text} for i, s in enumerate(samples)]
     write_jsonl(tmp_path / "pairs.jsonl", rows)
     dpo_dir = tmp_path / "dpo"
-    dpo_final = dpo.run(load_config(DPOConfig, "configs/tiny/dpo.yaml", FRAMES + [
+    dpo_final = dpo.run(load_config(DPOConfig, "configs/tiny/dpo.yaml", frames + [
         f"model.init_from={sft_final}", "model.lora.enabled=true", "model.lora.r=8", "model.lora.alpha=16",
         f"run.dir={dpo_dir}", f"data.train=[{tmp_path / 'pairs.jsonl'}]", "train.batch_size=4", "train.epochs=3",
         "train.lr=5e-3", "train.scheduler=constant", "dpo.sft_weight=0", "dpo.beta=1.0", "train.log_every=1"]))
@@ -186,7 +233,7 @@ def test_every_stage_runs_and_lora_dpo_learns_on_a_tiny_qwen(qwen25, tiny_bench,
 
     for lora in ("true", "false"):  # the reference: the adapter switched off, or a frozen copy of the start
         grpo_dir = tmp_path / f"grpo-lora-{lora}"
-        grpo_rank.run(load_config(GRPOConfig, "configs/tiny/grpo_rank.yaml", FRAMES + [
+        grpo_rank.run(load_config(GRPOConfig, "configs/tiny/grpo_rank.yaml", frames + [
             f"model.init_from={dpo_final}", f"model.lora.enabled={lora}", "model.lora.r=4", f"run.dir={grpo_dir}",
             f"data.train=[{tiny_bench}/sft_easy.json]", f"judge.bench={tiny_bench}", "sampling.max_new_tokens=5",
             "grpo.rollout_batch=4", "grpo.mini_batch=10", "train.max_steps=1", "eval_qa=null"]))
@@ -227,17 +274,19 @@ def test_the_gym_runs_on_a_tiny_qwen(tmp_path):
         run_gym(tmp_path / "other", dataclasses.replace(budget, methods=("ppo",)), [0])
 
 
-def test_narratives_and_retrospective_contexts_read_clips_of_the_video(qwen25, tiny_bench):
+def test_narratives_and_retrospective_contexts_read_clips_of_the_video(checkpoint, tiny_bench):
     """VLM-RLAIF's clip narratives and ISR-DPO's contexts on an HF policy: each clip is cut from the
-    decoded frames and stretched back to num_frames, so it has the whole video's token count."""
+    decoded frames and stretched back to num_frames, so it has the whole video's token count, and
+    keeps the times of the frames it repeats (Qwen3-VL writes them into the prompt)."""
     from vlmalign.feedback.context import narratives, retrospective_contexts
 
-    model = policy(qwen25).eval()
+    model = policy(checkpoint).eval()
     visual = model.visual_inputs(None)
     video = read_instructions(tiny_bench / "sft_easy.json")[0].video
     pieces = visual.clips(video, clips=3, max_clip_len=20)
     assert len(pieces) == 3 and all(p["video_grid_thw"].tolist() == [2, 4, 4] for p in pieces)
     assert not torch.equal(pieces[0]["pixel_values_videos"], pieces[2]["pixel_values_videos"])
+    assert [p["layout"].indices for p in pieces] == [(0, 0, 0, 5), (10, 10, 10, 10), (15, 15, 15, 15)]
     assert set(narratives(model, visual, [video], clips=3, max_new_tokens=3)) == {video}
     assert set(retrospective_contexts(model, visual, [video], {video: "a red square"}, max_new_tokens=3)) == {video}
 
@@ -255,7 +304,7 @@ def test_qlora_quantises_the_language_model_alone_and_its_adapter_learns(qwen25,
 
     visual = model.visual_inputs(None)
     sample = read_instructions(tiny_bench / "sft_easy.json")[0]
-    enc = model.encode_conversation(sample.turns, 512)
+    enc = model.encode_conversation(sample.turns, 512, layout=model.video_layout(sample.video))
     batch = Collator(model, visual)([EncodedSample("s", enc.input_ids, enc.labels, sample.video)])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
@@ -284,7 +333,7 @@ def test_a_batch_may_hold_more_videos_than_a_row_has_tokens(checkpoint, tiny_ben
     model = policy(checkpoint).eval()
     visual = model.visual_inputs(None)
     sample = read_instructions(tiny_bench / "sft_easy.json")[0]
-    enc = model.encode_conversation(sample.turns, 512)
+    enc = model.encode_conversation(sample.turns, 512, layout=model.video_layout(sample.video))
     row = EncodedSample("s", enc.input_ids, enc.labels, sample.video)
     many = len(enc.input_ids) + 4
     with torch.no_grad():

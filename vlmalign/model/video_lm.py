@@ -55,10 +55,10 @@ class VideoLM(Policy):
         self.base = base  # where the LLM base weights come from: {"pretrained": name} | {"checkpoint": path} | {}
 
     # --- the policy interface ------------------------------------------------------------------
-    def encode_conversation(self, turns, max_length: int, sample_id: str = "") -> template.Encoded:
+    def encode_conversation(self, turns, max_length: int, sample_id: str = "", layout=None) -> template.Encoded:
         return template.encode_conversation(self.tokenizer, turns, self.num_visual_tokens, max_length, sample_id)
 
-    def encode_prompt(self, question: str) -> list[int]:
+    def encode_prompt(self, question: str, layout=None) -> list[int]:
         return template.encode_prompt(self.tokenizer, question, self.num_visual_tokens)
 
     def visual_inputs(self, cache_dir):
