@@ -340,3 +340,66 @@ def test_a_batch_may_hold_more_videos_than_a_row_has_tokens(checkpoint, tiny_ben
         alone = model(**model.model_inputs(Collator(model, visual)([row]), "cpu")).logits
         stacked = model(**model.model_inputs(Collator(model, visual)([row] * many), "cpu")).logits
     torch.testing.assert_close(stacked[-1], alone[0], rtol=0, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def qwen3(tiny_bench, tmp_path_factory):
+    return save_tiny(tiny_bench, tmp_path_factory.mktemp("qwen3"), QWEN3)
+
+
+def test_fps_sampling_reads_a_long_video_within_max_frames_at_its_real_times(qwen25, qwen3, tmp_path, capsys):
+    """A 10-minute video at model.fps 2 with max_frames 64 gets 64 frames spread over all of it. The
+    Qwen3-VL prompt holds their real times (ids equal to transformers' processor given the video's
+    metadata; without it transformers assumes 24 fps and the last time would be 25 s, not ~594 s);
+    Qwen2.5-VL's positions step by the real seconds per temporal patch, as its processor computes them."""
+    from transformers.video_utils import VideoMetadata
+
+    from vlmalign.video import write_video
+
+    video = str(tmp_path / "ten_minutes.mp4")
+    write_video(video, np.random.default_rng(0).integers(0, 256, (600, 16, 16, 3), dtype=np.uint8), fps=1.0)
+    for checkpoint in (qwen25, qwen3):
+        model = policy(checkpoint, fps=2.0, max_frames=64)
+        layout = model.video_layout(video)
+        assert len(layout.indices) == 64 and (layout.indices[0], layout.indices[-1], layout.total, layout.fps) == (0, 599, 600, 1)
+        model.visual_inputs(None).precompute([video, video])
+        assert "1 videos, frames read 64 (2.0 per second within [4, 64]), visual tokens per video 128" in capsys.readouterr().out
+        metadata = VideoMetadata(total_num_frames=600, fps=1.0, frames_indices=list(layout.indices))
+        if model.architecture == QWEN3:
+            template = model.tokenizer.apply_chat_template(model._messages([Turn("user", "<video>\nwhat moves?")]),
+                                                           tokenize=False, add_generation_prompt=True)
+            expanded = processor_text(model, template, layout)
+            assert model.encode_prompt("<video>\nwhat moves?", layout) == model.tokenizer(expanded, add_special_tokens=False).input_ids
+            assert expanded.count(" seconds>") == 32 and layout.times(2)[-1] > 590
+        else:
+            item = model.visual_inputs(None).get(video)
+            assert item["video_grid_thw"].tolist() == [32, 4, 4]
+            seconds = model.stack_visual([item])["second_per_grid_ts"]
+            torch.testing.assert_close(seconds, torch.tensor([2 / metadata.sampled_fps]))  # 18.75 s per patch
+    with pytest.raises(ConfigError, match="model.min_frames 8 and model.max_frames 4"):
+        policy(qwen25, fps=2.0, min_frames=8, max_frames=4)
+    with pytest.raises(ConfigError, match="model.fps: vlmalign's VideoLM reads a fixed model.num_frames"):
+        build_model(ModelConfig(fps=2.0))
+
+
+def test_a_frame_folder_reads_as_its_video_given_its_frame_rate(checkpoint, tiny_bench, tmp_path):
+    """The frames of a video saved as images: the same layout and patches as the video once
+    model.frame_folder_fps says their rate; without it the families that place frames by time refuse."""
+    from PIL import Image
+
+    from vlmalign.video import read_video
+
+    video = read_instructions(tiny_bench / "sft_easy.json")[0].video
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, frame in enumerate(read_video(video)):
+        Image.fromarray(frame).save(folder / f"frame_{i}.png")
+    model = policy(checkpoint)
+    if model.needs_frame_rate:
+        with pytest.raises(DataError, match=f"frames/? *: {model.architecture} places frames by their time.*model.frame_folder_fps"):
+            model.video_layout(str(folder))
+    model = policy(checkpoint, frame_folder_fps=8.0)
+    assert model.video_layout(str(folder)) == model.video_layout(video)
+    visual = model.visual_inputs(None)
+    from_folder, from_video = visual.get(str(folder)), visual.get(video)
+    assert torch.equal(from_folder["pixel_values_videos"], from_video["pixel_values_videos"])

@@ -177,7 +177,8 @@ def read_frames(path, indices: list[int], backend: str = "auto") -> np.ndarray:
 
 def _check_indices(path: Path, indices: list[int], count: int) -> None:
     if not indices or min(indices) < 0 or max(indices) >= count:
-        raise VideoError(f"{path}: frames {indices[:1]}..{indices[-1:]} asked of a video with {count} frames")
+        raise VideoError(f"cannot decode video {path}: frames {indices[:1]}..{indices[-1:]} asked, {count} decode "
+                         "(fewer than its container declares: truncated or corrupt?)")
 
 
 # --- input checks -------------------------------------------------------------------------------
@@ -393,10 +394,11 @@ def _pyav_count(path: Path) -> int:
 
 
 def _pyav_info(path: Path) -> tuple[int, float | None]:
+    # the container's frame count when it has one (decoding checks it: `_pyav_read_at`), else count by decoding
     container, stream = _pyav_open(path)
     with container:
-        rate = stream.average_rate or stream.guessed_rate
-    return _pyav_count(path), float(rate) if rate else None
+        declared, rate = stream.frames, stream.average_rate or stream.guessed_rate
+    return declared if declared > 0 else _pyav_count(path), float(rate) if rate else None
 
 
 def _pyav_read_at(path: Path, indices: list[int]) -> np.ndarray:

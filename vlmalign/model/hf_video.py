@@ -107,6 +107,15 @@ class VideoLayout:
         return temporal / (len(self.indices) / self.total * self.fps)
 
 
+def check_frame_settings(cfg: ModelConfig) -> None:
+    if cfg.fps is not None and cfg.fps <= 0:
+        raise ConfigError(f"model.fps: {cfg.fps} must be positive (frames per second), or null to read model.num_frames")
+    if not 1 <= cfg.min_frames <= cfg.max_frames:
+        raise ConfigError(f"model.min_frames {cfg.min_frames} and model.max_frames {cfg.max_frames}: need 1 <= min <= max")
+    if cfg.frame_folder_fps is not None and cfg.frame_folder_fps <= 0:
+        raise ConfigError(f"model.frame_folder_fps: {cfg.frame_folder_fps} must be positive")
+
+
 def frame_indices(total: int, fps: float | None, cfg: ModelConfig, video) -> tuple[int, ...]:
     """Positions of the frames to read out of `total`: `num_frames` of them (`frame_sampling`), or,
     with `model.fps`, that many per second of video within [min_frames, max_frames] (evenly spaced,
@@ -199,7 +208,11 @@ class HFVisualInputs:
                 for f, i in zip(clip_inputs(frames, clips, max_clip_len), positions)]
 
     def precompute(self, videos: list, batch_size: int = 8, progress: bool = True) -> None:
-        """Nothing to fill: this family keeps no cache yet."""
+        """No cache to fill yet: read each video's layout (so a video without a frame rate fails
+        before training) and print how many frames and visual tokens the videos get."""
+        layouts = [self.policy.video_layout(v) for v in {v if isinstance(v, str) else tuple(v): v for v in videos}.values()]
+        if layouts:
+            print(self.policy.describe_layouts(layouts), flush=True)
 
 
 # --- the policy ---------------------------------------------------------------------------------
@@ -216,6 +229,7 @@ class HFVideoLM(Policy):
         super().__init__()
         self.cfg, self.hf, self.tokenizer, self.frames = cfg, hf, tokenizer, frames
         self.base, self.architecture = base, architecture
+        check_frame_settings(cfg)
         config = self.core.config
         self.visual_slot_id = config.video_token_id
         self.video_pad = tokenizer.convert_ids_to_tokens(config.video_token_id)
@@ -272,6 +286,18 @@ class HFVideoLM(Policy):
 
     def visual_tokens(self, layout: VideoLayout) -> int:
         return self.frames.tokens(len(layout.indices))
+
+    def describe_layouts(self, layouts: list[VideoLayout]) -> str:
+        """One line: the frames and visual tokens per video over `layouts` (a range when they differ)."""
+        def span(values):
+            return f"{min(values)}" if min(values) == max(values) else f"{min(values)}-{max(values)} (median {int(np.median(values))})"
+
+        frames = [len(layout.indices) for layout in layouts]
+        sampling = f"{self.cfg.num_frames} by {self.cfg.frame_sampling}" if self.cfg.fps is None else \
+            f"{self.cfg.fps} per second within [{self.cfg.min_frames}, {self.cfg.max_frames}]"
+        return (f"{self.architecture}: {len(layouts)} videos, frames read {span(frames)} ({sampling}), visual tokens per "
+                f"video {span([self.visual_tokens(layout) for layout in layouts])} at {self.cfg.frame_size[0]} x "
+                f"{self.cfg.frame_size[1]} pixels")
 
     def _video_text(self, layout: VideoLayout) -> str:
         """What the chat template's video pad becomes in the text: one pad for the whole video."""
