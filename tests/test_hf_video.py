@@ -403,3 +403,27 @@ def test_a_frame_folder_reads_as_its_video_given_its_frame_rate(checkpoint, tiny
     visual = model.visual_inputs(None)
     from_folder, from_video = visual.get(str(folder)), visual.get(video)
     assert torch.equal(from_folder["pixel_values_videos"], from_video["pixel_values_videos"])
+
+
+def test_videos_of_different_lengths_share_a_batch(checkpoint, tmp_path):
+    """With fps sampling a 2-second and a 6-second video get 4 and 12 frames, so rows of different
+    grids and token counts stack in one batch: each row's logits are those it gets alone."""
+    from vlmalign.video import write_video
+
+    rng = np.random.default_rng(0)
+    videos = []
+    for frames in (8, 24):
+        videos.append(str(tmp_path / f"{frames}.mp4"))
+        write_video(videos[-1], rng.integers(0, 256, (frames, 32, 32, 3), dtype=np.uint8), fps=4)
+    model = policy(checkpoint, fps=2.0, min_frames=2, max_frames=16).eval()
+    visual, rows = model.visual_inputs(None), []
+    for video in videos:
+        enc = model.encode_conversation([Turn("user", "<video>\nwhat colour?"), Turn("assistant", "red")], 512,
+                                        layout=model.video_layout(video))
+        rows.append(EncodedSample("s", enc.input_ids, enc.labels, video))
+    assert [len(model.video_layout(v).indices) for v in videos] == [4, 12]
+    with torch.no_grad():
+        together = model(**model.model_inputs(Collator(model, visual)(rows), "cpu")).logits
+        for i, row in enumerate(rows):
+            alone = model(**model.model_inputs(Collator(model, visual)([row]), "cpu")).logits
+            torch.testing.assert_close(together[i, : len(row.input_ids)], alone[0], rtol=0, atol=1e-4)
