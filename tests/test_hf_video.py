@@ -1,5 +1,5 @@
-"""HF video models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) behind the policy interface: tiny random
-checkpoints saved to disk and loaded through `from_pretrained`, as a hub checkpoint would be."""
+"""HF video models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision) behind the policy interface: tiny
+random checkpoints saved to disk and loaded through `from_pretrained`, as a hub checkpoint would be."""
 
 import dataclasses
 import json
@@ -23,8 +23,9 @@ from vlmalign.model.policy import build_model, load_model
 from vlmalign.model.tokenizer import corpus_words
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-QWEN3 = "Qwen3VLForConditionalGeneration"
-ARCHITECTURES = ["Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration", QWEN3]
+QWEN3, ONEVISION = "Qwen3VLForConditionalGeneration", "LlavaOnevisionForConditionalGeneration"
+QWEN = ["Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration", QWEN3]
+ARCHITECTURES = QWEN + [ONEVISION]
 FRAMES = ["model.num_frames=4", "model.train_projector=false", "data.max_length=512", "data.feature_cache=null",
           "run.progress=false"]
 
@@ -44,6 +45,11 @@ def checkpoint(request, tiny_bench, tmp_path_factory):
     return save_tiny(tiny_bench, tmp_path_factory.mktemp("hf"), request.param)
 
 
+@pytest.fixture(scope="module", params=QWEN)
+def qwen_checkpoint(request, tiny_bench, tmp_path_factory):
+    return save_tiny(tiny_bench, tmp_path_factory.mktemp("qwen"), request.param)
+
+
 @pytest.fixture(scope="module")
 def qwen25(tiny_bench, tmp_path_factory):
     return save_tiny(tiny_bench, tmp_path_factory.mktemp("qwen25"), "Qwen2_5_VLForConditionalGeneration")
@@ -55,13 +61,14 @@ def policy(path, **cfg) -> HFVideoLM:
                                       "train_projector": False, **cfg}))
 
 
-def test_frames_are_the_image_processors_patches(checkpoint):
+def test_frames_are_the_image_processors_patches(qwen_checkpoint):
     """A video of two equal frames is one temporal patch of a still image: our patches and grid
     equal those of transformers' own Qwen2-VL image processor (its PIL backend, which Qwen3-VL
     uses too) for that image, at the checkpoint's patch size and normalisation."""
     from PIL import Image
     from transformers import Qwen2VLImageProcessorPil
 
+    checkpoint = qwen_checkpoint
     model = policy(checkpoint, num_frames=2)
     size = model.cfg.frame_size[0]
     frame = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
@@ -75,22 +82,47 @@ def test_frames_are_the_image_processors_patches(checkpoint):
     assert model.num_visual_tokens == 4  # 1 x 4 x 4 patches, merged 2 x 2
 
 
+def test_onevision_frames_are_the_image_processors(tiny_bench, tmp_path):
+    """LLaVA-OneVision's video processor resizes each frame to the tower's size, rescales and
+    normalises it: the steps of transformers' SigLIP image processor (PIL backend), which our frames
+    equal, from frames of another size; a video is 4 tokens per frame (4 x 4 patches pooled 2 x 2)
+    and one newline; any other frame_size is a one-line error."""
+    from PIL import Image
+    from transformers import SiglipImageProcessorPil
+
+    checkpoint = save_tiny(tiny_bench, tmp_path, ONEVISION)
+    model = policy(checkpoint)
+    frames = np.random.default_rng(0).integers(0, 256, (3, 40, 72, 3), dtype=np.uint8)
+    ours = model.frames(frames)["pixel_values_videos"]
+    processor = SiglipImageProcessorPil(size={"height": 56, "width": 56}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    theirs = processor(images=[Image.fromarray(f) for f in frames], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(ours, theirs.float(), rtol=0, atol=1e-5)
+    assert model.num_visual_tokens == 4 * 4 + 1
+    with pytest.raises(ConfigError, match=r"model.frame_size: \[64, 64\], but the vision tower .* reads 56 x 56 frames"):
+        policy(checkpoint, frame_size=[64, 64])
+
+
 def processor_text(model, text: str, layout) -> str:
     """`text` with its video pad expanded by transformers' own processor class for the family
     (its replace_video_token and get_text_with_replacements, given the video's grid and metadata).
     Its video processor needs torchvision, which this CPU torch cannot load: the instance is made
-    without one and given the two sizes the expansion reads."""
+    without one and given the sizes the expansion reads."""
     import transformers
     from transformers.video_utils import VideoMetadata
 
     cls = getattr(transformers, model.architecture.replace("ForConditionalGeneration", "Processor"))
     processor = cls.__new__(cls)
-    processor.video_processor = SimpleNamespace(merge_size=model.frames.merge, temporal_patch_size=model.frames.temporal)
-    processor.image_token, processor.video_token = "<|image_pad|>", "<|video_pad|>"
-    processor.vision_start_token, processor.vision_end_token = "<|vision_start|>", "<|vision_end|>"
-    videos = {"video_grid_thw": torch.tensor([model.frames.grid(len(layout.indices))]),
-              "video_metadata": [VideoMetadata(total_num_frames=layout.total, fps=layout.fps,
-                                               frames_indices=list(layout.indices))]}
+    processor.image_token, processor.video_token = model.tokenizer.convert_ids_to_tokens(
+        [model.core.config.image_token_id, model.core.config.video_token_id])
+    if model.architecture == ONEVISION:  # its expansion reads the frames' count and the tower's patches per frame
+        processor.num_image_tokens = (model.frames.side // model.frames.patch) ** 2
+        videos = {"pixel_values_videos": [torch.zeros(len(layout.indices), 3, model.frames.side, model.frames.side)]}
+    else:
+        processor.video_processor = SimpleNamespace(merge_size=model.frames.merge, temporal_patch_size=model.frames.temporal)
+        processor.vision_start_token, processor.vision_end_token = "<|vision_start|>", "<|vision_end|>"
+        videos = {"video_grid_thw": torch.tensor([model.frames.grid(len(layout.indices))]),
+                  "video_metadata": [VideoMetadata(total_num_frames=layout.total, fps=layout.fps,
+                                                   frames_indices=list(layout.indices))]}
     expanded, _ = processor.get_text_with_replacements([text], [], [processor.replace_video_token(videos, 0)], [])
     return expanded[0]
 
@@ -105,17 +137,19 @@ def test_ids_are_the_processors_and_labels_cover_the_answers(checkpoint, tiny_be
              Turn("user", "and the circle?"), Turn("assistant", "blue")]
     enc = model.encode_conversation(turns, 512, layout=layout)
     template = model.tokenizer.apply_chat_template(model._messages(turns), tokenize=False)
-    assert template.count("<|video_pad|>") == 1
+    assert template.count(model.video_pad) == 1
     expanded = processor_text(model, template, layout)
     assert enc.input_ids == model.tokenizer(expanded, add_special_tokens=False).input_ids
-    assert enc.input_ids.count(model.visual_slot_id) == model.visual_tokens(layout) == 2 * 4  # 2 patches of 4 tokens
+    # Qwen: 2 temporal patches of 4 tokens; LLaVA-OneVision: 4 frames of 4 tokens and a newline
+    assert enc.input_ids.count(model.visual_slot_id) == model.visual_tokens(layout) == (17 if model.architecture == ONEVISION else 8)
     assert layout.indices == (0, 5, 10, 15) and layout.fps == 8  # 4 of the 16 frames of a 2-second video
     if model.architecture == QWEN3:  # each patch's time (frames 0 and 5: 0.3 s), inside the template's markers
         assert "<|vision_start|><0.3 seconds><|vision_start|>" in expanded and "<1.6 seconds>" in expanded
     learnt = [model.tokenizer.convert_ids_to_tokens(i) for i, label in zip(enc.input_ids, enc.labels) if label != IGNORE_INDEX]
     assert learnt == ["red", "<|im_end|>", "blue", "<|im_end|>"]
     prompt = model.encode_prompt("<video>\nwhat colour is the square?", layout)
-    assert prompt == enc.input_ids[: len(prompt)]  # the generation prompt is the conversation's start
+    template = model.tokenizer.apply_chat_template(model._messages(turns[:1]), tokenize=False, add_generation_prompt=True)
+    assert prompt == model.tokenizer(processor_text(model, template, layout), add_special_tokens=False).input_ids
     with pytest.raises(DataError, match="data.max_length is 20"):
         model.encode_conversation(turns, 20, sample_id="s1", layout=layout)
     late_video = [Turn("user", "what colour?"), Turn("assistant", "red"), Turn("user", "<video>\nand now?"),
@@ -130,7 +164,7 @@ def test_ids_are_the_processors_and_labels_cover_the_answers(checkpoint, tiny_be
 def test_checkpoints_pick_their_family_or_fail_in_one_line(qwen25, tmp_path):
     assert isinstance(load_model(qwen25), HFVideoLM)
     for arch, message in [("LlavaNextForConditionalGeneration", "not a video model vlmalign knows"),
-                          ("LlavaOnevisionForConditionalGeneration", "does not train yet"),
+                          ("LlavaNextVideoForConditionalGeneration", "does not train yet"),
                           ("SomethingNewForConditionalGeneration", "not a video model vlmalign knows")]:
         folder = tmp_path / arch
         folder.mkdir()
@@ -200,8 +234,8 @@ def test_save_and_load_keep_the_logits(checkpoint, tiny_bench, tmp_path, lora):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("architecture", ["Qwen2_5_VLForConditionalGeneration", QWEN3])
-def test_every_stage_runs_and_lora_dpo_learns_on_a_tiny_qwen(architecture, tiny_bench, tmp_path):
+@pytest.mark.parametrize("architecture", ["Qwen2_5_VLForConditionalGeneration", QWEN3, ONEVISION])
+def test_every_stage_runs_and_lora_dpo_learns_on_each_tiny_family(architecture, tiny_bench, tmp_path):
     """SFT, then LoRA DPO on oracle pairs (loss falls from log 2, margin rises), GRPO_rank and the
     synthetic evaluation, each through the same stage code as the VideoLM."""
     from vlmalign.eval.synthetic import evaluate_synthetic
@@ -284,7 +318,8 @@ def test_narratives_and_retrospective_contexts_read_clips_of_the_video(checkpoin
     visual = model.visual_inputs(None)
     video = read_instructions(tiny_bench / "sft_easy.json")[0].video
     pieces = visual.clips(video, clips=3, max_clip_len=20)
-    assert len(pieces) == 3 and all(p["video_grid_thw"].tolist() == [2, 4, 4] for p in pieces)
+    assert len(pieces) == 3 and all(model.visual_tokens(p["layout"]) == model.visual_tokens(model.video_layout(video))
+                                    for p in pieces)
     assert not torch.equal(pieces[0]["pixel_values_videos"], pieces[2]["pixel_values_videos"])
     assert [p["layout"].indices for p in pieces] == [(0, 0, 0, 5), (10, 10, 10, 10), (15, 15, 15, 15)]
     assert set(narratives(model, visual, [video], clips=3, max_new_tokens=3)) == {video}

@@ -1,5 +1,5 @@
-"""Video LLMs from transformers behind the policy interface (`model/policy.py`): Qwen2-VL, Qwen2.5-VL
-and Qwen3-VL, started from any checkpoint folder whose config.json names their class.
+"""Video LLMs from transformers behind the policy interface (`model/policy.py`): Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL and LLaVA-OneVision, started from any checkpoint folder whose config.json names their class.
 
 What the family does its own way, each in one place below:
     layout     which frames of a video are read and when (`VideoLayout`, from the video's frame count
@@ -11,33 +11,43 @@ What the family does its own way, each in one place below:
                Qwen2(.5)-VL: one pad per video token; Qwen3-VL: per temporal patch its time
                ("<1.6 seconds>", the mean of its two frames' times) and its own markers around one
                pad per token of that patch, inside the template's markers (transformers 5.x keeps
-               them; qwen-vl-utils and transformers 4.x replaced them)
+               them; qwen-vl-utils and transformers 4.x replaced them); LLaVA-OneVision's template
+               writes "<|im_start|>role " and the video's <video>, which becomes frames x
+               ceil(side / patch / 2)^2 tokens (196 a frame at 384 pixels) and one newline token
     frames     each read frame resized to `frame_size`, scaled and normalised with the checkpoint's
-               image mean / std, cut into the family's flattened patches (temporal x spatial, in
-               merge order) with their grid (t, h, w)
+               image mean / std; Qwen: cut into the family's flattened patches (temporal x spatial,
+               in merge order) with their grid (t, h, w); LLaVA-OneVision: whole frames at its
+               tower's size, each video through the tower alone (lengths may differ in a batch)
     positions  Qwen's 3D rotary positions from `get_rope_index`, always with the video tokens
                marked in `mm_token_type_ids` (without them transformers silently falls back to 1D
                positions), computed here for training, prefill and every decoding step; Qwen2.5-VL
-               steps a video's time by its real seconds per temporal patch (second_per_grid_ts)
+               steps a video's time by its real seconds per temporal patch (second_per_grid_ts);
+               LLaVA-OneVision: 1D positions
     time       Qwen2.5-VL and Qwen3-VL need each video's frame rate: without one transformers assumes
                24 fps and misplaces the frames; here a video without a rate is an error
+    answers    labels cover each answer's text and its end-of-turn token, found in the text its turn
+               adds (LLaVA-OneVision's template heads an answer "assistant \n", its generation prompt
+               "assistant\n": training and prompting differ by that space, as the checkpoint ships)
     LoRA       adapters on the language model's linear layers only; the vision tower is frozen
-               unless `vision.frozen` is false, its projectors (the merger; Qwen3-VL's deepstack
-               mergers too) train when `train_projector` is true; QLoRA quantises the language
-               model's layers alone to 4 bits (vision tower and LM head stay full)
+               unless `vision.frozen` is false, its projectors (Qwen's merger and Qwen3-VL's deepstack
+               mergers; LLaVA-OneVision's projector and newline embedding) train when
+               `train_projector` is true; QLoRA quantises the language model's layers alone to 4 bits
+               (vision tower, projectors and LM head stay full)
 
 Saved layout (`save_pretrained`): model.json (family, config, base), tokenizer/, and hf/ (the whole
 transformers model) or adapter/ (+ trainable.safetensors: trained weights outside the adapter, such
 as the merger) over the recorded base (an HF checkpoint or another saved policy).
 
-Not yet here (issue 19): LLaVA-OneVision, LLaVA-NeXT-Video, Video-LLaVA; per-video pixel or token
-budgets; a feature or pixel cache; the reward model and PPO.
+Not yet here (issue 19): LLaVA-NeXT-Video, Video-LLaVA; per-video pixel or token budgets; a feature
+or pixel cache; the reward model and PPO.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+from operator import attrgetter
 from pathlib import Path
 
 import numpy as np
@@ -48,14 +58,14 @@ from vlmalign.config import ModelConfig, QuantizationConfig, config_from_dict, t
 from vlmalign.data.formats import VIDEO_TOKEN, Turn
 from vlmalign.data.template import IGNORE_INDEX, Encoded
 from vlmalign.errors import ConfigError, DataError
-from vlmalign.model.generation import DecodeState, cache_name
+from vlmalign.model.generation import DecodeState, cache_name, left_positions
 from vlmalign.model.policy import MANIFEST, Policy, hf_architecture
 from vlmalign.video import sample_indices
 
-SUPPORTED = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration")
+SUPPORTED = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
+             "LlavaOnevisionForConditionalGeneration")
 # video models transformers builds that this family does not drive yet
-NOT_YET = ("LlavaOnevisionForConditionalGeneration", "LlavaNextVideoForConditionalGeneration",
-           "VideoLlavaForConditionalGeneration")
+NOT_YET = ("LlavaNextVideoForConditionalGeneration", "VideoLlavaForConditionalGeneration")
 # LLaVA-1.5 checkpoints convert to our VideoLM (`model/llava.py`); everything else with a config.json
 # that is no plain causal LM is taken for an HF video model and checked here
 CONVERTED_TO_VIDEO_LM = ("LlavaForConditionalGeneration",)
@@ -174,6 +184,29 @@ class QwenFrames:
                 "video_grid_thw": torch.tensor([t, h, w])}
 
 
+@dataclasses.dataclass
+class SiglipFrames:
+    """A video's frames as LLaVA-OneVision's SigLIP tower reads them: each resized to `side` x `side`
+    pixels, scaled and normalised (as its video processor does). After the tower, the projector and a
+    2 x 2 bilinear pooling, a frame is ceil(side / patch / 2)^2 tokens; one newline token ends the video."""
+
+    side: int
+    patch: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def tokens(self, num_frames: int) -> int:
+        return num_frames * math.ceil(self.side // self.patch / 2) ** 2 + 1
+
+    def __call__(self, frames: np.ndarray) -> dict:
+        """uint8 [T, H, W, 3] -> {"pixel_values_videos": [T, 3, side, side]}."""
+        from PIL import Image
+
+        resized = np.stack([np.asarray(Image.fromarray(f).resize((self.side, self.side), Image.BICUBIC)) for f in frames])
+        x = torch.from_numpy(resized).float().div(255).permute(0, 3, 1, 2)
+        return {"pixel_values_videos": (x - torch.tensor(self.mean).view(1, 3, 1, 1)) / torch.tensor(self.std).view(1, 3, 1, 1)}
+
+
 class HFVisualInputs:
     """Per video: its patches, grid and layout (no cache yet: frames are decoded and the tower runs in the step)."""
 
@@ -220,8 +253,12 @@ class HFVideoLM(Policy):
     """Qwen2-VL; the base of the other Qwen families below, which change how a video shows in the
     prompt and in the positions."""
 
-    # the vision tower's modules that map its features into the language model ("the projector")
-    projector_modules = ("merger",)
+    # the vision tower, and what maps its features into the language model ("the projector"), under
+    # the transformers model's `model`; QLoRA keeps these (and the LM head) in full precision
+    vision_module = "visual"
+    projector_modules = ("visual.merger",)
+    # the config's ids of the vision markers (sampling never picks them)
+    marker_keys = ("video_token_id", "image_token_id", "vision_start_token_id", "vision_end_token_id")
     # whether the family places frames by time (then a video without a frame rate is an error)
     needs_frame_rate = False
 
@@ -237,14 +274,24 @@ class HFVideoLM(Policy):
             raise ConfigError(f"{architecture}: the tokenizer does not match the model (video token id {config.video_token_id} "
                               f"is {self.video_pad!r}; chat template {'missing' if tokenizer.chat_template is None else 'present'})")
         # an answer holding a vision marker would read as another video: sampling never picks them
-        self.unsampled_token_ids = tuple(getattr(config, key) for key in (
-            "video_token_id", "image_token_id", "vision_start_token_id", "vision_end_token_id"))
+        self.unsampled_token_ids = tuple(getattr(config, key) for key in self.marker_keys)
         self._layouts: dict = {}
 
     @property
     def core(self):
         """The transformers model, under the LoRA wrapper if there is one."""
         return self.hf.get_base_model() if self.uses_lora else self.hf
+
+    @property
+    def vision_tower(self):
+        return getattr(self.core.model, self.vision_module)
+
+    @classmethod
+    def make_frames(cls, cfg: ModelConfig, hf_config, mean, std) -> QwenFrames:
+        """How this family turns frames into the vision tower's input."""
+        vision = hf_config.vision_config
+        return QwenFrames(tuple(cfg.frame_size), vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size,
+                          tuple(mean), tuple(std))
 
     @property
     def uses_lora(self) -> bool:
@@ -330,25 +377,28 @@ class HFVideoLM(Policy):
 
     def encode_conversation(self, turns, max_length: int, sample_id: str = "", layout: VideoLayout | None = None) -> Encoded:
         """Ids and labels of a conversation: the ids of the whole conversation as the chat template
-        and the processor render it (so they equal the model's own stack's), labels on each answer up
-        to and including its end-of-turn token. The answers' spans come from rendering turn by turn."""
+        and the processor render it (so they equal the model's own stack's), labels on each answer's
+        text up to and including its end-of-turn token. Each answer is found in the text its turn
+        adds (a template may write a role header before it that differs from its generation prompt,
+        as LLaVA-OneVision's does: "assistant \n" there, "assistant\n" when prompting)."""
         messages = self._messages(turns)
         full = self._render(messages, False, layout)
         eos_text = self.tokenizer.eos_token
         spans, rendered = [], ""
         for i in range(0, len(messages) - 1, 2):
-            prompt = self._render(messages[: i + 1], True, layout)
+            before = self._render(messages[: i + 1], False, layout)
             turn = self._render(messages[: i + 2], False, layout)
-            if not (prompt.startswith(rendered) and turn.startswith(prompt) and full.startswith(turn)):
+            answer_text = turns[i + 1].text.strip()
+            start = turn.rfind(answer_text, len(before))
+            if not (before.startswith(rendered) and turn.startswith(before) and full.startswith(turn)) or start < 0:
                 raise DataError(f"sample {sample_id!r}: the chat template of {self.architecture} does not render the "
                                 "conversation turn by turn (a later turn changes an earlier one)")
-            answer = turn[len(prompt):]
-            cut = answer.find(eos_text)  # what follows the end-of-turn token (a newline) is not learnt
+            cut = turn.find(eos_text, start + len(answer_text))  # what follows the end-of-turn token is not learnt
             if cut < 0:
                 raise DataError(f"sample {sample_id!r}: the chat template of {self.architecture} ends an answer without the "
                                 f"tokenizer's eos token {eos_text!r}, where sampling stops; use a checkpoint whose eos "
                                 "token ends a turn (an Instruct one)")
-            spans.append((len(prompt), len(prompt) + cut + len(eos_text)))
+            spans.append((start, cut + len(eos_text)))
             rendered = turn
         enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         copies = self._pad_copies(layout) if layout is not None else 1
@@ -385,7 +435,7 @@ class HFVideoLM(Policy):
                 "video_grid_thw": torch.stack([it["video_grid_thw"] for it in items])}
 
     def model_inputs(self, batch: dict, device) -> dict:
-        keys = ("input_ids", "attention_mask", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+        keys = ("input_ids", "attention_mask", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "video_frames")
         return {k: batch[k].to(device) for k in keys if k in batch}
 
     def _token_types(self, input_ids) -> torch.Tensor:
@@ -401,7 +451,7 @@ class HFVideoLM(Policy):
     def forward(self, input_ids, attention_mask, pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
                 position_ids=None, **kwargs):
         if pixel_values_videos is not None:
-            pixel_values_videos = pixel_values_videos.to(self.core.model.visual.dtype)
+            pixel_values_videos = pixel_values_videos.to(self.vision_tower.dtype)
         if position_ids is None:
             position_ids = self._positions(input_ids, attention_mask, video_grid_thw, second_per_grid_ts)
         return self.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -470,7 +520,7 @@ class Qwen3VideoLM(HFVideoLM):
     layers (deepstack), in the same forward pass; their mergers are projectors too."""
 
     needs_frame_rate = True
-    projector_modules = ("merger", "deepstack_merger_list")
+    projector_modules = ("visual.merger", "visual.deepstack_merger_list")
 
     def _video_text(self, layout: VideoLayout) -> str:
         start, end = self.tokenizer.convert_ids_to_tokens([self.core.config.vision_start_token_id,
@@ -481,17 +531,61 @@ class Qwen3VideoLM(HFVideoLM):
         return self.frames.tokens(self.frames.temporal)  # one temporal patch
 
 
+class LlavaOnevisionVideoLM(HFVideoLM):
+    """LLaVA-OneVision: its SigLIP tower reads each frame alone, the projector maps the patches into the
+    language model, 2 x 2 pooling quarters them, and one learnt newline token closes the video. The
+    template writes the video as its <video> token, which becomes the video's token count; positions
+    are plain 1D ones (a Qwen2 language model)."""
+
+    vision_module = "vision_tower"
+    projector_modules = ("multi_modal_projector", "image_newline")
+    marker_keys = ("video_token_id", "image_token_id")
+
+    @classmethod
+    def make_frames(cls, cfg: ModelConfig, hf_config, mean, std) -> SiglipFrames:
+        side = hf_config.vision_config.image_size
+        if list(cfg.frame_size) != [side, side]:  # its position embeddings are learnt for that size alone
+            raise ConfigError(f"model.frame_size: {list(cfg.frame_size)}, but the vision tower of this LLaVA-OneVision "
+                              f"checkpoint reads {side} x {side} frames; set model.frame_size: [{side}, {side}]")
+        return SiglipFrames(side, hf_config.vision_config.patch_size, tuple(mean), tuple(std))
+
+    def stack_visual(self, items: list[dict]) -> dict:
+        return {"pixel_values_videos": torch.cat([it["pixel_values_videos"] for it in items]),
+                "video_frames": torch.tensor([len(it["pixel_values_videos"]) for it in items])}
+
+    def forward(self, input_ids, attention_mask, pixel_values_videos=None, video_frames=None, position_ids=None, **kwargs):
+        encoded = None
+        if pixel_values_videos is not None:
+            from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+            # each video through the tower alone (each gets its newline): videos of different lengths
+            # share no [videos, frames] tensor; the features then fill the video tokens in order
+            pixels = pixel_values_videos.to(self.vision_tower.dtype).split(video_frames.tolist())
+            features = [self.core.model.get_video_features(p[None]).pooler_output for p in pixels]
+            encoded = {"video": BaseModelOutputWithPooling(pooler_output=torch.cat(features, dim=1))}
+        if position_ids is None:
+            position_ids = left_positions(attention_mask)
+        return self.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       mm_encoder_outputs=encoded, **kwargs)
+
+    def prefill(self, input_ids, attention_mask, visual: dict) -> tuple[torch.Tensor, DecodeState]:
+        positions = left_positions(attention_mask)
+        out = self.forward(input_ids, attention_mask, **visual, position_ids=positions, use_cache=True)
+        return out.logits[:, -1], DecodeState(getattr(out, cache_name(self.hf)), positions[:, -1] + 1)
+
+    def decode(self, tokens, attention_mask, state: DecodeState) -> torch.Tensor:
+        name = cache_name(self.hf)
+        out = self.hf(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=state.position[:, None],
+                      use_cache=True, **{name: state.cache})
+        state.advance(getattr(out, name))
+        return out.logits[:, -1]
+
+
 FAMILIES = {"Qwen2VLForConditionalGeneration": HFVideoLM, "Qwen2_5_VLForConditionalGeneration": Qwen25VideoLM,
-            "Qwen3VLForConditionalGeneration": Qwen3VideoLM}
+            "Qwen3VLForConditionalGeneration": Qwen3VideoLM, "LlavaOnevisionForConditionalGeneration": LlavaOnevisionVideoLM}
 
 
 # --- building and loading -----------------------------------------------------------------------
-def _frames(cfg: ModelConfig, hf_config, mean, std) -> QwenFrames:
-    vision = hf_config.vision_config
-    return QwenFrames(tuple(cfg.frame_size), vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size,
-                      tuple(mean), tuple(std))
-
-
 def _image_stats(path: Path) -> tuple[list[float], list[float]]:
     """The checkpoint's normalisation (its preprocessor_config.json: a local folder's, or a hub name's)."""
     from transformers.utils import cached_file
@@ -522,7 +616,9 @@ def _pretrained(arch: str, source, dtype: str, quantization: QuantizationConfig 
     if quantised:
         from vlmalign.model.video_lm import four_bit_config
 
-        kwargs["quantization_config"] = four_bit_config(quantization, skip=["lm_head", "model.visual"])
+        family = FAMILIES[arch]
+        skip = ["lm_head"] + [f"model.{name}" for name in (family.vision_module, *family.projector_modules)]
+        kwargs["quantization_config"] = four_bit_config(quantization, skip=skip)
     hf = _model_class(arch).from_pretrained(source, **kwargs)
     if quantised and not torch.cuda.is_available():
         from vlmalign.model.video_lm import check_cpu_4bit_shapes
@@ -536,10 +632,10 @@ def _set_trainable(model: HFVideoLM) -> HFVideoLM:
     if not model.uses_lora:  # no adapter: the whole language model trains
         core.model.language_model.requires_grad_(True)
         core.lm_head.requires_grad_(True)
-    core.model.visual.requires_grad_(not cfg.vision.frozen)
+    model.vision_tower.requires_grad_(not cfg.vision.frozen)
     if cfg.train_projector:
         for name in model.projector_modules:
-            getattr(core.model.visual, name).requires_grad_(True)
+            attrgetter(name)(core.model).requires_grad_(True)
     if cfg.gradient_checkpointing:
         core.gradient_checkpointing_enable()
         core.enable_input_require_grads()
@@ -578,7 +674,8 @@ def build_hf_video(cfg: ModelConfig) -> HFVideoLM:
     own = dataclasses.replace(cfg, init_from=None)
     if cfg.lora.enabled:
         hf = _apply_lora(hf, cfg)
-    return _set_trainable(FAMILIES[arch](own, hf, tokenizer, _frames(own, hf.config, mean, std), base, arch))
+    family = FAMILIES[arch]
+    return _set_trainable(family(own, hf, tokenizer, family.make_frames(own, hf.config, mean, std), base, arch))
 
 
 def load_hf_video(path, trainable: bool = False, quantization: QuantizationConfig | None = None) -> HFVideoLM:
@@ -590,7 +687,7 @@ def load_hf_video(path, trainable: bool = False, quantization: QuantizationConfi
         cfg = ModelConfig()
         hf, tokenizer, mean, std, arch = _from_checkpoint(path, "auto", quantization)
         base = {"hf": str(path.resolve()) if path.exists() else str(path)}
-        model = FAMILIES[arch](cfg, hf, tokenizer, _frames(cfg, hf.config, mean, std), base, arch)
+        model = FAMILIES[arch](cfg, hf, tokenizer, FAMILIES[arch].make_frames(cfg, hf.config, mean, std), base, arch)
     else:
         manifest = json.loads((path / MANIFEST).read_text())
         cfg = config_from_dict(ModelConfig, manifest["config"], source=str(path / MANIFEST))
@@ -615,8 +712,9 @@ def load_hf_video(path, trainable: bool = False, quantization: QuantizationConfi
                 if name not in params:
                     raise ConfigError(f"{path / 'trainable.safetensors'}: weight {name} is not in the model")
                 params[name].data.copy_(tensor)
-        model = FAMILIES[arch](cfg, hf, tokenizer, _frames(cfg, hf.config, manifest["image_mean"], manifest["image_std"]),
-                               base, arch)
+        family = FAMILIES[arch]
+        model = family(cfg, hf, tokenizer, family.make_frames(cfg, hf.config, manifest["image_mean"], manifest["image_std"]),
+                       base, arch)
     if trainable:
         return _set_trainable(model)
     model.requires_grad_(False)
@@ -638,13 +736,23 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 CHATML_SPECIAL = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|image_pad|>"]
+# LLaVA-OneVision's template as the llava-hf checkpoints ship it: "<|im_start|>role " then the video's
+# <video> token, then "\n" and the text, "<|im_end|>" with no newline; prompting ends "<|im_start|>assistant\n"
+ONEVISION_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\n' + content['text'] }}{% endfor %}"
+    "{{'<|im_end|>'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+ONEVISION_SPECIAL = ["<|im_start|>", "<|im_end|>", "<image>", "<video>"]
 
 
 def save_tiny_hf_video(out, words: list[str], architecture: str = "Qwen2_5_VLForConditionalGeneration",
                        hidden: int = 64, layers: int = 2, seed: int = 0, intermediate: int | None = None,
                        kv_heads: int = 2) -> Path:
     """A random tiny checkpoint of `architecture` in `out` (config.json, weights, a word-level tokenizer
-    over `words` with the family's special tokens and a ChatML template, preprocessor_config.json),
+    over `words` with the family's special tokens and chat template, preprocessor_config.json),
     loadable by `from_pretrained` like a hub checkpoint. Built offline."""
     from vlmalign.model.tokenizer import build_word_tokenizer
 
@@ -653,47 +761,71 @@ def save_tiny_hf_video(out, words: list[str], architecture: str = "Qwen2_5_VLFor
     words = set(words) | set("system you are a helpful assistant . user".split())
     if architecture == "Qwen3VLForConditionalGeneration":  # its prompts hold each frame's time: "<12.5 seconds>"
         words |= {str(n) for n in range(100)} | {"<", ">", "seconds"}
+    onevision = architecture == "LlavaOnevisionForConditionalGeneration"
+    special, template = (ONEVISION_SPECIAL, ONEVISION_TEMPLATE) if onevision else (CHATML_SPECIAL, CHATML_TEMPLATE)
     tokenizer = build_word_tokenizer(sorted(words))
-    tokenizer.add_special_tokens({"additional_special_tokens": CHATML_SPECIAL, "eos_token": "<|im_end|>"})
-    tokenizer.chat_template = CHATML_TEMPLATE
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in CHATML_SPECIAL}
-    half = hidden // 4 // 2  # rotary frequencies per head (4 heads); Qwen splits them 1 : 1.5 : 1.5 over t, h, w
-    sections = [half // 4, (half - half // 4) // 2, (half - half // 4) // 2]
+    tokenizer.add_special_tokens({"additional_special_tokens": special, "eos_token": "<|im_end|>"})
+    tokenizer.chat_template = template
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
     text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
                 num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=4096,
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=ids["<|im_end|>"], bos_token_id=None)
-    # Qwen2-VL and Qwen2.5-VL: patches of 14 pixels, CLIP's normalisation; Qwen3-VL: 16, mean = std = 0.5
-    patch, mean, std = 14, CLIP_MEAN, CLIP_STD
-    if architecture == "Qwen3VLForConditionalGeneration":
-        from transformers import Qwen3VLConfig as Config
-
-        patch, mean, std = 16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-        text.update(head_dim=hidden // 4, rope_parameters={"rope_type": "default", "rope_theta": 5e6,
-                                                           "mrope_section": sections, "mrope_interleaved": True})
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden, patch_size=patch,
-                      spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
-                      deepstack_visual_indexes=[0])  # the first block's features join the first LM layer
-    elif architecture == "Qwen2_5_VLForConditionalGeneration":
-        from transformers import Qwen2_5_VLConfig as Config
-
-        text.update(rope_scaling={"type": "mrope", "mrope_section": sections})
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden, patch_size=patch,
-                      spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[1], window_size=56)
+    if onevision:
+        config, patch, mean, std = _tiny_onevision_config(text, ids)
     else:
-        from transformers import Qwen2VLConfig as Config
-
-        text.update(rope_scaling={"type": "mrope", "mrope_section": sections})
-        vision = dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=patch,
-                      spatial_merge_size=2, temporal_patch_size=2)
-    config = Config(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                    video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                    vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+        config, patch, mean, std = _tiny_qwen_config(architecture, text, ids, hidden)
     torch.manual_seed(seed)
     model = _model_class(architecture)(config)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "preprocessor_config.json").write_text(json.dumps({"image_mean": list(mean), "image_std": list(std),
-                                                             "patch_size": patch, "temporal_patch_size": 2, "merge_size": 2}))
+    sizes = {"patch_size": patch} if onevision else {"patch_size": patch, "temporal_patch_size": 2, "merge_size": 2}
+    (out / "preprocessor_config.json").write_text(json.dumps({"image_mean": list(mean), "image_std": list(std), **sizes}))
     return out
+
+
+def _tiny_qwen_config(architecture: str, text: dict, ids: dict, hidden: int):
+    """(config, patch, mean, std) of a tiny Qwen: Qwen2-VL and Qwen2.5-VL read patches of 14 pixels with
+    CLIP's normalisation, Qwen3-VL 16 with mean = std = 0.5."""
+    half = hidden // 4 // 2  # rotary frequencies per head (4 heads); Qwen splits them 1 : 1.5 : 1.5 over t, h, w
+    sections = [half // 4, (half - half // 4) // 2, (half - half // 4) // 2]
+    patch, mean, std = 14, CLIP_MEAN, CLIP_STD
+    if architecture == "Qwen3VLForConditionalGeneration":
+        from transformers import Qwen3VLConfig as Config
+
+        patch, mean, std = 16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+        text = dict(text, head_dim=hidden // 4, rope_parameters={"rope_type": "default", "rope_theta": 5e6,
+                                                                 "mrope_section": sections, "mrope_interleaved": True})
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden, patch_size=patch,
+                      spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0])  # the first block's features join the first LM layer
+    elif architecture == "Qwen2_5_VLForConditionalGeneration":
+        from transformers import Qwen2_5_VLConfig as Config
+
+        text = dict(text, rope_scaling={"type": "mrope", "mrope_section": sections})
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden, patch_size=patch,
+                      spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[1], window_size=56)
+    else:
+        from transformers import Qwen2VLConfig as Config
+
+        text = dict(text, rope_scaling={"type": "mrope", "mrope_section": sections})
+        vision = dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=patch,
+                      spatial_merge_size=2, temporal_patch_size=2)
+    config = Config(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                    video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                    vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    return config, patch, mean, std
+
+
+def _tiny_onevision_config(text: dict, ids: dict):
+    """(config, patch, mean, std) of a tiny LLaVA-OneVision: a SigLIP tower over frames of 56 pixels
+    (4 x 4 patches of 14, pooled to 2 x 2 tokens), mean = std = 0.5, a Qwen2 language model."""
+    from transformers import LlavaOnevisionConfig
+
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=56, patch_size=14, vision_use_head=False)
+    config = LlavaOnevisionConfig(text_config=dict(model_type="qwen2", **text), vision_config=vision,
+                                  image_token_index=ids["<image>"], video_token_index=ids["<video>"],
+                                  vision_feature_select_strategy="full", vision_feature_layer=-1, tie_word_embeddings=False)
+    return config, 14, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
