@@ -100,6 +100,7 @@ def test_onevision_frames_are_the_image_processors(tiny_bench, tmp_path):
     assert model.num_visual_tokens == 4 * 4 + 1
     with pytest.raises(ConfigError, match=r"model.frame_size: \[64, 64\], but the vision tower .* reads 56 x 56 frames"):
         policy(checkpoint, frame_size=[64, 64])
+    assert load_model(checkpoint).cfg.frame_size == [56, 56]  # as it ships (a reference, a judge): the tower's size
 
 
 def processor_text(model, text: str, layout) -> str:

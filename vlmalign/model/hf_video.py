@@ -287,6 +287,11 @@ class HFVideoLM(Policy):
         return getattr(self.core.model, self.vision_module)
 
     @classmethod
+    def checkpoint_config(cls, hf_config) -> ModelConfig:
+        """The settings of a checkpoint loaded as it ships (a reference, a judge): the defaults."""
+        return ModelConfig()
+
+    @classmethod
     def make_frames(cls, cfg: ModelConfig, hf_config, mean, std) -> QwenFrames:
         """How this family turns frames into the vision tower's input."""
         vision = hf_config.vision_config
@@ -542,6 +547,11 @@ class LlavaOnevisionVideoLM(HFVideoLM):
     marker_keys = ("video_token_id", "image_token_id")
 
     @classmethod
+    def checkpoint_config(cls, hf_config) -> ModelConfig:
+        side = hf_config.vision_config.image_size
+        return ModelConfig(frame_size=[side, side])
+
+    @classmethod
     def make_frames(cls, cfg: ModelConfig, hf_config, mean, std) -> SiglipFrames:
         side = hf_config.vision_config.image_size
         if list(cfg.frame_size) != [side, side]:  # its position embeddings are learnt for that size alone
@@ -684,10 +694,11 @@ def load_hf_video(path, trainable: bool = False, quantization: QuantizationConfi
 
     path = Path(path)
     if not (path / MANIFEST).is_file():  # a reference or a judge as the checkpoint ships (its own dtype)
-        cfg = ModelConfig()
         hf, tokenizer, mean, std, arch = _from_checkpoint(path, "auto", quantization)
+        family = FAMILIES[arch]
+        cfg = family.checkpoint_config(hf.config)
         base = {"hf": str(path.resolve()) if path.exists() else str(path)}
-        model = FAMILIES[arch](cfg, hf, tokenizer, FAMILIES[arch].make_frames(cfg, hf.config, mean, std), base, arch)
+        model = family(cfg, hf, tokenizer, family.make_frames(cfg, hf.config, mean, std), base, arch)
     else:
         manifest = json.loads((path / MANIFEST).read_text())
         cfg = config_from_dict(ModelConfig, manifest["config"], source=str(path / MANIFEST))

@@ -2,8 +2,8 @@
 
 Two families implement it:
     VideoLM      (`model/video_lm.py`) our CLIP + pooling + projector + causal LM, the papers' model
-    HFVideoLM    (`model/hf_video.py`) a transformers video model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)
-                 driven with its own chat template, video tokens, timestamps and 3D positions
+    HFVideoLM    (`model/hf_video.py`) a transformers video model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
+                 LLaVA-OneVision) driven with its own chat template, video tokens and positions
 
 Stages build or load a policy with `build_model` / `load_model` below, which pick the family from
 the checkpoint (a saved model's model.json, or an HF checkpoint's config.json architectures), and
@@ -105,7 +105,7 @@ def build_model(cfg: ModelConfig) -> Policy:
         return build_hf_video(cfg)
     if cfg.fps is not None:
         raise ConfigError(f"model.fps: vlmalign's VideoLM reads a fixed model.num_frames (its token count is fixed); "
-                          "fps sampling is for HF video models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)")
+                          "fps sampling is for HF video models (model/hf_video.py)")
     from vlmalign.model.video_lm import build_video_lm
 
     return build_video_lm(cfg)
