@@ -117,6 +117,11 @@ class VideoLayout:
         return temporal / (len(self.indices) / self.total * self.fps)
 
 
+def video_name(video) -> str:
+    """A video file or frame folder as it is; a list of frame images by its first frame and count."""
+    return video if isinstance(video, str) else f"{video[0]} (+{len(video) - 1} frames)"
+
+
 def check_frame_settings(cfg: ModelConfig) -> None:
     if cfg.fps is not None and cfg.fps <= 0:
         raise ConfigError(f"model.fps: {cfg.fps} must be positive (frames per second), or null to read model.num_frames")
@@ -133,7 +138,7 @@ def frame_indices(total: int, fps: float | None, cfg: ModelConfig, video) -> tup
     if cfg.fps is None:
         return tuple(sample_indices(total, cfg.num_frames, cfg.frame_sampling))
     if fps is None:
-        raise DataError(f"video {video}: no frame rate to sample model.fps={cfg.fps} from (a frame folder or list); set "
+        raise DataError(f"video {video_name(video)}: no frame rate to sample model.fps={cfg.fps} from (a frame folder or list); set "
                         "model.frame_folder_fps to the rate its frames were taken at, or sample model.num_frames")
     count = min(max(int(total / fps * cfg.fps), cfg.min_frames), cfg.max_frames, total)
     return tuple(np.linspace(0, total - 1, count).round().astype(int).tolist())
@@ -243,15 +248,16 @@ class HFVisualInputs:
     def precompute(self, videos: list, batch_size: int = 8, progress: bool = True) -> None:
         """No cache to fill yet: read each video's layout (so a video without a frame rate fails
         before training) and print how many frames and visual tokens the videos get."""
-        layouts = [self.policy.video_layout(v) for v in {v if isinstance(v, str) else tuple(v): v for v in videos}.values()]
+        distinct = {v if isinstance(v, str) else tuple(v): v for v in videos}
+        layouts = [self.policy.video_layout(v) for v in distinct.values()]
         if layouts:
             print(self.policy.describe_layouts(layouts), flush=True)
 
 
 # --- the policy ---------------------------------------------------------------------------------
 class HFVideoLM(Policy):
-    """Qwen2-VL; the base of the other Qwen families below, which change how a video shows in the
-    prompt and in the positions."""
+    """Qwen2-VL, and the base of the other families below (Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision),
+    which change how a video shows in the prompt, the vision tower's input and the positions."""
 
     # the vision tower, and what maps its features into the language model ("the projector"), under
     # the transformers model's `model`; QLoRA keeps these (and the LM head) in full precision
@@ -327,7 +333,7 @@ class HFVideoLM(Policy):
             total, fps = frame_count_and_rate(video)
             fps = fps or self.cfg.frame_folder_fps
             if fps is None and self.needs_frame_rate:  # transformers would assume 24 fps and misplace the frames
-                raise DataError(f"video {video}: {self.architecture} places frames by their time, and this video has no "
+                raise DataError(f"video {video_name(video)}: {self.architecture} places frames by their time, and this video has no "
                                 "frame rate (a frame folder or list); set model.frame_folder_fps to the rate its frames "
                                 "were taken at")
             self._layouts[key] = VideoLayout(frame_indices(total, fps, self.cfg, video), total, fps)
