@@ -20,8 +20,7 @@ transformers model) or adapter/ (+ trainable.safetensors: trained weights outsid
 as the merger) over the recorded base (an HF checkpoint or another saved policy).
 
 Not yet here (issue 19): Qwen3-VL, LLaVA-OneVision, LLaVA-NeXT-Video, Video-LLaVA; fps-based frame
-sampling, per-video token budgets and real timestamps; a feature or pixel cache; the reward model
-and PPO.
+sampling, per-video token budgets and real timestamps; a feature or pixel cache.
 """
 
 from __future__ import annotations
@@ -184,6 +183,10 @@ class HFVideoLM(Policy):
         return self.hf
 
     @property
+    def language_model(self):
+        return self.core
+
+    @property
     def device(self) -> torch.device:
         return next(self.hf.parameters()).device
 
@@ -255,6 +258,18 @@ class HFVideoLM(Policy):
     def encode_prompt(self, question: str) -> list[int]:
         return self._ids(self._render(self._messages([Turn("user", question)]), True))
 
+    def encode_followup(self, turns, text: str, max_length: int, sample_id: str = "") -> list[int]:
+        """The conversation, then a user turn with `text` and the assistant's header, as the chat
+        template renders them; the conversation is cut first, so that last turn stays whole."""
+        messages = self._messages(turns)
+        before = self._render(messages, False)
+        after = self._render(messages + self._messages([Turn("user", text)]), True)
+        if not after.startswith(before):
+            raise DataError(f"sample {sample_id!r}: the chat template of {self.architecture} changes the conversation "
+                            "when a turn follows it")
+        tail = self._ids(after[len(before):])
+        return self.encode_conversation(turns, max_length - len(tail), sample_id).input_ids + tail
+
     # --- visual inputs and forward ----------------------------------------------------------------
     def visual_inputs(self, cache_dir) -> HFVisualInputs:
         return HFVisualInputs(self)
@@ -290,6 +305,15 @@ class HFVideoLM(Policy):
         return self.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
                        mm_token_type_ids=self._token_types(input_ids), **kwargs)
+
+    def hidden_states(self, input_ids, attention_mask, pixel_values_videos=None, video_grid_thw=None) -> torch.Tensor:
+        # the inner model (LoRA layers sit inside it): no LM head, no [B, L, vocab] logits
+        if pixel_values_videos is not None:
+            pixel_values_videos = pixel_values_videos.to(self.core.model.visual.dtype)
+        return self.core.model(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=self._positions(input_ids, attention_mask, video_grid_thw),
+                               pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
+                               mm_token_type_ids=self._token_types(input_ids)).last_hidden_state
 
     def prefill(self, input_ids, attention_mask, visual: dict) -> tuple[torch.Tensor, DecodeState]:
         positions = self._positions(input_ids, attention_mask, visual.get("video_grid_thw"))
