@@ -71,7 +71,7 @@ def test_bundled_configs_load_and_chain():
     schema = [("sft", SFTConfig), ("rm", RMConfig), ("ppo", PPOConfig), ("isr_dpo", DPOConfig), ("dpo", DPOConfig),
               ("prefs", PrefsConfig), ("grpo", GRPOConfig), ("instructions", InstructionsConfig)]
     run_dirs, starts = set(), []
-    for folder in ("tiny", "vlm_rlaif", "llava_hound", "isr_dpo", "oracle_rlaif"):
+    for folder in ("tiny", "vlm_rlaif", "llava_hound", "isr_dpo", "oracle_rlaif", "qwen2_5_vl"):
         for path in sorted((root / folder).glob("*.yaml")):
             if path.stem.startswith("model"):
                 continue  # model sections, included by the stage configs

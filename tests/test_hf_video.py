@@ -1,7 +1,6 @@
 """HF video models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision) behind the policy interface: tiny
 random checkpoints saved to disk and loaded through `from_pretrained`, as a hub checkpoint would be."""
 
-import dataclasses
 import json
 import math
 import shutil
@@ -15,7 +14,7 @@ from vlmalign.config import DPOConfig, GRPOConfig, LoraConfig, ModelConfig, SFTC
 from vlmalign.data.collate import Collator, EncodedSample
 from vlmalign.data.formats import Turn, read_instructions, write_jsonl
 from vlmalign.data.template import IGNORE_INDEX
-from vlmalign.errors import ConfigError, DataError, VlmalignError
+from vlmalign.errors import ConfigError, DataError
 from vlmalign.losses import token_logps
 from vlmalign.model.generation import GenerationConfig, sample_answers
 from vlmalign.model.hf_video import HFVideoLM, save_tiny_hf_video
@@ -180,10 +179,6 @@ def test_checkpoints_pick_their_family_or_fail_in_one_line(qwen25, tmp_path):
     (mismatched / "chat_template.jinja").unlink(missing_ok=True)
     with pytest.raises(ConfigError, match="tokenizer does not match the model"):
         policy(mismatched)
-    from vlmalign.model.reward import build_reward_model
-
-    with pytest.raises(ConfigError, match="reward and value models .* VideoLM only"):
-        build_reward_model(ModelConfig(init_from=str(qwen25), num_frames=4, frame_size=[56, 56]), "", "p@1")
     with pytest.raises(ConfigError, match=r"model.frame_size: \[50, 56\] must be multiples of 28"):
         build_model(ModelConfig(init_from=str(qwen25), num_frames=4, frame_size=[50, 56]))
 
@@ -305,8 +300,6 @@ def test_the_gym_runs_on_a_tiny_qwen(tmp_path):
     assert set(runs[0]) >= {"ceiling", "start", "dpo", "dpo-control"} and "failed" not in runs[0]["dpo"]
     manifest = json.loads((tmp_path / "gym" / "seed-0" / "dpo" / "train" / "final" / "model.json").read_text())
     assert manifest["architecture"] == "Qwen2_5_VLForConditionalGeneration"
-    with pytest.raises(VlmalignError, match="RM \\+ PPO run on the VideoLM only"):
-        run_gym(tmp_path / "other", dataclasses.replace(budget, methods=("ppo",)), [0])
 
 
 def test_narratives_and_retrospective_contexts_read_clips_of_the_video(checkpoint, tiny_bench):
@@ -463,3 +456,85 @@ def test_videos_of_different_lengths_share_a_batch(checkpoint, tmp_path):
         for i, row in enumerate(rows):
             alone = model(**model.model_inputs(Collator(model, visual)([row]), "cpu")).logits
             torch.testing.assert_close(together[i, : len(row.input_ids)], alone[0], rtol=0, atol=1e-4)
+
+
+def test_reward_model_reads_the_chat_template_and_keeps_its_scores(checkpoint, tiny_bench, tmp_path):
+    """A reward model on an HF policy: its input is the chat template's rendering of the question,
+    the answer and the evaluation prompt as one more user turn, ready for the assistant's reply (the
+    video expanded as the family's processor expands it); a long answer is cut, never that turn;
+    scores do not depend on the batch's padding and survive save and load."""
+    from vlmalign.model.reward import build_reward_model, load_reward_model, score_samples
+
+    torch.manual_seed(0)
+    model = build_reward_model(ModelConfig(init_from=str(checkpoint), num_frames=4, frame_size=frame_size(checkpoint)),
+                               "Is the answer right?", "test@v0").eval()
+    with torch.no_grad():
+        model.head.weight.normal_(0, 1.0)
+        model.head.bias.fill_(0.5)
+    backbone, tok = model.backbone, model.tokenizer
+    sample = read_instructions(tiny_bench / "sft_easy.json")[0]
+    question, answer = sample.turns[0].text, sample.turns[1].text
+    enc = model.encode(question, answer, sample.video, 512)
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question.replace("<video>", "").strip()}]},
+                {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+                {"role": "user", "content": [{"type": "text", "text": "Is the answer right?"}]}]
+
+    def template_ids(messages, generation_prompt):
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return tok(processor_text(backbone, text, backbone.video_layout(sample.video)), add_special_tokens=False).input_ids
+
+    expected = template_ids(messages, True)
+    assert enc.input_ids == expected and set(enc.labels) == {IGNORE_INDEX}
+    long = model.encode(question, " ".join(["red"] * 400), sample.video, 120)
+    tail = expected[len(template_ids(messages[:2], False)):]  # the evaluation turn and the assistant's header
+    assert tok.decode(tail).count("is the answer right?") == 1  # (the tiny word tokenizer lowercases)
+    assert len(long.input_ids) == 120 and long.input_ids[-len(tail):] == tail
+
+    samples = read_instructions(tiny_bench / "sft_easy.json")[:4]
+    rows = [model.encode(s.turns[0].text, s.turns[1].text * (1 + i), s.video, 512, f"s{i}") for i, s in enumerate(samples)]
+    collate = Collator(backbone, backbone.visual_inputs(None))
+    batched = score_samples(model, collate, rows, batch_size=4)
+    alone = torch.cat([score_samples(model, collate, [row], batch_size=1) for row in rows])
+    torch.testing.assert_close(batched, alone, rtol=0, atol=1e-4)
+    assert batched.std() > 0
+    model.save_pretrained(tmp_path / "rm")
+    torch.testing.assert_close(score_samples(load_reward_model(tmp_path / "rm"), collate, rows, batch_size=3), batched,
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.e2e
+def test_reward_model_and_ppo_train_a_tiny_qwen(qwen25, tiny_bench, tmp_path):
+    """VLM-RLAIF's RM + PPO on an HF policy through the VideoLM's stage code: the reward model learns
+    oracle pairs (loss falls from log 2), PPO's value model starts as its copy, and the policy moves."""
+    from safetensors.torch import load_file
+
+    from vlmalign.config import PPOConfig, RMConfig
+    from vlmalign.feedback.oracle import Oracle
+    from vlmalign.train import ppo, rm
+
+    oracle = Oracle.from_dir(tiny_bench)
+    samples = read_instructions(tiny_bench / "sft_easy.json")[:16]
+    rows = [{"id": s.id, "video": s.video, "prompt": s.turns[0].text,
+             "chosen": oracle.reference(s.video, s.turns[0].text.replace("<video>", "").strip()),
+             "rejected": samples[(i + 7) % len(samples)].turns[1].text} for i, s in enumerate(samples)]
+    write_jsonl(tmp_path / "pairs.jsonl", rows)
+    rm_dir = tmp_path / "rm"
+    rm_final = rm.run(load_config(RMConfig, "configs/tiny/rm.yaml", FRAMES + [
+        f"model.init_from={qwen25}", f"run.dir={rm_dir}", f"data.train=[{tmp_path / 'pairs.jsonl'}]", "rm.eval_fraction=0.0",
+        "train.batch_size=8", "train.epochs=10", "train.lr=1e-3", "train.log_every=1", "train.scheduler=constant"]))
+    metrics = [json.loads(line) for line in (rm_dir / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=0.05)
+    assert sum(m["loss"] for m in metrics[-4:]) / 4 < 0.8 * metrics[0]["loss"]
+
+    ppo_dir = tmp_path / "ppo"
+    final = ppo.run(load_config(PPOConfig, "configs/tiny/ppo.yaml", FRAMES + [
+        f"model.init_from={qwen25}", f"reward_model={rm_final}", f"run.dir={ppo_dir}",
+        f"data.train=[{tiny_bench}/sft_easy.json]", "sampling.num_samples=2", "sampling.max_new_tokens=5",
+        "ppo.rollout_batch=4", "ppo.step_batch=4", "ppo.micro_batch=2", "train.lr=1e-3", "train.max_steps=2",
+        "train.log_every=1", "eval_qa=null"]))
+    rollouts = [json.loads(line) for line in (ppo_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(rollouts) == 2 and rollouts[0]["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert all(math.isfinite(r["value_loss"]) and math.isfinite(r["reward"]) for r in rollouts)
+    assert isinstance(load_model(final), HFVideoLM)
+    before, after = load_file(qwen25 / "model.safetensors"), load_file(final / "hf" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in after if k in before)

@@ -46,7 +46,7 @@ def test_reward_judge_scores_compares_and_ranks_by_reward(tiny_reward_model, tin
         def reward(q, a):
             batch = collate([rm.encode(q.question, a, q.video, 512, "one")])
             ids, mask = batch["input_ids"], batch["attention_mask"]
-            return float(final_scores(rm(ids, mask, batch["features"]), mask)[0])
+            return float(final_scores(rm(input_ids=ids, attention_mask=mask, features=batch["features"]), mask)[0])
         expected = [[reward(q, a) for a in answers] for q in questions]
 
     assert all(j.status == "ok" for j in ranked + scored + compared)

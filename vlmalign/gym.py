@@ -82,7 +82,7 @@ class GymBudget:
     bench_seed: int = 0
     # The model family every run trains (`model/policy.py`): vlmalign's VideoLM, or a tiny random
     # transformers video model of the same LLM size, built offline from the benchmark's words
-    # (`HF_FAMILIES`); reward models (RM + PPO) run on the VideoLM only so far.
+    # (`HF_FAMILIES`).
     family: str = "video_lm"
 
 
@@ -290,8 +290,6 @@ def run_gym(out="runs/gym", budget: GymBudget = FULL, seeds=(0, 1, 2), progress:
     out = Path(out)
     if budget.family not in FAMILIES:
         raise VlmalignError(f"family: {budget.family!r} is not one of {', '.join(FAMILIES)}")
-    if budget.family != "video_lm" and "ppo" in budget.methods:
-        raise VlmalignError(f"family {budget.family}: RM + PPO run on the VideoLM only so far; leave ppo out of --methods")
     _check_settings(out, budget)
     bench = out / "bench"
     if not (bench / "manifest.json").is_file():

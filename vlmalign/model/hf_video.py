@@ -39,7 +39,7 @@ transformers model) or adapter/ (+ trainable.safetensors: trained weights outsid
 as the merger) over the recorded base (an HF checkpoint or another saved policy).
 
 Not yet here (issue 19): LLaVA-NeXT-Video, Video-LLaVA; per-video pixel or token budgets; a feature
-or pixel cache; the reward model and PPO.
+or pixel cache.
 """
 
 from __future__ import annotations
@@ -312,6 +312,10 @@ class HFVideoLM(Policy):
         return self.hf
 
     @property
+    def language_model(self):
+        return self.core
+
+    @property
     def device(self) -> torch.device:
         return next(self.hf.parameters()).device
 
@@ -431,11 +435,27 @@ class HFVideoLM(Policy):
                             "raise max_length or shorten the conversation")
         return Encoded(input_ids[:max_length], labels[:max_length])
 
-    def encode_prompt(self, question: str, layout: VideoLayout | None = None) -> list[int]:
-        text = self._render(self._messages([Turn("user", question)]), True, layout)
+    def _ids(self, text: str, layout: VideoLayout | None) -> list[int]:
+        """Token ids of rendered text, each video pad expanded to the ids it stands for."""
         copies = self._pad_copies(layout) if layout is not None else 1
         return [i for t in self.tokenizer(text, add_special_tokens=False).input_ids
                 for i in ([t] * copies if t == self.visual_slot_id else [t])]
+
+    def encode_prompt(self, question: str, layout: VideoLayout | None = None) -> list[int]:
+        return self._ids(self._render(self._messages([Turn("user", question)]), True, layout), layout)
+
+    def encode_followup(self, turns, text: str, max_length: int, sample_id: str = "",
+                        layout: VideoLayout | None = None) -> list[int]:
+        """The conversation, then a user turn with `text` and the assistant's header, as the chat
+        template renders them; the conversation is cut first, so that last turn stays whole."""
+        messages = self._messages(turns)
+        before = self._render(messages, False, layout)
+        after = self._render(messages + self._messages([Turn("user", text)]), True, layout)
+        if not after.startswith(before):
+            raise DataError(f"sample {sample_id!r}: the chat template of {self.architecture} changes the conversation "
+                            "when a turn follows it")
+        tail = self._ids(after[len(before):], layout)
+        return self.encode_conversation(turns, max_length - len(tail), sample_id, layout).input_ids + tail
 
     # --- visual inputs and forward ----------------------------------------------------------------
     def visual_inputs(self, cache_dir) -> HFVisualInputs:
@@ -468,6 +488,16 @@ class HFVideoLM(Policy):
         return self.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
                        mm_token_type_ids=self._token_types(input_ids), **kwargs)
+
+    def hidden_states(self, input_ids, attention_mask, pixel_values_videos=None, video_grid_thw=None,
+                      second_per_grid_ts=None) -> torch.Tensor:
+        # the inner model (LoRA layers sit inside it): no LM head, no [B, L, vocab] logits
+        if pixel_values_videos is not None:
+            pixel_values_videos = pixel_values_videos.to(self.vision_tower.dtype)
+        return self.core.model(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=self._positions(input_ids, attention_mask, video_grid_thw, second_per_grid_ts),
+                               pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
+                               mm_token_type_ids=self._token_types(input_ids)).last_hidden_state
 
     def prefill(self, input_ids, attention_mask, visual: dict) -> tuple[torch.Tensor, DecodeState]:
         positions = self._positions(input_ids, attention_mask, visual.get("video_grid_thw"),
@@ -569,20 +599,27 @@ class LlavaOnevisionVideoLM(HFVideoLM):
         return {"pixel_values_videos": torch.cat([it["pixel_values_videos"] for it in items]),
                 "video_frames": torch.tensor([len(it["pixel_values_videos"]) for it in items])}
 
-    def forward(self, input_ids, attention_mask, pixel_values_videos=None, video_frames=None, position_ids=None, **kwargs):
-        encoded = None
-        if pixel_values_videos is not None:
-            from transformers.modeling_outputs import BaseModelOutputWithPooling
+    def _encoded_videos(self, pixel_values_videos, video_frames) -> dict | None:
+        """The videos' features as transformers' forward takes them precomputed: each video through
+        the tower alone (each gets its newline), since videos of different lengths share no [videos,
+        frames] tensor; they then fill the video tokens in order."""
+        if pixel_values_videos is None:
+            return None
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-            # each video through the tower alone (each gets its newline): videos of different lengths
-            # share no [videos, frames] tensor; the features then fill the video tokens in order
-            pixels = pixel_values_videos.to(self.vision_tower.dtype).split(video_frames.tolist())
-            features = [self.core.model.get_video_features(p[None]).pooler_output for p in pixels]
-            encoded = {"video": BaseModelOutputWithPooling(pooler_output=torch.cat(features, dim=1))}
+        pixels = pixel_values_videos.to(self.vision_tower.dtype).split(video_frames.tolist())
+        features = [self.core.model.get_video_features(p[None]).pooler_output for p in pixels]
+        return {"video": BaseModelOutputWithPooling(pooler_output=torch.cat(features, dim=1))}
+
+    def forward(self, input_ids, attention_mask, pixel_values_videos=None, video_frames=None, position_ids=None, **kwargs):
         if position_ids is None:
             position_ids = left_positions(attention_mask)
         return self.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       mm_encoder_outputs=encoded, **kwargs)
+                       mm_encoder_outputs=self._encoded_videos(pixel_values_videos, video_frames), **kwargs)
+
+    def hidden_states(self, input_ids, attention_mask, pixel_values_videos=None, video_frames=None) -> torch.Tensor:
+        return self.core.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=left_positions(attention_mask),
+                               mm_encoder_outputs=self._encoded_videos(pixel_values_videos, video_frames)).last_hidden_state
 
     def prefill(self, input_ids, attention_mask, visual: dict) -> tuple[torch.Tensor, DecodeState]:
         positions = left_positions(attention_mask)

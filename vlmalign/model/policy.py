@@ -21,6 +21,10 @@ then only call these operations:
     stack_visual(items)                                 a batch's visual entries for the collator
     model_inputs(batch, device)                         forward arguments of a collated batch
     forward(...) -> output with .logits                 teacher-forced logits
+    hidden_states(...) -> [B, L, H]                     the LM's final hidden states (reward and value heads)
+    encode_followup(turns, text, max_length,           a conversation, then one more user turn to answer
+                    sample_id, layout)
+    language_model                                      the causal LM (its embeddings and LM head)
     prefill(input_ids, attention_mask, visual)          shared-prefix sampling: one prefill ...
     decode(tokens, attention_mask, state)               ... then one token per step
     reference()                                         context: the starting policy (LoRA off)
@@ -71,6 +75,10 @@ class Policy(nn.Module):
     def inputs_layout(self, inputs):
         """`video_layout` of visual inputs from `visual_inputs(...)`: a video's, or a clip's."""
         return None
+
+    @property
+    def hidden_size(self) -> int:
+        return self.language_model.get_input_embeddings().embedding_dim
 
 
 def hf_architecture(path: str | Path) -> str | None:

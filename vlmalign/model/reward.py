@@ -1,13 +1,15 @@
-"""Reward (and value) model: a VideoLM backbone with a scalar head on its last hidden states.
+"""Reward (and value) model: a policy backbone (either family, `model/policy.py`) with a scalar head
+on its last hidden states.
 
 The head reads the LLM's final hidden state (after the last norm, before `lm_head`) at every
 position: `forward` returns [B, L] scores. A reward model uses the score of each row's last
-attended token (`final_scores`), after the conversation and the evaluation prompt
-(`USER: {reward.evaluate} ASSISTANT:`) appended behind the answer; PPO's value model uses the
-scores at the positions that predict each answer token.
+attended token (`final_scores`), after the conversation and the evaluation prompt appended as one
+more user turn (`USER: {reward.evaluate} ASSISTANT:` in VideoLM's template, the checkpoint's chat
+template for an HF model); PPO's value model uses the scores at the positions that predict each
+answer token.
 
-Saved layout: the backbone's `VideoLM.save_pretrained` layout (so a LoRA reward model records its
-SFT base and stores only its adapter), plus
+Saved layout: the backbone's `save_pretrained` layout (so a LoRA reward model records its SFT base
+and stores only its adapter), plus
     value_head.safetensors   the head (`weight` [1, H], `bias` [1]), always float32
     reward.json              the evaluation prompt the model was trained with, and its prompt id
 """
@@ -26,15 +28,14 @@ from vlmalign.data.collate import Collator, EncodedSample
 from vlmalign.data.formats import VIDEO_TOKEN, Turn
 from vlmalign.data.template import IGNORE_INDEX
 from vlmalign.errors import ConfigError
-from vlmalign.model.policy import build_model, load_model
-from vlmalign.model.video_lm import VideoLM
+from vlmalign.model.policy import Policy, build_model, load_model
 
 HEAD_FILE = "value_head.safetensors"
 REWARD_FILE = "reward.json"
 
 
 class RewardModel(nn.Module):
-    def __init__(self, backbone: VideoLM, head: nn.Linear, evaluation_prompt: str, prompt_id: str):
+    def __init__(self, backbone: Policy, head: nn.Linear, evaluation_prompt: str, prompt_id: str):
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -43,8 +44,9 @@ class RewardModel(nn.Module):
         # The score reads the decoder's hidden states, never the LM head: a trainable head that gets
         # no gradient would stall data-parallel training (an untied head only; a tied one is the
         # input embedding and is used).
-        lm_head = backbone.llm.get_output_embeddings()
-        if lm_head is not None and lm_head.weight is not backbone.llm.get_input_embeddings().weight:
+        llm = backbone.language_model
+        lm_head = llm.get_output_embeddings()
+        if lm_head is not None and lm_head.weight is not llm.get_input_embeddings().weight:
             lm_head.requires_grad_(False)
 
     @property
@@ -55,11 +57,9 @@ class RewardModel(nn.Module):
     def device(self) -> torch.device:
         return self.backbone.device
 
-    def forward(self, input_ids, attention_mask, features=None) -> torch.Tensor:
-        """Scalar score at every position, [B, L] float32."""
-        embeds = self.backbone.embed(input_ids, features)
-        # The decoder alone: the LM head's [B, L, vocab] logits would be computed and thrown away.
-        hidden = self.backbone.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+    def forward(self, **inputs) -> torch.Tensor:
+        """Scalar score at every position, [B, L] float32; `inputs` as `backbone.model_inputs` gives them."""
+        hidden = self.backbone.hidden_states(**inputs)
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
 
     def encode(self, question: str, answer: str, video, max_length: int, sample_id: str = "") -> EncodedSample:
@@ -70,10 +70,8 @@ class RewardModel(nn.Module):
         the prompt that asks for the judgement.
         """
         text = question if video is None or VIDEO_TOKEN in question else f"{VIDEO_TOKEN}\n{question}"
-        tail = self.tokenizer(f"USER: {self.evaluation_prompt} ASSISTANT:", add_special_tokens=False).input_ids
-        turns = [Turn("user", text), Turn("assistant", answer)]
-        enc = self.backbone.encode_conversation(turns, max_length - len(tail), sample_id)
-        ids = enc.input_ids + tail
+        ids = self.backbone.encode_followup([Turn("user", text), Turn("assistant", answer)], self.evaluation_prompt,
+                                            max_length, sample_id, layout=self.backbone.video_layout(video))
         return EncodedSample(sample_id, ids, [IGNORE_INDEX] * len(ids), video)
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -110,10 +108,7 @@ def build_reward_model(cfg: ModelConfig, evaluation_prompt: str, prompt_id: str)
     """A trainable reward model: `build_model(cfg)` (usually the SFT policy via `init_from`, LoRA per
     cfg.lora) plus a new head with a zero bias."""
     backbone = build_model(cfg)
-    if not isinstance(backbone, VideoLM):
-        raise ConfigError(f"model.init_from: {cfg.init_from} is a {backbone.architecture}; reward and value models "
-                          "(train-rm, ppo) run on vlmalign's VideoLM only so far")
-    head = nn.Linear(backbone.llm.config.hidden_size, 1)
+    head = nn.Linear(backbone.hidden_size, 1)
     # Zero bias, as VLM-RLAIF's head: the new head adds no offset, and the centering term of the
     # loss keeps the mean reward near zero from there (the Bradley-Terry term sees differences only).
     nn.init.zeros_(head.bias)
@@ -128,7 +123,7 @@ def load_reward_model(path: str | Path, trainable: bool = False) -> RewardModel:
         raise ConfigError(f"not a reward model directory (no {HEAD_FILE} / {REWARD_FILE}; train one with `vlmalign train-rm`): {path}")
     backbone = load_model(path, trainable=trainable)
     info = json.loads((path / REWARD_FILE).read_text())
-    head = nn.Linear(backbone.llm.config.hidden_size, 1)
+    head = nn.Linear(backbone.hidden_size, 1)
     head.load_state_dict(load_file(path / HEAD_FILE))
     model = RewardModel(backbone, head, info["evaluation_prompt"], info["prompt"])
     head.requires_grad_(trainable)

@@ -61,6 +61,12 @@ class VideoLM(Policy):
     def encode_prompt(self, question: str, layout=None) -> list[int]:
         return template.encode_prompt(self.tokenizer, question, self.num_visual_tokens)
 
+    def encode_followup(self, turns, text: str, max_length: int, sample_id: str = "", layout=None) -> list[int]:
+        """The conversation, then `USER: {text} ASSISTANT:`; the conversation is cut first, so the
+        last turn (a reward model's evaluation prompt) always stays whole."""
+        tail = self.tokenizer(f"USER: {text} ASSISTANT:", add_special_tokens=False).input_ids
+        return self.encode_conversation(turns, max_length - len(tail), sample_id).input_ids + tail
+
     def visual_inputs(self, cache_dir):
         from vlmalign.data.features import VisualInputs
 
@@ -96,6 +102,14 @@ class VideoLM(Policy):
 
     def adapted_module(self):
         return self.llm
+
+    @property
+    def language_model(self):
+        return self.llm
+
+    def hidden_states(self, input_ids, attention_mask, features=None) -> torch.Tensor:
+        # the decoder alone: the LM head's [B, L, vocab] logits would be computed and thrown away
+        return self.llm.get_decoder()(inputs_embeds=self.embed(input_ids, features), attention_mask=attention_mask).last_hidden_state
 
     # --- visual tokens -------------------------------------------------------------------------
     @property

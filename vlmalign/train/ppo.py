@@ -64,7 +64,6 @@ from vlmalign.losses import (
 from vlmalign.model.generation import GenerationConfig
 from vlmalign.model.reward import RewardModel, load_reward_model, score_samples
 from vlmalign.model.policy import MANIFEST, build_model, load_model
-from vlmalign.model.video_lm import VideoLM
 from vlmalign.train.common import (
     all_sum,
     backward,
@@ -169,9 +168,6 @@ def run(cfg: PPOConfig) -> Path:
         raise ConfigError("ppo does not run under DeepSpeed; launch plain data parallel (--launch multi_gpu)")
     check_rollout_shares(world, ppo.rollout_batch, cfg.sampling.batch_size, ppo.step_batch, "ppo", "step_batch")
     policy = build_model(cfg.model).to(acc.device)
-    if not isinstance(policy, VideoLM):
-        raise ConfigError(f"model.init_from: {cfg.model.init_from} is a {policy.architecture}; PPO (its value and reward "
-                          "models) runs on vlmalign's VideoLM only so far")
     reference = None if policy.uses_lora else load_model(cfg.model.init_from).to(acc.device).eval()
     reward_model = load_reward_model(cfg.reward_model).to(acc.device)
     value = load_reward_model(cfg.reward_model, trainable=True).to(acc.device)
