@@ -213,7 +213,8 @@ class SiglipFrames:
 
 
 class HFVisualInputs:
-    """Per video: its patches, grid and layout (no cache yet: frames are decoded and the tower runs in the step)."""
+    """Per video: the vision tower's input and its layout (no cache yet: frames are decoded and the tower runs in
+    the step)."""
 
     use_features = False
     cache_dir = None
