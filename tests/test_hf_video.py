@@ -320,12 +320,12 @@ def test_narratives_and_retrospective_contexts_read_clips_of_the_video(checkpoin
     assert set(retrospective_contexts(model, visual, [video], {video: "a red square"}, max_new_tokens=3)) == {video}
 
 
-def test_qlora_quantises_the_language_model_alone_and_its_adapter_learns(qwen25, tiny_bench, tmp_path):
+def test_qlora_quantises_the_language_model_alone_and_its_adapter_learns(checkpoint, tiny_bench, tmp_path):
     bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs the optional bitsandbytes extra (pip install -e '.[qlora]')")
     from vlmalign.config import QuantizationConfig
 
     quantization = QuantizationConfig(load_in_4bit=True, compute_dtype="float32")
-    model = policy(qwen25, lora=LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0), quantization=quantization)
+    model = policy(checkpoint, lora=LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0), quantization=quantization)
     four_bit = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(four_bit) == 2 * 7 and all("language_model" in n for n in four_bit)  # q k v o gate up down x 2 layers
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -337,14 +337,14 @@ def test_qlora_quantises_the_language_model_alone_and_its_adapter_learns(qwen25,
     batch = Collator(model, visual)([EncodedSample("s", enc.input_ids, enc.labels, sample.video)])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
-    for _ in range(8):
+    for _ in range(16):
         logps, mask = token_logps(model(**model.model_inputs(batch, "cpu")).logits, batch["labels"])
         loss = -(logps * mask).sum() / mask.sum()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    assert losses[-1] < 0.8 * losses[0]
+    assert losses[-1] < 0.85 * losses[0]  # r4 adapters level off near 0.78 of the start on every family
 
     model.eval()
     with torch.no_grad():
@@ -538,3 +538,28 @@ def test_reward_model_and_ppo_train_a_tiny_qwen(qwen25, tiny_bench, tmp_path):
     assert isinstance(load_model(final), HFVideoLM)
     before, after = load_file(qwen25 / "model.safetensors"), load_file(final / "hf" / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in after if k in before)
+
+
+def test_gradient_checkpointing_keeps_the_gradients_and_the_projectors_train(checkpoint, tiny_bench):
+    """With model.train_projector a LoRA policy trains its adapters and the family's projectors
+    (Qwen's merger and Qwen3-VL's deepstack mergers; LLaVA-OneVision's projector and newline), never
+    the vision tower; gradient checkpointing gives the same loss and gradients as without it."""
+    sample = read_instructions(tiny_bench / "sft_easy.json")[0]
+    grads = []
+    for checkpointing in (False, True):
+        model = policy(checkpoint, lora=LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0), train_projector=True,
+                       gradient_checkpointing=checkpointing).train()
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # a trained adapter: off its zero start, so every LoRA factor gets a gradient
+                p.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+        enc = model.encode_conversation(sample.turns, 512, layout=model.video_layout(sample.video))
+        batch = Collator(model, model.visual_inputs(None))([EncodedSample("s", enc.input_ids, enc.labels, sample.video)])
+        logps, mask = token_logps(model(**model.model_inputs(batch, "cpu")).logits, batch["labels"])
+        (-(logps * mask).sum() / mask.sum()).backward()
+        trainable = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        grads.append(trainable)
+    projectors = [n for n in grads[0] if "lora_" not in n]  # all that trains besides the adapters
+    assert projectors and all(any(f".{m}" in n for m in model.projector_modules) for n in projectors)
+    assert grads[0].keys() == grads[1].keys() and all(g is not None for g in grads[0].values())
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)

@@ -486,9 +486,11 @@ class HFVideoLM(Policy):
             pixel_values_videos = pixel_values_videos.to(self.vision_tower.dtype)
         if position_ids is None:
             position_ids = self._positions(input_ids, attention_mask, video_grid_thw, second_per_grid_ts)
+        # a teacher-forced pass keeps no cache (prefill asks for one): none to build, and with
+        # gradient checkpointing transformers would warn that it drops it
         return self.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
-                       mm_token_type_ids=self._token_types(input_ids), **kwargs)
+                       mm_token_type_ids=self._token_types(input_ids), **{"use_cache": False, **kwargs})
 
     def hidden_states(self, input_ids, attention_mask, pixel_values_videos=None, video_grid_thw=None,
                       second_per_grid_ts=None) -> torch.Tensor:
@@ -616,7 +618,8 @@ class LlavaOnevisionVideoLM(HFVideoLM):
         if position_ids is None:
             position_ids = left_positions(attention_mask)
         return self.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       mm_encoder_outputs=self._encoded_videos(pixel_values_videos, video_frames), **kwargs)
+                       mm_encoder_outputs=self._encoded_videos(pixel_values_videos, video_frames),
+                       **{"use_cache": False, **kwargs})
 
     def hidden_states(self, input_ids, attention_mask, pixel_values_videos=None, video_frames=None) -> torch.Tensor:
         return self.core.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=left_positions(attention_mask),
@@ -691,7 +694,8 @@ def _set_trainable(model: HFVideoLM) -> HFVideoLM:
         for name in model.projector_modules:
             attrgetter(name)(core.model).requires_grad_(True)
     if cfg.gradient_checkpointing:
-        core.gradient_checkpointing_enable()
+        # later transformers 5 releases renamed it and warn on every call of the old name
+        getattr(core, "activation_checkpointing_enable", core.gradient_checkpointing_enable)()
         core.enable_input_require_grads()
     return model
 

@@ -316,7 +316,8 @@ def _set_trainable(model: VideoLM) -> VideoLM:
     if not model.uses_lora:  # no adapter: the whole LLM trains (a loaded start model comes frozen)
         model.llm.requires_grad_(True)
     if cfg.gradient_checkpointing:
-        model.llm.gradient_checkpointing_enable()
+        # later transformers 5 releases renamed it and warn on every call of the old name
+        getattr(model.llm, "activation_checkpointing_enable", model.llm.gradient_checkpointing_enable)()
         model.llm.enable_input_require_grads()
     return model
 
