@@ -67,12 +67,11 @@ def test_frames_are_the_image_processors_patches(qwen_checkpoint):
     from PIL import Image
     from transformers import Qwen2VLImageProcessorPil
 
-    checkpoint = qwen_checkpoint
-    model = policy(checkpoint, num_frames=2)
+    model = policy(qwen_checkpoint, num_frames=2)
     size = model.cfg.frame_size[0]
     frame = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
     ours = model.frames(np.stack([frame, frame]))
-    stats = json.loads((checkpoint / "preprocessor_config.json").read_text())
+    stats = json.loads((qwen_checkpoint / "preprocessor_config.json").read_text())
     processor = Qwen2VLImageProcessorPil(patch_size=model.frames.patch, image_mean=stats["image_mean"],
                                          image_std=stats["image_std"])
     theirs = processor(images=[Image.fromarray(frame)], return_tensors="pt")
