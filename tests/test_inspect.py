@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from vlmalign.cli import main
-from vlmalign.config import PrefsConfig, load_config
+from vlmalign.config import PrefsConfig, load_config, save_config
 from vlmalign.feedback.oracle import Oracle
 from vlmalign.feedback.preferences import make_preferences, read_questions
 from vlmalign.inspect.agreement import agreement, oracle_rows, read_annotations, wilson_interval
@@ -53,6 +53,7 @@ def prefs_run(bench: Path, run_dir: Path, limit: int = 30, first_answers: dict |
             "sampling.num_samples": 2, "judge.backend": "random", "preferences.oracle": bench, "preferences.limit": limit,
             "context.captions": bench / "captions.json", **settings}
     cfg = load_config(PrefsConfig, str(REPO / "configs" / "tiny" / "prefs.yaml"), [f"{k}={v}" for k, v in base.items()])
+    save_config(cfg, run_dir / "config.yaml")  # as `vlmalign make-prefs` does
     return make_preferences(cfg, None, None, questions, run_dir)[1]
 
 
@@ -172,6 +173,27 @@ def test_items_show_every_answer_verdict_and_the_trained_pair(judged_runs):
     for item in scores:
         assert all(a["judge"].startswith("score ") for a in item["answers"])
         assert item["context"]  # the caption the judge read
+
+
+def test_runs_older_than_judgments_jsonl_still_show_questions_and_kept_verdicts(judged_runs, tmp_path):
+    """A run written before make-prefs kept judgments.jsonl: questions come from its config's
+    question files, the kept pairs' verdicts and replies from preferences.jsonl."""
+    import shutil
+
+    old = tmp_path / "none"
+    shutil.copytree(judged_runs / "none", old)
+    (old / "judgments.jsonl").unlink()
+    now = {i["id"]: i for i in collect([judged_runs / "none"])[1]}
+    then = collect([old])[1]
+    assert len(then) == len(now)
+    for item in then:
+        current = now[item["id"]]
+        assert (item["question"], item["video"]) == (current["question"], current["video"])
+        assert [a["oracle"] for a in item["answers"]] == [a["oracle"] for a in current["answers"]]
+        if item["status"] == "pair kept":
+            assert (item["chosen"], item["replies"], item["pair"]) == (current["chosen"], current["replies"], current["pair"])
+        else:
+            assert item["replies"] == [] and item["pair"] is None
 
 
 def test_serve_appends_each_posted_annotation_to_the_file(tmp_path):

@@ -383,7 +383,9 @@ def compare_groups(found: Found) -> list[dict]:
     for folder in found.evals:
         report = read_json(folder / "report.json") if (folder / "report.json").is_file() else {}
         key = (folder.name, str(report.get("data") or ""))
-        model = found.label(folder.parent)
+        # the model is the run the eval folder belongs to: its parent (the folder's own name when
+        # an eval folder was given by itself)
+        model = found.label(folder.parent) if folder != found.root else folder.parent.name
         preds_path = folder / "predictions.jsonl"
         verdicts_path = folder / "judgments.jsonl"
         verdicts = {r.get("id"): r for r in read_jsonl(verdicts_path)} if verdicts_path.is_file() else {}

@@ -49,7 +49,10 @@ def frame_strip(video, out: Path) -> bool:
     try:
         if isinstance(video, list):
             picks = [video[i] for i in sample_indices(len(video), min(FRAMES_PER_STRIP, len(video)))]
-            frames = [np.asarray(Image.open(p).convert("RGB")) for p in picks]
+            frames = []
+            for p in picks:
+                with Image.open(p) as image:
+                    frames.append(np.asarray(image.convert("RGB")))
         else:
             frames = list(read_video(video, FRAMES_PER_STRIP))
     except (VlmalignError, OSError):
