@@ -206,8 +206,10 @@ def _chosen_rejected(rec: dict, method: str, values: list) -> tuple[int | None, 
 
 
 def _item(run_label: str, qid: str, question: str, video, context: str, reference: str, method: str,
-          answers: list[dict], judgments: list[dict] | None, record: dict | None, oracle, extra: dict) -> dict:
-    """One question of a preference run or rollout, as the site shows it (see site.py)."""
+          answers: list[dict], judgments: list[dict] | None, record: dict | None, oracle, extra: dict,
+          thresholds: tuple = (3, 2)) -> dict:
+    """One question of a preference run or rollout, as the site shows it (see site.py);
+    `thresholds`: the run's (chosen_min, rejected_max) of 1-5 scores."""
     g = len(answers)
     if judgments is not None:
         statuses = [j.get("status", "ok") for j in judgments]
@@ -245,11 +247,28 @@ def _item(run_label: str, qid: str, question: str, video, context: str, referenc
         flags.append("failed")
     if "inconsistent" in statuses:
         flags.append("position")  # swap check: the two orders named the same position, not the same answer
-    if method == "score_threshold" and any(order[p] == 0 and texts[p[0]].strip() != texts[p[1]].strip() for p in pairs):
-        flags.append("tie")  # two different answers scored the same
+    if any(o is not None for o in oracle_scores):
+        # the judge scored level two answers the oracle tells apart (make-prefs' pairs_tied)
+        tie = any(order[(i, j)] == 0 and None not in (oracle_scores[i], oracle_scores[j])
+                  and oracle_scores[i] != oracle_scores[j] for i, j in pairs)
+    else:  # no truth to compare with: the judge gave every answer one score, though they differ
+        tie = (method == "score_threshold" and None not in values and len(set(values)) == 1
+               and len({t.strip() for t in texts}) > 1)
+    if tie:
+        flags.append("tie")
 
     bad = next((s for s in statuses if s != "ok"), None)
-    status = "pair kept" if record else f"dropped ({bad})" if bad else "dropped"
+    if record:
+        status = "pair kept"
+    elif bad:
+        status = f"dropped ({bad})"
+    elif judgments is not None and method == "score_threshold" and None not in values and not (
+            any(v >= thresholds[0] for v in values) and any(v <= thresholds[1] for v in values)):
+        status = "dropped (no pair)"  # no answer scored chosen_min or more, or none rejected_max or less
+    elif judgments is not None:
+        status = "dropped (identical or empty answer)"
+    else:
+        status = "dropped"
     item = {
         "run": run_label, "id": qid, "question": question, "video": video, "context": context,
         "reference": reference, "method": method, "status": status, "flags": flags, "replies": replies,
@@ -320,6 +339,8 @@ def preference_items(run: Path, label: str, oracles: OracleScores) -> tuple[list
         (r.get("method") for r in kept.values()), None) or (cfg.get("preferences") or {}).get("method", "score_threshold")
     mode = _context_mode(stats, cfg, judged_rows)
     asked = {} if judged else _questions_of(cfg)
+    pairing = cfg.get("preferences") or {}
+    thresholds = (pairing.get("chosen_min", 3), pairing.get("rejected_max", 2))
     items = []
     for row in samples:
         qid = _need(row, "id", samples_path)
@@ -339,7 +360,7 @@ def preference_items(run: Path, label: str, oracles: OracleScores) -> tuple[list
             context = contexts.get(video_key(video), "")
         oracle = oracles.for_run(cfg, video if isinstance(video, str) else None)
         items.append(_item(label, qid, question, video, context, reference, method, answers,
-                           j.get("judgments") if j is not None else None, rec, oracle, {"mode": mode}))
+                           j.get("judgments") if j is not None else None, rec, oracle, {"mode": mode}, thresholds))
     about = {"run": label, "kind": "preferences", "method": method, "mode": mode, "judge": stats.get("judge"),
              "questions": len(items), "pairs": stats.get("pairs"), "first_answer_chosen": stats.get("first_answer_chosen"),
              "oracle_agreement": stats.get("oracle_agreement"), "has_judgments": judged_path.is_file()}
