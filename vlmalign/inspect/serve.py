@@ -14,6 +14,8 @@ import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from vlmalign.errors import VlmalignError
+
 MAX_BODY = 1 << 20  # one annotation is a few hundred bytes
 
 
@@ -52,7 +54,10 @@ def make_server(site: Path, annotations: Path, port: int) -> ThreadingHTTPServer
 
 
 def serve(site: Path, annotations: Path, port: int) -> None:
-    server = make_server(site, annotations, port)
+    try:
+        server = make_server(site, annotations, port)
+    except OSError as e:
+        raise VlmalignError(f"--serve {port}: cannot listen on 127.0.0.1:{port} ({e.strerror or e})") from None
     host, port = server.server_address[:2]
     print(f"serving {site} at http://{host}:{port}/ (annotations are appended to {annotations}); Ctrl-C stops",
           flush=True)
