@@ -14,7 +14,7 @@ from vlmalign.cli import main
 from vlmalign.config import PrefsConfig, load_config, save_config
 from vlmalign.feedback.oracle import Oracle
 from vlmalign.feedback.preferences import make_preferences, read_questions
-from vlmalign.inspect.agreement import agreement, oracle_rows, read_annotations, wilson_interval
+from vlmalign.inspect.agreement import agreement, read_annotations, wilson_interval
 from vlmalign.inspect.serve import make_server
 from vlmalign.inspect.site import build_site, collect
 

@@ -347,7 +347,8 @@ def preference_items(run: Path, label: str, oracles: OracleScores) -> tuple[list
         answers = _need(row, "answers", samples_path)
         j, rec = judged.get(qid), kept.get(qid)
         if j is not None:
-            question, video, context, reference = j.get("question", ""), j.get("video"), j.get("context", ""), j.get("reference", "")
+            question, video = j.get("question", ""), j.get("video")
+            context, reference = j.get("context", ""), j.get("reference", "")
         elif rec is not None:
             question = rec.get("prompt", "").replace(VIDEO_TOKEN, "").strip()
             video, context, reference = rec.get("video"), rec.get("context", ""), rec.get("reference", "")
