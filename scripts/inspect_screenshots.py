@@ -4,8 +4,8 @@
     python scripts/inspect_screenshots.py runs/demo --out docs/img
 
 Writes the site (to a temporary folder unless --site names one), opens each view as it first
-shows in headless Chromium (Debian's `chromium` and `chromium-driver`, driven by selenium) and
-saves OUT/inspect_<view>.png.
+shows in headless Chromium (Debian's `chromium` and `chromium-driver`, driven by selenium), the
+preferences view scrolled to its first kept pair, and saves OUT/inspect_<view>.png.
 """
 
 from __future__ import annotations
@@ -50,6 +50,9 @@ def main() -> None:
             browser.get("about:blank")
             browser.get(f"{index.as_uri()}#{view}" + ("?seed=1" if view == "annotate" else ""))
             WebDriverWait(browser, 10).until(lambda b: b.find_elements("css selector", "main > *"))
+            if view == "prefs":  # bring the first question whose pair was kept to the top
+                browser.execute_script("const row = document.querySelector('tr.chosen');"
+                                       "if (row) row.closest('article').scrollIntoView();")
             path = out / f"inspect_{view}.png"
             browser.save_screenshot(str(path))
             print(f"{path}")
