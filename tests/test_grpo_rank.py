@@ -68,6 +68,14 @@ def test_interrupted_grpo_resumes_to_the_same_weights(tiny_policy, tiny_bench, t
     b = load_file(resumed / "final" / "llm" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+    # rollouts.jsonl: each rollout's groups once, those redone after the resume not repeated
+    rows = [json.loads(line) for line in (resumed / "rollouts.jsonl").read_text().splitlines()]
+    same = [json.loads(line) for line in (straight / "rollouts.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1] * 4 + [2] * 4 + [3] * 4
+    assert [(r["id"], [a["text"] for a in r["answers"]]) for r in rows] == [(r["id"], [a["text"] for a in r["answers"]]) for r in same]
+    for r in rows:
+        assert sorted(r["judgments"][0]["value"]) == sorted(r["policy_ranks"]) == list(range(5))
+        assert len(r["advantages"]) == len(r["answers"]) == 5 and r["judgments"][0]["raw"]
 
 
 def test_grpo_input_errors_name_the_key(tiny_policy, tiny_bench, tmp_path):

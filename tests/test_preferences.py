@@ -89,6 +89,12 @@ def test_self_judge_parse_failures_are_counted_never_scored(tiny_policy, tiny_be
     parse_errors = stats["by_status"].get("parse_error", 0)
     assert stats["pairs"] + sum(stats["dropped"].values()) == 12
     assert stats["dropped"].get("parse_error", 0) == parse_errors  # random replies: dropped, counted
+    # judgments.jsonl keeps every question's verdict, the unreadable replies of dropped ones included
+    rows = [json.loads(line) for line in (tmp_path / "self" / "judgments.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [q.id for q in questions] and all(r["question"] for r in rows)
+    verdicts = [j for r in rows for j in r["judgments"]]
+    assert sum(j["status"] == "parse_error" for j in verdicts) == parse_errors
+    assert all(isinstance(j["raw"], str) for j in verdicts)  # the reply as the judge wrote it
 
 
 def test_a_rerun_reuses_contexts_only_when_made_with_the_same_settings(tiny_policy, tiny_bench, tmp_path, monkeypatch):

@@ -104,6 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--float-scores", action="store_true",
                    help="keep judge scores as given (default: their integer part, as the published protocol)")
 
+    p = sub.add_parser("inspect", help="write an offline site of the runs' preferences, evaluations and training; "
+                                       "judge-human agreement from an annotation file")
+    p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run folders, or folders above them (a gym or demo output)")
+    p.add_argument("--out", default="inspect", help="folder for the site (default: ./inspect)")
+    p.add_argument("--serve", type=int, metavar="PORT",
+                   help="after writing the site, serve it on 127.0.0.1:PORT; annotations go to OUT/annotations.jsonl")
+    p.add_argument("--agreement", metavar="FILE", help="report judge-human agreement of an annotation file (no site written)")
+    p.add_argument("--oracle-annotations", metavar="FILE",
+                   help="synthetic benchmark: write the annotation file the oracle would, to check --agreement against "
+                        "the judge-oracle agreement the stages report")
+
     p = sub.add_parser("make-synthetic", help="write the synthetic video-QA benchmark (videos, data, oracle metadata)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--videos", type=int, default=600, help="number of videos")
@@ -276,6 +287,34 @@ def _cmd_eval(args) -> int:
     return run_eval(args)
 
 
+def _cmd_inspect(args) -> int:
+    from vlmalign.inspect import agreement
+
+    if args.agreement:
+        if args.runs:
+            raise VlmalignError("inspect --agreement FILE reads only the annotation file; give no run folders")
+        print(agreement.format_agreement(agreement.agreement(agreement.read_annotations(args.agreement)), args.agreement))
+        return 0
+    if not args.runs:
+        raise VlmalignError("inspect: give at least one run folder (or --agreement FILE)")
+    from vlmalign.inspect.site import build_site, collect
+
+    if args.oracle_annotations:
+        rows = agreement.oracle_rows(collect(args.runs)[1])
+        if not rows:
+            raise VlmalignError("--oracle-annotations: no pair has oracle scores (runs on the synthetic benchmark only)")
+        Path(args.oracle_annotations).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        print(f"{len(rows)} oracle annotations written to {args.oracle_annotations}")
+        return 0
+    index = build_site(args.runs, args.out)
+    print(f"site written to {index}")
+    if args.serve is not None:
+        from vlmalign.inspect.serve import serve
+
+        serve(index.parent, index.parent / "annotations.jsonl", args.serve)
+    return 0
+
+
 def _seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
@@ -326,6 +365,7 @@ COMMANDS = {
     "eval": _cmd_eval,
     "gym": _cmd_gym,
     "demo": _cmd_demo,
+    "inspect": _cmd_inspect,
 }
 
 

@@ -16,9 +16,11 @@ trainer read. Nothing is silently scored: a judgment that failed, did not parse 
 under swap_check drops its question and is counted under that reason, as are pairs whose two answers
 are identical or one of them empty.
 
-Artifacts in RUN/: `samples.jsonl`, `contexts.json`, `judge_cache.sqlite`, `preferences.jsonl`,
-`stats.json`. Re-running reuses the samples (same question ids), the contexts (made with the same
-settings) and asks the judge only what its cache lacks.
+Artifacts in RUN/: `samples.jsonl`, `contexts.json`, `judge_cache.sqlite`, `judgments.jsonl` (per
+question, kept or dropped: the question, its video, its context and every judgment with its status
+and raw reply; what `vlmalign inspect` shows), `preferences.jsonl`, `stats.json`. Re-running reuses
+the samples (same question ids), the contexts (made with the same settings) and asks the judge only
+what its cache lacks.
 """
 
 from __future__ import annotations
@@ -242,6 +244,23 @@ def build_records(
     return records, dropped
 
 
+def judgment_rows(questions: list[Question], judgments: list, contexts: dict) -> list[dict]:
+    """RUN/judgments.jsonl: per question its text, video, the context the judge read and every
+    judgment as the judge returned it, parse failures and inconsistent swap checks included
+    (preferences.jsonl keeps only the pairs that survived: this is where a dropped question's
+    verdict can be read)."""
+    rows = []
+    for q, judged in zip(questions, judgments):
+        verdicts = judged if isinstance(judged, list) else [judged]
+        rows.append({
+            "id": q.id, "video": absolute_video(q.video), "question": q.question, "reference": q.reference,
+            "context": contexts.get(video_key(q.video), "") if q.video is not None else "",
+            "judgments": [{"kind": j.kind, "status": j.status, "value": j.value, "raw": j.raw, "judge": j.judge,
+                           "prompt": j.prompt, "model": j.model, "cached": j.cached, "error": j.error} for j in verdicts],
+        })
+    return rows
+
+
 def judge_stats(judgments: list) -> dict:
     flat = [j for item in judgments for j in (item if isinstance(item, list) else [item])]
     counts: dict[str, int] = {}
@@ -379,6 +398,7 @@ def make_preferences(
         from vlmalign.feedback.oracle import Oracle
 
         stats["oracle_agreement"] = oracle_agreement(Oracle.from_dir(cfg.preferences.oracle), method, questions, samples, judgments)
+    _write_jsonl(out_dir / "judgments.jsonl", judgment_rows(questions, judgments, contexts))
     path = out_dir / "preferences.jsonl"
     _write_jsonl(path, records)
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2), encoding="utf-8")

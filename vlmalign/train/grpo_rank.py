@@ -26,12 +26,14 @@ the update is that of one process; with several, each mini-batch takes an equal 
 process's share, so its composition (not its expectation) depends on the process count. DeepSpeed
 is not supported here.
 
-Artifacts: RUN/config.yaml, metrics.jsonl, checkpoints/step-N (N = rollouts), final/, and with
-`eval_qa` the held-out accuracy of final/ in RUN/eval/.
+Artifacts: RUN/config.yaml, metrics.jsonl, rollouts.jsonl (every group: answers, log-probs, the
+judge's verdicts and replies, advantages; what `vlmalign inspect` shows), checkpoints/step-N
+(N = rollouts), final/, and with `eval_qa` the held-out accuracy of final/ in RUN/eval/.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from contextlib import contextmanager
@@ -49,7 +51,14 @@ from vlmalign.data.formats import VIDEO_TOKEN
 from vlmalign.data.template import IGNORE_INDEX
 from vlmalign.errors import ConfigError, VlmalignError
 from vlmalign.feedback.judges import JudgeRequest, build_judge
-from vlmalign.feedback.preferences import build_contexts, load_contexts, read_questions, save_contexts, video_key
+from vlmalign.feedback.preferences import (
+    absolute_video,
+    build_contexts,
+    load_contexts,
+    read_questions,
+    save_contexts,
+    video_key,
+)
 from vlmalign.losses import (
     ADVANTAGE_ESTIMATORS,
     LossCounts,
@@ -96,9 +105,10 @@ def _forward_logps(model, batch: dict, device, with_entropy: bool):
 
 
 def judge_rollout(judge, grpo, questions, texts: list[tuple[str, ...]], seq_logps: torch.Tensor, contexts: dict):
-    """(advantages [N, G], valid [N], metrics) for a whole rollout: the judge ranks (grpo_rank) or
-    scores (grpo) every group, reading each video's context; a group whose judgment failed gets
-    zero advantages."""
+    """(advantages [N, G], valid [N], metrics, judgments) for a whole rollout: the judge ranks
+    (grpo_rank) or scores (grpo) every group, reading each video's context; a group whose judgment
+    failed gets zero advantages. `judgments`: per group, the list of its judgments (one ranking,
+    or one score per answer)."""
     g = seq_logps.shape[1]
     requests = [JudgeRequest(q.video, q.question, answers, contexts.get(video_key(q.video), "") if q.video is not None else "")
                 for q, answers in zip(questions, texts)]
@@ -106,6 +116,7 @@ def judge_rollout(judge, grpo, questions, texts: list[tuple[str, ...]], seq_logp
     estimator = ADVANTAGE_ESTIMATORS[grpo.advantage]
     if estimator.feedback == "ranks":
         judged = judge.rank(requests)
+        per_group = [[j] for j in judged]
         valid = torch.tensor([j.status == "ok" for j in judged])
         feedback = torch.tensor([j.value if j.status == "ok" else list(range(g)) for j in judged])
         pred = ranks_from_scores(seq_logps)
@@ -116,18 +127,31 @@ def judge_rollout(judge, grpo, questions, texts: list[tuple[str, ...]], seq_logp
         )
     else:
         judged_flat = judge.score([JudgeRequest(r.video, r.question, (a,), r.context) for r in requests for a in r.answers])
-        judged = [judged_flat[i * g : (i + 1) * g] for i in range(len(requests))]
+        judged = per_group = [judged_flat[i * g : (i + 1) * g] for i in range(len(requests))]
         valid = torch.tensor([all(j.status == "ok" for j in grp) for grp in judged])
         feedback = torch.tensor([[float(j.value) if j.status == "ok" else 0.0 for j in grp] for grp in judged])
         metrics["score_mean"] = float(feedback[valid].mean()) if valid.any() else None
     advantages, delta = estimator.compute(feedback, seq_logps, grpo.dcg)
     if delta is not None:
         metrics["delta_mean"] = float(delta[valid].mean()) if valid.any() else None
-    return advantages * valid[:, None], valid, metrics
+    return advantages * valid[:, None], valid, metrics, per_group
+
+
+def rollout_rows(step: int, questions, groups, judgments, advantages: torch.Tensor, seq_logps: torch.Tensor) -> list[dict]:
+    """RUN/rollouts.jsonl rows of one rollout, one per group: the question, every answer with its
+    log-prob, the judge's verdicts and raw replies, each answer's advantage and the policy's own
+    rank of it (the order of its log-probs, 0 = most likely); what `vlmalign inspect` shows."""
+    policy_ranks = ranks_from_scores(seq_logps).tolist()
+    return [{
+        "step": step, "id": q.id, "video": absolute_video(q.video), "question": q.question,
+        "answers": [{"text": s.text, "logp": s.logp, "num_tokens": len(s.token_ids)} for s in group],
+        "judgments": [{"kind": j.kind, "status": j.status, "value": j.value, "raw": j.raw, "model": j.model} for j in judged],
+        "advantages": adv.tolist(), "policy_ranks": ranks,
+    } for q, group, judged, adv, ranks in zip(questions, groups, judgments, advantages, policy_ranks)]
 
 
 def collect_rollout(cfg: GRPOConfig, policy, visual, gen, judge, questions, indices, step: int, contexts: dict,
-                    rank: int, world: int):
+                    rank: int, world: int, log: list | None = None):
     """The rollout's questions and groups of answers (every process's, in question order), their
     advantages [N, G], and metrics (the judge's, and the seconds spent sampling and judging; rank
     0's, as it waits for the others). Each process samples its share of each batch of
@@ -137,7 +161,8 @@ def collect_rollout(cfg: GRPOConfig, policy, visual, gen, judge, questions, indi
     is dropped; further batches of random questions are sampled until `rollout_batch` groups are
     kept or `max_sampling_rounds` batches were sampled. The kept count is cut to a multiple of the
     process count; if no group is left, the first batch trains (its KL term only). The judge's
-    metrics describe the first batch: the policy's own rollout."""
+    metrics describe the first batch: the policy's own rollout; with `log` (rank 0), its
+    `rollout_rows` are appended to it."""
     grpo = cfg.grpo
     rounds = grpo.max_sampling_rounds if grpo.dynamic_sampling else 1
     kept: list[tuple] = []
@@ -164,8 +189,10 @@ def collect_rollout(cfg: GRPOConfig, policy, visual, gen, judge, questions, indi
         if world > 1:
             judged = broadcast_object_list([judged], from_process=0)[0]
         seconds["time_judging"] += time.perf_counter() - started
-        advantages, valid, round_metrics = judged
+        advantages, valid, round_metrics, judgments = judged
         sampled += len(batch)
+        if round_ == 0 and log is not None:
+            log += rollout_rows(step + 1, batch, groups, judgments, advantages, seq_logps)
         if round_ == 0:
             first, metrics = list(zip(batch, groups, advantages)), {**round_metrics, "groups_skipped": int((~valid).sum())}
             if not grpo.dynamic_sampling:
@@ -179,6 +206,25 @@ def collect_rollout(cfg: GRPOConfig, policy, visual, gen, judge, questions, indi
         kept = kept[: min(len(kept), grpo.rollout_batch) // world * world] or first
     batch_questions, groups, advantages = zip(*kept)
     return list(batch_questions), list(groups), torch.stack(advantages), {**metrics, **seconds}
+
+
+class RolloutLog:
+    """RUN/rollouts.jsonl, appended one rollout at a time; opened at `done` rollouts, it drops the
+    rows of later ones (a resumed run samples them again)."""
+
+    def __init__(self, path: Path, done: int):
+        self.path = path
+        if path.is_file():
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= done]
+            if len(kept) != len(lines):
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text("".join(kept), encoding="utf-8")
+                os.replace(tmp, path)
+
+    def append(self, rows: list[dict]) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
 class EpochReference:
@@ -307,6 +353,10 @@ def run(cfg: GRPOConfig) -> Path:
         if step % per_epoch:  # resumed within an epoch: its reference was saved when the epoch began
             epoch_reference.load(step // per_epoch)
 
+    # rank 0 keeps every rollout's groups; rollouts after the checkpoint a run resumes from are
+    # sampled again, so their earlier rows go
+    rollout_log = RolloutLog(rt.run_dir / "rollouts.jsonl", step) if judge is not None else None
+
     # --- loop --------------------------------------------------------------------------------
     bar = tqdm(total=total, initial=step, desc=f"grpo ({grpo.advantage})", disable=not (rt.is_main and cfg.run.progress))
     local_batch = grpo.mini_batch // world
@@ -314,8 +364,11 @@ def run(cfg: GRPOConfig) -> Path:
         if epoch_reference is not None and step % per_epoch == 0:
             epoch_reference.reset(step // per_epoch)
         model.eval()
+        logged = [] if judge is not None else None
         batch_questions, groups, all_advantages, metrics = collect_rollout(
-            cfg, policy, visual, gen, judge, questions, rollouts[step], step, contexts, rank, world)
+            cfg, policy, visual, gen, judge, questions, rollouts[step], step, contexts, rank, world, log=logged)
+        if logged:
+            rollout_log.append(logged)
         share = len(groups) // world
         batch_questions = batch_questions[rank * share : (rank + 1) * share]
         groups = groups[rank * share : (rank + 1) * share]
