@@ -94,11 +94,13 @@ def build(args, work: Path):
 
 def random_video(model, generator: torch.Generator):
     """One video's inputs as the policy takes them: CLIP features for VideoLM, patches of random
-    frames for an HF family."""
+    frames for an HF family (num_frames consecutive frames of an 8 fps video)."""
     if hasattr(model, "frames"):
-        size = model.cfg.frame_size
-        frames = torch.randint(0, 256, (model.cfg.num_frames, size[0], size[1], 3), generator=generator, dtype=torch.uint8)
-        return model.frames(frames.numpy())
+        from vlmalign.model.hf_video import VideoLayout
+
+        size, n = model.cfg.frame_size, model.cfg.num_frames
+        frames = torch.randint(0, 256, (n, size[0], size[1], 3), generator=generator, dtype=torch.uint8)
+        return {**model.frames(frames.numpy()), "layout": VideoLayout(tuple(range(n)), n, 8.0)}
     vision = model.vision
     return torch.randn(model.cfg.num_frames, vision.num_patches, vision.hidden_size, generator=generator)
 
@@ -107,13 +109,14 @@ def batch(model, rows: int, prompt_words: int, answer_words: int, generator: tor
     """Rows of equal length (no padding): ids, labels (answer only), one random video per row."""
     tok = model.tokenizer
     ids, labels = [], []
-    for _ in range(rows):
+    videos = [random_video(model, generator) for _ in range(rows)]
+    for video in videos:
         words = [WORDS[int(i)] for i in torch.randint(len(WORDS), (prompt_words + answer_words,), generator=generator)]
-        prompt = model.encode_prompt("<video>\n" + " ".join(words[:prompt_words]))
+        prompt = model.encode_prompt("<video>\n" + " ".join(words[:prompt_words]), model.inputs_layout(video))
         answer = tok(" ".join(words[prompt_words:]), add_special_tokens=False)["input_ids"][:answer_words] + [tok.eos_token_id]
         ids.append(prompt + answer)
         labels.append([IGNORE_INDEX] * len(prompt) + answer)
-    return torch.tensor(ids), torch.tensor(labels), [random_video(model, generator) for _ in range(rows)]
+    return torch.tensor(ids), torch.tensor(labels), videos
 
 
 def run_stage(stage: str, args, work: Path) -> dict:

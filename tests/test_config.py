@@ -110,6 +110,12 @@ def test_recipes_start_where_their_papers_start():
     assert qwen_sft.model.init_from == "Qwen/Qwen2.5-VL-7B-Instruct" and qwen_sft.model.lora.enabled
     assert qwen_dpo.model.init_from == qwen_grpo.model.init_from == f"{qwen_sft.run.dir}/final"
     assert qwen_grpo.model.frame_size == [336, 336] and qwen_grpo.grpo.reference == "epoch"
+    # LLaVA-OneVision-7B DPO from the hub checkpoint: 16 frames at its tower's 384 pixels (196 pooled
+    # tokens each, and a newline) leave room for a 256-token answer within max_length
+    onevision = load_config(DPOConfig, root / "llava_onevision" / "dpo_7b.yaml")
+    assert onevision.model.init_from == "llava-hf/llava-onevision-qwen2-7b-ov-hf" and onevision.model.lora.enabled
+    assert onevision.model.frame_size == [384, 384]
+    assert onevision.model.num_frames * 14 * 14 + 1 + 256 < onevision.data.max_length
 
 
 def test_a_resumed_run_notes_changed_keys_but_not_keys_added_since(tmp_path):

@@ -1,9 +1,10 @@
-"""HF video models (Qwen2-VL, Qwen2.5-VL) behind the policy interface: tiny random checkpoints saved
-to disk and loaded through `from_pretrained`, as a hub checkpoint would be."""
+"""HF video models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision) behind the policy interface: tiny
+random checkpoints saved to disk and loaded through `from_pretrained`, as a hub checkpoint would be."""
 
 import json
 import math
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,72 +22,148 @@ from vlmalign.model.policy import build_model, load_model
 from vlmalign.model.tokenizer import corpus_words
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ARCHITECTURES = ["Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration"]
-FRAMES = ["model.num_frames=4", "model.frame_size=[56,56]", "model.train_projector=false", "data.max_length=512",
-          "data.feature_cache=null", "run.progress=false"]
+QWEN3, ONEVISION = "Qwen3VLForConditionalGeneration", "LlavaOnevisionForConditionalGeneration"
+QWEN = ["Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration", QWEN3]
+ARCHITECTURES = QWEN + [ONEVISION]
+FRAMES = ["model.num_frames=4", "model.train_projector=false", "data.max_length=512", "data.feature_cache=null",
+          "run.progress=false"]
+
+
+def frame_size(checkpoint) -> list[int]:
+    """Two merged patches a side: 56 pixels at Qwen2's 14-pixel patches, 64 at Qwen3-VL's 16."""
+    return [64, 64] if json.loads((checkpoint / "config.json").read_text())["architectures"][0] == QWEN3 else [56, 56]
+
+
+def save_tiny(tiny_bench, folder, architecture):
+    words = corpus_words([tiny_bench / "sft_mix.json", tiny_bench / "judge_train.json"])
+    return save_tiny_hf_video(folder / "ckpt", words, architecture)
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)
 def checkpoint(request, tiny_bench, tmp_path_factory):
-    words = corpus_words([tiny_bench / "sft_mix.json", tiny_bench / "judge_train.json"])
-    return save_tiny_hf_video(tmp_path_factory.mktemp("hf") / "ckpt", words, request.param)
+    return save_tiny(tiny_bench, tmp_path_factory.mktemp("hf"), request.param)
+
+
+@pytest.fixture(scope="module", params=QWEN)
+def qwen_checkpoint(request, tiny_bench, tmp_path_factory):
+    return save_tiny(tiny_bench, tmp_path_factory.mktemp("qwen"), request.param)
 
 
 @pytest.fixture(scope="module")
 def qwen25(tiny_bench, tmp_path_factory):
-    words = corpus_words([tiny_bench / "sft_mix.json", tiny_bench / "judge_train.json"])
-    return save_tiny_hf_video(tmp_path_factory.mktemp("qwen25") / "ckpt", words)
+    return save_tiny(tiny_bench, tmp_path_factory.mktemp("qwen25"), "Qwen2_5_VLForConditionalGeneration")
 
 
 def policy(path, **cfg) -> HFVideoLM:
     torch.manual_seed(0)
-    return build_model(ModelConfig(**{"init_from": str(path), "num_frames": 4, "frame_size": [56, 56],
+    return build_model(ModelConfig(**{"init_from": str(path), "num_frames": 4, "frame_size": frame_size(path),
                                       "train_projector": False, **cfg}))
 
 
-def test_frames_are_the_image_processors_patches(qwen25):
+def test_frames_are_the_image_processors_patches(qwen_checkpoint):
     """A video of two equal frames is one temporal patch of a still image: our patches and grid
-    equal those of transformers' own Qwen2-VL image processor (its PIL backend) for that image."""
+    equal those of transformers' own Qwen2-VL image processor (its PIL backend, which Qwen3-VL
+    uses too) for that image, at the checkpoint's patch size and normalisation."""
     from PIL import Image
     from transformers import Qwen2VLImageProcessorPil
 
-    frame = np.random.default_rng(0).integers(0, 256, (56, 56, 3), dtype=np.uint8)
-    model = policy(qwen25, num_frames=2)
+    model = policy(qwen_checkpoint, num_frames=2)
+    size = model.cfg.frame_size[0]
+    frame = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
     ours = model.frames(np.stack([frame, frame]))
-    theirs = Qwen2VLImageProcessorPil()(images=[Image.fromarray(frame)], return_tensors="pt")
+    stats = json.loads((qwen_checkpoint / "preprocessor_config.json").read_text())
+    processor = Qwen2VLImageProcessorPil(patch_size=model.frames.patch, image_mean=stats["image_mean"],
+                                         image_std=stats["image_std"])
+    theirs = processor(images=[Image.fromarray(frame)], return_tensors="pt")
     assert ours["video_grid_thw"].tolist() == theirs["image_grid_thw"][0].tolist() == [1, 4, 4]
     torch.testing.assert_close(ours["pixel_values_videos"], theirs["pixel_values"].float(), rtol=0, atol=1e-5)
     assert model.num_visual_tokens == 4  # 1 x 4 x 4 patches, merged 2 x 2
 
 
-def test_ids_are_the_chat_templates_and_labels_cover_the_answers(qwen25):
-    model = policy(qwen25)
+def test_onevision_frames_are_the_image_processors(tiny_bench, tmp_path):
+    """LLaVA-OneVision's video processor resizes each frame to the tower's size, rescales and
+    normalises it: the steps of transformers' SigLIP image processor (PIL backend), which our frames
+    equal, from frames of another size; a video is 4 tokens per frame (4 x 4 patches pooled 2 x 2)
+    and one newline; any other frame_size is a one-line error."""
+    from PIL import Image
+    from transformers import SiglipImageProcessorPil
+
+    checkpoint = save_tiny(tiny_bench, tmp_path, ONEVISION)
+    model = policy(checkpoint)
+    frames = np.random.default_rng(0).integers(0, 256, (3, 40, 72, 3), dtype=np.uint8)
+    ours = model.frames(frames)["pixel_values_videos"]
+    processor = SiglipImageProcessorPil(size={"height": 56, "width": 56}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    theirs = processor(images=[Image.fromarray(f) for f in frames], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(ours, theirs.float(), rtol=0, atol=1e-5)
+    assert model.num_visual_tokens == 4 * 4 + 1
+    with pytest.raises(ConfigError, match=r"model.frame_size: \[64, 64\], but the vision tower .* reads 56 x 56 frames"):
+        policy(checkpoint, frame_size=[64, 64])
+    assert load_model(checkpoint).cfg.frame_size == [56, 56]  # as it ships (a reference, a judge): the tower's size
+
+
+def processor_text(model, text: str, layout) -> str:
+    """`text` with its video pad expanded by transformers' own processor class for the family
+    (its replace_video_token and get_text_with_replacements, given the video's grid and metadata).
+    Its video processor needs torchvision, which this CPU torch cannot load: the instance is made
+    without one and given the sizes the expansion reads."""
+    import transformers
+    from transformers.video_utils import VideoMetadata
+
+    cls = getattr(transformers, model.architecture.replace("ForConditionalGeneration", "Processor"))
+    processor = cls.__new__(cls)
+    processor.image_token, processor.video_token = model.tokenizer.convert_ids_to_tokens(
+        [model.core.config.image_token_id, model.core.config.video_token_id])
+    if model.architecture == ONEVISION:  # its expansion reads the frames' count and the tower's patches per frame
+        processor.num_image_tokens = (model.frames.side // model.frames.patch) ** 2
+        videos = {"pixel_values_videos": [torch.zeros(len(layout.indices), 3, model.frames.side, model.frames.side)]}
+    else:
+        processor.video_processor = SimpleNamespace(merge_size=model.frames.merge, temporal_patch_size=model.frames.temporal)
+        processor.vision_start_token, processor.vision_end_token = "<|vision_start|>", "<|vision_end|>"
+        videos = {"video_grid_thw": torch.tensor([model.frames.grid(len(layout.indices))]),
+                  "video_metadata": [VideoMetadata(total_num_frames=layout.total, fps=layout.fps,
+                                                   frames_indices=list(layout.indices))]}
+    expanded, _ = processor.get_text_with_replacements([text], [], [processor.replace_video_token(videos, 0)], [])
+    return expanded[0]
+
+
+def test_ids_are_the_processors_and_labels_cover_the_answers(checkpoint, tiny_bench):
+    """Our ids of a conversation about a real video equal those of transformers' processor over the
+    chat template's text (Qwen3-VL: each temporal patch's time written before it)."""
+    model = policy(checkpoint)
+    video = read_instructions(tiny_bench / "sft_easy.json")[0].video
+    layout = model.video_layout(video)
     turns = [Turn("user", "<video>\nwhat colour is the square?"), Turn("assistant", "red"),
              Turn("user", "and the circle?"), Turn("assistant", "blue")]
-    enc = model.encode_conversation(turns, 512)
-    template = model.tokenizer.apply_chat_template(model._messages(turns), tokenize=True, return_dict=False)
-    pad = model.visual_slot_id
-    assert template.count(pad) == 1
-    assert enc.input_ids == [i for t in template for i in ([t] * model.num_visual_tokens if t == pad else [t])]
+    enc = model.encode_conversation(turns, 512, layout=layout)
+    template = model.tokenizer.apply_chat_template(model._messages(turns), tokenize=False)
+    assert template.count(model.video_pad) == 1
+    expanded = processor_text(model, template, layout)
+    assert enc.input_ids == model.tokenizer(expanded, add_special_tokens=False).input_ids
+    # Qwen: 2 temporal patches of 4 tokens; LLaVA-OneVision: 4 frames of 4 tokens and a newline
+    assert enc.input_ids.count(model.visual_slot_id) == model.visual_tokens(layout) == (17 if model.architecture == ONEVISION else 8)
+    assert layout.indices == (0, 5, 10, 15) and layout.fps == 8  # 4 of the 16 frames of a 2-second video
+    if model.architecture == QWEN3:  # each patch's time (frames 0 and 5: 0.3 s), inside the template's markers
+        assert "<|vision_start|><0.3 seconds><|vision_start|>" in expanded and "<1.6 seconds>" in expanded
     learnt = [model.tokenizer.convert_ids_to_tokens(i) for i, label in zip(enc.input_ids, enc.labels) if label != IGNORE_INDEX]
     assert learnt == ["red", "<|im_end|>", "blue", "<|im_end|>"]
-    prompt = model.encode_prompt("<video>\nwhat colour is the square?")
-    assert prompt == enc.input_ids[: len(prompt)]  # the generation prompt is the conversation's start
+    prompt = model.encode_prompt("<video>\nwhat colour is the square?", layout)
+    template = model.tokenizer.apply_chat_template(model._messages(turns[:1]), tokenize=False, add_generation_prompt=True)
+    assert prompt == model.tokenizer(processor_text(model, template, layout), add_special_tokens=False).input_ids
     with pytest.raises(DataError, match="data.max_length is 20"):
-        model.encode_conversation(turns, 20, sample_id="s1")
+        model.encode_conversation(turns, 20, sample_id="s1", layout=layout)
     late_video = [Turn("user", "what colour?"), Turn("assistant", "red"), Turn("user", "<video>\nand now?"),
                   Turn("assistant", "blue")]
     with pytest.raises(DataError, match="a video after token 24 .* would be cut"):
-        model.encode_conversation(late_video, 24, sample_id="s2")
+        model.encode_conversation(late_video, 24, sample_id="s2", layout=layout)
     model.tokenizer.eos_token = "<|image_pad|>"  # a checkpoint whose eos never ends a turn
     with pytest.raises(DataError, match="ends an answer without the tokenizer's eos token"):
-        model.encode_conversation(turns, 512, sample_id="s3")
+        model.encode_conversation(turns, 512, sample_id="s3", layout=layout)
 
 
 def test_checkpoints_pick_their_family_or_fail_in_one_line(qwen25, tmp_path):
     assert isinstance(load_model(qwen25), HFVideoLM)
     for arch, message in [("LlavaNextForConditionalGeneration", "not a video model vlmalign knows"),
-                          ("Qwen3VLForConditionalGeneration", "does not train yet"),
+                          ("LlavaNextVideoForConditionalGeneration", "does not train yet"),
                           ("SomethingNewForConditionalGeneration", "not a video model vlmalign knows")]:
         folder = tmp_path / arch
         folder.mkdir()
@@ -114,8 +191,9 @@ def test_sampled_logprobs_equal_a_teacher_forced_pass(checkpoint, tiny_bench):
     requests = [(s.video, s.turns[0].text + (" and say it twice" if i else "")) for i, s in enumerate(samples)]
     gen = GenerationConfig(max_new_tokens=6, do_sample=True, num_return_sequences=3)
     groups = sample_answers(model, visual, requests, gen, generator=torch.Generator().manual_seed(0))
-    rows = [EncodedSample("", model.encode_prompt(q) + s.token_ids, [IGNORE_INDEX] * len(model.encode_prompt(q)) + s.token_ids, v)
-            for (v, q), group in zip(requests, groups) for s in group]
+    prompts = [model.encode_prompt(q, model.video_layout(v)) for v, q in requests]
+    rows = [EncodedSample("", p + s.token_ids, [IGNORE_INDEX] * len(p) + s.token_ids, v)
+            for p, (v, _), group in zip(prompts, requests, groups) for s in group]
     batch = Collator(model, visual)(rows)
     with torch.no_grad():
         logps, mask = token_logps(model(**model.model_inputs(batch, "cpu")).logits, batch["labels"])
@@ -125,15 +203,15 @@ def test_sampled_logprobs_equal_a_teacher_forced_pass(checkpoint, tiny_bench):
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_save_and_load_keep_the_logits(qwen25, tiny_bench, tmp_path, lora):
-    model = policy(qwen25, lora=LoraConfig(enabled=lora, r=4, alpha=8, dropout=0.0))
+def test_save_and_load_keep_the_logits(checkpoint, tiny_bench, tmp_path, lora):
+    model = policy(checkpoint, lora=LoraConfig(enabled=lora, r=4, alpha=8, dropout=0.0))
     if lora:  # a trained adapter: move it off its zero start
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.data.normal_(0, 0.1)
     visual = model.visual_inputs(None)
     sample = read_instructions(tiny_bench / "sft_easy.json")[0]
-    enc = model.encode_conversation(sample.turns, 512)
+    enc = model.encode_conversation(sample.turns, 512, layout=model.video_layout(sample.video))
     batch = Collator(model, visual)([EncodedSample("s", enc.input_ids, enc.labels, sample.video)])
     model.eval()
     with torch.no_grad():
@@ -151,15 +229,18 @@ def test_save_and_load_keep_the_logits(qwen25, tiny_bench, tmp_path, lora):
 
 
 @pytest.mark.e2e
-def test_every_stage_runs_and_lora_dpo_learns_on_a_tiny_qwen(qwen25, tiny_bench, tmp_path):
+@pytest.mark.parametrize("architecture", ["Qwen2_5_VLForConditionalGeneration", QWEN3, ONEVISION])
+def test_every_stage_runs_and_lora_dpo_learns_on_each_tiny_family(architecture, tiny_bench, tmp_path):
     """SFT, then LoRA DPO on oracle pairs (loss falls from log 2, margin rises), GRPO_rank and the
     synthetic evaluation, each through the same stage code as the VideoLM."""
     from vlmalign.eval.synthetic import evaluate_synthetic
     from vlmalign.feedback.oracle import Oracle
     from vlmalign.train import dpo, grpo_rank, sft
 
-    sft_final = sft.run(load_config(SFTConfig, "configs/tiny/sft.yaml", FRAMES + [
-        f"model.init_from={qwen25}", f"run.dir={tmp_path / 'sft'}", f"data.train=[{tiny_bench}/sft_easy.json]",
+    start = save_tiny(tiny_bench, tmp_path, architecture)
+    frames = FRAMES + ["model.frame_size=[{0},{0}]".format(frame_size(start)[0])]
+    sft_final = sft.run(load_config(SFTConfig, "configs/tiny/sft.yaml", frames + [
+        f"model.init_from={start}", f"run.dir={tmp_path / 'sft'}", f"data.train=[{tiny_bench}/sft_easy.json]",
         "curriculum.criterion=none", "train.max_steps=2", "train.batch_size=4"]))
     assert isinstance(load_model(sft_final), HFVideoLM)
 
@@ -170,7 +251,7 @@ def test_every_stage_runs_and_lora_dpo_learns_on_a_tiny_qwen(qwen25, tiny_bench,
              "rejected": samples[(i + 7) % len(samples)].turns[1].text} for i, s in enumerate(samples)]
     write_jsonl(tmp_path / "pairs.jsonl", rows)
     dpo_dir = tmp_path / "dpo"
-    dpo_final = dpo.run(load_config(DPOConfig, "configs/tiny/dpo.yaml", FRAMES + [
+    dpo_final = dpo.run(load_config(DPOConfig, "configs/tiny/dpo.yaml", frames + [
         f"model.init_from={sft_final}", "model.lora.enabled=true", "model.lora.r=8", "model.lora.alpha=16",
         f"run.dir={dpo_dir}", f"data.train=[{tmp_path / 'pairs.jsonl'}]", "train.batch_size=4", "train.epochs=3",
         "train.lr=5e-3", "train.scheduler=constant", "dpo.sft_weight=0", "dpo.beta=1.0", "train.log_every=1"]))
@@ -181,7 +262,7 @@ def test_every_stage_runs_and_lora_dpo_learns_on_a_tiny_qwen(qwen25, tiny_bench,
 
     for lora in ("true", "false"):  # the reference: the adapter switched off, or a frozen copy of the start
         grpo_dir = tmp_path / f"grpo-lora-{lora}"
-        grpo_rank.run(load_config(GRPOConfig, "configs/tiny/grpo_rank.yaml", FRAMES + [
+        grpo_rank.run(load_config(GRPOConfig, "configs/tiny/grpo_rank.yaml", frames + [
             f"model.init_from={dpo_final}", f"model.lora.enabled={lora}", "model.lora.r=4", f"run.dir={grpo_dir}",
             f"data.train=[{tiny_bench}/sft_easy.json]", f"judge.bench={tiny_bench}", "sampling.max_new_tokens=5",
             "grpo.rollout_batch=4", "grpo.mini_batch=10", "train.max_steps=1", "eval_qa=null"]))
@@ -220,27 +301,30 @@ def test_the_gym_runs_on_a_tiny_qwen(tmp_path):
     assert manifest["architecture"] == "Qwen2_5_VLForConditionalGeneration"
 
 
-def test_narratives_and_retrospective_contexts_read_clips_of_the_video(qwen25, tiny_bench):
+def test_narratives_and_retrospective_contexts_read_clips_of_the_video(checkpoint, tiny_bench):
     """VLM-RLAIF's clip narratives and ISR-DPO's contexts on an HF policy: each clip is cut from the
-    decoded frames and stretched back to num_frames, so it has the whole video's token count."""
+    decoded frames and stretched back to num_frames, so it has the whole video's token count, and
+    keeps the times of the frames it repeats (Qwen3-VL writes them into the prompt)."""
     from vlmalign.feedback.context import narratives, retrospective_contexts
 
-    model = policy(qwen25).eval()
+    model = policy(checkpoint).eval()
     visual = model.visual_inputs(None)
     video = read_instructions(tiny_bench / "sft_easy.json")[0].video
     pieces = visual.clips(video, clips=3, max_clip_len=20)
-    assert len(pieces) == 3 and all(p["video_grid_thw"].tolist() == [2, 4, 4] for p in pieces)
+    assert len(pieces) == 3 and all(model.visual_tokens(p["layout"]) == model.visual_tokens(model.video_layout(video))
+                                    for p in pieces)
     assert not torch.equal(pieces[0]["pixel_values_videos"], pieces[2]["pixel_values_videos"])
+    assert [p["layout"].indices for p in pieces] == [(0, 0, 0, 5), (10, 10, 10, 10), (15, 15, 15, 15)]
     assert set(narratives(model, visual, [video], clips=3, max_new_tokens=3)) == {video}
     assert set(retrospective_contexts(model, visual, [video], {video: "a red square"}, max_new_tokens=3)) == {video}
 
 
-def test_qlora_quantises_the_language_model_alone_and_its_adapter_learns(qwen25, tiny_bench, tmp_path):
+def test_qlora_quantises_the_language_model_alone_and_its_adapter_learns(checkpoint, tiny_bench, tmp_path):
     bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs the optional bitsandbytes extra (pip install -e '.[qlora]')")
     from vlmalign.config import QuantizationConfig
 
     quantization = QuantizationConfig(load_in_4bit=True, compute_dtype="float32")
-    model = policy(qwen25, lora=LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0), quantization=quantization)
+    model = policy(checkpoint, lora=LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0), quantization=quantization)
     four_bit = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(four_bit) == 2 * 7 and all("language_model" in n for n in four_bit)  # q k v o gate up down x 2 layers
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -248,18 +332,18 @@ def test_qlora_quantises_the_language_model_alone_and_its_adapter_learns(qwen25,
 
     visual = model.visual_inputs(None)
     sample = read_instructions(tiny_bench / "sft_easy.json")[0]
-    enc = model.encode_conversation(sample.turns, 512)
+    enc = model.encode_conversation(sample.turns, 512, layout=model.video_layout(sample.video))
     batch = Collator(model, visual)([EncodedSample("s", enc.input_ids, enc.labels, sample.video)])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
-    for _ in range(8):
+    for _ in range(16):
         logps, mask = token_logps(model(**model.model_inputs(batch, "cpu")).logits, batch["labels"])
         loss = -(logps * mask).sum() / mask.sum()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    assert losses[-1] < 0.8 * losses[0]
+    assert losses[-1] < 0.85 * losses[0]  # r4 adapters level off near 0.78 of the start on every family
 
     model.eval()
     with torch.no_grad():
@@ -277,7 +361,7 @@ def test_a_batch_may_hold_more_videos_than_a_row_has_tokens(checkpoint, tiny_ben
     model = policy(checkpoint).eval()
     visual = model.visual_inputs(None)
     sample = read_instructions(tiny_bench / "sft_easy.json")[0]
-    enc = model.encode_conversation(sample.turns, 512)
+    enc = model.encode_conversation(sample.turns, 512, layout=model.video_layout(sample.video))
     row = EncodedSample("s", enc.input_ids, enc.labels, sample.video)
     many = len(enc.input_ids) + 4
     with torch.no_grad():
@@ -286,15 +370,102 @@ def test_a_batch_may_hold_more_videos_than_a_row_has_tokens(checkpoint, tiny_ben
     torch.testing.assert_close(stacked[-1], alone[0], rtol=0, atol=1e-4)
 
 
-def test_reward_model_reads_the_chat_template_and_keeps_its_scores(qwen25, tiny_bench, tmp_path):
+@pytest.fixture(scope="module")
+def qwen3(tiny_bench, tmp_path_factory):
+    return save_tiny(tiny_bench, tmp_path_factory.mktemp("qwen3"), QWEN3)
+
+
+def test_fps_sampling_reads_a_long_video_within_max_frames_at_its_real_times(qwen25, qwen3, tmp_path, capsys):
+    """A 10-minute video at model.fps 2 with max_frames 64 gets 64 frames spread over all of it. The
+    Qwen3-VL prompt holds their real times (ids equal to transformers' processor given the video's
+    metadata; without it transformers assumes 24 fps and the last time would be 25 s, not ~594 s);
+    Qwen2.5-VL's positions step by the real seconds per temporal patch, as its processor computes them."""
+    from transformers.video_utils import VideoMetadata
+
+    from vlmalign.video import write_video
+
+    video = str(tmp_path / "ten_minutes.mp4")
+    write_video(video, np.random.default_rng(0).integers(0, 256, (600, 16, 16, 3), dtype=np.uint8), fps=1.0)
+    for checkpoint in (qwen25, qwen3):
+        model = policy(checkpoint, fps=2.0, max_frames=64)
+        layout = model.video_layout(video)
+        assert len(layout.indices) == 64 and (layout.indices[0], layout.indices[-1], layout.total, layout.fps) == (0, 599, 600, 1)
+        model.visual_inputs(None).precompute([video, video])
+        assert "1 videos, frames read 64 (2.0 per second within [4, 64]), visual tokens per video 128" in capsys.readouterr().out
+        metadata = VideoMetadata(total_num_frames=600, fps=1.0, frames_indices=list(layout.indices))
+        if model.architecture == QWEN3:
+            template = model.tokenizer.apply_chat_template(model._messages([Turn("user", "<video>\nwhat moves?")]),
+                                                           tokenize=False, add_generation_prompt=True)
+            expanded = processor_text(model, template, layout)
+            assert model.encode_prompt("<video>\nwhat moves?", layout) == model.tokenizer(expanded, add_special_tokens=False).input_ids
+            assert expanded.count(" seconds>") == 32 and layout.times(2)[-1] > 590
+        else:
+            item = model.visual_inputs(None).get(video)
+            assert item["video_grid_thw"].tolist() == [32, 4, 4]
+            seconds = model.stack_visual([item])["second_per_grid_ts"]
+            torch.testing.assert_close(seconds, torch.tensor([2 / metadata.sampled_fps]))  # 18.75 s per patch
+    with pytest.raises(ConfigError, match="model.min_frames 8 and model.max_frames 4"):
+        policy(qwen25, fps=2.0, min_frames=8, max_frames=4)
+    with pytest.raises(ConfigError, match="model.fps: vlmalign's VideoLM reads a fixed model.num_frames"):
+        build_model(ModelConfig(fps=2.0))
+
+
+def test_a_frame_folder_reads_as_its_video_given_its_frame_rate(checkpoint, tiny_bench, tmp_path):
+    """The frames of a video saved as images: the same layout and patches as the video once
+    model.frame_folder_fps says their rate; without it the families that place frames by time refuse."""
+    from PIL import Image
+
+    from vlmalign.video import read_video
+
+    video = read_instructions(tiny_bench / "sft_easy.json")[0].video
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, frame in enumerate(read_video(video)):
+        Image.fromarray(frame).save(folder / f"frame_{i}.png")
+    model = policy(checkpoint)
+    if model.needs_frame_rate:
+        with pytest.raises(DataError, match=f"frames/? *: {model.architecture} places frames by their time.*model.frame_folder_fps"):
+            model.video_layout(str(folder))
+    model = policy(checkpoint, frame_folder_fps=8.0)
+    assert model.video_layout(str(folder)) == model.video_layout(video)
+    visual = model.visual_inputs(None)
+    from_folder, from_video = visual.get(str(folder)), visual.get(video)
+    assert torch.equal(from_folder["pixel_values_videos"], from_video["pixel_values_videos"])
+
+
+def test_videos_of_different_lengths_share_a_batch(checkpoint, tmp_path):
+    """With fps sampling a 2-second and a 6-second video get 4 and 12 frames, so rows of different
+    grids and token counts stack in one batch: each row's logits are those it gets alone."""
+    from vlmalign.video import write_video
+
+    rng = np.random.default_rng(0)
+    videos = []
+    for frames in (8, 24):
+        videos.append(str(tmp_path / f"{frames}.mp4"))
+        write_video(videos[-1], rng.integers(0, 256, (frames, 32, 32, 3), dtype=np.uint8), fps=4)
+    model = policy(checkpoint, fps=2.0, min_frames=2, max_frames=16).eval()
+    visual, rows = model.visual_inputs(None), []
+    for video in videos:
+        enc = model.encode_conversation([Turn("user", "<video>\nwhat colour?"), Turn("assistant", "red")], 512,
+                                        layout=model.video_layout(video))
+        rows.append(EncodedSample("s", enc.input_ids, enc.labels, video))
+    assert [len(model.video_layout(v).indices) for v in videos] == [4, 12]
+    with torch.no_grad():
+        together = model(**model.model_inputs(Collator(model, visual)(rows), "cpu")).logits
+        for i, row in enumerate(rows):
+            alone = model(**model.model_inputs(Collator(model, visual)([row]), "cpu")).logits
+            torch.testing.assert_close(together[i, : len(row.input_ids)], alone[0], rtol=0, atol=1e-4)
+
+
+def test_reward_model_reads_the_chat_template_and_keeps_its_scores(checkpoint, tiny_bench, tmp_path):
     """A reward model on an HF policy: its input is the chat template's rendering of the question,
-    the answer and the evaluation prompt as one more user turn, ready for the assistant's reply; a
-    long answer is cut, never that turn; scores do not depend on the batch's padding and survive
-    save and load."""
+    the answer and the evaluation prompt as one more user turn, ready for the assistant's reply (the
+    video expanded as the family's processor expands it); a long answer is cut, never that turn;
+    scores do not depend on the batch's padding and survive save and load."""
     from vlmalign.model.reward import build_reward_model, load_reward_model, score_samples
 
     torch.manual_seed(0)
-    model = build_reward_model(ModelConfig(init_from=str(qwen25), num_frames=4, frame_size=[56, 56]),
+    model = build_reward_model(ModelConfig(init_from=str(checkpoint), num_frames=4, frame_size=frame_size(checkpoint)),
                                "Is the answer right?", "test@v0").eval()
     with torch.no_grad():
         model.head.weight.normal_(0, 1.0)
@@ -308,8 +479,8 @@ def test_reward_model_reads_the_chat_template_and_keeps_its_scores(qwen25, tiny_
                 {"role": "user", "content": [{"type": "text", "text": "Is the answer right?"}]}]
 
     def template_ids(messages, generation_prompt):
-        ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=True)
-        return [i for t in ids["input_ids"] for i in ([t] * backbone.num_visual_tokens if t == backbone.visual_slot_id else [t])]
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return tok(processor_text(backbone, text, backbone.video_layout(sample.video)), add_special_tokens=False).input_ids
 
     expected = template_ids(messages, True)
     assert enc.input_ids == expected and set(enc.labels) == {IGNORE_INDEX}
@@ -366,3 +537,28 @@ def test_reward_model_and_ppo_train_a_tiny_qwen(qwen25, tiny_bench, tmp_path):
     assert isinstance(load_model(final), HFVideoLM)
     before, after = load_file(qwen25 / "model.safetensors"), load_file(final / "hf" / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in after if k in before)
+
+
+def test_gradient_checkpointing_keeps_the_gradients_and_the_projectors_train(checkpoint, tiny_bench):
+    """With model.train_projector a LoRA policy trains its adapters and the family's projectors
+    (Qwen's merger and Qwen3-VL's deepstack mergers; LLaVA-OneVision's projector and newline), never
+    the vision tower; gradient checkpointing gives the same loss and gradients as without it."""
+    sample = read_instructions(tiny_bench / "sft_easy.json")[0]
+    grads = []
+    for checkpointing in (False, True):
+        model = policy(checkpoint, lora=LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0), train_projector=True,
+                       gradient_checkpointing=checkpointing).train()
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # a trained adapter: off its zero start, so every LoRA factor gets a gradient
+                p.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+        enc = model.encode_conversation(sample.turns, 512, layout=model.video_layout(sample.video))
+        batch = Collator(model, model.visual_inputs(None))([EncodedSample("s", enc.input_ids, enc.labels, sample.video)])
+        logps, mask = token_logps(model(**model.model_inputs(batch, "cpu")).logits, batch["labels"])
+        (-(logps * mask).sum() / mask.sum()).backward()
+        trainable = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        grads.append(trainable)
+    projectors = [n for n in grads[0] if "lora_" not in n]  # all that trains besides the adapters
+    assert projectors and all(any(f".{m}" in n for m in model.projector_modules) for n in projectors)
+    assert grads[0].keys() == grads[1].keys() and all(g is not None for g in grads[0].values())
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)

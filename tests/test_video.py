@@ -13,8 +13,10 @@ from vlmalign.video import (
     VIDEO_EXTENSIONS,
     clip_spans,
     count_frames,
+    read_frames,
     read_video,
     sample_indices,
+    video_info,
     write_video,
 )
 
@@ -167,6 +169,22 @@ def test_read_video_repeats_frames_when_asking_for_more(tmp_path, backend):
     assert len(means) == 7
     # indices [0, 0, 1, 1, 2, 2, 3]
     assert means[0] == means[1] and means[2] == means[3] and means[0] < means[2] < means[6]
+
+
+# mkv records no frame count: the count comes from decoding there, from the container for mp4
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_video_info_and_frames_at_given_positions(tmp_path, backend, suffix):
+    path = tmp_path / f"clip{suffix}"
+    write_video(path, gradient_frames(12), fps=6)
+    assert video_info(path, backend=backend) == (12, 6.0)
+    every = read_video(path, backend=backend)
+    np.testing.assert_array_equal(read_frames(path, [0, 0, 5, 11], backend=backend), every[[0, 0, 5, 11]])
+    assert "frames [3]..[12] asked, 12 decode" in assert_video_error(path, read_frames, indices=[3, 12], backend=backend)
+    for i, frame in enumerate(every[:3]):
+        Image.fromarray(frame).save(tmp_path / f"frame_{i}.png")
+    assert video_info(tmp_path) == (3, None)  # a frame folder has no rate
+    np.testing.assert_array_equal(read_frames(tmp_path, [0, 2, 2]), every[[0, 2, 2]])
 
 
 def test_frame_folder_natural_order(tmp_path):

@@ -85,8 +85,17 @@ class ModelConfig:
     pooling: Literal["after_projector", "before_projector"] = "after_projector"
     num_frames: int = 50
     frame_sampling: Literal["linspace", "segments"] = "linspace"
-    # HF video models (Qwen2-VL, Qwen2.5-VL): every frame is resized to [height, width], multiples of
-    # the checkpoint's patch x merge size (28); a video gives num_frames / 2 x (h / 28) x (w / 28) tokens
+    # HF video models: with `fps`, read that many frames per second of video instead of num_frames,
+    # evenly spaced, at least min_frames and at most max_frames (a long video gets sparser frames)
+    fps: float | None = None
+    min_frames: int = 4
+    max_frames: int = 64
+    # the rate a frame folder's (or image list's) frames were taken at: video files carry their own;
+    # fps sampling and the timestamps of Qwen2.5-VL / Qwen3-VL need one
+    frame_folder_fps: float | None = None
+    # HF video models: every frame is resized to [height, width]; Qwen: multiples of the checkpoint's
+    # patch x merge size (28; 32 for Qwen3-VL), a video of n frames gives n / 2 x (h / 28) x (w / 28)
+    # tokens; LLaVA-OneVision: its vision tower's size (384), n x 196 + 1 tokens
     frame_size: list[int] = field(default_factory=lambda: [336, 336])
     train_projector: bool = True
     lora: LoraConfig = field(default_factory=LoraConfig)

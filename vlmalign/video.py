@@ -156,6 +156,31 @@ def read_video(path, num_frames: int | None = None, sampling: str = "linspace", 
     )
 
 
+def video_info(path, backend: str = "auto") -> tuple[int, float | None]:
+    """(decodable frames, frames per second) of a video file; a frame folder has no rate (None)."""
+    path = Path(path)
+    if _check_path(path) == "folder":
+        return len(_frame_files(path)), None
+    return _with_backend(path, backend, _decord_info, _pyav_info)
+
+
+def read_frames(path, indices: list[int], backend: str = "auto") -> np.ndarray:
+    """Decode the frames at `indices` (positions among the decodable frames, in order, repeats
+    allowed) of a video file or frame folder as uint8 RGB [T, H, W, 3]."""
+    path = Path(path)
+    if _check_path(path) == "folder":
+        files = _frame_files(path)
+        _check_indices(path, indices, len(files))
+        return _read_images(path, [files[i] for i in indices])
+    return _with_backend(path, backend, lambda p: _decord_read_at(p, indices), lambda p: _pyav_read_at(p, indices))
+
+
+def _check_indices(path: Path, indices: list[int], count: int) -> None:
+    if not indices or min(indices) < 0 or max(indices) >= count:
+        raise VideoError(f"cannot decode video {path}: frames {indices[:1]}..{indices[-1:]} asked, {count} decode "
+                         "(fewer than its container declares: truncated or corrupt?)")
+
+
 # --- input checks -------------------------------------------------------------------------------
 
 
@@ -287,11 +312,28 @@ def _decord_count(path: Path) -> int:
     return count
 
 
+def _decord_info(path: Path) -> tuple[int, float | None]:
+    reader = _open_decord(path)
+    if len(reader) == 0:
+        raise VideoError(f"video has no decodable frames: {path}")
+    return len(reader), float(reader.get_avg_fps()) or None
+
+
 def _decord_read(path: Path, num_frames: int | None, sampling: str) -> np.ndarray:
     reader = _open_decord(path)
     indices = sample_indices(len(reader), num_frames, sampling)
     if not indices:
         raise VideoError(f"video has no decodable frames: {path}")
+    return _decord_batch(path, reader, indices)
+
+
+def _decord_read_at(path: Path, indices: list[int]) -> np.ndarray:
+    reader = _open_decord(path)
+    _check_indices(path, indices, len(reader))
+    return _decord_batch(path, reader, indices)
+
+
+def _decord_batch(path: Path, reader, indices: list[int]) -> np.ndarray:
     try:
         with _quiet_stderr():
             if path.suffix.lower() != ".avi":
@@ -300,7 +342,7 @@ def _decord_read(path: Path, num_frames: int | None, sampling: str) -> np.ndarra
             # 2.avi fixture gives frame 6 for 53), so decode in order and keep the sampled positions.
             wanted = collections.Counter(indices)
             frames = []
-            for position in range(indices[-1] + 1):
+            for position in range(max(indices) + 1):
                 frame = reader.next()
                 if position in wanted:
                     frames.extend([frame.asnumpy()] * wanted[position])
@@ -349,6 +391,20 @@ def _pyav_count(path: Path) -> int:
     if count == 0:
         raise VideoError(f"video has no decodable frames: {path}")
     return count
+
+
+def _pyav_info(path: Path) -> tuple[int, float | None]:
+    # the container's frame count when it has one (decoding checks it: `_pyav_read_at`), else count by decoding
+    container, stream = _pyav_open(path)
+    with container:
+        declared, rate = stream.frames, stream.average_rate or stream.guessed_rate
+    return declared if declared > 0 else _pyav_count(path), float(rate) if rate else None
+
+
+def _pyav_read_at(path: Path, indices: list[int]) -> np.ndarray:
+    frames, count = _pyav_collect(path, indices)
+    _check_indices(path, indices, count)
+    return np.stack(frames)
 
 
 def _pyav_collect(path: Path, indices: list[int]) -> tuple[list[np.ndarray], int]:

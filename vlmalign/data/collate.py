@@ -21,7 +21,8 @@ class EncodedSample:
 def encode_instructions(samples: list[InstructionSample], policy, max_length: int) -> list[EncodedSample]:
     out = []
     for s in samples:
-        enc = policy.encode_conversation(s.turns, max_length, sample_id=f"{s.id} ({s.source})")
+        enc = policy.encode_conversation(s.turns, max_length, sample_id=f"{s.id} ({s.source})",
+                                         layout=policy.video_layout(s.video))
         out.append(EncodedSample(s.id, enc.input_ids, enc.labels, s.video))
     return out
 

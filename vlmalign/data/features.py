@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlmalign.model.vision import preprocess_frames
-from vlmalign.video import read_video
+from vlmalign.video import read_frames, read_video, video_info
 
 
 def _video_identity(video: str | list[str]) -> str:
@@ -37,22 +37,35 @@ def load_frames(video: str | list[str], num_frames: int, sampling: str) -> np.nd
     """uint8 [T, H, W, 3] frames of a video file, a frame folder, or a list of frame images."""
     if isinstance(video, str):
         return read_video(video, num_frames=num_frames, sampling=sampling)
+    from vlmalign.video import sample_indices
+
+    return load_frames_at(video, sample_indices(len(video), num_frames, sampling))
+
+
+def load_frames_at(video: str | list[str], indices: list[int]) -> np.ndarray:
+    """uint8 [T, H, W, 3]: the frames at `indices` (in order) of a video file, a frame folder, or a
+    list of frame images."""
+    if isinstance(video, str):
+        return read_frames(video, indices)
     from PIL import Image
 
     from vlmalign.errors import VideoError
-    from vlmalign.video import sample_indices
 
     if not video:
         raise VideoError("empty list of frame images")
-    picked = [video[i] for i in sample_indices(len(video), num_frames, sampling)]
     frames = []
-    for path in picked:
+    for path in [video[i] for i in indices]:
         try:
             with Image.open(path) as img:
                 frames.append(np.asarray(img.convert("RGB")))
         except OSError as exc:
             raise VideoError(f"cannot read frame image {path}: {exc}") from None
     return np.stack(frames)
+
+
+def frame_count_and_rate(video: str | list[str]) -> tuple[int, float | None]:
+    """(frames, frames per second) of a video file; a frame folder or list of images has no rate."""
+    return video_info(video) if isinstance(video, str) else (len(video), None)
 
 
 class VisualInputs:

@@ -140,7 +140,7 @@ def _prompt_batch(model, questions: list[str], visual_inputs: list):
     for question, visual in zip(questions, visual_inputs):
         if visual is not None and VIDEO_TOKEN not in question:
             question = f"{VIDEO_TOKEN}\n{question}"
-        prompts.append(model.encode_prompt(question))
+        prompts.append(model.encode_prompt(question, model.inputs_layout(visual) if visual is not None else None))
         if visual is not None:
             visual_rows.append(visual)
     input_ids = pad_sequences(prompts, model.tokenizer.pad_token_id, side="left").to(model.device)

@@ -1,32 +1,53 @@
-"""Video LLMs from transformers behind the policy interface (`model/policy.py`): Qwen2-VL and
-Qwen2.5-VL, started from any checkpoint folder whose config.json names their class.
+"""Video LLMs from transformers behind the policy interface (`model/policy.py`): Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL and LLaVA-OneVision, started from any checkpoint folder whose config.json names their class.
 
 What the family does its own way, each in one place below:
+    layout     which frames of a video are read and when (`VideoLayout`, from the video's frame count
+               and rate, never its pixels): `num_frames` of them (`frame_sampling`), or `fps` per
+               second within [min_frames, max_frames]; a frame folder's rate is `frame_folder_fps`
     prompts    the checkpoint's chat template renders the conversation; a video is a content part
                ({"type": "video"}), which the template writes as <|vision_start|><|video_pad|>
-               <|vision_end|>; the one <|video_pad|> becomes as many ids as the video has tokens
-    frames     `num_frames` frames per video (`frame_sampling`), each resized to `frame_size`, scaled
-               and normalised with the checkpoint's image mean / std, cut into the family's
-               flattened patches (temporal x spatial, in merge order) with their grid (t, h, w)
+               <|vision_end|>; the pad is then expanded as transformers' processor expands it:
+               Qwen2(.5)-VL: one pad per video token; Qwen3-VL: per temporal patch its time
+               ("<1.6 seconds>", the mean of its two frames' times) and its own markers around one
+               pad per token of that patch, inside the template's markers (transformers 5.x keeps
+               them; qwen-vl-utils and transformers 4.x replaced them); LLaVA-OneVision's template
+               writes "<|im_start|>role " and the video's <video>, which becomes frames x
+               ceil(side / patch / 2)^2 tokens (196 a frame at 384 pixels) and one newline token
+    frames     each read frame resized to `frame_size`, scaled and normalised with the checkpoint's
+               image mean / std; Qwen: cut into the family's flattened patches (temporal x spatial,
+               in merge order) with their grid (t, h, w); LLaVA-OneVision: whole frames at its
+               tower's size, each video through the tower alone (lengths may differ in a batch)
     positions  Qwen's 3D rotary positions from `get_rope_index`, always with the video tokens
-               marked in `mm_token_type_ids` (without them transformers silently falls back to
-               1D positions); computed here for training, prefill and every decoding step
+               marked in `mm_token_type_ids` (without them transformers silently falls back to 1D
+               positions), computed here for training, prefill and every decoding step; Qwen2.5-VL
+               steps a video's time by its real seconds per temporal patch (second_per_grid_ts);
+               LLaVA-OneVision: 1D positions
+    time       Qwen2.5-VL and Qwen3-VL need each video's frame rate: without one transformers assumes
+               24 fps and misplaces the frames; here a video without a rate is an error
+    answers    labels cover each answer's text and its end-of-turn token, found in the text its turn
+               adds (LLaVA-OneVision's template heads an answer "assistant \n", its generation prompt
+               "assistant\n": training and prompting differ by that space, as the checkpoint ships)
     LoRA       adapters on the language model's linear layers only; the vision tower is frozen
-               unless `vision.frozen` is false, the merger trains when `train_projector` is true;
-               QLoRA quantises those layers alone to 4 bits (vision tower and LM head stay full)
+               unless `vision.frozen` is false, its projectors (Qwen's merger and Qwen3-VL's deepstack
+               mergers; LLaVA-OneVision's projector and newline embedding) train when
+               `train_projector` is true; QLoRA quantises the language model's layers alone to 4 bits
+               (vision tower, projectors and LM head stay full)
 
 Saved layout (`save_pretrained`): model.json (family, config, base), tokenizer/, and hf/ (the whole
 transformers model) or adapter/ (+ trainable.safetensors: trained weights outside the adapter, such
 as the merger) over the recorded base (an HF checkpoint or another saved policy).
 
-Not yet here (issue 19): Qwen3-VL, LLaVA-OneVision, LLaVA-NeXT-Video, Video-LLaVA; fps-based frame
-sampling, per-video token budgets and real timestamps; a feature or pixel cache.
+Not yet here (issue 19): LLaVA-NeXT-Video, Video-LLaVA; per-video pixel or token budgets; a feature
+or pixel cache.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+from operator import attrgetter
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +58,14 @@ from vlmalign.config import ModelConfig, QuantizationConfig, config_from_dict, t
 from vlmalign.data.formats import VIDEO_TOKEN, Turn
 from vlmalign.data.template import IGNORE_INDEX, Encoded
 from vlmalign.errors import ConfigError, DataError
-from vlmalign.model.generation import DecodeState, cache_name
+from vlmalign.model.generation import DecodeState, cache_name, left_positions
 from vlmalign.model.policy import MANIFEST, Policy, hf_architecture
+from vlmalign.video import sample_indices
 
-SUPPORTED = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+SUPPORTED = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
+             "LlavaOnevisionForConditionalGeneration")
 # video models transformers builds that this family does not drive yet
-NOT_YET = ("Qwen3VLForConditionalGeneration", "LlavaOnevisionForConditionalGeneration",
-           "LlavaNextVideoForConditionalGeneration", "VideoLlavaForConditionalGeneration")
+NOT_YET = ("LlavaNextVideoForConditionalGeneration", "VideoLlavaForConditionalGeneration")
 # LLaVA-1.5 checkpoints convert to our VideoLM (`model/llava.py`); everything else with a config.json
 # that is no plain causal LM is taken for an HF video model and checked here
 CONVERTED_TO_VIDEO_LM = ("LlavaForConditionalGeneration",)
@@ -73,6 +95,55 @@ def _model_class(arch: str):
     return getattr(transformers, arch)
 
 
+# --- which frames, and when ----------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class VideoLayout:
+    """Which frames of a video the model reads and when: the sampled frames' positions among the
+    video's `total` decoded frames, and its frame rate (None where a frame folder has none). A
+    family's ids and positions depend on it; it is read from the video's metadata, not its pixels."""
+
+    indices: tuple[int, ...]
+    total: int
+    fps: float | None
+
+    def times(self, temporal: int) -> list[float]:
+        """Seconds of each temporal patch: the mean time of its first and last frame (Qwen3-VL's
+        timestamps; the last patch repeats the last frame when the count is odd)."""
+        indices = list(self.indices) + [self.indices[-1]] * (-len(self.indices) % temporal)
+        return [(indices[i] + indices[i + temporal - 1]) / 2 / self.fps for i in range(0, len(indices), temporal)]
+
+    def seconds_per_patch(self, temporal: int) -> float:
+        """Seconds one temporal patch spans at the sampled rate (Qwen2.5-VL's second_per_grid_ts)."""
+        return temporal / (len(self.indices) / self.total * self.fps)
+
+
+def video_name(video) -> str:
+    """A video file or frame folder as it is; a list of frame images by its first frame and count."""
+    return video if isinstance(video, str) else f"{video[0]} (+{len(video) - 1} frames)"
+
+
+def check_frame_settings(cfg: ModelConfig) -> None:
+    if cfg.fps is not None and cfg.fps <= 0:
+        raise ConfigError(f"model.fps: {cfg.fps} must be positive (frames per second), or null to read model.num_frames")
+    if not 1 <= cfg.min_frames <= cfg.max_frames:
+        raise ConfigError(f"model.min_frames {cfg.min_frames} and model.max_frames {cfg.max_frames}: need 1 <= min <= max")
+    if cfg.frame_folder_fps is not None and cfg.frame_folder_fps <= 0:
+        raise ConfigError(f"model.frame_folder_fps: {cfg.frame_folder_fps} must be positive")
+
+
+def frame_indices(total: int, fps: float | None, cfg: ModelConfig, video) -> tuple[int, ...]:
+    """Positions of the frames to read out of `total`: `num_frames` of them (`frame_sampling`), or,
+    with `model.fps`, that many per second of video within [min_frames, max_frames] (evenly spaced,
+    as transformers' Qwen video processors sample)."""
+    if cfg.fps is None:
+        return tuple(sample_indices(total, cfg.num_frames, cfg.frame_sampling))
+    if fps is None:
+        raise DataError(f"video {video_name(video)}: no frame rate to sample model.fps={cfg.fps} from (a frame folder or list); set "
+                        "model.frame_folder_fps to the rate its frames were taken at, or sample model.num_frames")
+    count = min(max(int(total / fps * cfg.fps), cfg.min_frames), cfg.max_frames, total)
+    return tuple(np.linspace(0, total - 1, count).round().astype(int).tolist())
+
+
 # --- frames -> patches --------------------------------------------------------------------------
 @dataclasses.dataclass
 class QwenFrames:
@@ -80,7 +151,6 @@ class QwenFrames:
     cut into patches of `patch` pixels and `temporal` frames, listed merge-block by merge-block."""
 
     size: tuple[int, int]
-    num_frames: int
     patch: int
     temporal: int
     merge: int
@@ -93,13 +163,12 @@ class QwenFrames:
             raise ConfigError(f"model.frame_size: {list(self.size)} must be multiples of {unit} (patch {self.patch} x merge "
                               f"{self.merge}) for this checkpoint")
 
-    @property
-    def grid(self) -> tuple[int, int, int]:
-        return -(-self.num_frames // self.temporal), self.size[0] // self.patch, self.size[1] // self.patch
+    def grid(self, num_frames: int) -> tuple[int, int, int]:
+        return -(-num_frames // self.temporal), self.size[0] // self.patch, self.size[1] // self.patch
 
-    @property
-    def tokens_per_video(self) -> int:
-        t, h, w = self.grid
+    def tokens(self, num_frames: int) -> int:
+        """Visual tokens of a video of `num_frames` frames."""
+        t, h, w = self.grid(num_frames)
         return t * h * w // self.merge**2
 
     def __call__(self, frames: np.ndarray) -> dict:
@@ -110,11 +179,9 @@ class QwenFrames:
         resized = np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.BICUBIC)) for f in frames])
         x = torch.from_numpy(resized).float().div(255).permute(0, 3, 1, 2)  # [T, 3, H, W]
         x = (x - torch.tensor(self.mean).view(1, 3, 1, 1)) / torch.tensor(self.std).view(1, 3, 1, 1)
-        if x.shape[0] != self.num_frames:
-            raise DataError(f"expected {self.num_frames} frames, got {x.shape[0]}")
+        t, h, w = self.grid(x.shape[0])
         if x.shape[0] % self.temporal:  # the last temporal patch repeats the last frame, as Qwen's processors do
             x = torch.cat([x, x[-1:].expand(self.temporal - x.shape[0] % self.temporal, -1, -1, -1)])
-        t, h, w = self.grid
         m, p, c = self.merge, self.patch, x.shape[1]
         x = x.reshape(t, self.temporal, c, h // m, m, p, w // m, m, p)
         x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # t, h-block, w-block, h-in-block, w-in-block | c, temporal, p, p
@@ -122,8 +189,32 @@ class QwenFrames:
                 "video_grid_thw": torch.tensor([t, h, w])}
 
 
+@dataclasses.dataclass
+class SiglipFrames:
+    """A video's frames as LLaVA-OneVision's SigLIP tower reads them: each resized to `side` x `side`
+    pixels, scaled and normalised (as its video processor does). After the tower, the projector and a
+    2 x 2 bilinear pooling, a frame is ceil(side / patch / 2)^2 tokens; one newline token ends the video."""
+
+    side: int
+    patch: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def tokens(self, num_frames: int) -> int:
+        return num_frames * math.ceil(self.side // self.patch / 2) ** 2 + 1
+
+    def __call__(self, frames: np.ndarray) -> dict:
+        """uint8 [T, H, W, 3] -> {"pixel_values_videos": [T, 3, side, side]}."""
+        from PIL import Image
+
+        resized = np.stack([np.asarray(Image.fromarray(f).resize((self.side, self.side), Image.BICUBIC)) for f in frames])
+        x = torch.from_numpy(resized).float().div(255).permute(0, 3, 1, 2)
+        return {"pixel_values_videos": (x - torch.tensor(self.mean).view(1, 3, 1, 1)) / torch.tensor(self.std).view(1, 3, 1, 1)}
+
+
 class HFVisualInputs:
-    """Per video: its patches and grid (no cache yet: frames are decoded and the tower runs in the step)."""
+    """Per video: the vision tower's input and its layout (no cache yet: frames are decoded and the tower runs in
+    the step)."""
 
     use_features = False
     cache_dir = None
@@ -132,48 +223,87 @@ class HFVisualInputs:
         self.policy = policy
         self.hits = self.misses = 0
 
-    def get(self, video) -> dict:
-        from vlmalign.data.features import load_frames
+    def _read(self, video) -> tuple[np.ndarray, VideoLayout]:
+        from vlmalign.data.features import load_frames_at
 
-        cfg = self.policy.cfg
-        return self.policy.frames(load_frames(video, cfg.num_frames, cfg.frame_sampling))
+        layout = self.policy.video_layout(video)
+        return load_frames_at(video, list(layout.indices)), layout
+
+    def get(self, video) -> dict:
+        frames, layout = self._read(video)
+        return {**self.policy.frames(frames), "layout": layout}
 
     def batch(self, videos: list) -> list[dict]:
         return [self.get(v) for v in videos]
 
     def clips(self, video, clips: int, max_clip_len: int = 20) -> list[dict]:
-        """`get`'s input of `clips` clips of the video (VLM-RLAIF's narratives), each `num_frames` long."""
-        from vlmalign.data.features import load_frames
+        """`get`'s input of `clips` clips of the video (VLM-RLAIF's narratives), each stretched back
+        to the video's frame count, with the times of the frames it repeats."""
         from vlmalign.video import clip_inputs
 
-        cfg = self.policy.cfg
-        return [self.policy.frames(c) for c in clip_inputs(load_frames(video, cfg.num_frames, cfg.frame_sampling), clips,
-                                                           max_clip_len)]
+        frames, layout = self._read(video)
+        positions = clip_inputs(np.asarray(layout.indices), clips, max_clip_len)
+        return [{**self.policy.frames(f), "layout": dataclasses.replace(layout, indices=tuple(i.tolist()))}
+                for f, i in zip(clip_inputs(frames, clips, max_clip_len), positions)]
 
     def precompute(self, videos: list, batch_size: int = 8, progress: bool = True) -> None:
-        """Nothing to fill: this family keeps no cache yet."""
+        """No cache to fill yet: read each video's layout (so a video without a frame rate fails
+        before training) and print how many frames and visual tokens the videos get."""
+        distinct = {v if isinstance(v, str) else tuple(v): v for v in videos}
+        layouts = [self.policy.video_layout(v) for v in distinct.values()]
+        if layouts:
+            print(self.policy.describe_layouts(layouts), flush=True)
 
 
 # --- the policy ---------------------------------------------------------------------------------
 class HFVideoLM(Policy):
+    """Qwen2-VL, and the base of the other families below (Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision),
+    which change how a video shows in the prompt, the vision tower's input and the positions."""
+
+    # the vision tower, and what maps its features into the language model ("the projector"), under
+    # the transformers model's `model`; QLoRA keeps these (and the LM head) in full precision
+    vision_module = "visual"
+    projector_modules = ("visual.merger",)
+    # the config's ids of the vision markers (sampling never picks them)
+    marker_keys = ("video_token_id", "image_token_id", "vision_start_token_id", "vision_end_token_id")
+    # whether the family places frames by time (then a video without a frame rate is an error)
+    needs_frame_rate = False
+
     def __init__(self, cfg: ModelConfig, hf, tokenizer, frames: QwenFrames, base: dict, architecture: str):
         super().__init__()
         self.cfg, self.hf, self.tokenizer, self.frames = cfg, hf, tokenizer, frames
         self.base, self.architecture = base, architecture
+        check_frame_settings(cfg)
         config = self.core.config
         self.visual_slot_id = config.video_token_id
-        pad_text = tokenizer.convert_ids_to_tokens(config.video_token_id)
-        if pad_text is None or tokenizer.chat_template is None:
+        self.video_pad = tokenizer.convert_ids_to_tokens(config.video_token_id)
+        if self.video_pad is None or tokenizer.chat_template is None:
             raise ConfigError(f"{architecture}: the tokenizer does not match the model (video token id {config.video_token_id} "
-                              f"is {pad_text!r}; chat template {'missing' if tokenizer.chat_template is None else 'present'})")
+                              f"is {self.video_pad!r}; chat template {'missing' if tokenizer.chat_template is None else 'present'})")
         # an answer holding a vision marker would read as another video: sampling never picks them
-        self.unsampled_token_ids = tuple(getattr(config, key) for key in (
-            "video_token_id", "image_token_id", "vision_start_token_id", "vision_end_token_id"))
+        self.unsampled_token_ids = tuple(getattr(config, key) for key in self.marker_keys)
+        self._layouts: dict = {}
 
     @property
     def core(self):
         """The transformers model, under the LoRA wrapper if there is one."""
         return self.hf.get_base_model() if self.uses_lora else self.hf
+
+    @property
+    def vision_tower(self):
+        return getattr(self.core.model, self.vision_module)
+
+    @classmethod
+    def checkpoint_config(cls, hf_config) -> ModelConfig:
+        """The settings of a checkpoint loaded as it ships (a reference, a judge): the defaults."""
+        return ModelConfig()
+
+    @classmethod
+    def make_frames(cls, cfg: ModelConfig, hf_config, mean, std) -> QwenFrames:
+        """How this family turns frames into the vision tower's input."""
+        vision = hf_config.vision_config
+        return QwenFrames(tuple(cfg.frame_size), vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size,
+                          tuple(mean), tuple(std))
 
     @property
     def uses_lora(self) -> bool:
@@ -192,7 +322,53 @@ class HFVideoLM(Policy):
 
     @property
     def num_visual_tokens(self) -> int:
-        return self.frames.tokens_per_video
+        """Visual tokens of a video of the most frames the frame settings read."""
+        return self.frames.tokens(self.cfg.num_frames if self.cfg.fps is None else self.cfg.max_frames)
+
+    # --- videos -------------------------------------------------------------------------------------
+    def video_layout(self, video) -> VideoLayout | None:
+        """Which frames of `video` (a file, frame folder or list of frame images) the model reads,
+        and when; from its metadata, once per video."""
+        if video is None:
+            return None
+        key = video if isinstance(video, str) else tuple(video)
+        if key not in self._layouts:
+            from vlmalign.data.features import frame_count_and_rate
+
+            total, fps = frame_count_and_rate(video)
+            fps = fps or self.cfg.frame_folder_fps
+            if fps is None and self.needs_frame_rate:  # transformers would assume 24 fps and misplace the frames
+                raise DataError(f"video {video_name(video)}: {self.architecture} places frames by their time, and this video has no "
+                                "frame rate (a frame folder or list); set model.frame_folder_fps to the rate its frames "
+                                "were taken at")
+            self._layouts[key] = VideoLayout(frame_indices(total, fps, self.cfg, video), total, fps)
+        return self._layouts[key]
+
+    def inputs_layout(self, inputs: dict) -> VideoLayout:
+        return inputs["layout"]
+
+    def visual_tokens(self, layout: VideoLayout) -> int:
+        return self.frames.tokens(len(layout.indices))
+
+    def describe_layouts(self, layouts: list[VideoLayout]) -> str:
+        """One line: the frames and visual tokens per video over `layouts` (a range when they differ)."""
+        def span(values):
+            return f"{min(values)}" if min(values) == max(values) else f"{min(values)}-{max(values)} (median {int(np.median(values))})"
+
+        frames = [len(layout.indices) for layout in layouts]
+        sampling = f"{self.cfg.num_frames} by {self.cfg.frame_sampling}" if self.cfg.fps is None else \
+            f"{self.cfg.fps} per second within [{self.cfg.min_frames}, {self.cfg.max_frames}]"
+        return (f"{self.architecture}: {len(layouts)} videos, frames read {span(frames)} ({sampling}), visual tokens per "
+                f"video {span([self.visual_tokens(layout) for layout in layouts])} at {self.cfg.frame_size[0]} x "
+                f"{self.cfg.frame_size[1]} pixels")
+
+    def _video_text(self, layout: VideoLayout) -> str:
+        """What the chat template's video pad becomes in the text: one pad for the whole video."""
+        return self.video_pad
+
+    def _pad_copies(self, layout: VideoLayout) -> int:
+        """Ids each video pad of `_video_text` stands for."""
+        return self.visual_tokens(layout)
 
     # --- prompts ------------------------------------------------------------------------------
     def _messages(self, turns) -> list[dict]:
@@ -205,70 +381,82 @@ class HFVideoLM(Policy):
             messages.append({"role": turn.role, "content": parts})
         return messages
 
-    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    def _render(self, messages: list[dict], generation_prompt: bool, layout: VideoLayout | None) -> str:
+        """The chat template's text, its video pad replaced by the family's text for the video (as
+        transformers' processor replaces it, inside the template's vision markers)."""
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        if self.video_pad not in text:
+            return text
+        if layout is None:
+            raise ValueError(f"{self.architecture}: a prompt with a video needs the video's layout (policy.video_layout)")
+        return text.replace(self.video_pad, self._video_text(layout))
 
-    def _ids(self, text: str) -> list[int]:
-        """Token ids of rendered text, each video pad token expanded to the video's token count."""
-        out = []
-        for i in self.tokenizer(text, add_special_tokens=False).input_ids:
-            out += [i] * self.num_visual_tokens if i == self.visual_slot_id else [i]
-        return out
-
-    def encode_conversation(self, turns, max_length: int, sample_id: str = "") -> Encoded:
+    def encode_conversation(self, turns, max_length: int, sample_id: str = "", layout: VideoLayout | None = None) -> Encoded:
         """Ids and labels of a conversation: the ids of the whole conversation as the chat template
-        renders it (so they equal the model's own stack's), labels on each answer up to and
-        including its end-of-turn token. The answers' spans come from rendering turn by turn."""
+        and the processor render it (so they equal the model's own stack's), labels on each answer's
+        text up to and including its end-of-turn token. Each answer is found in the text its turn
+        adds (a template may write a role header before it that differs from its generation prompt,
+        as LLaVA-OneVision's does: "assistant \n" there, "assistant\n" when prompting)."""
         messages = self._messages(turns)
-        full = self._render(messages, False)
+        full = self._render(messages, False, layout)
         eos_text = self.tokenizer.eos_token
         spans, rendered = [], ""
         for i in range(0, len(messages) - 1, 2):
-            prompt = self._render(messages[: i + 1], True)
-            turn = self._render(messages[: i + 2], False)
-            if not (prompt.startswith(rendered) and turn.startswith(prompt) and full.startswith(turn)):
+            before = self._render(messages[: i + 1], False, layout)
+            turn = self._render(messages[: i + 2], False, layout)
+            answer_text = turns[i + 1].text.strip()
+            start = turn.rfind(answer_text, len(before))
+            if not (before.startswith(rendered) and turn.startswith(before) and full.startswith(turn)) or start < 0:
                 raise DataError(f"sample {sample_id!r}: the chat template of {self.architecture} does not render the "
                                 "conversation turn by turn (a later turn changes an earlier one)")
-            answer = turn[len(prompt):]
-            cut = answer.find(eos_text)  # what follows the end-of-turn token (a newline) is not learnt
+            cut = turn.find(eos_text, start + len(answer_text))  # what follows the end-of-turn token is not learnt
             if cut < 0:
                 raise DataError(f"sample {sample_id!r}: the chat template of {self.architecture} ends an answer without the "
                                 f"tokenizer's eos token {eos_text!r}, where sampling stops; use a checkpoint whose eos "
                                 "token ends a turn (an Instruct one)")
-            spans.append((len(prompt), len(prompt) + cut + len(eos_text)))
+            spans.append((start, cut + len(eos_text)))
             rendered = turn
         enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        copies = self._pad_copies(layout) if layout is not None else 1
         input_ids, labels, prompt_length = [], [], 0
         for token, (start, end) in zip(enc.input_ids, enc.offset_mapping):
-            copies = self.num_visual_tokens if token == self.visual_slot_id else 1
+            n = copies if token == self.visual_slot_id else 1
             learnt = any(s <= start and end <= e for s, e in spans)
-            input_ids += [token] * copies
-            labels += [token if learnt else IGNORE_INDEX] * copies
+            input_ids += [token] * n
+            labels += [token if learnt else IGNORE_INDEX] * n
             if spans and end <= spans[0][0]:
                 prompt_length = len(input_ids)
         if prompt_length >= max_length:
-            raise DataError(f"sample {sample_id!r}: the prompt needs {prompt_length} tokens ({self.num_visual_tokens} "
-                            f"visual) but data.max_length is {max_length}; raise max_length or use fewer frames / a "
-                            "smaller model.frame_size")
+            visual = self.visual_tokens(layout) if layout is not None else 0
+            raise DataError(f"sample {sample_id!r}: the prompt needs {prompt_length} tokens ({visual} visual) but "
+                            f"data.max_length is {max_length}; raise max_length or read fewer frames (model.num_frames, "
+                            "model.max_frames) or a smaller model.frame_size")
         if self.visual_slot_id in input_ids[max_length:]:  # a video of a later turn would lose its tokens
             raise DataError(f"sample {sample_id!r}: a video after token {max_length} (data.max_length) would be cut; "
                             "raise max_length or shorten the conversation")
         return Encoded(input_ids[:max_length], labels[:max_length])
 
-    def encode_prompt(self, question: str) -> list[int]:
-        return self._ids(self._render(self._messages([Turn("user", question)]), True))
+    def _ids(self, text: str, layout: VideoLayout | None) -> list[int]:
+        """Token ids of rendered text, each video pad expanded to the ids it stands for."""
+        copies = self._pad_copies(layout) if layout is not None else 1
+        return [i for t in self.tokenizer(text, add_special_tokens=False).input_ids
+                for i in ([t] * copies if t == self.visual_slot_id else [t])]
 
-    def encode_followup(self, turns, text: str, max_length: int, sample_id: str = "") -> list[int]:
+    def encode_prompt(self, question: str, layout: VideoLayout | None = None) -> list[int]:
+        return self._ids(self._render(self._messages([Turn("user", question)]), True, layout), layout)
+
+    def encode_followup(self, turns, text: str, max_length: int, sample_id: str = "",
+                        layout: VideoLayout | None = None) -> list[int]:
         """The conversation, then a user turn with `text` and the assistant's header, as the chat
         template renders them; the conversation is cut first, so that last turn stays whole."""
         messages = self._messages(turns)
-        before = self._render(messages, False)
-        after = self._render(messages + self._messages([Turn("user", text)]), True)
+        before = self._render(messages, False, layout)
+        after = self._render(messages + self._messages([Turn("user", text)]), True, layout)
         if not after.startswith(before):
             raise DataError(f"sample {sample_id!r}: the chat template of {self.architecture} changes the conversation "
                             "when a turn follows it")
-        tail = self._ids(after[len(before):])
-        return self.encode_conversation(turns, max_length - len(tail), sample_id).input_ids + tail
+        tail = self._ids(after[len(before):], layout)
+        return self.encode_conversation(turns, max_length - len(tail), sample_id, layout).input_ids + tail
 
     # --- visual inputs and forward ----------------------------------------------------------------
     def visual_inputs(self, cache_dir) -> HFVisualInputs:
@@ -279,44 +467,44 @@ class HFVideoLM(Policy):
                 "video_grid_thw": torch.stack([it["video_grid_thw"] for it in items])}
 
     def model_inputs(self, batch: dict, device) -> dict:
-        keys = ("input_ids", "attention_mask", "pixel_values_videos", "video_grid_thw")
+        keys = ("input_ids", "attention_mask", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "video_frames")
         return {k: batch[k].to(device) for k in keys if k in batch}
 
     def _token_types(self, input_ids) -> torch.Tensor:
         return (input_ids == self.visual_slot_id).int() * 2  # text 0, image 1, video 2
 
-    def _positions(self, input_ids, attention_mask, video_grid_thw) -> torch.Tensor:
-        """Qwen's 3D rotary positions [3, B, L], the video tokens marked."""
-        token_types = self._token_types(input_ids)
-        # one temporal interval per video, given explicitly: transformers' default (1 s) runs out when a
-        # batch holds more videos than a row has tokens (Qwen2-VL takes no intervals and ignores it)
-        seconds = None if video_grid_thw is None else torch.ones(len(video_grid_thw))
-        positions, _ = self.core.model.get_rope_index(input_ids, mm_token_type_ids=token_types,
-                                                      video_grid_thw=video_grid_thw, attention_mask=attention_mask,
-                                                      second_per_grid_ts=seconds)
+    def _positions(self, input_ids, attention_mask, video_grid_thw, second_per_grid_ts=None) -> torch.Tensor:
+        """Qwen's 3D rotary positions [3, B, L], the video tokens marked (without the marks
+        transformers silently falls back to 1D positions)."""
+        positions, _ = self.core.model.get_rope_index(input_ids, mm_token_type_ids=self._token_types(input_ids),
+                                                      video_grid_thw=video_grid_thw, attention_mask=attention_mask)
         return positions
 
-    def forward(self, input_ids, attention_mask, pixel_values_videos=None, video_grid_thw=None, position_ids=None,
-                **kwargs):
+    def forward(self, input_ids, attention_mask, pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
+                position_ids=None, **kwargs):
         if pixel_values_videos is not None:
-            pixel_values_videos = pixel_values_videos.to(self.core.model.visual.dtype)
+            pixel_values_videos = pixel_values_videos.to(self.vision_tower.dtype)
         if position_ids is None:
-            position_ids = self._positions(input_ids, attention_mask, video_grid_thw)
+            position_ids = self._positions(input_ids, attention_mask, video_grid_thw, second_per_grid_ts)
+        # a teacher-forced pass keeps no cache (prefill asks for one): none to build, and with
+        # gradient checkpointing transformers would warn that it drops it
         return self.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
-                       mm_token_type_ids=self._token_types(input_ids), **kwargs)
+                       mm_token_type_ids=self._token_types(input_ids), **{"use_cache": False, **kwargs})
 
-    def hidden_states(self, input_ids, attention_mask, pixel_values_videos=None, video_grid_thw=None) -> torch.Tensor:
+    def hidden_states(self, input_ids, attention_mask, pixel_values_videos=None, video_grid_thw=None,
+                      second_per_grid_ts=None) -> torch.Tensor:
         # the inner model (LoRA layers sit inside it): no LM head, no [B, L, vocab] logits
         if pixel_values_videos is not None:
-            pixel_values_videos = pixel_values_videos.to(self.core.model.visual.dtype)
+            pixel_values_videos = pixel_values_videos.to(self.vision_tower.dtype)
         return self.core.model(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=self._positions(input_ids, attention_mask, video_grid_thw),
+                               position_ids=self._positions(input_ids, attention_mask, video_grid_thw, second_per_grid_ts),
                                pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
                                mm_token_type_ids=self._token_types(input_ids)).last_hidden_state
 
     def prefill(self, input_ids, attention_mask, visual: dict) -> tuple[torch.Tensor, DecodeState]:
-        positions = self._positions(input_ids, attention_mask, visual.get("video_grid_thw"))
+        positions = self._positions(input_ids, attention_mask, visual.get("video_grid_thw"),
+                                    visual.get("second_per_grid_ts"))
         out = self.forward(input_ids, attention_mask, **visual, position_ids=positions, use_cache=True)
         # the prompt ends in text (left padding): the answer's positions continue from its last one
         return out.logits[:, -1], DecodeState(getattr(out, cache_name(self.hf)), positions[0, :, -1] + 1)
@@ -349,13 +537,112 @@ class HFVideoLM(Policy):
         (path / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
+class Qwen25VideoLM(HFVideoLM):
+    """Qwen2.5-VL: a video's temporal positions advance by the real seconds each temporal patch
+    spans (second_per_grid_ts, from the sampled frames' times), not by one per patch."""
+
+    needs_frame_rate = True
+
+    def stack_visual(self, items: list[dict]) -> dict:
+        seconds = [it["layout"].seconds_per_patch(self.frames.temporal) for it in items]
+        return {**super().stack_visual(items), "second_per_grid_ts": torch.tensor(seconds)}
+
+    def _positions(self, input_ids, attention_mask, video_grid_thw, second_per_grid_ts=None) -> torch.Tensor:
+        # one interval per video, always given: transformers' default ran out when a batch held more
+        # videos than a row has tokens
+        positions, _ = self.core.model.get_rope_index(input_ids, mm_token_type_ids=self._token_types(input_ids),
+                                                      video_grid_thw=video_grid_thw, attention_mask=attention_mask,
+                                                      second_per_grid_ts=second_per_grid_ts)
+        return positions
+
+
+class Qwen3VideoLM(HFVideoLM):
+    """Qwen3-VL: each temporal patch of a video is written as its time, then its own vision markers
+    around its pads (`<1.5 seconds><|vision_start|><|video_pad|>...<|vision_end|>`), all inside the
+    template's markers, as transformers 5.x's processor writes it; get_rope_index places each patch
+    as a one-frame image. The vision tower also hands features of early layers to the first LM
+    layers (deepstack), in the same forward pass; their mergers are projectors too."""
+
+    needs_frame_rate = True
+    projector_modules = ("visual.merger", "visual.deepstack_merger_list")
+
+    def _video_text(self, layout: VideoLayout) -> str:
+        start, end = self.tokenizer.convert_ids_to_tokens([self.core.config.vision_start_token_id,
+                                                           self.core.config.vision_end_token_id])
+        return "".join(f"<{t:.1f} seconds>{start}{self.video_pad}{end}" for t in layout.times(self.frames.temporal))
+
+    def _pad_copies(self, layout: VideoLayout) -> int:
+        return self.frames.tokens(self.frames.temporal)  # one temporal patch
+
+
+class LlavaOnevisionVideoLM(HFVideoLM):
+    """LLaVA-OneVision: its SigLIP tower reads each frame alone, the projector maps the patches into the
+    language model, 2 x 2 pooling quarters them, and one learnt newline token closes the video. The
+    template writes the video as its <video> token, which becomes the video's token count; positions
+    are plain 1D ones (a Qwen2 language model)."""
+
+    vision_module = "vision_tower"
+    projector_modules = ("multi_modal_projector", "image_newline")
+    marker_keys = ("video_token_id", "image_token_id")
+
+    @classmethod
+    def checkpoint_config(cls, hf_config) -> ModelConfig:
+        side = hf_config.vision_config.image_size
+        return ModelConfig(frame_size=[side, side])
+
+    @classmethod
+    def make_frames(cls, cfg: ModelConfig, hf_config, mean, std) -> SiglipFrames:
+        side = hf_config.vision_config.image_size
+        if list(cfg.frame_size) != [side, side]:  # its position embeddings are learnt for that size alone
+            raise ConfigError(f"model.frame_size: {list(cfg.frame_size)}, but the vision tower of this LLaVA-OneVision "
+                              f"checkpoint reads {side} x {side} frames; set model.frame_size: [{side}, {side}]")
+        return SiglipFrames(side, hf_config.vision_config.patch_size, tuple(mean), tuple(std))
+
+    def stack_visual(self, items: list[dict]) -> dict:
+        return {"pixel_values_videos": torch.cat([it["pixel_values_videos"] for it in items]),
+                "video_frames": torch.tensor([len(it["pixel_values_videos"]) for it in items])}
+
+    def _encoded_videos(self, pixel_values_videos, video_frames) -> dict | None:
+        """The videos' features as transformers' forward takes them precomputed: each video through
+        the tower alone (each gets its newline), since videos of different lengths share no [videos,
+        frames] tensor; they then fill the video tokens in order."""
+        if pixel_values_videos is None:
+            return None
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        pixels = pixel_values_videos.to(self.vision_tower.dtype).split(video_frames.tolist())
+        features = [self.core.model.get_video_features(p[None]).pooler_output for p in pixels]
+        return {"video": BaseModelOutputWithPooling(pooler_output=torch.cat(features, dim=1))}
+
+    def forward(self, input_ids, attention_mask, pixel_values_videos=None, video_frames=None, position_ids=None, **kwargs):
+        if position_ids is None:
+            position_ids = left_positions(attention_mask)
+        return self.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       mm_encoder_outputs=self._encoded_videos(pixel_values_videos, video_frames),
+                       **{"use_cache": False, **kwargs})
+
+    def hidden_states(self, input_ids, attention_mask, pixel_values_videos=None, video_frames=None) -> torch.Tensor:
+        return self.core.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=left_positions(attention_mask),
+                               mm_encoder_outputs=self._encoded_videos(pixel_values_videos, video_frames)).last_hidden_state
+
+    def prefill(self, input_ids, attention_mask, visual: dict) -> tuple[torch.Tensor, DecodeState]:
+        positions = left_positions(attention_mask)
+        out = self.forward(input_ids, attention_mask, **visual, position_ids=positions, use_cache=True)
+        return out.logits[:, -1], DecodeState(getattr(out, cache_name(self.hf)), positions[:, -1] + 1)
+
+    def decode(self, tokens, attention_mask, state: DecodeState) -> torch.Tensor:
+        name = cache_name(self.hf)
+        out = self.hf(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=state.position[:, None],
+                      use_cache=True, **{name: state.cache})
+        state.advance(getattr(out, name))
+        return out.logits[:, -1]
+
+
+FAMILIES = {"Qwen2VLForConditionalGeneration": HFVideoLM, "Qwen2_5_VLForConditionalGeneration": Qwen25VideoLM,
+            "Qwen3VLForConditionalGeneration": Qwen3VideoLM, "LlavaOnevisionForConditionalGeneration": LlavaOnevisionVideoLM}
+
+
 # --- building and loading -----------------------------------------------------------------------
-def _frames(cfg: ModelConfig, hf_config, mean, std) -> QwenFrames:
-    vision = hf_config.vision_config
-    return QwenFrames(tuple(cfg.frame_size), cfg.num_frames, vision.patch_size, vision.temporal_patch_size,
-                      vision.spatial_merge_size, tuple(mean), tuple(std))
-
-
 def _image_stats(path: Path) -> tuple[list[float], list[float]]:
     """The checkpoint's normalisation (its preprocessor_config.json: a local folder's, or a hub name's)."""
     from transformers.utils import cached_file
@@ -386,7 +673,9 @@ def _pretrained(arch: str, source, dtype: str, quantization: QuantizationConfig 
     if quantised:
         from vlmalign.model.video_lm import four_bit_config
 
-        kwargs["quantization_config"] = four_bit_config(quantization, skip=["lm_head", "model.visual"])
+        family = FAMILIES[arch]
+        skip = ["lm_head"] + [f"model.{name}" for name in (family.vision_module, *family.projector_modules)]
+        kwargs["quantization_config"] = four_bit_config(quantization, skip=skip)
     hf = _model_class(arch).from_pretrained(source, **kwargs)
     if quantised and not torch.cuda.is_available():
         from vlmalign.model.video_lm import check_cpu_4bit_shapes
@@ -400,11 +689,13 @@ def _set_trainable(model: HFVideoLM) -> HFVideoLM:
     if not model.uses_lora:  # no adapter: the whole language model trains
         core.model.language_model.requires_grad_(True)
         core.lm_head.requires_grad_(True)
-    core.model.visual.requires_grad_(not cfg.vision.frozen)
+    model.vision_tower.requires_grad_(not cfg.vision.frozen)
     if cfg.train_projector:
-        core.model.visual.merger.requires_grad_(True)
+        for name in model.projector_modules:
+            attrgetter(name)(core.model).requires_grad_(True)
     if cfg.gradient_checkpointing:
-        core.gradient_checkpointing_enable()
+        # later transformers 5 releases renamed it and warn on every call of the old name
+        getattr(core, "activation_checkpointing_enable", core.gradient_checkpointing_enable)()
         core.enable_input_require_grads()
     return model
 
@@ -441,7 +732,8 @@ def build_hf_video(cfg: ModelConfig) -> HFVideoLM:
     own = dataclasses.replace(cfg, init_from=None)
     if cfg.lora.enabled:
         hf = _apply_lora(hf, cfg)
-    return _set_trainable(HFVideoLM(own, hf, tokenizer, _frames(own, hf.config, mean, std), base, arch))
+    family = FAMILIES[arch]
+    return _set_trainable(family(own, hf, tokenizer, family.make_frames(own, hf.config, mean, std), base, arch))
 
 
 def load_hf_video(path, trainable: bool = False, quantization: QuantizationConfig | None = None) -> HFVideoLM:
@@ -450,10 +742,11 @@ def load_hf_video(path, trainable: bool = False, quantization: QuantizationConfi
 
     path = Path(path)
     if not (path / MANIFEST).is_file():  # a reference or a judge as the checkpoint ships (its own dtype)
-        cfg = ModelConfig()
         hf, tokenizer, mean, std, arch = _from_checkpoint(path, "auto", quantization)
+        family = FAMILIES[arch]
+        cfg = family.checkpoint_config(hf.config)
         base = {"hf": str(path.resolve()) if path.exists() else str(path)}
-        model = HFVideoLM(cfg, hf, tokenizer, _frames(cfg, hf.config, mean, std), base, arch)
+        model = family(cfg, hf, tokenizer, family.make_frames(cfg, hf.config, mean, std), base, arch)
     else:
         manifest = json.loads((path / MANIFEST).read_text())
         cfg = config_from_dict(ModelConfig, manifest["config"], source=str(path / MANIFEST))
@@ -478,8 +771,9 @@ def load_hf_video(path, trainable: bool = False, quantization: QuantizationConfi
                 if name not in params:
                     raise ConfigError(f"{path / 'trainable.safetensors'}: weight {name} is not in the model")
                 params[name].data.copy_(tensor)
-        model = HFVideoLM(cfg, hf, tokenizer, _frames(cfg, hf.config, manifest["image_mean"], manifest["image_std"]),
-                          base, arch)
+        family = FAMILIES[arch]
+        model = family(cfg, hf, tokenizer, family.make_frames(cfg, hf.config, manifest["image_mean"], manifest["image_std"]),
+                       base, arch)
     if trainable:
         return _set_trainable(model)
     model.requires_grad_(False)
@@ -501,47 +795,96 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 CHATML_SPECIAL = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|image_pad|>"]
+# LLaVA-OneVision's template as the llava-hf checkpoints ship it: "<|im_start|>role " then the video's
+# <video> token, then "\n" and the text, "<|im_end|>" with no newline; prompting ends "<|im_start|>assistant\n"
+ONEVISION_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\n' + content['text'] }}{% endfor %}"
+    "{{'<|im_end|>'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+ONEVISION_SPECIAL = ["<|im_start|>", "<|im_end|>", "<image>", "<video>"]
 
 
 def save_tiny_hf_video(out, words: list[str], architecture: str = "Qwen2_5_VLForConditionalGeneration",
                        hidden: int = 64, layers: int = 2, seed: int = 0, intermediate: int | None = None,
                        kv_heads: int = 2) -> Path:
     """A random tiny checkpoint of `architecture` in `out` (config.json, weights, a word-level tokenizer
-    over `words` with the family's special tokens and a ChatML template, preprocessor_config.json),
+    over `words` with the family's special tokens and chat template, preprocessor_config.json),
     loadable by `from_pretrained` like a hub checkpoint. Built offline."""
     from vlmalign.model.tokenizer import build_word_tokenizer
 
     check_architecture(architecture, "save_tiny_hf_video")
     out = Path(out)
-    tokenizer = build_word_tokenizer(sorted(set(words) | set("system you are a helpful assistant . user".split())))
-    tokenizer.add_special_tokens({"additional_special_tokens": CHATML_SPECIAL, "eos_token": "<|im_end|>"})
-    tokenizer.chat_template = CHATML_TEMPLATE
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in CHATML_SPECIAL}
-    half = hidden // 4 // 2  # rotary frequencies per head (4 heads); Qwen splits them 1 : 1.5 : 1.5 over t, h, w
-    sections = [half // 4, (half - half // 4) // 2, (half - half // 4) // 2]
+    words = set(words) | set("system you are a helpful assistant . user".split())
+    if architecture == "Qwen3VLForConditionalGeneration":  # its prompts hold each frame's time: "<12.5 seconds>"
+        words |= {str(n) for n in range(100)} | {"<", ">", "seconds"}
+    onevision = architecture == "LlavaOnevisionForConditionalGeneration"
+    special, template = (ONEVISION_SPECIAL, ONEVISION_TEMPLATE) if onevision else (CHATML_SPECIAL, CHATML_TEMPLATE)
+    tokenizer = build_word_tokenizer(sorted(words))
+    tokenizer.add_special_tokens({"additional_special_tokens": special, "eos_token": "<|im_end|>"})
+    tokenizer.chat_template = template
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
     text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
                 num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=4096,
-                rope_scaling={"type": "mrope", "mrope_section": sections},
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=ids["<|im_end|>"], bos_token_id=None)
-    if architecture == "Qwen2_5_VLForConditionalGeneration":
-        from transformers import Qwen2_5_VLConfig as Config
-
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[1], window_size=56)
+    if onevision:
+        config, patch, mean, std = _tiny_onevision_config(text, ids)
     else:
-        from transformers import Qwen2VLConfig as Config
-
-        vision = dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2)
-    config = Config(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                    video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                    vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+        config, patch, mean, std = _tiny_qwen_config(architecture, text, ids, hidden)
     torch.manual_seed(seed)
     model = _model_class(architecture)(config)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "preprocessor_config.json").write_text(json.dumps({"image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
-                                                             "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2}))
+    sizes = {"patch_size": patch} if onevision else {"patch_size": patch, "temporal_patch_size": 2, "merge_size": 2}
+    (out / "preprocessor_config.json").write_text(json.dumps({"image_mean": list(mean), "image_std": list(std), **sizes}))
     return out
+
+
+def _tiny_qwen_config(architecture: str, text: dict, ids: dict, hidden: int):
+    """(config, patch, mean, std) of a tiny Qwen: Qwen2-VL and Qwen2.5-VL read patches of 14 pixels with
+    CLIP's normalisation, Qwen3-VL 16 with mean = std = 0.5."""
+    half = hidden // 4 // 2  # rotary frequencies per head (4 heads); Qwen splits them 1 : 1.5 : 1.5 over t, h, w
+    sections = [half // 4, (half - half // 4) // 2, (half - half // 4) // 2]
+    patch, mean, std = 14, CLIP_MEAN, CLIP_STD
+    if architecture == "Qwen3VLForConditionalGeneration":
+        from transformers import Qwen3VLConfig as Config
+
+        patch, mean, std = 16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+        text = dict(text, head_dim=hidden // 4, rope_parameters={"rope_type": "default", "rope_theta": 5e6,
+                                                                 "mrope_section": sections, "mrope_interleaved": True})
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden, patch_size=patch,
+                      spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0])  # the first block's features join the first LM layer
+    elif architecture == "Qwen2_5_VLForConditionalGeneration":
+        from transformers import Qwen2_5_VLConfig as Config
+
+        text = dict(text, rope_scaling={"type": "mrope", "mrope_section": sections})
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden, patch_size=patch,
+                      spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[1], window_size=56)
+    else:
+        from transformers import Qwen2VLConfig as Config
+
+        text = dict(text, rope_scaling={"type": "mrope", "mrope_section": sections})
+        vision = dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=patch,
+                      spatial_merge_size=2, temporal_patch_size=2)
+    config = Config(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                    video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                    vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    return config, patch, mean, std
+
+
+def _tiny_onevision_config(text: dict, ids: dict):
+    """(config, patch, mean, std) of a tiny LLaVA-OneVision: a SigLIP tower over frames of 56 pixels
+    (4 x 4 patches of 14, pooled to 2 x 2 tokens), mean = std = 0.5, a Qwen2 language model."""
+    from transformers import LlavaOnevisionConfig
+
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=56, patch_size=14, vision_use_head=False)
+    config = LlavaOnevisionConfig(text_config=dict(model_type="qwen2", **text), vision_config=vision,
+                                  image_token_index=ids["<image>"], video_token_index=ids["<video>"],
+                                  vision_feature_select_strategy="full", vision_feature_layer=-1, tie_word_embeddings=False)
+    return config, 14, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)

@@ -2,23 +2,28 @@
 
 Two families implement it:
     VideoLM      (`model/video_lm.py`) our CLIP + pooling + projector + causal LM, the papers' model
-    HFVideoLM    (`model/hf_video.py`) a transformers video model (Qwen2-VL, Qwen2.5-VL) driven
-                 with its own chat template, video tokens and 3D positions
+    HFVideoLM    (`model/hf_video.py`) a transformers video model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
+                 LLaVA-OneVision) driven with its own chat template, video tokens and positions
 
 Stages build or load a policy with `build_model` / `load_model` below, which pick the family from
 the checkpoint (a saved model's model.json, or an HF checkpoint's config.json architectures), and
 then only call these operations:
 
-    encode_conversation(turns, max_length, sample_id)   training ids and labels (answers only)
-    encode_prompt(question)                             generation prompt ids
-    visual_slot_id, num_visual_tokens                   how a video shows in the ids, and its size
+    video_layout(video), inputs_layout(inputs)          what a video's ids depend on (its frames' count
+                                                        and times; None for VideoLM), from the video
+                                                        or from visual inputs in hand (a clip)
+    encode_conversation(turns, max_length, sample_id,   training ids and labels (answers only)
+                        layout)
+    encode_prompt(question, layout)                     generation prompt ids
+    visual_slot_id, num_visual_tokens                   how a video shows in the ids, and its most tokens
     unsampled_token_ids                                 ids sampling never picks (vision markers)
     visual_inputs(cache_dir)                            per-video inputs (features, or pixels)
     stack_visual(items)                                 a batch's visual entries for the collator
     model_inputs(batch, device)                         forward arguments of a collated batch
     forward(...) -> output with .logits                 teacher-forced logits
     hidden_states(...) -> [B, L, H]                     the LM's final hidden states (reward and value heads)
-    encode_followup(turns, text, max_length, sample_id) a conversation, then one more user turn to answer
+    encode_followup(turns, text, max_length,           a conversation, then one more user turn to answer
+                    sample_id, layout)
     language_model                                      the causal LM (its embeddings and LM head)
     prefill(input_ids, attention_mask, visual)          shared-prefix sampling: one prefill ...
     decode(tokens, attention_mask, state)               ... then one token per step
@@ -35,6 +40,7 @@ from pathlib import Path
 from torch import nn
 
 from vlmalign.config import ModelConfig, QuantizationConfig
+from vlmalign.errors import ConfigError
 
 MANIFEST = "model.json"
 
@@ -60,6 +66,15 @@ class Policy(nn.Module):
     def adapted_module(self):
         """The module LoRA wraps (a peft model)."""
         raise NotImplementedError
+
+    def video_layout(self, video):
+        """What this family's ids depend on for `video` (a file, frame folder or image list): None
+        where they do not (every video gives the same tokens)."""
+        return None
+
+    def inputs_layout(self, inputs):
+        """`video_layout` of visual inputs from `visual_inputs(...)`: a video's, or a clip's."""
+        return None
 
     @property
     def hidden_size(self) -> int:
@@ -96,6 +111,9 @@ def build_model(cfg: ModelConfig) -> Policy:
         from vlmalign.model.hf_video import build_hf_video
 
         return build_hf_video(cfg)
+    if cfg.fps is not None:
+        raise ConfigError(f"model.fps: vlmalign's VideoLM reads a fixed model.num_frames (its token count is fixed); "
+                          "fps sampling is for HF video models (model/hf_video.py)")
     from vlmalign.model.video_lm import build_video_lm
 
     return build_video_lm(cfg)

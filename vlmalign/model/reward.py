@@ -71,7 +71,7 @@ class RewardModel(nn.Module):
         """
         text = question if video is None or VIDEO_TOKEN in question else f"{VIDEO_TOKEN}\n{question}"
         ids = self.backbone.encode_followup([Turn("user", text), Turn("assistant", answer)], self.evaluation_prompt,
-                                            max_length, sample_id)
+                                            max_length, sample_id, layout=self.backbone.video_layout(video))
         return EncodedSample(sample_id, ids, [IGNORE_INDEX] * len(ids), video)
 
     def save_pretrained(self, path: str | Path) -> None:

@@ -55,13 +55,13 @@ class VideoLM(Policy):
         self.base = base  # where the LLM base weights come from: {"pretrained": name} | {"checkpoint": path} | {}
 
     # --- the policy interface ------------------------------------------------------------------
-    def encode_conversation(self, turns, max_length: int, sample_id: str = "") -> template.Encoded:
+    def encode_conversation(self, turns, max_length: int, sample_id: str = "", layout=None) -> template.Encoded:
         return template.encode_conversation(self.tokenizer, turns, self.num_visual_tokens, max_length, sample_id)
 
-    def encode_prompt(self, question: str) -> list[int]:
+    def encode_prompt(self, question: str, layout=None) -> list[int]:
         return template.encode_prompt(self.tokenizer, question, self.num_visual_tokens)
 
-    def encode_followup(self, turns, text: str, max_length: int, sample_id: str = "") -> list[int]:
+    def encode_followup(self, turns, text: str, max_length: int, sample_id: str = "", layout=None) -> list[int]:
         """The conversation, then `USER: {text} ASSISTANT:`; the conversation is cut first, so the
         last turn (a reward model's evaluation prompt) always stays whole."""
         tail = self.tokenizer(f"USER: {text} ASSISTANT:", add_special_tokens=False).input_ids
@@ -316,7 +316,8 @@ def _set_trainable(model: VideoLM) -> VideoLM:
     if not model.uses_lora:  # no adapter: the whole LLM trains (a loaded start model comes frozen)
         model.llm.requires_grad_(True)
     if cfg.gradient_checkpointing:
-        model.llm.gradient_checkpointing_enable()
+        # later transformers 5 releases renamed it and warn on every call of the old name
+        getattr(model.llm, "activation_checkpointing_enable", model.llm.gradient_checkpointing_enable)()
         model.llm.enable_input_require_grads()
     return model
 

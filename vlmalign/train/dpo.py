@@ -50,10 +50,10 @@ from vlmalign.train.common import (
 def encode_pairs(pairs: list[PreferencePair], policy, max_length: int) -> list[tuple[EncodedSample, EncodedSample]]:
     out = []
     for p in pairs:
-        rows = []
+        rows, layout = [], policy.video_layout(p.video)
         for answer in (p.chosen, p.rejected):
             turns = [Turn("user", p.prompt), Turn("assistant", answer)]
-            enc = policy.encode_conversation(turns, max_length, sample_id=f"{p.id} ({p.source})")
+            enc = policy.encode_conversation(turns, max_length, sample_id=f"{p.id} ({p.source})", layout=layout)
             rows.append(EncodedSample(p.id, enc.input_ids, enc.labels, p.video))
         out.append((rows[0], rows[1]))
     return out

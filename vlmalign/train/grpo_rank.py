@@ -88,7 +88,7 @@ from vlmalign.train.common import (
 def completion_rows(model, question: str, video, samples) -> list[EncodedSample]:
     """Prompt + sampled answer token ids, labels on the answer only (as sampled, EOS included)."""
     text = question if video is None or VIDEO_TOKEN in question else f"{VIDEO_TOKEN}\n{question}"
-    prompt = model.encode_prompt(text)
+    prompt = model.encode_prompt(text, model.video_layout(video))
     return [
         EncodedSample("", prompt + s.token_ids, [IGNORE_INDEX] * len(prompt) + s.token_ids, video)
         for s in samples
