@@ -88,8 +88,11 @@ class GymBudget:
 
 # --family: the transformers class of each tiny random HF model, and the frames it reads (8 frames of
 # 56 x 56 pixels: 4 temporal patches of 2 x 2 merged patches, 16 visual tokens per video)
-HF_FAMILIES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration"}
+HF_FAMILIES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",
+               "qwen3_vl": "Qwen3VLForConditionalGeneration", "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
 HF_FRAMES = {"model__num_frames": 8, "model__frame_size": "[56,56]", "model__train_projector": "false"}
+# Qwen3-VL's 16-pixel patches merge 2 x 2, so its frames are multiples of 32 (4 x 2 x 2 = 16 tokens again)
+HF_FRAME_SIZE = {"qwen3_vl": "[64,64]"}
 FAMILIES = ("video_lm", *HF_FAMILIES)
 
 # `vlmalign gym`: all four methods and their controls. `--quick` (the demo, <= 10 minutes on two
@@ -105,7 +108,9 @@ class Gym:
         self.bench = Path(bench)
         # The pipeline's stage configs (tokenizer, feature cache, prompts, oracle) serve the gym too.
         self.pipe = Pipeline(self.out, Budget(seed=seed, eval_limit=budget.eval_limit), progress, self.bench, feature_cache)
-        self.common = self.pipe.common() if budget.family == "video_lm" else {**self.pipe.common(), **HF_FRAMES}
+        self.common = self.pipe.common()
+        if budget.family != "video_lm":
+            self.common.update(HF_FRAMES, model__frame_size=HF_FRAME_SIZE.get(budget.family, HF_FRAMES["model__frame_size"]))
 
     def initial_model(self) -> dict:
         """Where SFT starts: a fresh VideoLM from configs/tiny, or a tiny random HF video model saved
