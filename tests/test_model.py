@@ -191,6 +191,23 @@ def test_a_model_started_from_a_checkpoint_trains_its_llm(word_corpus, tmp_path)
     assert trainable and all("lora_" in n for n in trainable)
 
 
+def test_gradient_checkpointing_keeps_the_gradients_and_asks_for_no_cache(word_corpus):
+    """Gradient checkpointing gives the same loss gradients; a teacher-forced pass keeps no KV cache
+    (asking for one made transformers warn on every training run that it drops it)."""
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = build_model(tiny(word_corpus, **{"model.gradient_checkpointing": str(checkpointing).lower()})).train()
+        ids = torch.randint(0, len(model.tokenizer), (2, 12), generator=torch.Generator().manual_seed(0))
+        mask = torch.ones_like(ids)
+        out = model(ids, mask)
+        assert out.past_key_values is None
+        out.logits.logsumexp(-1).mean().backward()
+        grads.append({n: p.grad for n, p in model.llm.named_parameters() if p.requires_grad})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6)
+
+
 def test_qlora_on_a_saved_model_quantises_the_base_and_trains_the_adapter(word_corpus, tmp_path):
     """QLoRA (nf4 base + LoRA) started from a saved model, on CPU with bitsandbytes >= 0.45."""
     bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs the optional bitsandbytes extra (pip install -e '.[qlora]')")

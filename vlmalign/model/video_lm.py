@@ -161,8 +161,10 @@ class VideoLM(Policy):
         return embeds
 
     def forward(self, input_ids, attention_mask, features=None, **llm_kwargs):
-        """Causal-LM forward; returns the LLM's output (logits [B, L, V])."""
-        return self.llm(inputs_embeds=self.embed(input_ids, features), attention_mask=attention_mask, **llm_kwargs)
+        """Causal-LM forward; returns the LLM's output (logits [B, L, V]). A teacher-forced pass keeps
+        no cache unless asked (with gradient checkpointing transformers warns that it drops one)."""
+        return self.llm(inputs_embeds=self.embed(input_ids, features), attention_mask=attention_mask,
+                        **{"use_cache": False, **llm_kwargs})
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, features=None, **gen_kwargs) -> torch.Tensor:
