@@ -155,6 +155,13 @@ def test_ids_are_the_processors_and_labels_cover_the_answers(checkpoint, tiny_be
                   Turn("assistant", "blue")]
     with pytest.raises(DataError, match="a video after token 24 .* would be cut"):
         model.encode_conversation(late_video, 24, sample_id="s2", layout=layout)
+    # an answer that also occurs inside the end-of-turn marker ("<|im_end|>") is still found where it is
+    for short in ("end", "m"):
+        enc = model.encode_conversation([turns[0], Turn("assistant", short)], 512, layout=layout)
+        answer = [t for t, label in zip(enc.input_ids, enc.labels) if label != IGNORE_INDEX]
+        assert answer == model.tokenizer(short + model.tokenizer.eos_token, add_special_tokens=False).input_ids
+    with pytest.raises(DataError, match="sample 's4': answer 1 is empty"):
+        model.encode_conversation([turns[0], Turn("assistant", " ")], 512, sample_id="s4", layout=layout)
     model.tokenizer.eos_token = "<|image_pad|>"  # a checkpoint whose eos never ends a turn
     with pytest.raises(DataError, match="ends an answer without the tokenizer's eos token"):
         model.encode_conversation(turns, 512, sample_id="s3", layout=layout)
@@ -180,6 +187,17 @@ def test_checkpoints_pick_their_family_or_fail_in_one_line(qwen25, tmp_path):
         policy(mismatched)
     with pytest.raises(ConfigError, match=r"model.frame_size: \[50, 56\] must be multiples of 28"):
         build_model(ModelConfig(init_from=str(qwen25), num_frames=4, frame_size=[50, 56]))
+
+
+def test_every_family_loads_as_it_ships_and_reads_a_video(checkpoint, tiny_bench):
+    """A checkpoint folder loaded as it is (a reference, a judge, the base of make-prefs or eval) gets
+    a frame size its vision tower accepts, and turns a video into as many inputs as its ids hold."""
+    model = load_model(checkpoint).eval()
+    sample = read_instructions(tiny_bench / "sft_easy.json")[0]
+    enc = model.encode_conversation(sample.turns, 4096, layout=model.video_layout(sample.video))
+    batch = Collator(model, model.visual_inputs(None))([EncodedSample("s", enc.input_ids, enc.labels, sample.video)])
+    with torch.no_grad():
+        assert torch.isfinite(model(**model.model_inputs(batch, "cpu")).logits).all()
 
 
 def test_sampled_logprobs_equal_a_teacher_forced_pass(checkpoint, tiny_bench):
@@ -315,6 +333,9 @@ def test_narratives_and_retrospective_contexts_read_clips_of_the_video(checkpoin
                                     for p in pieces)
     assert not torch.equal(pieces[0]["pixel_values_videos"], pieces[2]["pixel_values_videos"])
     assert [p["layout"].indices for p in pieces] == [(0, 0, 0, 5), (10, 10, 10, 10), (15, 15, 15, 15)]
+    # a clip spans its share of the video (frames 0-5 of the 0-15 read): its patches, a third of the time
+    whole = model.video_layout(video).seconds_per_patch(2)
+    assert pieces[0]["layout"].seconds_per_patch(2) == pytest.approx(whole / 3)
     assert set(narratives(model, visual, [video], clips=3, max_new_tokens=3)) == {video}
     assert set(retrospective_contexts(model, visual, [video], {video: "a red square"}, max_new_tokens=3)) == {video}
 
@@ -375,6 +396,19 @@ def qwen3(tiny_bench, tmp_path_factory):
     return save_tiny(tiny_bench, tmp_path_factory.mktemp("qwen3"), QWEN3)
 
 
+def test_fps_sampling_picks_the_frames_each_familys_processor_picks(qwen25, qwen3, tmp_path):
+    """2.5 s at 30 fps read at 2 per second: 5 frames. Qwen2.5-VL's processor rounds that down to
+    whole temporal patches and steps from the first frame (arange(0, 75, 75 / 4)); Qwen3-VL's spreads
+    all 5 from the first frame to the last (linspace(0, 74, 5), rounded). Worked by hand from
+    transformers 5's sample_frames, whose classes need torchvision to import here."""
+    from vlmalign.video import write_video
+
+    video = str(tmp_path / "short.mp4")
+    write_video(video, np.zeros((75, 16, 16, 3), dtype=np.uint8), fps=30.0)
+    assert policy(qwen25, fps=2.0).video_layout(video).indices == (0, 18, 37, 56)
+    assert policy(qwen3, fps=2.0).video_layout(video).indices == (0, 18, 37, 56, 74)
+
+
 def test_fps_sampling_reads_a_long_video_within_max_frames_at_its_real_times(qwen25, qwen3, tmp_path, capsys):
     """A 10-minute video at model.fps 2 with max_frames 64 gets 64 frames spread over all of it. The
     Qwen3-VL prompt holds their real times (ids equal to transformers' processor given the video's
@@ -389,7 +423,8 @@ def test_fps_sampling_reads_a_long_video_within_max_frames_at_its_real_times(qwe
     for checkpoint in (qwen25, qwen3):
         model = policy(checkpoint, fps=2.0, max_frames=64)
         layout = model.video_layout(video)
-        assert len(layout.indices) == 64 and (layout.indices[0], layout.indices[-1], layout.total, layout.fps) == (0, 599, 600, 1)
+        last = 599 if model.architecture == QWEN3 else 590  # linspace to the last frame; arange(0, 600, 600 / 64)
+        assert len(layout.indices) == 64 and (layout.indices[0], layout.indices[-1], layout.total, layout.fps) == (0, last, 600, 1)
         model.visual_inputs(None).precompute([video, video])
         assert "1 videos, frames read 64 (2.0 per second within [4, 64]), visual tokens per video 128" in capsys.readouterr().out
         metadata = VideoMetadata(total_num_frames=600, fps=1.0, frames_indices=list(layout.indices))

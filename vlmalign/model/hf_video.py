@@ -103,7 +103,7 @@ class VideoLayout:
     family's ids and positions depend on it; it is read from the video's metadata, not its pixels."""
 
     indices: tuple[int, ...]
-    total: int
+    total: float  # decoded frames the reading spans (a clip: its share of the video's, see `clip`)
     fps: float | None
 
     def times(self, temporal: int) -> list[float]:
@@ -115,6 +115,13 @@ class VideoLayout:
     def seconds_per_patch(self, temporal: int) -> float:
         """Seconds one temporal patch spans at the sampled rate (Qwen2.5-VL's second_per_grid_ts)."""
         return temporal / (len(self.indices) / self.total * self.fps)
+
+    def clip(self, indices) -> "VideoLayout":
+        """The layout of a clip read at `indices` (its frames stretched to the video's count): it spans
+        its share of the video's frames, so a patch of it spans its own, shorter time."""
+        indices = tuple(int(i) for i in indices)
+        share = max(indices[-1] - indices[0], 1) / max(self.indices[-1] - self.indices[0], 1)
+        return dataclasses.replace(self, indices=indices, total=self.total * share)
 
 
 def video_name(video) -> str:
@@ -131,15 +138,23 @@ def check_frame_settings(cfg: ModelConfig) -> None:
         raise ConfigError(f"model.frame_folder_fps: {cfg.frame_folder_fps} must be positive")
 
 
-def frame_indices(total: int, fps: float | None, cfg: ModelConfig, video) -> tuple[int, ...]:
+def frame_indices(total: int, fps: float | None, cfg: ModelConfig, video, whole_patches: int | None = None) -> tuple[int, ...]:
     """Positions of the frames to read out of `total`: `num_frames` of them (`frame_sampling`), or,
-    with `model.fps`, that many per second of video within [min_frames, max_frames] (evenly spaced,
-    as transformers' Qwen video processors sample)."""
+    with `model.fps`, that many per second of video within [min_frames, max_frames], evenly spaced
+    as the family's transformers video processor samples them. `whole_patches` (Qwen2-VL and
+    Qwen2.5-VL): their processor rounds the count down to whole temporal patches and steps through
+    the video from its first frame; Qwen3-VL's spreads the count from the first frame to the last."""
     if cfg.fps is None:
         return tuple(sample_indices(total, cfg.num_frames, cfg.frame_sampling))
     if fps is None:
         raise DataError(f"video {video_name(video)}: no frame rate to sample model.fps={cfg.fps} from (a frame folder or list); set "
                         "model.frame_folder_fps to the rate its frames were taken at, or sample model.num_frames")
+    if whole_patches:
+        most = min(cfg.max_frames, total) // whole_patches * whole_patches
+        count = int(min(max(total / fps * cfg.fps, cfg.min_frames), most, total) // whole_patches * whole_patches)
+        if count < 1:
+            raise DataError(f"video {video_name(video)}: {total} frames hold no whole temporal patch of {whole_patches} frames")
+        return tuple(torch.arange(0, total, total / count).int().tolist())
     count = min(max(int(total / fps * cfg.fps), cfg.min_frames), cfg.max_frames, total)
     return tuple(np.linspace(0, total - 1, count).round().astype(int).tolist())
 
@@ -243,7 +258,7 @@ class HFVisualInputs:
 
         frames, layout = self._read(video)
         positions = clip_inputs(np.asarray(layout.indices), clips, max_clip_len)
-        return [{**self.policy.frames(f), "layout": dataclasses.replace(layout, indices=tuple(i.tolist()))}
+        return [{**self.policy.frames(f), "layout": layout.clip(i.tolist())}
                 for f, i in zip(clip_inputs(frames, clips, max_clip_len), positions)]
 
     def precompute(self, videos: list, batch_size: int = 8, progress: bool = True) -> None:
@@ -268,6 +283,9 @@ class HFVideoLM(Policy):
     marker_keys = ("video_token_id", "image_token_id", "vision_start_token_id", "vision_end_token_id")
     # whether the family places frames by time (then a video without a frame rate is an error)
     needs_frame_rate = False
+    # model.fps sampling as the family's processor does it (`frame_indices`): Qwen2-VL and Qwen2.5-VL
+    # read whole temporal patches
+    samples_whole_patches = True
 
     def __init__(self, cfg: ModelConfig, hf, tokenizer, frames: QwenFrames, base: dict, architecture: str):
         super().__init__()
@@ -295,8 +313,13 @@ class HFVideoLM(Policy):
 
     @classmethod
     def checkpoint_config(cls, hf_config) -> ModelConfig:
-        """The settings of a checkpoint loaded as it ships (a reference, a judge): the defaults."""
-        return ModelConfig()
+        """The settings of a checkpoint loaded as it ships (a reference, a judge): the defaults, with
+        the frame size moved to the nearest multiple of the family's merged patch (Qwen3-VL's 32
+        pixels do not divide the default 336)."""
+        vision = hf_config.vision_config
+        unit = vision.patch_size * vision.spatial_merge_size
+        side = max(unit, round(ModelConfig().frame_size[0] / unit) * unit)
+        return ModelConfig(frame_size=[side, side])
 
     @classmethod
     def make_frames(cls, cfg: ModelConfig, hf_config, mean, std) -> QwenFrames:
@@ -341,7 +364,8 @@ class HFVideoLM(Policy):
                 raise DataError(f"video {video_name(video)}: {self.architecture} places frames by their time, and this video has no "
                                 "frame rate (a frame folder or list); set model.frame_folder_fps to the rate its frames "
                                 "were taken at")
-            self._layouts[key] = VideoLayout(frame_indices(total, fps, self.cfg, video), total, fps)
+            whole = self.frames.temporal if self.samples_whole_patches else None
+            self._layouts[key] = VideoLayout(frame_indices(total, fps, self.cfg, video, whole), total, fps)
         return self._layouts[key]
 
     def inputs_layout(self, inputs: dict) -> VideoLayout:
@@ -405,15 +429,23 @@ class HFVideoLM(Policy):
             before = self._render(messages[: i + 1], False, layout)
             turn = self._render(messages[: i + 2], False, layout)
             answer_text = turns[i + 1].text.strip()
-            start = turn.rfind(answer_text, len(before))
-            if not (before.startswith(rendered) and turn.startswith(before) and full.startswith(turn)) or start < 0:
+            if not answer_text:
+                raise DataError(f"sample {sample_id!r}: answer {i // 2 + 1} is empty")
+            if not (before.startswith(rendered) and turn.startswith(before) and full.startswith(turn)):
                 raise DataError(f"sample {sample_id!r}: the chat template of {self.architecture} does not render the "
                                 "conversation turn by turn (a later turn changes an earlier one)")
-            cut = turn.find(eos_text, start + len(answer_text))  # what follows the end-of-turn token is not learnt
+            # the turn's own end-of-turn token is its last one; the answer sits right before it (searching
+            # for the answer instead would find "end" or "m" inside the "<|im_end|>" marker)
+            cut = turn.rfind(eos_text, len(before))  # what follows the end-of-turn token is not learnt
             if cut < 0:
                 raise DataError(f"sample {sample_id!r}: the chat template of {self.architecture} ends an answer without the "
                                 f"tokenizer's eos token {eos_text!r}, where sampling stops; use a checkpoint whose eos "
                                 "token ends a turn (an Instruct one)")
+            written = turn[len(before):cut].rstrip()
+            if not written.endswith(answer_text):
+                raise DataError(f"sample {sample_id!r}: the chat template of {self.architecture} does not write answer "
+                                f"{i // 2 + 1} as given, right before its end-of-turn token")
+            start = len(before) + len(written) - len(answer_text)
             spans.append((start, cut + len(eos_text)))
             rendered = turn
         enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
@@ -500,7 +532,7 @@ class HFVideoLM(Policy):
         return self.core.model(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=self._positions(input_ids, attention_mask, video_grid_thw, second_per_grid_ts),
                                pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
-                               mm_token_type_ids=self._token_types(input_ids)).last_hidden_state
+                               mm_token_type_ids=self._token_types(input_ids), use_cache=False).last_hidden_state
 
     def prefill(self, input_ids, attention_mask, visual: dict) -> tuple[torch.Tensor, DecodeState]:
         positions = self._positions(input_ids, attention_mask, visual.get("video_grid_thw"),
@@ -564,6 +596,7 @@ class Qwen3VideoLM(HFVideoLM):
     layers (deepstack), in the same forward pass; their mergers are projectors too."""
 
     needs_frame_rate = True
+    samples_whole_patches = False
     projector_modules = ("visual.merger", "visual.deepstack_merger_list")
 
     def _video_text(self, layout: VideoLayout) -> str:
@@ -583,6 +616,7 @@ class LlavaOnevisionVideoLM(HFVideoLM):
 
     vision_module = "vision_tower"
     projector_modules = ("multi_modal_projector", "image_newline")
+    samples_whole_patches = False
     marker_keys = ("video_token_id", "image_token_id")
 
     @classmethod
@@ -623,7 +657,8 @@ class LlavaOnevisionVideoLM(HFVideoLM):
 
     def hidden_states(self, input_ids, attention_mask, pixel_values_videos=None, video_frames=None) -> torch.Tensor:
         return self.core.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=left_positions(attention_mask),
-                               mm_encoder_outputs=self._encoded_videos(pixel_values_videos, video_frames)).last_hidden_state
+                               mm_encoder_outputs=self._encoded_videos(pixel_values_videos, video_frames),
+                               use_cache=False).last_hidden_state
 
     def prefill(self, input_ids, attention_mask, visual: dict) -> tuple[torch.Tensor, DecodeState]:
         positions = left_positions(attention_mask)

@@ -109,7 +109,8 @@ class VideoLM(Policy):
 
     def hidden_states(self, input_ids, attention_mask, features=None) -> torch.Tensor:
         # the decoder alone: the LM head's [B, L, vocab] logits would be computed and thrown away
-        return self.llm.get_decoder()(inputs_embeds=self.embed(input_ids, features), attention_mask=attention_mask).last_hidden_state
+        return self.llm.get_decoder()(inputs_embeds=self.embed(input_ids, features), attention_mask=attention_mask,
+                                      use_cache=False).last_hidden_state
 
     # --- visual tokens -------------------------------------------------------------------------
     @property
