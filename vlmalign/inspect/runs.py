@@ -28,6 +28,7 @@ import yaml
 from vlmalign.data.formats import VIDEO_TOKEN
 from vlmalign.errors import DataError, VlmalignError
 from vlmalign.feedback.preferences import load_contexts, video_key
+from vlmalign.inspect.jsonfiles import read_json, read_jsonl
 
 # folders that hold weights, caches or media, never artifacts to show
 _SKIP = {"checkpoints", "final", "feature_cache", "tensorboard", "videos", "llm", "tokenizer", "vision", "frames",
@@ -79,29 +80,6 @@ def find_runs(run_dirs) -> Found:
 
 
 # --- reading ---------------------------------------------------------------------------------------
-def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {line_no}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}, line {line_no}: expected a JSON object")
-            rows.append(row)
-    return rows
-
-
-def read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid JSON ({e.msg})") from None
-
-
 def _config(run: Path) -> dict:
     path = run / "config.yaml"
     if not path.is_file():
