@@ -200,27 +200,62 @@ def test_runs_older_than_judgments_jsonl_still_show_questions_and_kept_verdicts(
             assert item["replies"] == [] and item["pair"] is None
 
 
-def test_serve_appends_each_posted_annotation_to_the_file(tmp_path):
+def _request(port: int, method: str, path: str, body: bytes = b"", headers: dict | None = None) -> tuple[int, str]:
+    """(status, reason) of one request with exactly these headers (http.client adds none we set)."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        for key, value in {"Host": f"127.0.0.1:{port}", **(headers or {})}.items():
+            connection.putheader(key, value)
+        connection.endheaders(body or None)
+        response = connection.getresponse()
+        return response.status, response.reason
+    finally:
+        connection.close()
+
+
+def test_serve_writes_valid_annotations_of_its_own_origin_only(tmp_path, capsys):
+    """Only the site's own page may post: another origin's page (a text/plain form post, a
+    DNS-rebinding name) is refused, as are rows the annotation file's reader would refuse and bad
+    lengths (answered, not a traceback in the server thread)."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "index.html").write_text("<p>site</p>")
-    server = make_server(site, tmp_path / "annotations.jsonl", 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
+    annotations = tmp_path / "annotations.jsonl"
+    server = make_server(site, annotations, 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    row = {"pair": "r/q1", "run": "r", "context": "none", "preferred": 0, "judge": 1, "annotator": "ana"}
+    body = json.dumps(row).encode()
+    as_json = {"Content-Type": "application/json", "Content-Length": str(len(body))}
     try:
-        assert urllib.request.urlopen(f"{url}/index.html").read() == b"<p>site</p>"
-        for row in ({"pair": "r/q1", "choice": "A"}, {"pair": "r/q2", "choice": "tie"}):
-            request = urllib.request.Request(f"{url}/annotations", data=json.dumps(row).encode(), method="POST")
-            assert urllib.request.urlopen(request).status == 204
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(urllib.request.Request(f"{url}/annotations", data=b"[1, 2]", method="POST"))
-        assert refused.value.code == 400
+        assert _request(port, "GET", "/index.html")[0] == 200
+        assert _request(port, "GET", "/index.html", headers={"Host": f"localhost:{port}"})[0] == 200
+        refused = [
+            ("POST", body, {**as_json, "Content-Type": "text/plain"}, 415),  # a cross-origin form or no-cors fetch
+            ("POST", body, {**as_json, "Host": f"attacker.example:{port}"}, 403),  # DNS rebinding
+            ("GET", b"", {"Host": f"attacker.example:{port}"}, 403),
+            ("POST", body, {**as_json, "Origin": "http://attacker.example"}, 403),
+            ("OPTIONS", b"", {"Origin": "http://attacker.example", "Access-Control-Request-Method": "POST"}, 501),
+            ("POST", body, {**as_json, "Content-Length": "abc"}, 400),
+            ("POST", body, {"Content-Type": "application/json"}, 400),  # no length
+            ("POST", b'{"pair": "r/q2"}', {**as_json, "Content-Length": "16"}, 400),
+            ("POST", b"[1, 2]", {**as_json, "Content-Length": "6"}, 400),
+        ]
+        for method, data, headers, code in refused:
+            assert _request(port, method, "/annotations", data, headers)[0] == code, (method, headers)
+        assert not annotations.exists()
+        status, reason = _request(port, "POST", "/annotations", b'{"pair": "r/q2"}', {**as_json, "Content-Length": "16"})
+        assert reason == "missing field 'run'"  # the reader's one-line reason
+        assert _request(port, "POST", "/annotations", body, {**as_json, "Origin": f"http://127.0.0.1:{port}"})[0] == 204
+        assert _request(port, "GET", "/index.html")[0] == 200  # still serving
     finally:
         server.shutdown()
         server.server_close()
-    lines = (tmp_path / "annotations.jsonl").read_text().splitlines()
-    assert [json.loads(line)["pair"] for line in lines] == ["r/q1", "r/q2"]
+    assert read_annotations(annotations) == [row]
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_site_data_keep_markup_inert(tmp_path):
