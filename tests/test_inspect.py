@@ -495,11 +495,7 @@ def test_annotation_click_through_writes_the_expected_jsonl(pipeline_site, brows
         deadline = time.time() + 10
         while time.time() < deadline and len(annotations.read_text().splitlines() if annotations.exists() else []) < len(pairs):
             time.sleep(0.1)
-        browser.find_element("css selector", "button.download").click()
-        downloaded = browser.downloads / "annotations.jsonl"
-        deadline = time.time() + 10
-        while time.time() < deadline and not downloaded.exists():
-            time.sleep(0.1)
+        downloaded = _download_annotations(browser)
     finally:
         server.shutdown()
         server.server_close()
@@ -521,7 +517,46 @@ def test_annotation_click_through_writes_the_expected_jsonl(pipeline_site, brows
             assert row["answers"][row["preferred"]] == picked
     assert 0 < swapped < len(choices)  # A/B positions drawn at random
     # the page's own order is its seed's: a reload with the seed shows the same first pair
-    assert [json.loads(line)["pair"] for line in downloaded.read_text().splitlines()] == [p for p, _ in choices]
+    assert [row["pair"] for row in downloaded] == [p for p, _ in choices]
+
+
+@pytest.mark.e2e
+def test_annotations_survive_a_rebuild_and_a_reload(pipeline_site, browser):
+    """Opened from disk without a seed: the seed drawn goes into the URL and the verdicts are kept
+    under the pair list, so after a rebuild (a new build time) and a reload the count, the order
+    and the download carry on where the person left off."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    root, index = pipeline_site
+    _open(browser, f"{index.as_uri()}#annotate", "article.annotate-pair")
+    done = []
+    for button in ("choose-a", "choose-tie"):
+        done.append(browser.find_element("css selector", "article.annotate-pair").get_attribute("data-pair"))
+        browser.find_element("css selector", f"button.{button}").click()
+    following = browser.find_element("css selector", "article.annotate-pair").get_attribute("data-pair")
+    url = browser.current_url
+    assert "#annotate?seed=" in url
+    site_js = index.parent / "data" / "site.js"
+    site_js.write_text(site_js.read_text().replace('"generated":"', '"generated":"rebuilt '))  # as --serve's rebuild
+    browser.refresh()
+    WebDriverWait(browser, 10).until(lambda b: "rebuilt" in b.find_element("id", "source").text)
+    assert browser.current_url == url
+    assert "2 of " in browser.find_element("css selector", ".progress").text
+    assert browser.find_element("css selector", "article.annotate-pair").get_attribute("data-pair") == following
+    assert [row["pair"] for row in _download_annotations(browser)] == done
+
+
+def _download_annotations(browser) -> list[dict]:
+    """Click the page's download button; the rows of the file it saves."""
+    import time
+
+    downloaded = browser.downloads / "annotations.jsonl"
+    downloaded.unlink(missing_ok=True)  # else the browser saves "annotations (1).jsonl"
+    browser.find_element("css selector", "button.download").click()
+    deadline = time.time() + 10
+    while time.time() < deadline and not downloaded.exists():
+        time.sleep(0.1)
+    return [json.loads(line) for line in downloaded.read_text().splitlines()]
 
 
 @pytest.mark.e2e
