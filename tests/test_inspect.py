@@ -97,6 +97,28 @@ def test_oracle_annotations_give_the_judge_oracle_agreement_make_prefs_reports(j
     assert f"| none | none | {100 * figures['agreement']:.1f} |" in printed and "Wilson" in printed
 
 
+def test_oracle_annotations_replace_the_file_whole_or_not_at_all(judged_runs, tmp_path, capsys):
+    """A write that fails part-way (here past a file-size limit, as on a full disk) leaves the old
+    file as it was and nothing beside it, and is a one-line error."""
+    import resource
+    import signal
+
+    path = tmp_path / "oracle.jsonl"
+    path.write_text("old\n")
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails (EFBIG), not the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limit[1]))  # the oracle's rows are over 4 kB
+    try:
+        code = main(["inspect", str(judged_runs), "--oracle-annotations", str(path)])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert code == 2
+    assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["oracle.jsonl"]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and "too large" in err
+
+
 def test_wilson_interval_matches_a_hand_computed_case():
     # 8 of 10, z = 1.96: centre (0.8 + 0.19208) / 1.38416 = 0.71674, half-width
     # 1.96 / 1.38416 * sqrt(0.016 + 0.009604) = 0.22658
