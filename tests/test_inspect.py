@@ -170,6 +170,21 @@ def test_a_folder_with_nothing_to_inspect_is_a_one_line_error(tmp_path, capsys):
     assert main(["inspect"]) == 2
 
 
+def test_the_default_site_folder_is_ignored_by_git_at_the_repo_root():
+    """`vlmalign inspect RUN` writes ./inspect by default: run at the repo root, the site (model
+    outputs, paths of the machine) must not show up as files to commit."""
+    import shutil
+    import subprocess
+
+    from vlmalign.cli import build_parser
+
+    if not (REPO / ".git").exists() or not shutil.which("git"):
+        pytest.skip("not a git checkout")
+    out = build_parser().parse_args(["inspect", "runs/x"]).out
+    ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", f"{out}/index.html"], cwd=REPO)
+    assert ignored.returncode == 0
+
+
 def test_items_show_every_answer_verdict_and_the_trained_pair(judged_runs):
     _, items, about = collect([judged_runs])
     by_run = {}
