@@ -185,6 +185,26 @@ def test_the_default_site_folder_is_ignored_by_git_at_the_repo_root():
     assert ignored.returncode == 0
 
 
+def test_run_files_of_the_wrong_shape_are_one_line_errors_naming_the_file(tmp_path, capsys):
+    samples = json.dumps({"id": "q1", "answers": [{"text": "red."}, {"text": "blue."}, {"text": "green."}]}) + "\n"
+    ranked = {"id": "q1", "ranks": [1, 2, 3], "method": "ranked", "chosen": "red.", "rejected": "green."}
+    cases = [("stats.json", "[1, 2]", "expected a JSON object, not list"),
+             ("eval/report.json", '"done"', "expected a JSON object, not str"),
+             ("preferences.jsonl", json.dumps(ranked) + "\n", "record 'q1': field 'ranks' is [1, 2, 3]")]
+    for k, (name, text, message) in enumerate(cases):
+        run = tmp_path / f"run{k}"
+        (run / "eval").mkdir(parents=True)
+        (run / "samples.jsonl").write_text(samples)
+        (run / "eval" / "predictions.jsonl").write_text(json.dumps({"id": "q1", "pred": "red."}) + "\n")
+        (run / name).write_text(text)
+        assert main(["inspect", str(run), "--out", str(tmp_path / "site")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{run / name}: {message}" in err, err
+    (run / "preferences.jsonl").unlink()
+    (run / "config.yaml").write_text("- not a mapping\n")  # the config only adds to what is shown
+    assert main(["inspect", str(run), "--out", str(tmp_path / "site")]) == 0
+
+
 def test_items_show_every_answer_verdict_and_the_trained_pair(judged_runs):
     _, items, about = collect([judged_runs])
     by_run = {}

@@ -39,3 +39,12 @@ def read_json(path: Path):
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: invalid JSON ({e.msg})") from None
 
+
+
+def read_json_object(path: Path) -> dict:
+    """A file that must hold a JSON object (stats.json, report.json): read as one, or a one-line
+    error, rather than failing later on the first `.get`."""
+    value = read_json(path)
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: expected a JSON object, not {type(value).__name__}")
+    return value
