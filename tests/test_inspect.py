@@ -331,6 +331,7 @@ def test_site_data_keep_markup_inert(tmp_path):
 
 # --- the site in headless Chromium -------------------------------------------------------------
 SCRIPT_ANSWER = "<script>window.pwned = 1</script> it is red."
+IMG_ANSWER = '<img src=x onerror="window.pwned = 2"> it is blue.'  # runs where a <script> put as HTML would not
 
 
 def write_swap_checked_run(run: Path) -> None:
@@ -353,7 +354,7 @@ def write_swap_checked_run(run: Path) -> None:
 
 @pytest.fixture(scope="module")
 def pipeline_site(tiny_policy, tiny_bench, tmp_path_factory):
-    """A site of a tiny pipeline run: make-prefs runs (one answer holding <script>), a GRPO_rank run
+    """A site of a tiny pipeline run: make-prefs runs (answers holding <script> and <img onerror>), a GRPO_rank run
     with its rollouts, held-out evals of its start and of its result, and a swap-checked run."""
     from vlmalign.config import GRPOConfig
     from vlmalign.eval.synthetic import evaluate_synthetic
@@ -361,7 +362,7 @@ def pipeline_site(tiny_policy, tiny_bench, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("pipeline")
     prefs_run(tiny_bench, root / "prefs-none", **{"preferences.method": "pairwise", "context.kind": "none", "judge.seed": 1})
-    prefs_run(tiny_bench, root / "prefs-caption", first_answers={1: SCRIPT_ANSWER},
+    prefs_run(tiny_bench, root / "prefs-caption", first_answers={1: SCRIPT_ANSWER, 3: IMG_ANSWER},
               **{"preferences.method": "pairwise", "context.kind": "caption", "judge.seed": 2})
     write_swap_checked_run(root / "swap-checked")
     overrides = {"run.dir": root / "grpo", "run.progress": "false", "model.init_from": tiny_policy,
@@ -474,15 +475,16 @@ def test_preferences_view_shows_each_question_and_filters(pipeline_site, browser
 
 
 @pytest.mark.e2e
-def test_an_answer_holding_script_shows_as_text(pipeline_site, browser):
+def test_answers_holding_markup_show_as_text(pipeline_site, browser):
     root, index = pipeline_site
-    _open(browser, f"{index.as_uri()}#prefs", "article.item")
-    _select(browser, "select.run", "prefs-caption")
-    browser.find_element("css selector", "input.search").send_keys("pwned\n")
-    cell = browser.find_element("css selector", "article.item .answer-text")
-    assert cell.text == SCRIPT_ANSWER
+    for answer in (SCRIPT_ANSWER, IMG_ANSWER):
+        _open(browser, f"{index.as_uri()}#prefs", "article.item")
+        _select(browser, "select.run", "prefs-caption")
+        browser.find_element("css selector", "input.search").send_keys(answer + "\n")
+        assert browser.find_element("css selector", "article.item .answer-text").text == answer
+        assert browser.execute_script("return document.querySelectorAll('main script, .answer-text *').length") == 0
     assert browser.execute_script("return window.pwned") is None
-    assert browser.execute_script("return document.querySelectorAll('main script').length") == 0
+    assert browser.get_log("browser") == []  # no failed load of the payload's image either
 
 
 @pytest.mark.e2e
