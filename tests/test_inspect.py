@@ -4,8 +4,6 @@ selenium; those tests are e2e and skip, saying why, where either is missing)."""
 
 import json
 import threading
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
