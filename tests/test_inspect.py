@@ -4,8 +4,6 @@ selenium; those tests are e2e and skip, saying why, where either is missing)."""
 
 import json
 import threading
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -97,6 +95,28 @@ def test_oracle_annotations_give_the_judge_oracle_agreement_make_prefs_reports(j
     assert f"| none | none | {100 * figures['agreement']:.1f} |" in printed and "Wilson" in printed
 
 
+def test_oracle_annotations_replace_the_file_whole_or_not_at_all(judged_runs, tmp_path, capsys):
+    """A write that fails part-way (here past a file-size limit, as on a full disk) leaves the old
+    file as it was and nothing beside it, and is a one-line error."""
+    import resource
+    import signal
+
+    path = tmp_path / "oracle.jsonl"
+    path.write_text("old\n")
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails (EFBIG), not the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limit[1]))  # the oracle's rows are over 4 kB
+    try:
+        code = main(["inspect", str(judged_runs), "--oracle-annotations", str(path)])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert code == 2
+    assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["oracle.jsonl"]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and "too large" in err
+
+
 def test_wilson_interval_matches_a_hand_computed_case():
     # 8 of 10, z = 1.96: centre (0.8 + 0.19208) / 1.38416 = 0.71674, half-width
     # 1.96 / 1.38416 * sqrt(0.016 + 0.009604) = 0.22658
@@ -127,7 +147,9 @@ def test_agreement_counts_only_pairs_both_decided_per_run(tmp_path):
 def test_malformed_annotation_files_name_line_and_field(tmp_path, capsys):
     good = {"pair": "r/q", "run": "r", "context": "none", "preferred": 0, "judge": 1}
     for bad, message in [({**good, "preferred": "A"}, "line 2: field 'preferred' is 'A'"),
-                         ({k: v for k, v in good.items() if k != "judge"}, "line 2: missing field 'judge'")]:
+                         ({k: v for k, v in good.items() if k != "judge"}, "line 2: missing field 'judge'"),
+                         ({**good, "judge": True}, "line 2: field 'judge' is True"),  # == 1, yet no verdict
+                         ({**good, "pair": ["r", "q"]}, "line 2: field 'pair' is ['r', 'q']; expected a string")]:
         path = tmp_path / "bad.jsonl"
         path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
         assert main(["inspect", "--agreement", str(path)]) == 2
@@ -144,6 +166,41 @@ def test_a_folder_with_nothing_to_inspect_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nothing to inspect" in err and str(tmp_path / "empty") in err
     assert main(["inspect"]) == 2
+
+
+def test_the_default_site_folder_is_ignored_by_git_at_the_repo_root():
+    """`vlmalign inspect RUN` writes ./inspect by default: run at the repo root, the site (model
+    outputs, paths of the machine) must not show up as files to commit."""
+    import shutil
+    import subprocess
+
+    from vlmalign.cli import build_parser
+
+    if not (REPO / ".git").exists() or not shutil.which("git"):
+        pytest.skip("not a git checkout")
+    out = build_parser().parse_args(["inspect", "runs/x"]).out
+    ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", f"{out}/index.html"], cwd=REPO)
+    assert ignored.returncode == 0
+
+
+def test_run_files_of_the_wrong_shape_are_one_line_errors_naming_the_file(tmp_path, capsys):
+    samples = json.dumps({"id": "q1", "answers": [{"text": "red."}, {"text": "blue."}, {"text": "green."}]}) + "\n"
+    ranked = {"id": "q1", "ranks": [1, 2, 3], "method": "ranked", "chosen": "red.", "rejected": "green."}
+    cases = [("stats.json", "[1, 2]", "expected a JSON object, not list"),
+             ("eval/report.json", '"done"', "expected a JSON object, not str"),
+             ("preferences.jsonl", json.dumps(ranked) + "\n", "record 'q1': field 'ranks' is [1, 2, 3]")]
+    for k, (name, text, message) in enumerate(cases):
+        run = tmp_path / f"run{k}"
+        (run / "eval").mkdir(parents=True)
+        (run / "samples.jsonl").write_text(samples)
+        (run / "eval" / "predictions.jsonl").write_text(json.dumps({"id": "q1", "pred": "red."}) + "\n")
+        (run / name).write_text(text)
+        assert main(["inspect", str(run), "--out", str(tmp_path / "site")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{run / name}: {message}" in err, err
+    (run / "preferences.jsonl").unlink()
+    (run / "config.yaml").write_text("- not a mapping\n")  # the config only adds to what is shown
+    assert main(["inspect", str(run), "--out", str(tmp_path / "site")]) == 0
 
 
 def test_items_show_every_answer_verdict_and_the_trained_pair(judged_runs):
@@ -198,27 +255,62 @@ def test_runs_older_than_judgments_jsonl_still_show_questions_and_kept_verdicts(
             assert item["replies"] == [] and item["pair"] is None
 
 
-def test_serve_appends_each_posted_annotation_to_the_file(tmp_path):
+def _request(port: int, method: str, path: str, body: bytes = b"", headers: dict | None = None) -> tuple[int, str]:
+    """(status, reason) of one request with exactly these headers (http.client adds none we set)."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        for key, value in {"Host": f"127.0.0.1:{port}", **(headers or {})}.items():
+            connection.putheader(key, value)
+        connection.endheaders(body or None)
+        response = connection.getresponse()
+        return response.status, response.reason
+    finally:
+        connection.close()
+
+
+def test_serve_writes_valid_annotations_of_its_own_origin_only(tmp_path, capsys):
+    """Only the site's own page may post: another origin's page (a text/plain form post, a
+    DNS-rebinding name) is refused, as are rows the annotation file's reader would refuse and bad
+    lengths (answered, not a traceback in the server thread)."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "index.html").write_text("<p>site</p>")
-    server = make_server(site, tmp_path / "annotations.jsonl", 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
+    annotations = tmp_path / "annotations.jsonl"
+    server = make_server(site, annotations, 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    row = {"pair": "r/q1", "run": "r", "context": "none", "preferred": 0, "judge": 1, "annotator": "ana"}
+    body = json.dumps(row).encode()
+    as_json = {"Content-Type": "application/json", "Content-Length": str(len(body))}
     try:
-        assert urllib.request.urlopen(f"{url}/index.html").read() == b"<p>site</p>"
-        for row in ({"pair": "r/q1", "choice": "A"}, {"pair": "r/q2", "choice": "tie"}):
-            request = urllib.request.Request(f"{url}/annotations", data=json.dumps(row).encode(), method="POST")
-            assert urllib.request.urlopen(request).status == 204
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(urllib.request.Request(f"{url}/annotations", data=b"[1, 2]", method="POST"))
-        assert refused.value.code == 400
+        assert _request(port, "GET", "/index.html")[0] == 200
+        assert _request(port, "GET", "/index.html", headers={"Host": f"localhost:{port}"})[0] == 200
+        refused = [
+            ("POST", body, {**as_json, "Content-Type": "text/plain"}, 415),  # a cross-origin form or no-cors fetch
+            ("POST", body, {**as_json, "Host": f"attacker.example:{port}"}, 403),  # DNS rebinding
+            ("GET", b"", {"Host": f"attacker.example:{port}"}, 403),
+            ("POST", body, {**as_json, "Origin": "http://attacker.example"}, 403),
+            ("OPTIONS", b"", {"Origin": "http://attacker.example", "Access-Control-Request-Method": "POST"}, 501),
+            ("POST", body, {**as_json, "Content-Length": "abc"}, 400),
+            ("POST", body, {"Content-Type": "application/json"}, 400),  # no length
+            ("POST", b'{"pair": "r/q2"}', {**as_json, "Content-Length": "16"}, 400),
+            ("POST", b"[1, 2]", {**as_json, "Content-Length": "6"}, 400),
+        ]
+        for method, data, headers, code in refused:
+            assert _request(port, method, "/annotations", data, headers)[0] == code, (method, headers)
+        assert not annotations.exists()
+        status, reason = _request(port, "POST", "/annotations", b'{"pair": "r/q2"}', {**as_json, "Content-Length": "16"})
+        assert reason == "missing field 'run'"  # the reader's one-line reason
+        assert _request(port, "POST", "/annotations", body, {**as_json, "Origin": f"http://127.0.0.1:{port}"})[0] == 204
+        assert _request(port, "GET", "/index.html")[0] == 200  # still serving
     finally:
         server.shutdown()
         server.server_close()
-    lines = (tmp_path / "annotations.jsonl").read_text().splitlines()
-    assert [json.loads(line)["pair"] for line in lines] == ["r/q1", "r/q2"]
+    assert read_annotations(annotations) == [row]
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_site_data_keep_markup_inert(tmp_path):
@@ -237,6 +329,7 @@ def test_site_data_keep_markup_inert(tmp_path):
 
 # --- the site in headless Chromium -------------------------------------------------------------
 SCRIPT_ANSWER = "<script>window.pwned = 1</script> it is red."
+IMG_ANSWER = '<img src=x onerror="window.pwned = 2"> it is blue.'  # runs where a <script> put as HTML would not
 
 
 def write_swap_checked_run(run: Path) -> None:
@@ -259,7 +352,7 @@ def write_swap_checked_run(run: Path) -> None:
 
 @pytest.fixture(scope="module")
 def pipeline_site(tiny_policy, tiny_bench, tmp_path_factory):
-    """A site of a tiny pipeline run: make-prefs runs (one answer holding <script>), a GRPO_rank run
+    """A site of a tiny pipeline run: make-prefs runs (answers holding <script> and <img onerror>), a GRPO_rank run
     with its rollouts, held-out evals of its start and of its result, and a swap-checked run."""
     from vlmalign.config import GRPOConfig
     from vlmalign.eval.synthetic import evaluate_synthetic
@@ -267,7 +360,7 @@ def pipeline_site(tiny_policy, tiny_bench, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("pipeline")
     prefs_run(tiny_bench, root / "prefs-none", **{"preferences.method": "pairwise", "context.kind": "none", "judge.seed": 1})
-    prefs_run(tiny_bench, root / "prefs-caption", first_answers={1: SCRIPT_ANSWER},
+    prefs_run(tiny_bench, root / "prefs-caption", first_answers={1: SCRIPT_ANSWER, 3: IMG_ANSWER},
               **{"preferences.method": "pairwise", "context.kind": "caption", "judge.seed": 2})
     write_swap_checked_run(root / "swap-checked")
     overrides = {"run.dir": root / "grpo", "run.progress": "false", "model.init_from": tiny_policy,
@@ -380,15 +473,16 @@ def test_preferences_view_shows_each_question_and_filters(pipeline_site, browser
 
 
 @pytest.mark.e2e
-def test_an_answer_holding_script_shows_as_text(pipeline_site, browser):
+def test_answers_holding_markup_show_as_text(pipeline_site, browser):
     root, index = pipeline_site
-    _open(browser, f"{index.as_uri()}#prefs", "article.item")
-    _select(browser, "select.run", "prefs-caption")
-    browser.find_element("css selector", "input.search").send_keys("pwned\n")
-    cell = browser.find_element("css selector", "article.item .answer-text")
-    assert cell.text == SCRIPT_ANSWER
+    for answer in (SCRIPT_ANSWER, IMG_ANSWER):
+        _open(browser, f"{index.as_uri()}#prefs", "article.item")
+        _select(browser, "select.run", "prefs-caption")
+        browser.find_element("css selector", "input.search").send_keys(answer + "\n")
+        assert browser.find_element("css selector", "article.item .answer-text").text == answer
+        assert browser.execute_script("return document.querySelectorAll('main script, .answer-text *').length") == 0
     assert browser.execute_script("return window.pwned") is None
-    assert browser.execute_script("return document.querySelectorAll('main script').length") == 0
+    assert browser.get_log("browser") == []  # no failed load of the payload's image either
 
 
 @pytest.mark.e2e
@@ -458,11 +552,7 @@ def test_annotation_click_through_writes_the_expected_jsonl(pipeline_site, brows
         deadline = time.time() + 10
         while time.time() < deadline and len(annotations.read_text().splitlines() if annotations.exists() else []) < len(pairs):
             time.sleep(0.1)
-        browser.find_element("css selector", "button.download").click()
-        downloaded = browser.downloads / "annotations.jsonl"
-        deadline = time.time() + 10
-        while time.time() < deadline and not downloaded.exists():
-            time.sleep(0.1)
+        downloaded = _download_annotations(browser)
     finally:
         server.shutdown()
         server.server_close()
@@ -484,7 +574,46 @@ def test_annotation_click_through_writes_the_expected_jsonl(pipeline_site, brows
             assert row["answers"][row["preferred"]] == picked
     assert 0 < swapped < len(choices)  # A/B positions drawn at random
     # the page's own order is its seed's: a reload with the seed shows the same first pair
-    assert [json.loads(line)["pair"] for line in downloaded.read_text().splitlines()] == [p for p, _ in choices]
+    assert [row["pair"] for row in downloaded] == [p for p, _ in choices]
+
+
+@pytest.mark.e2e
+def test_annotations_survive_a_rebuild_and_a_reload(pipeline_site, browser):
+    """Opened from disk without a seed: the seed drawn goes into the URL and the verdicts are kept
+    under the pair list, so after a rebuild (a new build time) and a reload the count, the order
+    and the download carry on where the person left off."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    root, index = pipeline_site
+    _open(browser, f"{index.as_uri()}#annotate", "article.annotate-pair")
+    done = []
+    for button in ("choose-a", "choose-tie"):
+        done.append(browser.find_element("css selector", "article.annotate-pair").get_attribute("data-pair"))
+        browser.find_element("css selector", f"button.{button}").click()
+    following = browser.find_element("css selector", "article.annotate-pair").get_attribute("data-pair")
+    url = browser.current_url
+    assert "#annotate?seed=" in url
+    site_js = index.parent / "data" / "site.js"
+    site_js.write_text(site_js.read_text().replace('"generated":"', '"generated":"rebuilt '))  # as --serve's rebuild
+    browser.refresh()
+    WebDriverWait(browser, 10).until(lambda b: "rebuilt" in b.find_element("id", "source").text)
+    assert browser.current_url == url
+    assert "2 of " in browser.find_element("css selector", ".progress").text
+    assert browser.find_element("css selector", "article.annotate-pair").get_attribute("data-pair") == following
+    assert [row["pair"] for row in _download_annotations(browser)] == done
+
+
+def _download_annotations(browser) -> list[dict]:
+    """Click the page's download button; the rows of the file it saves."""
+    import time
+
+    downloaded = browser.downloads / "annotations.jsonl"
+    downloaded.unlink(missing_ok=True)  # else the browser saves "annotations (1).jsonl"
+    browser.find_element("css selector", "button.download").click()
+    deadline = time.time() + 10
+    while time.time() < deadline and not downloaded.exists():
+        time.sleep(0.1)
+    return [json.loads(line) for line in downloaded.read_text().splitlines()]
 
 
 @pytest.mark.e2e

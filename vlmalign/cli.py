@@ -303,7 +303,12 @@ def _cmd_inspect(args) -> int:
         rows = agreement.oracle_rows(collect(args.runs)[1])
         if not rows:
             raise VlmalignError("--oracle-annotations: no pair has oracle scores (runs on the synthetic benchmark only)")
-        Path(args.oracle_annotations).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        from vlmalign.data.formats import write_jsonl
+
+        try:  # atomically: an existing file is kept whole if the write fails
+            write_jsonl(args.oracle_annotations, rows)
+        except OSError as e:
+            raise VlmalignError(f"--oracle-annotations {args.oracle_annotations}: cannot write ({e.strerror or e})") from None
         print(f"{len(rows)} oracle annotations written to {args.oracle_annotations}")
         return 0
     index = build_site(args.runs, args.out)

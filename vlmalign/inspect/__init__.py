@@ -5,6 +5,7 @@
                   metrics.jsonl, stats.json and reports
     agreement.py  the blind annotation pairs, the annotation file, and judge-human agreement with a
                   Wilson score interval
+    jsonfiles.py  the one reader of their JSON and JSONL files (one-line errors naming file and line)
     site.py       write the site: index.html, the packaged app (static/), the data as JS files and
                   a frame strip per video
     serve.py      `--serve PORT`: the site on localhost, writing annotations to a file

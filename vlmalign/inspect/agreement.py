@@ -26,11 +26,11 @@ normal approximation it stays inside [0, 1] and keeps its coverage for the few h
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from vlmalign.errors import DataError
+from vlmalign.inspect.jsonfiles import read_jsonl
 
 Z95 = 1.959963984540054
 _VERDICTS = (0, 1, "tie")
@@ -46,31 +46,34 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def annotation_problem(row: dict) -> str | None:
+    """What is wrong with an annotation row (one line naming the field), or None: the rule for a
+    line of the annotation file and for a row posted to `--serve`."""
+    for key in ("pair", "run", "context", "preferred", "judge"):
+        if key not in row:
+            return f"missing field {key!r}"
+    for key in ("pair", "run", "context", "annotator"):
+        if key in row and not isinstance(row[key], str):
+            return f"field {key!r} is {row[key]!r}; expected a string"
+    if not _verdict(row["preferred"]):
+        return f"field 'preferred' is {row['preferred']!r}; expected 0, 1 or \"tie\""
+    if row["judge"] is not None and not _verdict(row["judge"]):
+        return f"field 'judge' is {row['judge']!r}; expected 0, 1, \"tie\" or null"
+    return None
+
+
+def _verdict(value) -> bool:
+    # true and false compare equal to 1 and 0 but are no verdict
+    return not isinstance(value, bool) and value in _VERDICTS
+
+
 def read_annotations(path) -> list[dict]:
     """The annotation file's rows, validated: a one-line error names the line and field at fault.
     A pair annotated twice by one person counts once, with the later verdict."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such annotation file")
-    latest: dict[tuple, dict] = {}
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {line_no}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}, line {line_no}: expected a JSON object")
-            for key in ("pair", "run", "context", "preferred", "judge"):
-                if key not in row:
-                    raise DataError(f"{path}, line {line_no}: missing field {key!r}")
-            if row["preferred"] not in _VERDICTS:
-                raise DataError(f"{path}, line {line_no}: field 'preferred' is {row['preferred']!r}; expected 0, 1 or \"tie\"")
-            if row["judge"] is not None and row["judge"] not in _VERDICTS:
-                raise DataError(f"{path}, line {line_no}: field 'judge' is {row['judge']!r}; expected 0, 1, \"tie\" or null")
-            latest[(row["pair"], row.get("annotator", ""))] = row
+    latest = {(row["pair"], row.get("annotator", "")): row for row in read_jsonl(path, annotation_problem)}
     if not latest:
         raise DataError(f"{path}: no annotations")
     return list(latest.values())

@@ -28,6 +28,7 @@ import yaml
 from vlmalign.data.formats import VIDEO_TOKEN
 from vlmalign.errors import DataError, VlmalignError
 from vlmalign.feedback.preferences import load_contexts, video_key
+from vlmalign.inspect.jsonfiles import read_json, read_json_object, read_jsonl
 
 # folders that hold weights, caches or media, never artifacts to show
 _SKIP = {"checkpoints", "final", "feature_cache", "tensorboard", "videos", "llm", "tokenizer", "vision", "frames",
@@ -79,43 +80,29 @@ def find_runs(run_dirs) -> Found:
 
 
 # --- reading ---------------------------------------------------------------------------------------
-def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {line_no}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}, line {line_no}: expected a JSON object")
-            rows.append(row)
-    return rows
-
-
-def read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid JSON ({e.msg})") from None
-
-
 def _config(run: Path) -> dict:
+    """The run's config.yaml, or {} when it is missing or not a readable mapping: the config only
+    adds to what is shown (the oracle's benchmark, the pairing thresholds)."""
     path = run / "config.yaml"
     if not path.is_file():
         return {}
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError:
         return {}
+    return cfg if isinstance(cfg, dict) else {}
 
 
 def _need(row: dict, key: str, path: Path):
     if key not in row:
         raise DataError(f"{path}: a record has no field {key!r}")
     return row[key]
+
+
+def _is_ranking(ranks) -> bool:
+    """Whether `ranks` gives each of n answers one of the ranks 0 (best) .. n - 1."""
+    return (isinstance(ranks, list) and all(type(r) is int for r in ranks)
+            and sorted(ranks) == list(range(len(ranks))))
 
 
 def _finite(x):
@@ -217,7 +204,7 @@ def _item(run_label: str, qid: str, question: str, video, context: str, referenc
             values = [judgments[0].get("value") if statuses[0] == "ok" else None]
         elif method == "ranked":
             ranks = judgments[0].get("value") if statuses[0] == "ok" else None
-            values = list(ranks) if isinstance(ranks, list) and len(ranks) == g else [None] * g
+            values = list(ranks) if _is_ranking(ranks) and len(ranks) == g else [None] * g
         else:
             values = [j.get("value") if s == "ok" else None for j, s in zip(judgments, statuses)]
         replies = [line for j in judgments for line in _text(j.get("raw"))]
@@ -331,8 +318,12 @@ def preference_items(run: Path, label: str, oracles: OracleScores) -> tuple[list
     judged = {_need(r, "id", judged_path): r for r in judged_rows}
     prefs_path = run / "preferences.jsonl"
     kept = {_need(r, "id", prefs_path): r for r in read_jsonl(prefs_path)} if prefs_path.is_file() else {}
+    for qid, rec in kept.items():
+        if "ranks" in rec and not _is_ranking(rec["ranks"]):
+            raise DataError(f"{prefs_path}: record {qid!r}: field 'ranks' is {rec['ranks']!r}; expected the ranks "
+                            "0 (best) to n - 1 of its n answers, each once")
     contexts = (load_contexts(run / "contexts.json") or {}) if (run / "contexts.json").is_file() else {}
-    stats = read_json(run / "stats.json") if (run / "stats.json").is_file() else {}
+    stats = read_json_object(run / "stats.json") if (run / "stats.json").is_file() else {}
     cfg = _config(run)
     kinds = {j.get("kind") for r in judged_rows[:1] for j in r.get("judgments", [])}
     method = (_METHODS.get(next(iter(kinds))) if kinds else None) or next(
@@ -403,7 +394,7 @@ def compare_groups(found: Found) -> list[dict]:
     file); one row per question with each model's answer and verdict."""
     groups: dict[tuple, dict] = {}
     for folder in found.evals:
-        report = read_json(folder / "report.json") if (folder / "report.json").is_file() else {}
+        report = read_json_object(folder / "report.json") if (folder / "report.json").is_file() else {}
         key = (folder.name, str(report.get("data") or ""))
         # the model is the run the eval folder belongs to: its parent (the folder's own name when
         # an eval folder was given by itself)

@@ -245,7 +245,22 @@ function annotationPlan(seed) {
   return order;
 }
 
-function storageKey() { return `vlmalign-annotations:${VLM.site.generated}:${annotation.seed}`; }
+// Verdicts are kept in the browser under the pair list's hash and the seed: the same pairs keep
+// them across reloads and rebuilds of the site (--serve rebuilds it on every start); other pairs
+// (another site, new runs) start afresh.
+function storageKey() { return `vlmalign-annotations:${pairsHash()}:${annotation.seed}`; }
+
+let pairsDigest = null;
+function pairsHash() {
+  if (pairsDigest === null) {
+    const text = JSON.stringify((VLM.prefs || []).filter((i) => i.pair).map((i) =>
+      [i.run, i.id, i.pair.answers, i.pair.answers.map((k) => i.answers[k].text)]));
+    let h = 0x811c9dc5;  // 32-bit FNV-1a over the UTF-16 code units
+    for (let k = 0; k < text.length; k++) h = Math.imul(h ^ text.charCodeAt(k), 0x01000193);
+    pairsDigest = (h >>> 0).toString(16).padStart(8, "0") + "-" + text.length.toString(16);
+  }
+  return pairsDigest;
+}
 
 function saveRow(row) {
   annotation.done.push(row);
@@ -269,7 +284,13 @@ function download() {
 }
 
 function annotateView(root, params) {
-  const seed = Number(params.get("seed") || annotation.seed || Math.floor(Math.random() * 1e6));
+  const asked = parseInt(params.get("seed"), 10);
+  const seed = Number.isFinite(asked) ? asked : annotation.seed ?? Math.floor(Math.random() * 1e6);
+  if (params.get("seed") !== String(seed)) {
+    // a drawn seed goes into the URL, so a reload shows the same order and finds the saved verdicts
+    params.set("seed", seed);
+    history.replaceState(null, "", `#annotate?${params}`);
+  }
   if (seed !== annotation.seed) {
     annotation.seed = seed;
     annotation.order = annotationPlan(seed);
