@@ -247,7 +247,7 @@ def test_save_and_load_keep_the_logits(checkpoint, tiny_bench, tmp_path, lora):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("architecture", ["Qwen2_5_VLForConditionalGeneration", QWEN3, ONEVISION])
+@pytest.mark.parametrize("architecture", ["Qwen2_5_VLForConditionalGeneration", QWEN3, ONEVISION, NEXT_VIDEO, VIDEO_LLAVA])
 def test_every_stage_runs_and_lora_dpo_learns_on_each_tiny_family(architecture, tiny_bench, tmp_path):
     """SFT, then LoRA DPO on oracle pairs (loss falls from log 2, margin rises), GRPO_rank and the
     synthetic evaluation, each through the same stage code as the VideoLM."""
@@ -560,7 +560,8 @@ def test_reward_model_and_ppo_train_a_tiny_qwen(qwen25, tiny_bench, tmp_path):
 
 def test_gradient_checkpointing_keeps_the_gradients_and_the_projectors_train(checkpoint, tiny_bench):
     """With model.train_projector a LoRA policy trains its adapters and the family's projectors
-    (Qwen's merger and Qwen3-VL's deepstack mergers; LLaVA-OneVision's projector and newline), never
+    (Qwen's merger and Qwen3-VL's deepstack mergers; LLaVA-OneVision's projector and newline; the other
+    LLaVA families' projector), never
     the vision tower; gradient checkpointing gives the same loss and gradients as without it."""
     sample = read_instructions(tiny_bench / "sft_easy.json")[0]
     grads = []

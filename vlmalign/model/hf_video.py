@@ -1,5 +1,6 @@
 """Video LLMs from transformers behind the policy interface (`model/policy.py`): Qwen2-VL, Qwen2.5-VL,
-Qwen3-VL and LLaVA-OneVision, started from any checkpoint folder whose config.json names their class.
+Qwen3-VL, LLaVA-OneVision, LLaVA-NeXT-Video and Video-LLaVA, started from any checkpoint folder whose
+config.json names their class.
 
 What the family does its own way, each in one place below:
     layout     which frames of a video are read and when (`VideoLayout`, from the video's frame count
@@ -13,33 +14,38 @@ What the family does its own way, each in one place below:
                pad per token of that patch, inside the template's markers (transformers 5.x keeps
                them; qwen-vl-utils and transformers 4.x replaced them); LLaVA-OneVision's template
                writes "<|im_start|>role " and the video's <video>, which becomes frames x
-               ceil(side / patch / 2)^2 tokens (196 a frame at 384 pixels) and one newline token
+               ceil(side / patch / 2)^2 tokens (196 a frame at 384 pixels) and one newline token;
+               LLaVA-NeXT-Video's and Video-LLaVA's Vicuna template writes "USER: <video>\n..."; their
+               <video> becomes frames x (side / patch / 2)^2 pooled tokens (144 a frame at 336
+               pixels), and frames x ((side / patch)^2 + 1) (257 a frame at 224 pixels, the class
+               token kept)
     frames     each read frame resized to `frame_size`, scaled and normalised with the checkpoint's
                image mean / std; Qwen: cut into the family's flattened patches (temporal x spatial,
-               in merge order) with their grid (t, h, w); LLaVA-OneVision: whole frames at its
-               tower's size, each video through the tower alone (lengths may differ in a batch)
+               in merge order) with their grid (t, h, w); the LLaVA families: whole frames at their
+               tower's size (LLaVA-NeXT-Video and Video-LLaVA: short side resized, centre cut, as
+               CLIP's processor does), each video through the tower alone (lengths may differ)
     positions  Qwen's 3D rotary positions from `get_rope_index`, always with the video tokens
                marked in `mm_token_type_ids` (without them transformers silently falls back to 1D
                positions), computed here for training, prefill and every decoding step; Qwen2.5-VL
                steps a video's time by its real seconds per temporal patch (second_per_grid_ts);
-               LLaVA-OneVision: 1D positions
+               the LLaVA families: 1D positions
     time       Qwen2.5-VL and Qwen3-VL need each video's frame rate: without one transformers assumes
                24 fps and misplaces the frames; here a video without a rate is an error
     answers    labels cover each answer's text and its end-of-turn token, found in the text its turn
                adds (LLaVA-OneVision's template heads an answer "assistant \n", its generation prompt
-               "assistant\n": training and prompting differ by that space, as the checkpoint ships)
+               "assistant\n": training and prompting differ by that space, as the checkpoint ships;
+               the Vicuna template ends an answer with a space, no eos: training adds the eos after it)
     LoRA       adapters on the language model's linear layers only; the vision tower is frozen
                unless `vision.frozen` is false, its projectors (Qwen's merger and Qwen3-VL's deepstack
-               mergers; LLaVA-OneVision's projector and newline embedding) train when
-               `train_projector` is true; QLoRA quantises the language model's layers alone to 4 bits
-               (vision tower, projectors and LM head stay full)
+               mergers; LLaVA-OneVision's projector and newline embedding; the others' projector) train
+               when `train_projector` is true; QLoRA quantises the language model's layers alone to 4
+               bits (vision towers, projectors and LM head stay full)
 
 Saved layout (`save_pretrained`): model.json (family, config, base), tokenizer/, and hf/ (the whole
 transformers model) or adapter/ (+ trainable.safetensors: trained weights outside the adapter, such
 as the merger) over the recorded base (an HF checkpoint or another saved policy).
 
-Not yet here (issue 19): LLaVA-NeXT-Video, Video-LLaVA; per-video pixel or token budgets; a feature
-or pixel cache.
+Not yet here (issue 19): per-video pixel or token budgets; a feature or pixel cache.
 """
 
 from __future__ import annotations
