@@ -141,6 +141,13 @@ def processor_text(model, text: str, layout) -> str:
     return expanded[0]
 
 
+def processor_ids(tokenizer, text: str) -> list[int]:
+    """Ids of a rendered, expanded chat as transformers' processor tokenizes it (its apply_chat_template):
+    with the tokenizer's special tokens unless the text starts with the BOS already."""
+    bos = tokenizer.bos_token
+    return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos))).input_ids
+
+
 def test_ids_are_the_processors_and_labels_cover_the_answers(checkpoint, tiny_bench):
     """Our ids of a conversation about a real video equal those of transformers' processor over the
     chat template's text (Qwen3-VL: each temporal patch's time written before it; the Vicuna templates
@@ -156,7 +163,8 @@ def test_ids_are_the_processors_and_labels_cover_the_answers(checkpoint, tiny_be
     template = model.tokenizer.apply_chat_template(model._messages(ended), tokenize=False)
     assert template.count(model.video_pad) == 1
     expanded = processor_text(model, template, layout)
-    assert enc.input_ids == model.tokenizer(expanded, add_special_tokens=False).input_ids
+    assert enc.input_ids == processor_ids(model.tokenizer, expanded)
+    assert (enc.input_ids[0] == model.tokenizer.bos_token_id) == (model.architecture in (NEXT_VIDEO, VIDEO_LLAVA))  # LLaMA's BOS
     assert enc.input_ids.count(model.visual_slot_id) == model.visual_tokens(layout) == VIDEO_TOKENS.get(model.architecture, 8)
     assert layout.indices == (0, 5, 10, 15) and layout.fps == 8  # 4 of the 16 frames of a 2-second video
     if model.architecture == QWEN3:  # each patch's time (frames 0 and 5: 0.3 s), inside the template's markers
@@ -165,7 +173,7 @@ def test_ids_are_the_processors_and_labels_cover_the_answers(checkpoint, tiny_be
     assert learnt == ["red", eos, "blue", eos]
     prompt = model.encode_prompt("<video>\nwhat colour is the square?", layout)
     template = model.tokenizer.apply_chat_template(model._messages(turns[:1]), tokenize=False, add_generation_prompt=True)
-    assert prompt == model.tokenizer(processor_text(model, template, layout), add_special_tokens=False).input_ids
+    assert prompt == processor_ids(model.tokenizer, processor_text(model, template, layout))
     with pytest.raises(DataError, match="data.max_length is 20"):
         model.encode_conversation(turns, 20, sample_id="s1", layout=layout)
     late_video = [Turn("user", "what colour?"), Turn("assistant", "red"), Turn("user", "<video>\nand now?"),
@@ -415,7 +423,7 @@ def test_fps_sampling_reads_a_long_video_within_max_frames_at_its_real_times(qwe
             template = model.tokenizer.apply_chat_template(model._messages([Turn("user", "<video>\nwhat moves?")]),
                                                            tokenize=False, add_generation_prompt=True)
             expanded = processor_text(model, template, layout)
-            assert model.encode_prompt("<video>\nwhat moves?", layout) == model.tokenizer(expanded, add_special_tokens=False).input_ids
+            assert model.encode_prompt("<video>\nwhat moves?", layout) == processor_ids(model.tokenizer, expanded)
             assert expanded.count(" seconds>") == 32 and layout.times(2)[-1] > 590
         else:
             item = model.visual_inputs(None).get(video)
@@ -499,7 +507,7 @@ def test_reward_model_reads_the_chat_template_and_keeps_its_scores(checkpoint, t
 
     def template_ids(messages, generation_prompt):
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-        return tok(processor_text(backbone, text, backbone.video_layout(sample.video)), add_special_tokens=False).input_ids
+        return processor_ids(tok, processor_text(backbone, text, backbone.video_layout(sample.video)))
 
     expected = template_ids(messages, True)
     assert enc.input_ids == expected and set(enc.labels) == {IGNORE_INDEX}

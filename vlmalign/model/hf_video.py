@@ -441,7 +441,7 @@ class HFVideoLM(Policy):
                                 f"tokenizer's eos token {eos_text!r}, where sampling stops; use a checkpoint whose eos "
                                 "token ends a turn (an Instruct one)")
             rendered = turn
-        enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        enc = self._tokenize(full, return_offsets_mapping=True)
         copies = self._pad_copies(layout) if layout is not None else 1
         input_ids, labels, prompt_length = [], [], 0
         for token, (start, end) in zip(enc.input_ids, enc.offset_mapping):
@@ -464,14 +464,22 @@ class HFVideoLM(Policy):
                             "raise max_length or shorten the conversation")
         return Encoded(input_ids[:max_length], labels[:max_length])
 
-    def _ids(self, text: str, layout: VideoLayout | None) -> list[int]:
-        """Token ids of rendered text, each video pad expanded to the ids it stands for."""
+    def _tokenize(self, text: str, **kwargs):
+        """A whole rendered chat tokenized as transformers' processor tokenizes it: with the tokenizer's
+        own special tokens (a LLaMA tokenizer's BOS, which the Vicuna templates do not write) unless
+        the text already starts with its BOS."""
+        bos = self.tokenizer.bos_token
+        return self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)), **kwargs)
+
+    def _ids(self, text: str, layout: VideoLayout | None, whole: bool) -> list[int]:
+        """Token ids of rendered text (`whole`: a chat from its start, else a piece that follows one),
+        each video pad expanded to the ids it stands for."""
         copies = self._pad_copies(layout) if layout is not None else 1
-        return [i for t in self.tokenizer(text, add_special_tokens=False).input_ids
-                for i in ([t] * copies if t == self.visual_slot_id else [t])]
+        ids = self._tokenize(text) if whole else self.tokenizer(text, add_special_tokens=False)
+        return [i for t in ids.input_ids for i in ([t] * copies if t == self.visual_slot_id else [t])]
 
     def encode_prompt(self, question: str, layout: VideoLayout | None = None) -> list[int]:
-        return self._ids(self._render(self._messages([Turn("user", question)]), True, layout), layout)
+        return self._ids(self._render(self._messages([Turn("user", question)]), True, layout), layout, whole=True)
 
     def encode_followup(self, turns, text: str, max_length: int, sample_id: str = "",
                         layout: VideoLayout | None = None) -> list[int]:
@@ -483,7 +491,7 @@ class HFVideoLM(Policy):
         if not after.startswith(before):
             raise DataError(f"sample {sample_id!r}: the chat template of {self.architecture} changes the conversation "
                             "when a turn follows it")
-        tail = self._ids(after[len(before):], layout)
+        tail = self._ids(after[len(before):], layout, whole=False)
         return self.encode_conversation(turns, max_length - len(tail), sample_id, layout).input_ids + tail
 
     # --- visual inputs and forward ----------------------------------------------------------------
@@ -917,6 +925,11 @@ def save_tiny_hf_video(out, words: list[str], architecture: str = "Qwen2_5_VLFor
         special, template, eos = CHATML_SPECIAL, CHATML_TEMPLATE, "<|im_end|>"
     tokenizer = build_word_tokenizer(sorted(words))
     tokenizer.add_special_tokens({"additional_special_tokens": special, "eos_token": eos})
+    if architecture in VICUNA_FAMILIES:  # a LLaMA tokenizer: its BOS starts every text it tokenizes
+        from tokenizers.processors import TemplateProcessing
+
+        tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", tokenizer.bos_token_id)])
     tokenizer.chat_template = template
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
     text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
