@@ -110,7 +110,8 @@ def test_llava_frames_are_the_image_processors(architecture, tiny_bench, tmp_pat
         theirs = processor(images=[Image.fromarray(f) for f in frames], return_tensors="pt")["pixel_values"]
         torch.testing.assert_close(ours, theirs.float(), rtol=0, atol=1e-5)
     assert model.num_visual_tokens == VIDEO_TOKENS[architecture]
-    with pytest.raises(ConfigError, match=r"model.frame_size: \[64, 64\], but the vision tower of this .* reads 56 x 56 frames"):
+    with pytest.raises(ConfigError, match=rf"model.frame_size: \[64, 64\], but the vision tower of this {architecture} checkpoint "
+                                          r"reads 56 x 56 frames; set model.frame_size: \[56, 56\]$"):
         policy(checkpoint, frame_size=[64, 64])
     assert load_model(checkpoint).cfg.frame_size == [56, 56]  # as it ships (a reference, a judge): the tower's size
 

@@ -617,7 +617,6 @@ class LlavaOnevisionVideoLM(HFVideoLM):
     template writes the video as its <video> token, which becomes the video's token count; positions
     are plain 1D ones (a Qwen2 language model). The base of the other LLaVA video families below."""
 
-    name = "LLaVA-OneVision"
     vision_module = "vision_tower"
     projector_modules = ("multi_modal_projector", "image_newline")
     marker_keys = ("video_token_id", "image_token_id")
@@ -633,8 +632,9 @@ class LlavaOnevisionVideoLM(HFVideoLM):
         vision = hf_config.vision_config
         side = vision.image_size
         if list(cfg.frame_size) != [side, side]:  # its position embeddings are learnt for that size alone
-            raise ConfigError(f"model.frame_size: {list(cfg.frame_size)}, but the vision tower of this {cls.name} "
-                              f"checkpoint reads {side} x {side} frames; set model.frame_size: [{side}, {side}]")
+            raise ConfigError(f"model.frame_size: {list(cfg.frame_size)}, but the vision tower of this "
+                              f"{hf_config.architectures[0]} checkpoint reads {side} x {side} frames; set model.frame_size: "
+                              f"[{side}, {side}]")
         per_frame, extra = cls.frame_tokens(hf_config, side // vision.patch_size)
         return TowerFrames(side, vision.patch_size, per_frame, extra, cls.crops_frames, tuple(mean), tuple(std))
 
@@ -692,7 +692,6 @@ class LlavaNextVideoLM(LlavaOnevisionVideoLM):
     (an odd side rounds down), then projected; no newline. The llava-hf checkpoints are Vicuna
     ones: their template ends an answer with a space, and training adds the eos after it."""
 
-    name = "LLaVA-NeXT-Video"
     # its image_newline serves images alone
     projector_modules = ("multi_modal_projector", "vision_resampler")
     crops_frames = True
@@ -709,7 +708,6 @@ class VideoLlavaLM(LlavaOnevisionVideoLM):
     projected, unpooled. A Vicuna checkpoint as LLaVA-NeXT-Video's: training adds the eos after
     each answer."""
 
-    name = "Video-LLaVA"
     vision_module = "video_tower"
     # never run on videos, so never trained; QLoRA keeps it in full precision like the video tower
     other_towers = ("image_tower",)
