@@ -18,7 +18,8 @@ What the family does its own way, each in one place below:
                LLaVA-NeXT-Video's and Video-LLaVA's Vicuna template writes "USER: <video>\n..."; their
                <video> becomes frames x (side / patch / 2)^2 pooled tokens (144 a frame at 336
                pixels), and frames x ((side / patch)^2 + 1) (257 a frame at 224 pixels, the class
-               token kept)
+               token kept); the ids get the tokenizer's special tokens as the processor's do (the
+               BOS of their LLaMA tokenizers)
     frames     each read frame resized to `frame_size`, scaled and normalised with the checkpoint's
                image mean / std; Qwen: cut into the family's flattened patches (temporal x spatial,
                in merge order) with their grid (t, h, w); the LLaVA families: whole frames at their
