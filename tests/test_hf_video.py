@@ -1,4 +1,5 @@
-"""HF video models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision) behind the policy interface: tiny
+"""HF video models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, LLaVA-NeXT-Video, Video-LLaVA) behind the
+policy interface: tiny
 random checkpoints saved to disk and loaded through `from_pretrained`, as a hub checkpoint would be."""
 
 import json
@@ -23,8 +24,13 @@ from vlmalign.model.tokenizer import corpus_words
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 QWEN3, ONEVISION = "Qwen3VLForConditionalGeneration", "LlavaOnevisionForConditionalGeneration"
+NEXT_VIDEO, VIDEO_LLAVA = "LlavaNextVideoForConditionalGeneration", "VideoLlavaForConditionalGeneration"
 QWEN = ["Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration", QWEN3]
-ARCHITECTURES = QWEN + [ONEVISION]
+LLAVA = [ONEVISION, NEXT_VIDEO, VIDEO_LLAVA]
+ARCHITECTURES = QWEN + LLAVA
+# visual tokens of a 4-frame video: Qwen 2 temporal patches of 4; LLaVA-OneVision 4 a frame and a
+# newline; LLaVA-NeXT-Video 4 a frame (4 x 4 patches pooled 2 x 2); Video-LLaVA 16 patches and the class token a frame
+VIDEO_TOKENS = {ONEVISION: 4 * 4 + 1, NEXT_VIDEO: 4 * 4, VIDEO_LLAVA: 4 * 17}
 FRAMES = ["model.num_frames=4", "model.train_projector=false", "data.max_length=512", "data.feature_cache=null",
           "run.progress=false"]
 
@@ -80,23 +86,32 @@ def test_frames_are_the_image_processors_patches(qwen_checkpoint):
     assert model.num_visual_tokens == 4  # 1 x 4 x 4 patches, merged 2 x 2
 
 
-def test_onevision_frames_are_the_image_processors(tiny_bench, tmp_path):
-    """LLaVA-OneVision's video processor resizes each frame to the tower's size, rescales and
-    normalises it: the steps of transformers' SigLIP image processor (PIL backend), which our frames
-    equal, from frames of another size; a video is 4 tokens per frame (4 x 4 patches pooled 2 x 2)
-    and one newline; any other frame_size is a one-line error."""
+@pytest.mark.parametrize("architecture", LLAVA)
+def test_llava_frames_are_the_image_processors(architecture, tiny_bench, tmp_path):
+    """The LLaVA video processors take each frame through an image processor's steps: LLaVA-OneVision's
+    resizes it to the tower's size (SigLIP's), LLaVA-NeXT-Video's and Video-LLaVA's resize its short
+    side and cut the centre (CLIP's); our frames, from frames of another size, equal transformers'
+    own image processor's (PIL backend). Any other frame_size is a one-line error."""
     from PIL import Image
-    from transformers import SiglipImageProcessorPil
+    from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil
 
-    checkpoint = save_tiny(tiny_bench, tmp_path, ONEVISION)
+    checkpoint = save_tiny(tiny_bench, tmp_path, architecture)
     model = policy(checkpoint)
-    frames = np.random.default_rng(0).integers(0, 256, (3, 40, 72, 3), dtype=np.uint8)
-    ours = model.frames(frames)["pixel_values_videos"]
-    processor = SiglipImageProcessorPil(size={"height": 56, "width": 56}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    theirs = processor(images=[Image.fromarray(f) for f in frames], return_tensors="pt")["pixel_values"]
-    torch.testing.assert_close(ours, theirs.float(), rtol=0, atol=1e-5)
-    assert model.num_visual_tokens == 4 * 4 + 1
-    with pytest.raises(ConfigError, match=r"model.frame_size: \[64, 64\], but the vision tower .* reads 56 x 56 frames"):
+    stats = json.loads((checkpoint / "preprocessor_config.json").read_text())
+    if architecture == ONEVISION:
+        processor = SiglipImageProcessorPil(size={"height": 56, "width": 56}, image_mean=stats["image_mean"],
+                                            image_std=stats["image_std"])
+    else:
+        processor = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+                                          image_mean=stats["image_mean"], image_std=stats["image_std"])
+    for shape in ((3, 40, 72, 3), (2, 90, 61, 3)):  # wide and tall
+        frames = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+        ours = model.frames(frames)["pixel_values_videos"]
+        theirs = processor(images=[Image.fromarray(f) for f in frames], return_tensors="pt")["pixel_values"]
+        torch.testing.assert_close(ours, theirs.float(), rtol=0, atol=1e-5)
+    assert model.num_visual_tokens == VIDEO_TOKENS[architecture]
+    refused = rf"model.frame_size: \[64, 64\], but the vision tower of this {architecture} checkpoint reads 56 x 56 frames"
+    with pytest.raises(ConfigError, match=refused + r"; set model.frame_size: \[56, 56\]$"):
         policy(checkpoint, frame_size=[64, 64])
     assert load_model(checkpoint).cfg.frame_size == [56, 56]  # as it ships (a reference, a judge): the tower's size
 
@@ -113,8 +128,9 @@ def processor_text(model, text: str, layout) -> str:
     processor = cls.__new__(cls)
     processor.image_token, processor.video_token = model.tokenizer.convert_ids_to_tokens(
         [model.core.config.image_token_id, model.core.config.video_token_id])
-    if model.architecture == ONEVISION:  # its expansion reads the frames' count and the tower's patches per frame
-        processor.num_image_tokens = (model.frames.side // model.frames.patch) ** 2
+    if model.architecture in LLAVA:  # their expansion reads the frames' count and size and the tower's patches
+        processor.num_image_tokens = (model.frames.side // model.frames.patch) ** 2  # LLaVA-OneVision's
+        processor.patch_size, processor.num_additional_image_tokens = model.frames.patch, 1  # the others' (1: CLIP's class token)
         videos = {"pixel_values_videos": [torch.zeros(len(layout.indices), 3, model.frames.side, model.frames.side)]}
     else:
         processor.video_processor = SimpleNamespace(merge_size=model.frames.merge, temporal_patch_size=model.frames.temporal)
@@ -126,56 +142,68 @@ def processor_text(model, text: str, layout) -> str:
     return expanded[0]
 
 
+def processor_ids(tokenizer, text: str) -> list[int]:
+    """Ids of a rendered, expanded chat as transformers' processor tokenizes it (its apply_chat_template):
+    with the tokenizer's special tokens unless the text starts with the BOS already."""
+    bos = tokenizer.bos_token
+    return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos))).input_ids
+
+
 def test_ids_are_the_processors_and_labels_cover_the_answers(checkpoint, tiny_bench):
     """Our ids of a conversation about a real video equal those of transformers' processor over the
-    chat template's text (Qwen3-VL: each temporal patch's time written before it)."""
+    chat template's text (Qwen3-VL: each temporal patch's time written before it; the Vicuna templates
+    of LLaVA-NeXT-Video and Video-LLaVA given each answer ending in the eos, which they leave out)."""
     model = policy(checkpoint)
     video = read_instructions(tiny_bench / "sft_easy.json")[0].video
     layout = model.video_layout(video)
     turns = [Turn("user", "<video>\nwhat colour is the square?"), Turn("assistant", "red"),
              Turn("user", "and the circle?"), Turn("assistant", "blue")]
     enc = model.encode_conversation(turns, 512, layout=layout)
-    template = model.tokenizer.apply_chat_template(model._messages(turns), tokenize=False)
+    eos = model.tokenizer.eos_token
+    ended = [Turn(t.role, t.text + eos) if t.role == "assistant" and model.adds_eos_after_answers else t for t in turns]
+    template = model.tokenizer.apply_chat_template(model._messages(ended), tokenize=False)
     assert template.count(model.video_pad) == 1
     expanded = processor_text(model, template, layout)
-    assert enc.input_ids == model.tokenizer(expanded, add_special_tokens=False).input_ids
-    # Qwen: 2 temporal patches of 4 tokens; LLaVA-OneVision: 4 frames of 4 tokens and a newline
-    assert enc.input_ids.count(model.visual_slot_id) == model.visual_tokens(layout) == (17 if model.architecture == ONEVISION else 8)
+    assert enc.input_ids == processor_ids(model.tokenizer, expanded)
+    assert (enc.input_ids[0] == model.tokenizer.bos_token_id) == (model.architecture in (NEXT_VIDEO, VIDEO_LLAVA))  # LLaMA's BOS
+    assert enc.input_ids.count(model.visual_slot_id) == model.visual_tokens(layout) == VIDEO_TOKENS.get(model.architecture, 8)
     assert layout.indices == (0, 5, 10, 15) and layout.fps == 8  # 4 of the 16 frames of a 2-second video
     if model.architecture == QWEN3:  # each patch's time (frames 0 and 5: 0.3 s), inside the template's markers
         assert "<|vision_start|><0.3 seconds><|vision_start|>" in expanded and "<1.6 seconds>" in expanded
     learnt = [model.tokenizer.convert_ids_to_tokens(i) for i, label in zip(enc.input_ids, enc.labels) if label != IGNORE_INDEX]
-    assert learnt == ["red", "<|im_end|>", "blue", "<|im_end|>"]
+    assert learnt == ["red", eos, "blue", eos]
     prompt = model.encode_prompt("<video>\nwhat colour is the square?", layout)
     template = model.tokenizer.apply_chat_template(model._messages(turns[:1]), tokenize=False, add_generation_prompt=True)
-    assert prompt == model.tokenizer(processor_text(model, template, layout), add_special_tokens=False).input_ids
+    assert prompt == processor_ids(model.tokenizer, processor_text(model, template, layout))
     with pytest.raises(DataError, match="data.max_length is 20"):
         model.encode_conversation(turns, 20, sample_id="s1", layout=layout)
     late_video = [Turn("user", "what colour?"), Turn("assistant", "red"), Turn("user", "<video>\nand now?"),
                   Turn("assistant", "blue")]
-    with pytest.raises(DataError, match="a video after token 24 .* would be cut"):
-        model.encode_conversation(late_video, 24, sample_id="s2", layout=layout)
+    at = model.encode_conversation(late_video, 512, layout=layout).input_ids.index(model.visual_slot_id)
+    with pytest.raises(DataError, match=f"a video after token {at} .* would be cut"):
+        model.encode_conversation(late_video, at, sample_id="s2", layout=layout)
     # an answer that also occurs inside the end-of-turn marker ("<|im_end|>") is still found where it is
     for short in ("end", "m"):
         enc = model.encode_conversation([turns[0], Turn("assistant", short)], 512, layout=layout)
         answer = [t for t, label in zip(enc.input_ids, enc.labels) if label != IGNORE_INDEX]
-        assert answer == model.tokenizer(short + model.tokenizer.eos_token, add_special_tokens=False).input_ids
+        assert answer[0] == model.tokenizer(short, add_special_tokens=False).input_ids[0]
+        assert answer[-1] == model.tokenizer.eos_token_id
     with pytest.raises(DataError, match="sample 's4': answer 1 is empty"):
         model.encode_conversation([turns[0], Turn("assistant", " ")], 512, sample_id="s4", layout=layout)
-    model.tokenizer.eos_token = "<|image_pad|>"  # a checkpoint whose eos never ends a turn
-    with pytest.raises(DataError, match="ends an answer without the tokenizer's eos token"):
-        model.encode_conversation(turns, 512, sample_id="s3", layout=layout)
+    if not model.adds_eos_after_answers:
+        model.tokenizer.eos_token = "<|image_pad|>"  # a checkpoint whose eos never ends a turn
+        with pytest.raises(DataError, match="ends an answer without the tokenizer's eos token"):
+            model.encode_conversation(turns, 512, sample_id="s3", layout=layout)
 
 
 def test_checkpoints_pick_their_family_or_fail_in_one_line(qwen25, tmp_path):
     assert isinstance(load_model(qwen25), HFVideoLM)
-    for arch, message in [("LlavaNextForConditionalGeneration", "not a video model vlmalign knows"),
-                          ("LlavaNextVideoForConditionalGeneration", "does not train yet"),
-                          ("SomethingNewForConditionalGeneration", "not a video model vlmalign knows")]:
+    for arch in ("LlavaNextForConditionalGeneration", "SomethingNewForConditionalGeneration"):  # image-only; unknown
         folder = tmp_path / arch
         folder.mkdir()
         (folder / "config.json").write_text(json.dumps({"architectures": [arch]}))
-        with pytest.raises(ConfigError, match=f"{arch} .*{message}.*supported: Qwen2VLForConditionalGeneration"):
+        supported = "supported: Qwen2VLForConditionalGeneration.*VideoLlavaForConditionalGeneration"
+        with pytest.raises(ConfigError, match=f"{arch} .*not a video model vlmalign knows.*{supported}"):
             build_model(ModelConfig(init_from=str(folder)))
     mismatched = tmp_path / "no-template"
     shutil.copytree(qwen25, mismatched)
@@ -247,7 +275,7 @@ def test_save_and_load_keep_the_logits(checkpoint, tiny_bench, tmp_path, lora):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("architecture", ["Qwen2_5_VLForConditionalGeneration", QWEN3, ONEVISION])
+@pytest.mark.parametrize("architecture", ["Qwen2_5_VLForConditionalGeneration", QWEN3, ONEVISION, NEXT_VIDEO, VIDEO_LLAVA])
 def test_every_stage_runs_and_lora_dpo_learns_on_each_tiny_family(architecture, tiny_bench, tmp_path):
     """SFT, then LoRA DPO on oracle pairs (loss falls from log 2, margin rises), GRPO_rank and the
     synthetic evaluation, each through the same stage code as the VideoLM."""
@@ -432,7 +460,7 @@ def test_fps_sampling_reads_a_long_video_within_max_frames_at_its_real_times(qwe
             template = model.tokenizer.apply_chat_template(model._messages([Turn("user", "<video>\nwhat moves?")]),
                                                            tokenize=False, add_generation_prompt=True)
             expanded = processor_text(model, template, layout)
-            assert model.encode_prompt("<video>\nwhat moves?", layout) == model.tokenizer(expanded, add_special_tokens=False).input_ids
+            assert model.encode_prompt("<video>\nwhat moves?", layout) == processor_ids(model.tokenizer, expanded)
             assert expanded.count(" seconds>") == 32 and layout.times(2)[-1] > 590
         else:
             item = model.visual_inputs(None).get(video)
@@ -509,13 +537,14 @@ def test_reward_model_reads_the_chat_template_and_keeps_its_scores(checkpoint, t
     sample = read_instructions(tiny_bench / "sft_easy.json")[0]
     question, answer = sample.turns[0].text, sample.turns[1].text
     enc = model.encode(question, answer, sample.video, 512)
+    ended = tok.eos_token if backbone.adds_eos_after_answers else ""  # the eos a Vicuna template leaves out
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question.replace("<video>", "").strip()}]},
-                {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+                {"role": "assistant", "content": [{"type": "text", "text": answer + ended}]},
                 {"role": "user", "content": [{"type": "text", "text": "Is the answer right?"}]}]
 
     def template_ids(messages, generation_prompt):
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-        return tok(processor_text(backbone, text, backbone.video_layout(sample.video)), add_special_tokens=False).input_ids
+        return processor_ids(tok, processor_text(backbone, text, backbone.video_layout(sample.video)))
 
     expected = template_ids(messages, True)
     assert enc.input_ids == expected and set(enc.labels) == {IGNORE_INDEX}
@@ -576,7 +605,8 @@ def test_reward_model_and_ppo_train_a_tiny_qwen(qwen25, tiny_bench, tmp_path):
 
 def test_gradient_checkpointing_keeps_the_gradients_and_the_projectors_train(checkpoint, tiny_bench):
     """With model.train_projector a LoRA policy trains its adapters and the family's projectors
-    (Qwen's merger and Qwen3-VL's deepstack mergers; LLaVA-OneVision's projector and newline), never
+    (Qwen's merger and Qwen3-VL's deepstack mergers; LLaVA-OneVision's projector and newline; the other
+    LLaVA families' projector), never
     the vision tower; gradient checkpointing gives the same loss and gradients as without it."""
     sample = read_instructions(tiny_bench / "sft_easy.json")[0]
     grads = []

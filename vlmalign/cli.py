@@ -133,14 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None, help="comma-separated subset of dpo,grpo,grpo_rank,grpo_rank_monotone,ppo (default: all)")
     p.add_argument("--family", default="video_lm",
                    help="the model every run trains: video_lm (vlmalign's VideoLM), or qwen2_5_vl, qwen2_vl, qwen3_vl, "
-                        "llava_onevision (a tiny random transformers video model of that family, built offline)")
+                        "llava_onevision, llava_next_video, video_llava (a tiny random transformers video model of that "
+                        "family, built offline)")
 
     p = sub.add_parser("demo", help="the embedded default: the alignment gym on one seed, small budget, on a CPU")
     p.add_argument("--out", default="runs/demo", help="folder for the benchmark, runs and table")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds; several give mean ± standard deviation")
     p.add_argument("--family", default="video_lm",
                    help="the model every run trains: video_lm (vlmalign's VideoLM), or qwen2_5_vl, qwen2_vl, qwen3_vl, "
-                        "llava_onevision (a tiny random transformers video model of that family, built offline)")
+                        "llava_onevision, llava_next_video, video_llava (a tiny random transformers video model of that "
+                        "family, built offline)")
     return parser
 
 

@@ -87,9 +87,11 @@ class GymBudget:
 
 
 # --family: the transformers class of each tiny random HF model, and the frames it reads (8 frames of
-# 56 x 56 pixels: 4 temporal patches of 2 x 2 merged patches, 16 visual tokens per video)
+# 56 x 56 pixels: Qwen 4 temporal patches of 2 x 2 merged patches, 16 visual tokens per video; the
+# LLaVA towers read 56-pixel frames as 4 x 4 patches: 33 tokens (OneVision), 32 (NeXT-Video), 136 (Video-LLaVA))
 HF_FAMILIES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",
-               "qwen3_vl": "Qwen3VLForConditionalGeneration", "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
+               "qwen3_vl": "Qwen3VLForConditionalGeneration", "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+               "llava_next_video": "LlavaNextVideoForConditionalGeneration", "video_llava": "VideoLlavaForConditionalGeneration"}
 HF_FRAMES = {"model__num_frames": 8, "model__frame_size": "[56,56]", "model__train_projector": "false"}
 # Qwen3-VL's 16-pixel patches merge 2 x 2, so its frames are multiples of 32 (4 x 2 x 2 = 16 tokens again)
 HF_FRAME_SIZE = {"qwen3_vl": "[64,64]"}

@@ -1,5 +1,6 @@
 """Video LLMs from transformers behind the policy interface (`model/policy.py`): Qwen2-VL, Qwen2.5-VL,
-Qwen3-VL and LLaVA-OneVision, started from any checkpoint folder whose config.json names their class.
+Qwen3-VL, LLaVA-OneVision, LLaVA-NeXT-Video and Video-LLaVA, started from any checkpoint folder whose
+config.json names their class.
 
 What the family does its own way, each in one place below:
     layout     which frames of a video are read and when (`VideoLayout`, from the video's frame count
@@ -13,33 +14,39 @@ What the family does its own way, each in one place below:
                pad per token of that patch, inside the template's markers (transformers 5.x keeps
                them; qwen-vl-utils and transformers 4.x replaced them); LLaVA-OneVision's template
                writes "<|im_start|>role " and the video's <video>, which becomes frames x
-               ceil(side / patch / 2)^2 tokens (196 a frame at 384 pixels) and one newline token
+               ceil(side / patch / 2)^2 tokens (196 a frame at 384 pixels) and one newline token;
+               LLaVA-NeXT-Video's and Video-LLaVA's Vicuna template writes "USER: <video>\n..."; their
+               <video> becomes frames x (side / patch / 2)^2 pooled tokens (144 a frame at 336
+               pixels), and frames x ((side / patch)^2 + 1) (257 a frame at 224 pixels, the class
+               token kept); the ids get the tokenizer's special tokens as the processor's do (the
+               BOS of their LLaMA tokenizers)
     frames     each read frame resized to `frame_size`, scaled and normalised with the checkpoint's
                image mean / std; Qwen: cut into the family's flattened patches (temporal x spatial,
-               in merge order) with their grid (t, h, w); LLaVA-OneVision: whole frames at its
-               tower's size, each video through the tower alone (lengths may differ in a batch)
+               in merge order) with their grid (t, h, w); the LLaVA families: whole frames at their
+               tower's size (LLaVA-NeXT-Video and Video-LLaVA: short side resized, centre cut, as
+               CLIP's processor does), each video through the tower alone (lengths may differ)
     positions  Qwen's 3D rotary positions from `get_rope_index`, always with the video tokens
                marked in `mm_token_type_ids` (without them transformers silently falls back to 1D
                positions), computed here for training, prefill and every decoding step; Qwen2.5-VL
                steps a video's time by its real seconds per temporal patch (second_per_grid_ts);
-               LLaVA-OneVision: 1D positions
+               the LLaVA families: 1D positions
     time       Qwen2.5-VL and Qwen3-VL need each video's frame rate: without one transformers assumes
                24 fps and misplaces the frames; here a video without a rate is an error
     answers    labels cover each answer's text and its end-of-turn token, found in the text its turn
                adds (LLaVA-OneVision's template heads an answer "assistant \n", its generation prompt
-               "assistant\n": training and prompting differ by that space, as the checkpoint ships)
+               "assistant\n": training and prompting differ by that space, as the checkpoint ships;
+               the Vicuna template ends an answer with a space, no eos: training adds the eos after it)
     LoRA       adapters on the language model's linear layers only; the vision tower is frozen
                unless `vision.frozen` is false, its projectors (Qwen's merger and Qwen3-VL's deepstack
-               mergers; LLaVA-OneVision's projector and newline embedding) train when
-               `train_projector` is true; QLoRA quantises the language model's layers alone to 4 bits
-               (vision tower, projectors and LM head stay full)
+               mergers; LLaVA-OneVision's projector and newline embedding; the others' projector) train
+               when `train_projector` is true; QLoRA quantises the language model's layers alone to 4
+               bits (vision towers, projectors and LM head stay full)
 
 Saved layout (`save_pretrained`): model.json (family, config, base), tokenizer/, and hf/ (the whole
 transformers model) or adapter/ (+ trainable.safetensors: trained weights outside the adapter, such
 as the merger) over the recorded base (an HF checkpoint or another saved policy).
 
-Not yet here (issue 19): LLaVA-NeXT-Video, Video-LLaVA; per-video pixel or token budgets; a feature
-or pixel cache.
+Not yet here (issue 19): per-video pixel or token budgets; a feature or pixel cache.
 """
 
 from __future__ import annotations
@@ -63,9 +70,8 @@ from vlmalign.model.policy import MANIFEST, Policy, hf_architecture
 from vlmalign.video import sample_indices
 
 SUPPORTED = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
-             "LlavaOnevisionForConditionalGeneration")
-# video models transformers builds that this family does not drive yet
-NOT_YET = ("LlavaNextVideoForConditionalGeneration", "VideoLlavaForConditionalGeneration")
+             "LlavaOnevisionForConditionalGeneration", "LlavaNextVideoForConditionalGeneration",
+             "VideoLlavaForConditionalGeneration")
 # LLaVA-1.5 checkpoints convert to our VideoLM (`model/llava.py`); everything else with a config.json
 # that is no plain causal LM is taken for an HF video model and checked here
 CONVERTED_TO_VIDEO_LM = ("LlavaForConditionalGeneration",)
@@ -82,9 +88,6 @@ def check_architecture(arch: str | None, source) -> None:
     supported = ", ".join(SUPPORTED)
     if arch in SUPPORTED:
         return
-    if arch in NOT_YET:
-        raise ConfigError(f"{source}: {arch} is a video model vlmalign does not train yet; supported: {supported} "
-                          "(and LLaVA-1.5 checkpoints, converted to vlmalign's own model)")
     raise ConfigError(f"{source}: architecture {arch} is not a video model vlmalign knows (an image-only or unknown class); "
                       f"supported: {supported} (and LLaVA-1.5 checkpoints, converted to vlmalign's own model)")
 
@@ -205,25 +208,39 @@ class QwenFrames:
 
 
 @dataclasses.dataclass
-class SiglipFrames:
-    """A video's frames as LLaVA-OneVision's SigLIP tower reads them: each resized to `side` x `side`
-    pixels, scaled and normalised (as its video processor does). After the tower, the projector and a
-    2 x 2 bilinear pooling, a frame is ceil(side / patch / 2)^2 tokens; one newline token ends the video."""
+class TowerFrames:
+    """A video's frames as a LLaVA tower reads them: whole frames of `side` x `side` pixels, scaled and
+    normalised, each through the tower alone. LLaVA-OneVision's video processor resizes a frame to
+    that square; LLaVA-NeXT-Video's and Video-LLaVA's (CLIP's steps) resize its short side to `side`
+    and cut the centre square (`crop`). A video is `per_frame` tokens a frame and `extra` after
+    them (LLaVA-OneVision's newline)."""
 
     side: int
     patch: int
+    per_frame: int
+    extra: int
+    crop: bool
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
     def tokens(self, num_frames: int) -> int:
-        return num_frames * math.ceil(self.side // self.patch / 2) ** 2 + 1
+        return num_frames * self.per_frame + self.extra
+
+    def _square(self, frame: np.ndarray) -> np.ndarray:
+        from PIL import Image
+
+        image = Image.fromarray(frame)
+        if not self.crop:
+            return np.asarray(image.resize((self.side, self.side), Image.BICUBIC))
+        height, width = frame.shape[:2]  # the short side to `side`, the long one in proportion (rounded down)
+        size = (self.side, int(self.side * height / width)) if width <= height else (int(self.side * width / height), self.side)
+        resized = np.asarray(image.resize(size, Image.BICUBIC))
+        top, left = (resized.shape[0] - self.side) // 2, (resized.shape[1] - self.side) // 2
+        return resized[top: top + self.side, left: left + self.side]
 
     def __call__(self, frames: np.ndarray) -> dict:
         """uint8 [T, H, W, 3] -> {"pixel_values_videos": [T, 3, side, side]}."""
-        from PIL import Image
-
-        resized = np.stack([np.asarray(Image.fromarray(f).resize((self.side, self.side), Image.BICUBIC)) for f in frames])
-        x = torch.from_numpy(resized).float().div(255).permute(0, 3, 1, 2)
+        x = torch.from_numpy(np.stack([self._square(f) for f in frames])).float().div(255).permute(0, 3, 1, 2)
         return {"pixel_values_videos": (x - torch.tensor(self.mean).view(1, 3, 1, 1)) / torch.tensor(self.std).view(1, 3, 1, 1)}
 
 
@@ -281,11 +298,16 @@ class HFVideoLM(Policy):
     projector_modules = ("visual.merger",)
     # the config's ids of the vision markers (sampling never picks them)
     marker_keys = ("video_token_id", "image_token_id", "vision_start_token_id", "vision_end_token_id")
+    # vision towers a video never runs through (kept in full precision under QLoRA, never trained)
+    other_towers = ()
     # whether the family places frames by time (then a video without a frame rate is an error)
     needs_frame_rate = False
     # model.fps sampling as the family's processor does it (`frame_indices`): Qwen2-VL and Qwen2.5-VL
     # read whole temporal patches
     samples_whole_patches = True
+    # whether the chat template ends an answer without the eos the model stops at (a Vicuna template
+    # of the llava-hf checkpoints): then training puts the eos right after each answer's text
+    adds_eos_after_answers = False
 
     def __init__(self, cfg: ModelConfig, hf, tokenizer, frames: QwenFrames, base: dict, architecture: str):
         super().__init__()
@@ -424,7 +446,7 @@ class HFVideoLM(Policy):
         messages = self._messages(turns)
         full = self._render(messages, False, layout)
         eos_text = self.tokenizer.eos_token
-        spans, rendered = [], ""
+        spans, answer_ends, rendered = [], set(), ""
         for i in range(0, len(messages) - 1, 2):
             before = self._render(messages[: i + 1], False, layout)
             turn = self._render(messages[: i + 2], False, layout)
@@ -437,18 +459,22 @@ class HFVideoLM(Policy):
             # the turn's own end-of-turn token is its last one; the answer sits right before it (searching
             # for the answer instead would find "end" or "m" inside the "<|im_end|>" marker)
             cut = turn.rfind(eos_text, len(before))  # what follows the end-of-turn token is not learnt
-            if cut < 0:
+            if cut < 0 and not self.adds_eos_after_answers:
                 raise DataError(f"sample {sample_id!r}: the chat template of {self.architecture} ends an answer without the "
                                 f"tokenizer's eos token {eos_text!r}, where sampling stops; use a checkpoint whose eos "
                                 "token ends a turn (an Instruct one)")
-            written = turn[len(before):cut].rstrip()
+            written = turn[len(before):cut if cut >= 0 else len(turn)].rstrip()
             if not written.endswith(answer_text):
                 raise DataError(f"sample {sample_id!r}: the chat template of {self.architecture} does not write answer "
                                 f"{i // 2 + 1} as given, right before its end-of-turn token")
             start = len(before) + len(written) - len(answer_text)
-            spans.append((start, cut + len(eos_text)))
+            if cut >= 0:
+                spans.append((start, cut + len(eos_text)))
+            else:  # the eos the template leaves out is learnt right after the answer
+                spans.append((start, start + len(answer_text)))
+                answer_ends.add(start + len(answer_text))
             rendered = turn
-        enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        enc = self._tokenize(full, return_offsets_mapping=True)
         copies = self._pad_copies(layout) if layout is not None else 1
         input_ids, labels, prompt_length = [], [], 0
         for token, (start, end) in zip(enc.input_ids, enc.offset_mapping):
@@ -456,6 +482,9 @@ class HFVideoLM(Policy):
             learnt = any(s <= start and end <= e for s, e in spans)
             input_ids += [token] * n
             labels += [token if learnt else IGNORE_INDEX] * n
+            if end in answer_ends:  # the eos the template leaves out: learnt, right after the answer
+                input_ids.append(self.tokenizer.eos_token_id)
+                labels.append(self.tokenizer.eos_token_id)
             if spans and end <= spans[0][0]:
                 prompt_length = len(input_ids)
         if prompt_length >= max_length:
@@ -468,14 +497,22 @@ class HFVideoLM(Policy):
                             "raise max_length or shorten the conversation")
         return Encoded(input_ids[:max_length], labels[:max_length])
 
-    def _ids(self, text: str, layout: VideoLayout | None) -> list[int]:
-        """Token ids of rendered text, each video pad expanded to the ids it stands for."""
+    def _tokenize(self, text: str, **kwargs):
+        """A whole rendered chat tokenized as transformers' processor tokenizes it: with the tokenizer's
+        own special tokens (a LLaMA tokenizer's BOS, which the Vicuna templates do not write) unless
+        the text already starts with its BOS."""
+        bos = self.tokenizer.bos_token
+        return self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)), **kwargs)
+
+    def _ids(self, text: str, layout: VideoLayout | None, whole: bool) -> list[int]:
+        """Token ids of rendered text (`whole`: a chat from its start, else a piece that follows one),
+        each video pad expanded to the ids it stands for."""
         copies = self._pad_copies(layout) if layout is not None else 1
-        return [i for t in self.tokenizer(text, add_special_tokens=False).input_ids
-                for i in ([t] * copies if t == self.visual_slot_id else [t])]
+        ids = self._tokenize(text) if whole else self.tokenizer(text, add_special_tokens=False)
+        return [i for t in ids.input_ids for i in ([t] * copies if t == self.visual_slot_id else [t])]
 
     def encode_prompt(self, question: str, layout: VideoLayout | None = None) -> list[int]:
-        return self._ids(self._render(self._messages([Turn("user", question)]), True, layout), layout)
+        return self._ids(self._render(self._messages([Turn("user", question)]), True, layout), layout, whole=True)
 
     def encode_followup(self, turns, text: str, max_length: int, sample_id: str = "",
                         layout: VideoLayout | None = None) -> list[int]:
@@ -487,7 +524,7 @@ class HFVideoLM(Policy):
         if not after.startswith(before):
             raise DataError(f"sample {sample_id!r}: the chat template of {self.architecture} changes the conversation "
                             "when a turn follows it")
-        tail = self._ids(after[len(before):], layout)
+        tail = self._ids(after[len(before):], layout, whole=False)
         return self.encode_conversation(turns, max_length - len(tail), sample_id, layout).input_ids + tail
 
     # --- visual inputs and forward ----------------------------------------------------------------
@@ -612,12 +649,13 @@ class LlavaOnevisionVideoLM(HFVideoLM):
     """LLaVA-OneVision: its SigLIP tower reads each frame alone, the projector maps the patches into the
     language model, 2 x 2 pooling quarters them, and one learnt newline token closes the video. The
     template writes the video as its <video> token, which becomes the video's token count; positions
-    are plain 1D ones (a Qwen2 language model)."""
+    are plain 1D ones (a Qwen2 language model). The base of the other LLaVA video families below."""
 
     vision_module = "vision_tower"
     projector_modules = ("multi_modal_projector", "image_newline")
     samples_whole_patches = False
     marker_keys = ("video_token_id", "image_token_id")
+    crops_frames = False
 
     @classmethod
     def checkpoint_config(cls, hf_config) -> ModelConfig:
@@ -625,12 +663,21 @@ class LlavaOnevisionVideoLM(HFVideoLM):
         return ModelConfig(frame_size=[side, side])
 
     @classmethod
-    def make_frames(cls, cfg: ModelConfig, hf_config, mean, std) -> SiglipFrames:
-        side = hf_config.vision_config.image_size
+    def make_frames(cls, cfg: ModelConfig, hf_config, mean, std) -> TowerFrames:
+        vision = hf_config.vision_config
+        side = vision.image_size
         if list(cfg.frame_size) != [side, side]:  # its position embeddings are learnt for that size alone
-            raise ConfigError(f"model.frame_size: {list(cfg.frame_size)}, but the vision tower of this LLaVA-OneVision "
-                              f"checkpoint reads {side} x {side} frames; set model.frame_size: [{side}, {side}]")
-        return SiglipFrames(side, hf_config.vision_config.patch_size, tuple(mean), tuple(std))
+            raise ConfigError(f"model.frame_size: {list(cfg.frame_size)}, but the vision tower of this "
+                              f"{hf_config.architectures[0]} checkpoint reads {side} x {side} frames; set model.frame_size: "
+                              f"[{side}, {side}]")
+        per_frame, extra = cls.frame_tokens(hf_config, side // vision.patch_size)
+        return TowerFrames(side, vision.patch_size, per_frame, extra, cls.crops_frames, tuple(mean), tuple(std))
+
+    @classmethod
+    def frame_tokens(cls, hf_config, grid: int) -> tuple[int, int]:
+        """(tokens a frame, tokens after the frames) of a tower reading `grid` x `grid` patches:
+        here pooled 2 x 2 (an odd side rounds up), then the newline."""
+        return math.ceil(grid / 2) ** 2, 1
 
     def stack_visual(self, items: list[dict]) -> dict:
         return {"pixel_values_videos": torch.cat([it["pixel_values_videos"] for it in items]),
@@ -646,7 +693,9 @@ class LlavaOnevisionVideoLM(HFVideoLM):
 
         pixels = pixel_values_videos.to(self.vision_tower.dtype).split(video_frames.tolist())
         features = [self.core.model.get_video_features(p[None]).pooler_output for p in pixels]
-        return {"video": BaseModelOutputWithPooling(pooler_output=torch.cat(features, dim=1))}
+        # one row of all the videos' tokens (Video-LLaVA's come a frame a row)
+        features = torch.cat([f.reshape(-1, f.shape[-1]) for f in features])[None]
+        return {"video": BaseModelOutputWithPooling(pooler_output=features)}
 
     def forward(self, input_ids, attention_mask, pixel_values_videos=None, video_frames=None, position_ids=None, **kwargs):
         if position_ids is None:
@@ -673,8 +722,43 @@ class LlavaOnevisionVideoLM(HFVideoLM):
         return out.logits[:, -1]
 
 
+class LlavaNextVideoLM(LlavaOnevisionVideoLM):
+    """LLaVA-NeXT-Video: a CLIP tower reads each frame (its short side resized, the centre cut out),
+    its patch tokens (the class token dropped) are pooled `spatial_pool_stride` x `spatial_pool_stride`
+    (an odd side rounds down), then projected; no newline. The llava-hf checkpoints are Vicuna
+    ones: their template ends an answer with a space, and training adds the eos after it."""
+
+    # its image_newline serves images alone
+    projector_modules = ("multi_modal_projector", "vision_resampler")
+    crops_frames = True
+    adds_eos_after_answers = True
+
+    @classmethod
+    def frame_tokens(cls, hf_config, grid: int) -> tuple[int, int]:
+        return (grid // hf_config.spatial_pool_stride) ** 2, 0
+
+
+class VideoLlavaLM(LlavaOnevisionVideoLM):
+    """Video-LLaVA: a video tower of its own (a CLIP, beside an image tower that videos never use)
+    reads each frame (short side resized, centre cut out); all its tokens, the class token too, are
+    projected, unpooled. A Vicuna checkpoint as LLaVA-NeXT-Video's: training adds the eos after
+    each answer."""
+
+    vision_module = "video_tower"
+    # never run on videos, so never trained; QLoRA keeps it in full precision like the video tower
+    other_towers = ("image_tower",)
+    projector_modules = ("multi_modal_projector",)
+    crops_frames = True
+    adds_eos_after_answers = True
+
+    @classmethod
+    def frame_tokens(cls, hf_config, grid: int) -> tuple[int, int]:
+        return grid**2 + 1, 0
+
+
 FAMILIES = {"Qwen2VLForConditionalGeneration": HFVideoLM, "Qwen2_5_VLForConditionalGeneration": Qwen25VideoLM,
-            "Qwen3VLForConditionalGeneration": Qwen3VideoLM, "LlavaOnevisionForConditionalGeneration": LlavaOnevisionVideoLM}
+            "Qwen3VLForConditionalGeneration": Qwen3VideoLM, "LlavaOnevisionForConditionalGeneration": LlavaOnevisionVideoLM,
+            "LlavaNextVideoForConditionalGeneration": LlavaNextVideoLM, "VideoLlavaForConditionalGeneration": VideoLlavaLM}
 
 
 # --- building and loading -----------------------------------------------------------------------
@@ -709,7 +793,7 @@ def _pretrained(arch: str, source, dtype: str, quantization: QuantizationConfig 
         from vlmalign.model.video_lm import four_bit_config
 
         family = FAMILIES[arch]
-        skip = ["lm_head"] + [f"model.{name}" for name in (family.vision_module, *family.projector_modules)]
+        skip = ["lm_head"] + [f"model.{name}" for name in (family.vision_module, *family.other_towers, *family.projector_modules)]
         kwargs["quantization_config"] = four_bit_config(quantization, skip=skip)
     hf = _model_class(arch).from_pretrained(source, **kwargs)
     if quantised and not torch.cuda.is_available():
@@ -840,6 +924,16 @@ ONEVISION_TEMPLATE = (
     "{{'<|im_end|>'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 ONEVISION_SPECIAL = ["<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+# The Vicuna template of the llava-hf LLaVA-NeXT-Video and Video-LLaVA checkpoints: "USER: " / "ASSISTANT: ",
+# the video's "<video>\n", each text and a space; no eos after an answer; prompting ends "ASSISTANT:"
+VICUNA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+VICUNA_SPECIAL = ["<image>", "<video>"]
 
 
 def save_tiny_hf_video(out, words: list[str], architecture: str = "Qwen2_5_VLForConditionalGeneration",
@@ -855,26 +949,37 @@ def save_tiny_hf_video(out, words: list[str], architecture: str = "Qwen2_5_VLFor
     words = set(words) | set("system you are a helpful assistant . user".split())
     if architecture == "Qwen3VLForConditionalGeneration":  # its prompts hold each frame's time: "<12.5 seconds>"
         words |= {str(n) for n in range(100)} | {"<", ">", "seconds"}
-    onevision = architecture == "LlavaOnevisionForConditionalGeneration"
-    special, template = (ONEVISION_SPECIAL, ONEVISION_TEMPLATE) if onevision else (CHATML_SPECIAL, CHATML_TEMPLATE)
+    llava = architecture in _TINY_LLAVA
+    if architecture in VICUNA_FAMILIES:
+        words |= {"assistant", ":"}
+        special, template, eos = VICUNA_SPECIAL, VICUNA_TEMPLATE, "</s>"
+    elif llava:
+        special, template, eos = ONEVISION_SPECIAL, ONEVISION_TEMPLATE, "<|im_end|>"
+    else:
+        special, template, eos = CHATML_SPECIAL, CHATML_TEMPLATE, "<|im_end|>"
     tokenizer = build_word_tokenizer(sorted(words))
-    tokenizer.add_special_tokens({"additional_special_tokens": special, "eos_token": "<|im_end|>"})
+    tokenizer.add_special_tokens({"additional_special_tokens": special, "eos_token": eos})
+    if architecture in VICUNA_FAMILIES:  # a LLaMA tokenizer: its BOS starts every text it tokenizes
+        from tokenizers.processors import TemplateProcessing
+
+        tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", tokenizer.bos_token_id)])
     tokenizer.chat_template = template
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
     text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
                 num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=4096,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=ids["<|im_end|>"], bos_token_id=None)
-    if onevision:
-        config, patch, mean, std = _tiny_onevision_config(text, ids)
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    if llava:
+        config, patch, mean, std = _TINY_LLAVA[architecture](text, ids)
     else:
         config, patch, mean, std = _tiny_qwen_config(architecture, text, ids, hidden)
     torch.manual_seed(seed)
     model = _model_class(architecture)(config)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    sizes = {"patch_size": patch} if onevision else {"patch_size": patch, "temporal_patch_size": 2, "merge_size": 2}
+    sizes = {"patch_size": patch} if llava else {"patch_size": patch, "temporal_patch_size": 2, "merge_size": 2}
     (out / "preprocessor_config.json").write_text(json.dumps({"image_mean": list(mean), "image_std": list(std), **sizes}))
     return out
 
@@ -923,3 +1028,37 @@ def _tiny_onevision_config(text: dict, ids: dict):
                                   image_token_index=ids["<image>"], video_token_index=ids["<video>"],
                                   vision_feature_select_strategy="full", vision_feature_layer=-1, tie_word_embeddings=False)
     return config, 14, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+def _tiny_clip_vision() -> dict:
+    """A tiny CLIP tower over frames of 56 pixels (4 x 4 patches of 14 and a class token)."""
+    return dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, image_size=56, patch_size=14, projection_dim=32)
+
+
+def _tiny_next_video_config(text: dict, ids: dict):
+    """(config, patch, mean, std) of a tiny LLaVA-NeXT-Video: the CLIP tower's penultimate layer without
+    its class token, pooled 2 x 2 to 4 tokens a frame, CLIP's normalisation, a LLaMA language model."""
+    from transformers import LlavaNextVideoConfig
+
+    config = LlavaNextVideoConfig(text_config=dict(model_type="llama", **text), vision_config=_tiny_clip_vision(),
+                                  image_token_index=ids["<image>"], video_token_index=ids["<video>"],
+                                  image_grid_pinpoints=[[56, 112], [112, 56]], tie_word_embeddings=False)
+    return config, 14, CLIP_MEAN, CLIP_STD
+
+
+def _tiny_video_llava_config(text: dict, ids: dict):
+    """(config, patch, mean, std) of a tiny Video-LLaVA: the video tower's penultimate layer, class
+    token kept, 17 tokens a frame, CLIP's normalisation, a LLaMA language model."""
+    from transformers import VideoLlavaConfig
+
+    config = VideoLlavaConfig(text_config=dict(model_type="llama", **text), vision_config=_tiny_clip_vision(),
+                              image_token_index=ids["<image>"], video_token_index=ids["<video>"], tie_word_embeddings=False)
+    return config, 14, CLIP_MEAN, CLIP_STD
+
+
+# the LLaVA families' tiny configs, and those whose llava-hf checkpoints ship the Vicuna template
+_TINY_LLAVA = {"LlavaOnevisionForConditionalGeneration": _tiny_onevision_config,
+               "LlavaNextVideoForConditionalGeneration": _tiny_next_video_config,
+               "VideoLlavaForConditionalGeneration": _tiny_video_llava_config}
+VICUNA_FAMILIES = ("LlavaNextVideoForConditionalGeneration", "VideoLlavaForConditionalGeneration")

@@ -3,7 +3,8 @@
 Two families implement it:
     VideoLM      (`model/video_lm.py`) our CLIP + pooling + projector + causal LM, the papers' model
     HFVideoLM    (`model/hf_video.py`) a transformers video model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
-                 LLaVA-OneVision) driven with its own chat template, video tokens and positions
+                 LLaVA-OneVision, LLaVA-NeXT-Video, Video-LLaVA) driven with its own chat template,
+                 video tokens and positions
 
 Stages build or load a policy with `build_model` / `load_model` below, which pick the family from
 the checkpoint (a saved model's model.json, or an HF checkpoint's config.json architectures), and
