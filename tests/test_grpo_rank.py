@@ -228,3 +228,19 @@ def test_epoch_reference_resets_the_kl_term_each_epoch(tiny_policy, tiny_bench, 
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
     with pytest.raises(ConfigError, match="grpo.reference"):
         grpo_rank.run(grpo_cfg(tiny_policy, tiny_bench, tmp_path / "no-kl", **{**extra, "grpo.beta": 0}))
+
+
+def test_rollout_log_resumes_past_a_cut_write_and_names_a_bad_line(tmp_path):
+    """A crash while rollouts.jsonl was written leaves half a line: resuming drops it with the rows of
+    rollouts that are sampled again; a line that is no rollout row is a one-line error naming it."""
+    from vlmalign.errors import DataError
+    from vlmalign.train.grpo_rank import RolloutLog
+
+    path = tmp_path / "rollouts.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "id": f"q{s}"}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "id"')
+    log = RolloutLog(path, done=2)
+    log.append([{"step": 3, "id": "again"}])
+    assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["q1", "q2", "again"]
+    path.write_text(json.dumps({"step": 1}) + "\nnot json\n")
+    with pytest.raises(DataError, match=f"{path}:2: not a rollout row"):
+        RolloutLog(path, done=1)

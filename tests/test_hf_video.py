@@ -590,6 +590,11 @@ def test_reward_model_and_ppo_train_a_tiny_qwen(qwen25, tiny_bench, tmp_path):
     assert sum(m["loss"] for m in metrics[-4:]) / 4 < 0.8 * metrics[0]["loss"]
 
     ppo_dir = tmp_path / "ppo"
+    # the value model (the reward model's copy) reads the policy's ids: its frames must be the policy's
+    with pytest.raises(ConfigError, match="must share the policy's tokenizer and frame settings .*differ: num_frames 4 vs 8"):
+        ppo.run(load_config(PPOConfig, "configs/tiny/ppo.yaml", FRAMES + [
+            f"model.init_from={qwen25}", f"reward_model={rm_final}", f"run.dir={tmp_path / 'mismatch'}", "model.num_frames=8",
+            f"data.train=[{tiny_bench}/sft_easy.json]", "eval_qa=null"]))
     final = ppo.run(load_config(PPOConfig, "configs/tiny/ppo.yaml", FRAMES + [
         f"model.init_from={qwen25}", f"reward_model={rm_final}", f"run.dir={ppo_dir}",
         f"data.train=[{tiny_bench}/sft_easy.json]", "sampling.num_samples=2", "sampling.max_new_tokens=5",

@@ -361,6 +361,10 @@ class HFVideoLM(Policy):
     def language_model(self):
         return self.core
 
+    def frame_settings(self) -> dict:
+        keys = ("num_frames", "frame_sampling", "fps", "min_frames", "max_frames", "frame_size", "frame_folder_fps")
+        return {"model": self.architecture, **{key: getattr(self.cfg, key) for key in keys}}
+
     @property
     def device(self) -> torch.device:
         return next(self.hf.parameters()).device

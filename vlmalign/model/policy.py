@@ -26,6 +26,7 @@ then only call these operations:
     encode_followup(turns, text, max_length,           a conversation, then one more user turn to answer
                     sample_id, layout)
     language_model                                      the causal LM (its embeddings and LM head)
+    frame_settings()                                    what decides the frames read and their tokens
     prefill(input_ids, attention_mask, visual)          shared-prefix sampling: one prefill ...
     decode(tokens, attention_mask, state)               ... then one token per step
     reference()                                         context: the starting policy (LoRA off)
@@ -76,6 +77,12 @@ class Policy(nn.Module):
     def inputs_layout(self, inputs):
         """`video_layout` of visual inputs from `visual_inputs(...)`: a video's, or a clip's."""
         return None
+
+    def frame_settings(self) -> dict:
+        """What decides which frames of a video the model reads and the tokens they become: two
+        models with equal settings fill each other's visual slots (PPO's value model reads the
+        policy's ids)."""
+        raise NotImplementedError
 
     @property
     def hidden_size(self) -> int:

@@ -107,6 +107,10 @@ class VideoLM(Policy):
     def language_model(self):
         return self.llm
 
+    def frame_settings(self) -> dict:
+        return {"model": "VideoLM", "num_frames": self.cfg.num_frames, "frame_sampling": self.cfg.frame_sampling,
+                "visual_tokens": self.num_visual_tokens}
+
     def hidden_states(self, input_ids, attention_mask, features=None) -> torch.Tensor:
         # the decoder alone: the LM head's [B, L, vocab] logits would be computed and thrown away
         return self.llm.get_decoder()(inputs_embeds=self.embed(input_ids, features), attention_mask=attention_mask,

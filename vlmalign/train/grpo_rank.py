@@ -49,7 +49,7 @@ from vlmalign.config import GRPOConfig
 from vlmalign.data.collate import Collator, EncodedSample
 from vlmalign.data.formats import VIDEO_TOKEN
 from vlmalign.data.template import IGNORE_INDEX
-from vlmalign.errors import ConfigError, VlmalignError
+from vlmalign.errors import ConfigError, DataError, VlmalignError
 from vlmalign.feedback.judges import JudgeRequest, build_judge
 from vlmalign.feedback.preferences import (
     absolute_video,
@@ -216,15 +216,26 @@ class RolloutLog:
         self.path = path
         if path.is_file():
             lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= done]
-            if len(kept) != len(lines):
+            if lines and not lines[-1].endswith("\n"):  # a write cut short by a crash: that rollout is redone
+                lines.pop()
+            kept = [line for number, line in enumerate(lines, 1) if line.strip() and self._step(line, number) <= done]
+            if len(kept) != len(lines) or path.read_text(encoding="utf-8") != "".join(lines):
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text("".join(kept), encoding="utf-8")
                 os.replace(tmp, path)
 
+    def _step(self, line: str, number: int) -> int:
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{self.path}:{number}: not a rollout row with a step ({e}); remove the line or the file "
+                            "to resume") from None
+
     def append(self, rows: list[dict]) -> None:
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            fh.flush()
+            os.fsync(fh.fileno())  # on disk before the checkpoint that counts this rollout as done
 
 
 class EpochReference:

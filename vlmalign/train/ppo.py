@@ -137,6 +137,7 @@ def adapt_kl_coef(coef: float, kl: float, target: float, horizon: int, num_answe
 
 
 # --- PPO -----------------------------------------------------------------------------------------
+
 def _check(cfg: PPOConfig) -> None:
     if not cfg.model.init_from:
         raise ConfigError("model.init_from: PPO starts from a saved policy (e.g. runs/tiny-sft/final)")
@@ -171,10 +172,14 @@ def run(cfg: PPOConfig) -> Path:
     reference = None if policy.uses_lora else load_model(cfg.model.init_from).to(acc.device).eval()
     reward_model = load_reward_model(cfg.reward_model).to(acc.device)
     value = load_reward_model(cfg.reward_model, trainable=True).to(acc.device)
-    if value.tokenizer.get_vocab() != policy.tokenizer.get_vocab() or value.backbone.num_visual_tokens != policy.num_visual_tokens:
-        # The value model reads the policy's token ids, one value per answer token.
-        raise ConfigError(f"reward_model: {cfg.reward_model} must share the policy's tokenizer and visual token count "
-                          "(its copy is the value model, which reads the policy's tokens)")
+    # The value model reads the policy's token ids, one value per answer token, and reads each video
+    # itself: its frames must be the policy's, or its visual tokens would not fill the policy's slots.
+    frames, theirs = policy.frame_settings(), value.backbone.frame_settings()
+    differ = [f"{key} {theirs.get(key)!r} vs {frames[key]!r}" for key in frames if theirs.get(key) != frames[key]]
+    if value.tokenizer.get_vocab() != policy.tokenizer.get_vocab() or differ:
+        raise ConfigError(f"reward_model: {cfg.reward_model} must share the policy's tokenizer and frame settings "
+                          f"(its copy is the value model, which reads the policy's tokens); differ: "
+                          f"{', '.join(differ) or 'the tokenizer'}")
     policy_visual = policy.visual_inputs(cfg.data.feature_cache)
     policy_collate = Collator(policy, policy_visual)
     value_collate = Collator(value.backbone, value.backbone.visual_inputs(cfg.data.feature_cache))
