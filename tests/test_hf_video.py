@@ -437,6 +437,31 @@ def test_fps_sampling_picks_the_frames_each_familys_processor_picks(qwen25, qwen
     assert policy(qwen3, fps=2.0).video_layout(video).indices == (0, 18, 37, 56, 74)
 
 
+def test_a_visual_token_budget_caps_the_frames_of_each_video(qwen25, tmp_path):
+    """model.max_visual_tokens: with fps sampling a long video reads fewer frames so that its tokens
+    fit (each frame keeps its size); where even min_frames or a fixed num_frames would not fit, the
+    video is an error naming it, never silently cut."""
+    from vlmalign.video import write_video
+
+    video = str(tmp_path / "ten_seconds.mp4")
+    write_video(video, np.zeros((100, 16, 16, 3), dtype=np.uint8), fps=10.0)
+    free = policy(qwen25, fps=2.0, max_frames=64)
+    per_patch = free.frames.tokens(2)
+    assert len(free.video_layout(video).indices) == 20  # 2 per second of 10 s
+    capped = policy(qwen25, fps=2.0, max_frames=64, max_visual_tokens=6 * per_patch + 1)
+    layout = capped.video_layout(video)
+    assert len(layout.indices) == 12 and capped.visual_tokens(layout) == 6 * per_patch
+    assert layout.indices == tuple(torch.arange(0, 100, 100 / 12).int().tolist())  # spread over the whole video
+    with pytest.raises(DataError, match=r"ten_seconds.mp4: 4 frames give .* over model.max_visual_tokens"):
+        policy(qwen25, num_frames=4, max_visual_tokens=per_patch).video_layout(video)
+    with pytest.raises(DataError, match="at most 2 frames fit"):
+        policy(qwen25, fps=2.0, min_frames=4, max_visual_tokens=per_patch).video_layout(video)
+    with pytest.raises(ConfigError, match="model.max_visual_tokens: 0 must be at least 1"):
+        policy(qwen25, max_visual_tokens=0)
+    with pytest.raises(ConfigError, match="model.max_visual_tokens: vlmalign's VideoLM"):
+        build_model(ModelConfig(max_visual_tokens=100))
+
+
 def test_fps_sampling_reads_a_long_video_within_max_frames_at_its_real_times(qwen25, qwen3, tmp_path, capsys):
     """A 10-minute video at model.fps 2 with max_frames 64 gets 64 frames spread over all of it. The
     Qwen3-VL prompt holds their real times (ids equal to transformers' processor given the video's

@@ -93,6 +93,9 @@ class ModelConfig:
     # the rate a frame folder's (or image list's) frames were taken at: video files carry their own;
     # fps sampling and the timestamps of Qwen2.5-VL / Qwen3-VL need one
     frame_folder_fps: float | None = None
+    # HF video models: at most this many visual tokens per video; with `fps`, a video that would get
+    # more reads fewer frames (down to min_frames), with `num_frames` it is an error (null: no budget)
+    max_visual_tokens: int | None = None
     # HF video models: every frame is resized to [height, width]; Qwen: multiples of the checkpoint's
     # patch x merge size (28; 32 for Qwen3-VL), a video of n frames gives n / 2 x (h / 28) x (w / 28)
     # tokens; LLaVA-OneVision: its vision tower's size (384), n x 196 + 1 tokens

@@ -139,6 +139,8 @@ def check_frame_settings(cfg: ModelConfig) -> None:
         raise ConfigError(f"model.min_frames {cfg.min_frames} and model.max_frames {cfg.max_frames}: need 1 <= min <= max")
     if cfg.frame_folder_fps is not None and cfg.frame_folder_fps <= 0:
         raise ConfigError(f"model.frame_folder_fps: {cfg.frame_folder_fps} must be positive")
+    if cfg.max_visual_tokens is not None and cfg.max_visual_tokens < 1:
+        raise ConfigError(f"model.max_visual_tokens: {cfg.max_visual_tokens} must be at least 1, or null for no budget")
 
 
 def frame_indices(total: int, fps: float | None, cfg: ModelConfig, video, whole_patches: int | None = None) -> tuple[int, ...]:
@@ -362,7 +364,8 @@ class HFVideoLM(Policy):
         return self.core
 
     def frame_settings(self) -> dict:
-        keys = ("num_frames", "frame_sampling", "fps", "min_frames", "max_frames", "frame_size", "frame_folder_fps")
+        keys = ("num_frames", "frame_sampling", "fps", "min_frames", "max_frames", "frame_size", "frame_folder_fps",
+                "max_visual_tokens")
         return {"model": self.architecture, **{key: getattr(self.cfg, key) for key in keys}}
 
     @property
@@ -391,7 +394,17 @@ class HFVideoLM(Policy):
                                 "frame rate (a frame folder or list); set model.frame_folder_fps to the rate its frames "
                                 "were taken at")
             whole = self.frames.temporal if self.samples_whole_patches else None
-            self._layouts[key] = VideoLayout(frame_indices(total, fps, self.cfg, video, whole), total, fps)
+            indices = frame_indices(total, fps, self.cfg, video, whole)
+            budget = self.cfg.max_visual_tokens
+            if budget is not None and self.frames.tokens(len(indices)) > budget:
+                # the budget caps the frames read; each frame keeps model.frame_size
+                fits = max((n for n in range(1, len(indices)) if self.frames.tokens(n) <= budget), default=0)
+                if self.cfg.fps is None or fits < self.cfg.min_frames:
+                    raise DataError(f"video {video_name(video)}: {len(indices)} frames give {self.frames.tokens(len(indices))} "
+                                    f"visual tokens, over model.max_visual_tokens {budget} (at most {fits} frames fit); "
+                                    "read fewer frames (model.num_frames, model.min_frames) or a smaller model.frame_size")
+                indices = frame_indices(total, fps, dataclasses.replace(self.cfg, max_frames=fits), video, whole)
+            self._layouts[key] = VideoLayout(indices, total, fps)
         return self._layouts[key]
 
     def inputs_layout(self, inputs: dict) -> VideoLayout:

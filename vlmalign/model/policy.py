@@ -122,6 +122,9 @@ def build_model(cfg: ModelConfig) -> Policy:
     if cfg.fps is not None:
         raise ConfigError(f"model.fps: vlmalign's VideoLM reads a fixed model.num_frames (its token count is fixed); "
                           "fps sampling is for HF video models (model/hf_video.py)")
+    if cfg.max_visual_tokens is not None:
+        raise ConfigError("model.max_visual_tokens: vlmalign's VideoLM gives every video model.num_frames + its patch count "
+                          "tokens; the budget is for HF video models (model/hf_video.py)")
     from vlmalign.model.video_lm import build_video_lm
 
     return build_video_lm(cfg)
