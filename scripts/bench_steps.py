@@ -3,7 +3,7 @@
     python scripts/bench_steps.py                                   # tiny config (configs/tiny/sft.yaml), CPU
     python scripts/bench_steps.py --qlora                           # the same with an nf4 base + LoRA
     python scripts/bench_steps.py --llama-7b --frames 50 --qlora    # on a GPU: random 7B LLaMA, 50 frames
-    python scripts/bench_steps.py --families video_lm,qwen2_5_vl    # VideoLM and a Qwen2.5-VL of the same LLM size
+    python scripts/bench_steps.py --families video_lm,qwen2_5_vl    # VideoLM and HF families of the same LLM size
 
 Every stage runs the loss functions and decoder the trainers use (vlmalign/losses.py,
 vlmalign/model/generation.py) through the policy interface on random-initialised weights and random
@@ -60,6 +60,16 @@ def model_overrides(args, corpus: Path) -> list[str]:
     return sets + list(args.set)
 
 
+def frame_side(checkpoint: Path, wanted: int) -> int:
+    """The frame side a family's tiny tower takes nearest `wanted`: Qwen towers a multiple of patch x
+    merge (28, or 32 for Qwen3-VL); the LLaVA towers their own image size."""
+    vision = json.loads((checkpoint / "config.json").read_text())["vision_config"]
+    if "spatial_merge_size" not in vision:
+        return vision["image_size"]
+    unit = vision["patch_size"] * vision["spatial_merge_size"]
+    return max(unit, round(wanted / unit) * unit)
+
+
 def build(args, work: Path):
     from vlmalign.model.policy import build_model
 
@@ -77,9 +87,9 @@ def build(args, work: Path):
         checkpoint = save_tiny_hf_video(work / args.family, WORDS, HF_FAMILIES[args.family], hidden=arch["hidden_size"],
                                         layers=arch["num_hidden_layers"], intermediate=arch["intermediate_size"],
                                         kv_heads=arch["num_key_value_heads"])
+        side = frame_side(checkpoint, args.frame_size)
         return build_model(load_config(SFTConfig, REPO / "configs/tiny/sft.yaml", model_overrides(args, corpus) + [
-            f"model.init_from={checkpoint}", f"model.frame_size=[{args.frame_size},{args.frame_size}]",
-            "model.train_projector=false"]).model)
+            f"model.init_from={checkpoint}", f"model.frame_size=[{side},{side}]", "model.train_projector=false"]).model)
     if not args.qlora:
         return build_model(cfg.model)
     # QLoRA starts from saved weights: save the random model once, then load its base in 4 bits
@@ -223,8 +233,10 @@ def main() -> None:
     p.add_argument("--qlora", action="store_true", help="nf4 base weights + LoRA (bitsandbytes)")
     p.add_argument("--llama-7b", action="store_true", help="LLaMA-7B / CLIP ViT-L/14-336 shapes (use a GPU)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more model config overrides")
-    p.add_argument("--families", default="video_lm", help="comma-separated: video_lm, qwen2_5_vl, qwen2_vl")
-    p.add_argument("--frame-size", type=int, default=112, help="HF families: frame side in pixels (a multiple of 28)")
+    p.add_argument("--families", default="video_lm",
+                   help="comma-separated: video_lm, or the HF families of `vlmalign gym --family` (qwen2_5_vl, qwen3_vl, ...)")
+    p.add_argument("--frame-size", type=int, default=112,
+                   help="HF families: frame side in pixels (Qwen: the nearest multiple of its patch grid; LLaVA towers: their own size)")
     p.add_argument("--family", default="video_lm", help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=STAGES, help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
