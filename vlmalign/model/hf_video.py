@@ -307,6 +307,8 @@ class HFVideoLM(Policy):
     # model.fps sampling as the family's processor does it (`frame_indices`): Qwen2-VL and Qwen2.5-VL
     # read whole temporal patches
     samples_whole_patches = True
+    # whether get_rope_index takes each video's seconds per temporal patch (Qwen2.5-VL)
+    positions_take_seconds = False
     # whether the chat template ends an answer without the eos the model stops at (a Vicuna template
     # of the llava-hf checkpoints): then training puts the eos right after each answer's text
     adds_eos_after_answers = False
@@ -562,8 +564,12 @@ class HFVideoLM(Policy):
     def _positions(self, input_ids, attention_mask, video_grid_thw, second_per_grid_ts=None) -> torch.Tensor:
         """Qwen's 3D rotary positions [3, B, L], the video tokens marked (without the marks
         transformers silently falls back to 1D positions)."""
+        # Qwen2.5-VL: one interval per video, always given (transformers' default ran out when a batch
+        # held more videos than a row has tokens); the others take none
+        seconds = {"second_per_grid_ts": second_per_grid_ts} if self.positions_take_seconds else {}
         positions, _ = self.core.model.get_rope_index(input_ids, mm_token_type_ids=self._token_types(input_ids),
-                                                      video_grid_thw=video_grid_thw, attention_mask=attention_mask)
+                                                      video_grid_thw=video_grid_thw, attention_mask=attention_mask,
+                                                      **seconds)
         return positions
 
     def forward(self, input_ids, attention_mask, pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
@@ -628,18 +634,11 @@ class Qwen25VideoLM(HFVideoLM):
     spans (second_per_grid_ts, from the sampled frames' times), not by one per patch."""
 
     needs_frame_rate = True
+    positions_take_seconds = True
 
     def stack_visual(self, items: list[dict]) -> dict:
         seconds = [it["layout"].seconds_per_patch(self.frames.temporal) for it in items]
         return {**super().stack_visual(items), "second_per_grid_ts": torch.tensor(seconds)}
-
-    def _positions(self, input_ids, attention_mask, video_grid_thw, second_per_grid_ts=None) -> torch.Tensor:
-        # one interval per video, always given: transformers' default ran out when a batch held more
-        # videos than a row has tokens
-        positions, _ = self.core.model.get_rope_index(input_ids, mm_token_type_ids=self._token_types(input_ids),
-                                                      video_grid_thw=video_grid_thw, attention_mask=attention_mask,
-                                                      second_per_grid_ts=second_per_grid_ts)
-        return positions
 
 
 class Qwen3VideoLM(HFVideoLM):
