@@ -90,6 +90,15 @@ class DecodeState:
     def advance(self, cache) -> None:
         self.cache, self.position = cache, self.position + 1
 
+    def step(self, lm, tokens: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """One token per row through `lm` (a transformers causal LM) on the cache: the next-token
+        logits [rows, vocab]; the state moves one position on. Each family gives its positions."""
+        name = cache_name(lm)
+        out = lm(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                 **{name: self.cache})
+        self.advance(getattr(out, name))
+        return out.logits[:, -1]
+
 
 @torch.no_grad()
 def sample_tokens(

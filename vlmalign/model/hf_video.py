@@ -602,13 +602,8 @@ class HFVideoLM(Policy):
         return out.logits[:, -1], DecodeState(getattr(out, cache_name(self.hf)), positions[0, :, -1] + 1)
 
     def decode(self, tokens, attention_mask, state: DecodeState) -> torch.Tensor:
-        name = cache_name(self.hf)
-        rows = tokens.shape[0]
-        out = self.hf(input_ids=tokens[:, None], attention_mask=attention_mask,
-                      position_ids=state.position.view(1, rows, 1).expand(3, rows, 1), use_cache=True,
-                      **{name: state.cache})
-        state.advance(getattr(out, name))
-        return out.logits[:, -1]
+        rows = tokens.shape[0]  # Qwen's 3D positions: text advances all three axes alike
+        return state.step(self.hf, tokens, attention_mask, state.position.view(1, rows, 1).expand(3, rows, 1))
 
     # --- saving -------------------------------------------------------------------------------
     def save_pretrained(self, path) -> None:
@@ -731,11 +726,7 @@ class LlavaOnevisionVideoLM(HFVideoLM):
         return out.logits[:, -1], DecodeState(getattr(out, cache_name(self.hf)), positions[:, -1] + 1)
 
     def decode(self, tokens, attention_mask, state: DecodeState) -> torch.Tensor:
-        name = cache_name(self.hf)
-        out = self.hf(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=state.position[:, None],
-                      use_cache=True, **{name: state.cache})
-        state.advance(getattr(out, name))
-        return out.logits[:, -1]
+        return state.step(self.hf, tokens, attention_mask, state.position[:, None])
 
 
 class LlavaNextVideoLM(LlavaOnevisionVideoLM):

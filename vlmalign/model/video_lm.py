@@ -94,11 +94,7 @@ class VideoLM(Policy):
         return out.logits[:, -1], DecodeState(getattr(out, cache_name(self.llm)), positions[:, -1] + 1)
 
     def decode(self, tokens, attention_mask, state: DecodeState) -> torch.Tensor:
-        name = cache_name(self.llm)
-        out = self.llm(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=state.position[:, None],
-                       use_cache=True, **{name: state.cache})
-        state.advance(getattr(out, name))
-        return out.logits[:, -1]
+        return state.step(self.llm, tokens, attention_mask, state.position[:, None])
 
     def adapted_module(self):
         return self.llm
