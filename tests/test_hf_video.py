@@ -60,6 +60,17 @@ def qwen25(tiny_bench, tmp_path_factory):
     return save_tiny(tiny_bench, tmp_path_factory.mktemp("qwen25"), "Qwen2_5_VLForConditionalGeneration")
 
 
+def write_oracle_pairs(tiny_bench, path) -> None:
+    """16 preference pairs: the oracle's reference answer against another question's answer."""
+    from vlmalign.feedback.oracle import Oracle
+
+    oracle = Oracle.from_dir(tiny_bench)
+    samples = read_instructions(tiny_bench / "sft_easy.json")[:16]
+    write_jsonl(path, [{"id": s.id, "video": s.video, "prompt": s.turns[0].text,
+                        "chosen": oracle.reference(s.video, s.turns[0].text.replace("<video>", "").strip()),
+                        "rejected": samples[(i + 7) % len(samples)].turns[1].text} for i, s in enumerate(samples)])
+
+
 def policy(path, **cfg) -> HFVideoLM:
     torch.manual_seed(0)
     return build_model(ModelConfig(**{"init_from": str(path), "num_frames": 4, "frame_size": frame_size(path),
@@ -280,7 +291,6 @@ def test_every_stage_runs_and_lora_dpo_learns_on_each_tiny_family(architecture, 
     """SFT, then LoRA DPO on oracle pairs (loss falls from log 2, margin rises), GRPO_rank and the
     synthetic evaluation, each through the same stage code as the VideoLM."""
     from vlmalign.eval.synthetic import evaluate_synthetic
-    from vlmalign.feedback.oracle import Oracle
     from vlmalign.train import dpo, grpo_rank, sft
 
     start = save_tiny(tiny_bench, tmp_path, architecture)
@@ -290,12 +300,7 @@ def test_every_stage_runs_and_lora_dpo_learns_on_each_tiny_family(architecture, 
         "curriculum.criterion=none", "train.max_steps=2", "train.batch_size=4"]))
     assert isinstance(load_model(sft_final), HFVideoLM)
 
-    oracle = Oracle.from_dir(tiny_bench)
-    samples = read_instructions(tiny_bench / "sft_easy.json")[:16]
-    rows = [{"id": s.id, "video": s.video, "prompt": s.turns[0].text,
-             "chosen": oracle.reference(s.video, s.turns[0].text.replace("<video>", "").strip()),
-             "rejected": samples[(i + 7) % len(samples)].turns[1].text} for i, s in enumerate(samples)]
-    write_jsonl(tmp_path / "pairs.jsonl", rows)
+    write_oracle_pairs(tiny_bench, tmp_path / "pairs.jsonl")
     dpo_dir = tmp_path / "dpo"
     dpo_final = dpo.run(load_config(DPOConfig, "configs/tiny/dpo.yaml", frames + [
         f"model.init_from={sft_final}", "model.lora.enabled=true", "model.lora.r=8", "model.lora.alpha=16",
@@ -597,15 +602,9 @@ def test_reward_model_and_ppo_train_a_tiny_qwen(qwen25, tiny_bench, tmp_path):
     from safetensors.torch import load_file
 
     from vlmalign.config import PPOConfig, RMConfig
-    from vlmalign.feedback.oracle import Oracle
     from vlmalign.train import ppo, rm
 
-    oracle = Oracle.from_dir(tiny_bench)
-    samples = read_instructions(tiny_bench / "sft_easy.json")[:16]
-    rows = [{"id": s.id, "video": s.video, "prompt": s.turns[0].text,
-             "chosen": oracle.reference(s.video, s.turns[0].text.replace("<video>", "").strip()),
-             "rejected": samples[(i + 7) % len(samples)].turns[1].text} for i, s in enumerate(samples)]
-    write_jsonl(tmp_path / "pairs.jsonl", rows)
+    write_oracle_pairs(tiny_bench, tmp_path / "pairs.jsonl")
     rm_dir = tmp_path / "rm"
     rm_final = rm.run(load_config(RMConfig, "configs/tiny/rm.yaml", FRAMES + [
         f"model.init_from={qwen25}", f"run.dir={rm_dir}", f"data.train=[{tmp_path / 'pairs.jsonl'}]", "rm.eval_fraction=0.0",
