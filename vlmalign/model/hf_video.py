@@ -572,34 +572,32 @@ class HFVideoLM(Policy):
                                                       **seconds)
         return positions
 
-    def forward(self, input_ids, attention_mask, pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
-                position_ids=None, **kwargs):
+    def _inputs(self, input_ids, attention_mask, pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None) -> dict:
+        """The transformers model's arguments for a batch, for its forward and its inner model alike."""
         if pixel_values_videos is not None:
             pixel_values_videos = pixel_values_videos.to(self.vision_tower.dtype)
-        if position_ids is None:
-            position_ids = self._positions(input_ids, attention_mask, video_grid_thw, second_per_grid_ts)
+        return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values_videos=pixel_values_videos,
+                    video_grid_thw=video_grid_thw, mm_token_type_ids=self._token_types(input_ids),
+                    position_ids=self._positions(input_ids, attention_mask, video_grid_thw, second_per_grid_ts))
+
+    def forward(self, input_ids, attention_mask, use_cache: bool = False, **visual):
         # a teacher-forced pass keeps no cache (prefill asks for one): none to build, and with
         # gradient checkpointing transformers would warn that it drops it
-        return self.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
-                       mm_token_type_ids=self._token_types(input_ids), **{"use_cache": False, **kwargs})
+        return self.hf(**self._inputs(input_ids, attention_mask, **visual), use_cache=use_cache)
 
-    def hidden_states(self, input_ids, attention_mask, pixel_values_videos=None, video_grid_thw=None,
-                      second_per_grid_ts=None) -> torch.Tensor:
+    def hidden_states(self, input_ids, attention_mask, **visual) -> torch.Tensor:
         # the inner model (LoRA layers sit inside it): no LM head, no [B, L, vocab] logits
-        if pixel_values_videos is not None:
-            pixel_values_videos = pixel_values_videos.to(self.vision_tower.dtype)
-        return self.core.model(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=self._positions(input_ids, attention_mask, video_grid_thw, second_per_grid_ts),
-                               pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
-                               mm_token_type_ids=self._token_types(input_ids), use_cache=False).last_hidden_state
+        return self.core.model(**self._inputs(input_ids, attention_mask, **visual), use_cache=False).last_hidden_state
 
     def prefill(self, input_ids, attention_mask, visual: dict) -> tuple[torch.Tensor, DecodeState]:
-        positions = self._positions(input_ids, attention_mask, visual.get("video_grid_thw"),
-                                    visual.get("second_per_grid_ts"))
-        out = self.forward(input_ids, attention_mask, **visual, position_ids=positions, use_cache=True)
+        inputs = self._inputs(input_ids, attention_mask, **visual)
+        out = self.hf(**inputs, use_cache=True)
         # the prompt ends in text (left padding): the answer's positions continue from its last one
-        return out.logits[:, -1], DecodeState(getattr(out, cache_name(self.hf)), positions[0, :, -1] + 1)
+        return out.logits[:, -1], DecodeState(getattr(out, cache_name(self.hf)), self._last_position(inputs["position_ids"]) + 1)
+
+    @staticmethod
+    def _last_position(position_ids: torch.Tensor) -> torch.Tensor:
+        return position_ids[0, :, -1]  # Qwen's 3D positions: after text the three axes are equal
 
     def decode(self, tokens, attention_mask, state: DecodeState) -> torch.Tensor:
         rows = tokens.shape[0]  # Qwen's 3D positions: text advances all three axes alike
@@ -708,22 +706,13 @@ class LlavaOnevisionVideoLM(HFVideoLM):
         features = torch.cat([f.reshape(-1, f.shape[-1]) for f in features])[None]
         return {"video": BaseModelOutputWithPooling(pooler_output=features)}
 
-    def forward(self, input_ids, attention_mask, pixel_values_videos=None, video_frames=None, position_ids=None, **kwargs):
-        if position_ids is None:
-            position_ids = left_positions(attention_mask)
-        return self.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       mm_encoder_outputs=self._encoded_videos(pixel_values_videos, video_frames),
-                       **{"use_cache": False, **kwargs})
+    def _inputs(self, input_ids, attention_mask, pixel_values_videos=None, video_frames=None) -> dict:
+        return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=left_positions(attention_mask),
+                    mm_encoder_outputs=self._encoded_videos(pixel_values_videos, video_frames))
 
-    def hidden_states(self, input_ids, attention_mask, pixel_values_videos=None, video_frames=None) -> torch.Tensor:
-        return self.core.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=left_positions(attention_mask),
-                               mm_encoder_outputs=self._encoded_videos(pixel_values_videos, video_frames),
-                               use_cache=False).last_hidden_state
-
-    def prefill(self, input_ids, attention_mask, visual: dict) -> tuple[torch.Tensor, DecodeState]:
-        positions = left_positions(attention_mask)
-        out = self.forward(input_ids, attention_mask, **visual, position_ids=positions, use_cache=True)
-        return out.logits[:, -1], DecodeState(getattr(out, cache_name(self.hf)), positions[:, -1] + 1)
+    @staticmethod
+    def _last_position(position_ids: torch.Tensor) -> torch.Tensor:
+        return position_ids[:, -1]
 
     def decode(self, tokens, attention_mask, state: DecodeState) -> torch.Tensor:
         return state.step(self.hf, tokens, attention_mask, state.position[:, None])
