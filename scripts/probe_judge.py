@@ -2,13 +2,15 @@
 
     python scripts/probe_judge.py --bench runs/replicate/bench --judge runs/replicate/sft/final
     python scripts/probe_judge.py --bench B --judge MODEL --questions B/sft_easy.json   # its training questions
+    python scripts/probe_judge.py --bench B --judge READER --backend likelihood --text-only  # the gym's reader judge
 
 Each question gets the oracle's reference answer and another video's reference answer to the same
 question, in random order (`vlmalign/feedback/judge_probe.py`); the judge picks one, once without
 context and once with the video's caption. The true answer is first in half the pairs, so a
 judge that follows the position scores 50%.
-The judge is an `hf` model (a saved vlmalign or llava-hf folder) asked with the bundled tiny-model
-prompts unless --prompts says otherwise; verdicts are cached in OUT/judge_cache.sqlite.
+The judge is a saved model folder (vlmalign or transformers), asked with the bundled tiny-model
+prompts unless --prompts says otherwise: `hf` generates a verdict, `likelihood` picks the answer it
+finds likelier (--text-only: without the video); verdicts are cached in OUT/judge_cache.sqlite.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def main() -> None:
     parser.add_argument("--judge", required=True, help="saved model folder that judges")
     parser.add_argument("--questions", help="question file (default: BENCH/qa_val.json)")
     parser.add_argument("--limit", type=int, default=200, help="questions read from the file")
+    parser.add_argument("--backend", choices=("hf", "likelihood"), default="hf", help="how the model judges")
+    parser.add_argument("--text-only", action="store_true", help="the judge does not see the video")
     parser.add_argument("--prompts", default=str(REPO / "configs" / "tiny" / "prompts"))
     parser.add_argument("--max-new-tokens", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0, help="which wrong answer and which order")
@@ -44,8 +48,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     questions = read_questions([str(question_file)], None, args.limit)
     pairs = true_vs_wrong_pairs(Oracle.from_dir(bench), questions, args.seed)
-    judge = build_judge(JudgeConfig(backend="hf", model=args.judge, max_new_tokens=args.max_new_tokens, prompts=args.prompts),
-                        out / "judge_cache.sqlite")
+    judge = build_judge(JudgeConfig(backend=args.backend, model=args.judge, max_new_tokens=args.max_new_tokens, prompts=args.prompts,
+                                    read_video=not args.text_only), out / "judge_cache.sqlite")
     captions = build_contexts(ContextConfig(kind="caption", captions=str(bench / "captions.json")), None, None,
                               [p.question for p in pairs])
     results = {"none": probe_judge(judge, pairs), "caption": probe_judge(judge, pairs, captions)}

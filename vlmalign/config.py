@@ -166,7 +166,9 @@ class JudgeConfig:
     # openai: any OpenAI-compatible endpoint.
     # random: the negative control, verdicts drawn at random (`seed`).
     # reward: a reward model trained by `train-rm` (`model`: its folder) scores and ranks by reward.
-    backend: Literal["oracle", "hf", "openai", "random", "reward"] = "oracle"
+    # likelihood: a local model (`model` as for hf) prefers the answer it finds likelier after the
+    # context and the question (a reader judge: `vlmalign gym` trains one on captions).
+    backend: Literal["oracle", "hf", "likelihood", "openai", "random", "reward"] = "oracle"
     model: str | None = None  # hf: model path; openai: the pinned model id; reward: the reward model folder
     bench: str | None = None  # oracle: the synthetic benchmark folder (metadata.jsonl)
     base_url: str | None = None  # openai: endpoint; None = the client's default
@@ -179,7 +181,8 @@ class JudgeConfig:
     backoff_base: float = 1.0  # seconds; doubled per retry, with jitter
     timeout: float = 60.0  # seconds per request
     batch_size: int = 8  # hf: prompts per generate call; reward: answers per forward pass
-    max_length: int = 2048  # reward: tokens of one answer's input, visual tokens included
+    max_length: int = 2048  # reward, likelihood: tokens of one answer's input, visual tokens included
+    read_video: bool = True  # hf, likelihood: show the judge model the video; false: it reads context and question only
     swap_check: bool = False  # compare: judge (A,B) and (B,A), keep consistent verdicts only
     explain: bool = False  # score: a short explanation, then "Score: N" (LLaVA-Hound's judge)
     prompts: str | None = None  # a user prompt YAML file or folder overriding the packaged ones

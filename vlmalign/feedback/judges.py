@@ -1,4 +1,4 @@
-"""Judges: one interface for AI feedback, four backends.
+"""Judges: one interface for AI feedback, several backends.
 
     judge = build_judge(cfg.judge, cache_path=run_dir / "judge_cache.sqlite")
     judge.compare([JudgeRequest(video, question, (answer_a, answer_b), context=narrative)])
@@ -33,7 +33,13 @@ Backends
   sees the video and the rendered prompt, answering greedily (`cfg.temperature` does not apply)
   in batches of `cfg.batch_size`, with dropout off while it judges. Its judge id carries a
   fingerprint of the weights, recomputed on every call, so a policy that has trained since never
-  reads verdicts of its former self from the cache.
+  reads verdicts of its former self from the cache. With `cfg.read_video` false it reads the
+  prompt without the video (a text-only model judging from the context).
+- `likelihood` (`LikelihoodJudge`): a local model (saved, or the policy) that writes nothing: it
+  scores each answer by the log-probability it gives the answer after judge.likelihood (context,
+  then question), and compares and ranks by that score. The gym's reader judge, a small model
+  trained on true answers after captions, judges this way.
+- `reward` (`RewardJudge`): a reward model trained by `train-rm` scores, compares and ranks by reward.
 
 - `random` (`RandomJudge`): the negative control of the gym; verdicts drawn at random (seeded by
   `cfg.seed` and the item), so whatever a method gains under it does not come from feedback.
@@ -494,9 +500,10 @@ class _PromptedJudge(Judge):
 
     def _task(self, kind: str, request: JudgeRequest) -> _Task:
         prompt = self.prompts[kind]
-        text = self._text(self._render(kind, request), request.video)
-        key = judgment_key(self.id, prompt.id, text, request.video, self._params())
-        return _Task(kind, prompt.id, text, request.video, key, len(request.answers))
+        video = request.video if self.cfg.read_video else None
+        text = self._text(self._render(kind, request), video)
+        key = judgment_key(self.id, prompt.id, text, video, self._params())
+        return _Task(kind, prompt.id, text, video, key, len(request.answers))
 
     def _complete_task(self, video, text: str, prompt_id: str) -> _Task:
         text = self._text(text, video)
@@ -726,6 +733,20 @@ class HFJudge(_PromptedJudge):
 # ------------------------------------------------------------------------------------- reward
 
 
+def _scored_judgment(judge_id: str, task: _Task, scores: list[float], what: str, model: str) -> CachedJudgment:
+    """The judgment of a backend that gives each answer a number (reward, log-probability): score:
+    the number; compare: the higher one (A on a tie); rank: by number, best first (ties by position).
+    The raw record lists the numbers."""
+    if task.kind == "score":
+        value = scores[0]
+    elif task.kind == "compare":
+        value = 0 if scores[0] >= scores[1] else 1
+    else:
+        value = sorted(range(task.n), key=lambda i: (-scores[i], i))
+    raw = f"{what}: " + ", ".join(f"{x:.6g}" for x in scores)
+    return CachedJudgment(judge_id, task.prompt, task.kind, raw, value, True, model)
+
+
 class RewardJudge(Judge):
     """A trained vlmalign reward model (`train-rm`) as the judge: Oracle-RLAIF's oracle. It sees the
     video and reads question and answer; it ignores any text context. score: the answer's reward (a
@@ -756,14 +777,82 @@ class RewardJudge(Judge):
             rewards = score_samples(self.model, collate, samples, size).tolist()
             for t in chunk:
                 own, rewards = rewards[: t.n], rewards[t.n :]
-                if t.kind == "score":
-                    value = own[0]
-                elif t.kind == "compare":
-                    value = 0 if own[0] >= own[1] else 1
-                else:
-                    value = sorted(range(t.n), key=lambda i: (-own[i], i))
-                raw = "rewards: " + ", ".join(f"{r:.6g}" for r in own)
-                finish(t, CachedJudgment(self.id, t.prompt, t.kind, raw, value, True, str(self.cfg.model)))
+                finish(t, _scored_judgment(self.id, t, own, "rewards", str(self.cfg.model)))
+
+
+# --------------------------------------------------------------------------------- likelihood
+
+
+def likelihood_prompt(question: str, context: str, prompts=None, video=None) -> tuple[str, str]:
+    """(prompt id, text) of judge.likelihood for one question: what the likelihood judge puts
+    before each answer, and what a judge trained for it (`gym.reader_records`) learns to answer."""
+    prompt = load_prompt("judge.likelihood", prompts)
+    text = prompt.render(context_block=context_block(context, prompts), question=_PLACEHOLDER.sub("", question))
+    return prompt.id, (_PLACEHOLDER.sub("", text) if video is None else text)
+
+
+class LikelihoodJudge(Judge):
+    """A local model judges by reading: each answer's score is the log-probability the model gives
+    it as its reply to judge.likelihood (the context, then the question), summed over the answer's
+    tokens. compare: the likelier answer (A on a tie); rank: answers by log-probability, best first
+    (ties by position); score: the log-probability itself (a real number, not 1-5). Nothing is
+    generated, so no reply can be unreadable; the raw record lists the log-probabilities.
+
+    A model trained on true answers after a caption or a narrative (`vlmalign gym`'s reader judge)
+    prefers the answer the context supports; without context it has only what it learnt of the
+    answers in general. With `cfg.read_video` false the video is not shown (a text-only judge)."""
+
+    backend = "likelihood"
+
+    def __init__(self, model, visual, cfg: JudgeConfig, cache: JudgmentCache, name: str | None = None, progress: bool = True):
+        self.model, self.visual = model, visual
+        self.name = name or cfg.model or "policy"
+        super().__init__(self._make_id(), cfg, cache, progress)
+
+    def _make_id(self) -> str:
+        return f"likelihood:{self.name}#{_weights_fingerprint(self.model)}"
+
+    def _begin(self) -> None:
+        self.id = self._make_id()
+
+    def _task(self, kind: str, request: JudgeRequest) -> _Task:
+        video = request.video if self.cfg.read_video else None
+        prompt_id, text = likelihood_prompt(request.question, request.context, self.cfg.prompts, video)
+        answers = [_PLACEHOLDER.sub("", a) for a in request.answers]
+        key = judgment_key(self.id, prompt_id, json.dumps([text, answers], ensure_ascii=False), video,
+                           {"max_length": self.cfg.max_length})
+        return _Task(kind, prompt_id, text, video, key, len(answers), dataclasses.replace(request, answers=tuple(answers)))
+
+    def _run(self, tasks: list[_Task], finish: Callable) -> None:
+        import torch
+
+        from vlmalign.data.collate import Collator, EncodedSample
+        from vlmalign.data.formats import Turn
+        from vlmalign.losses import sequence_logps
+
+        collate = Collator(self.model, self.visual)
+        size = max(1, self.cfg.batch_size)
+        was_training = self.model.training
+        self.model.eval()  # no dropout: the same answer always gets the same score
+        try:
+            for start in range(0, len(tasks), size):
+                chunk = tasks[start : start + size]
+                rows = []
+                for i, t in enumerate(chunk):
+                    layout = self.model.video_layout(t.video)
+                    for a in t.request.answers:
+                        enc = self.model.encode_conversation([Turn("user", t.text), Turn("assistant", a)], self.cfg.max_length,
+                                                             sample_id=f"likelihood judge {i}", layout=layout)
+                        rows.append(EncodedSample(str(i), enc.input_ids, enc.labels, t.video))
+                batch = collate(rows)
+                with torch.no_grad():
+                    logits = self.model(**self.model.model_inputs(batch, self.model.device)).logits
+                logps = sequence_logps(logits, batch["labels"].to(logits.device)).tolist()
+                for t in chunk:
+                    own, logps = logps[: t.n], logps[t.n :]
+                    finish(t, _scored_judgment(self.id, t, own, "log-probs", self.name))
+        finally:
+            self.model.train(was_training)
 
 
 # -------------------------------------------------------------------------------------- build
@@ -783,16 +872,17 @@ def build_judge(cfg: JudgeConfig, cache_path=None, model=None, visual=None, prog
         return OracleJudge(cfg.bench, cfg, cache, progress)
     if cfg.backend == "openai":
         return OpenAIJudge(cfg, cache, progress)
-    if cfg.backend == "hf":
+    if cfg.backend in ("hf", "likelihood"):
         if cfg.model and cfg.model != "policy":  # a saved judge of its own, even where a policy is at hand
             from vlmalign.model.policy import load_model
 
             model, visual = load_model(cfg.model), None
         elif model is None:
-            raise JudgeError("the hf judge needs judge.model (a saved model path), or the policy model passed in")
+            raise JudgeError(f"the {cfg.backend} judge needs judge.model (a saved model path), or the policy model passed in")
         if visual is None:
             visual = model.visual_inputs(None)
-        return HFJudge(model, visual, cfg, cache, progress=progress)
+        judge_class = HFJudge if cfg.backend == "hf" else LikelihoodJudge
+        return judge_class(model, visual, cfg, cache, progress=progress)
     if cfg.backend == "random":
         return RandomJudge(cfg, cache, progress)
     if cfg.backend == "reward":
@@ -803,4 +893,4 @@ def build_judge(cfg: JudgeConfig, cache_path=None, model=None, visual=None, prog
         reward_model = load_reward_model(cfg.model).to(model.device if model is not None else "cpu")
         cache_dir = visual.cache_dir.parent if visual is not None and visual.cache_dir is not None else None
         return RewardJudge(reward_model, reward_model.backbone.visual_inputs(cache_dir), cfg, cache, progress)
-    raise JudgeError(f"unknown judge backend {cfg.backend!r} (oracle, hf, openai, random, reward)")
+    raise JudgeError(f"unknown judge backend {cfg.backend!r} (oracle, hf, likelihood, openai, random, reward)")
