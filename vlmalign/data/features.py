@@ -20,10 +20,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-log = logging.getLogger(__name__)
-
 from vlmalign.model.vision import preprocess_frames
 from vlmalign.video import read_frames, read_video, video_info
+
+log = logging.getLogger(__name__)
 
 
 def _video_identity(video: str | list[str]) -> str:
