@@ -1,9 +1,14 @@
-"""Time to produce visual tokens for N short videos: cold (decode + CLIP) vs from the feature cache.
+"""Time to produce a video's visual input for N short videos: cold vs from the on-disk cache, for
+VideoLM's feature cache and an HF video model's pixel cache, side by side in one run.
 
-    python scripts/bench_feature_cache.py [--videos 32] [--frames 16] [--size 224] [--image-size 224]
+    python scripts/bench_feature_cache.py [--videos 32] [--frames 16] [--size 224] [--image-size 224] [--threads 1]
 
-Writes N test videos with PyAV, builds a random-initialised CLIP tower (ViT-B/16-like width by
-default, 4 layers so it runs on a laptop CPU), and prints both timings and their ratio in one run.
+Writes N test videos with PyAV. VideoLM: a random-initialised CLIP tower (ViT-B/16-like width by
+default, 4 layers so it runs on a laptop CPU); cold is decoding + the tower + pooling, cached is
+pooling the stored features. HF (a tiny random Qwen2.5-VL, `--hf` for another Qwen family): cold is
+decoding + resizing + cutting the frames into patches at `--image-size`, cached is reading those
+patches back; both then stack them as the collator does. Its tower runs in every training step
+either way, so it is not timed.
 """
 
 from __future__ import annotations
@@ -18,9 +23,26 @@ import numpy as np
 import torch
 
 from vlmalign.config import ModelConfig, VisionConfig
-from vlmalign.data.features import VisualInputs
+from vlmalign.model.hf_video import save_tiny_hf_video
 from vlmalign.model.policy import build_model
 from vlmalign.video import write_video
+
+
+def cold_and_cached(visual, videos: list[str], step) -> tuple[float, float]:
+    """Seconds for `step` over all videos twice: first computed (and written to the cache), then read back."""
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        with torch.no_grad():
+            for v in videos:
+                step(visual.get(v))
+        times.append(time.perf_counter() - start)
+    assert visual.misses == len(videos) and visual.hits == len(videos)
+    return times[0], times[1]
+
+
+def megabytes_per_video(folder: Path, videos: int) -> float:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors")) / videos / 2**20
 
 
 def main() -> None:
@@ -28,10 +50,13 @@ def main() -> None:
     ap.add_argument("--videos", type=int, default=32)
     ap.add_argument("--frames", type=int, default=16, help="frames sampled per video")
     ap.add_argument("--size", type=int, default=224, help="video width and height")
-    ap.add_argument("--image-size", type=int, default=224, help="CLIP input size")
+    ap.add_argument("--image-size", type=int, default=224, help="CLIP input size; the HF frame size (a multiple of 28)")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--width", type=int, default=768)
+    ap.add_argument("--hf", default="Qwen2_5_VLForConditionalGeneration", help="the HF family of the second row")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (pinned, for comparable runs)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="bench_fc_"))
     try:
@@ -51,23 +76,23 @@ def main() -> None:
         cfg.tokenizer.word_corpus = [str(work / "corpus.txt")]
         model = build_model(cfg).eval()
         visual = model.visual_inputs(str(work / "cache"))
+        video_lm = (*cold_and_cached(visual, videos, lambda features: model.visual_tokens(features.unsqueeze(0))),
+                    megabytes_per_video(visual.cache_dir, args.videos))
 
-        def tokens_for_all() -> float:
-            start = time.perf_counter()
-            with torch.no_grad():
-                for v in videos:
-                    model.visual_tokens(visual.get(v).unsqueeze(0))
-            return time.perf_counter() - start
+        checkpoint = save_tiny_hf_video(work / "hf", ["a", "video"], args.hf)
+        hf = build_model(ModelConfig(init_from=str(checkpoint), num_frames=args.frames,
+                                     frame_size=[args.image_size, args.image_size])).eval()
+        visual = hf.visual_inputs(str(work / "cache"))
+        hf_row = (*cold_and_cached(visual, videos, lambda inputs: hf.stack_visual([inputs])),  # the collator's copy
+                  megabytes_per_video(visual.cache_dir, args.videos))
 
-        cold = tokens_for_all()  # decode + CLIP, then written to the cache
-        cached = tokens_for_all()  # read back from the cache
-        assert visual.misses == args.videos and visual.hits == args.videos
-        print(f"{args.videos} videos x {args.frames} frames ({args.size}px -> CLIP {args.image_size}px, {args.layers}x{args.width}), "
-              f"torch threads {torch.get_num_threads()}")
-        print(f"{'':10}{'seconds':>10}{'per video':>12}")
-        print(f"{'cold':10}{cold:10.2f}{cold / args.videos * 1000:10.1f}ms")
-        print(f"{'cached':10}{cached:10.2f}{cached / args.videos * 1000:10.1f}ms")
-        print(f"speed-up (cold / cached): {cold / cached:.1f}x")
+        print(f"{args.videos} videos x {args.frames} frames ({args.size}px), torch threads {torch.get_num_threads()}")
+        print(f"{'':44}{'cold':>10}{'cached':>10}{'speed-up':>10}{'on disk':>12}")
+        rows = {f"VideoLM: CLIP {args.image_size}px features ({args.layers}x{args.width})": video_lm,
+                f"{hf.architecture.split('For')[0]}: {args.image_size}px patches": hf_row}
+        for name, (cold, cached, megabytes) in rows.items():
+            print(f"{name:44}{cold / args.videos * 1000:8.1f}ms{cached / args.videos * 1000:8.1f}ms"
+                  f"{cold / cached:9.1f}x{megabytes:8.1f} MiB")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -9,8 +9,8 @@ Every stage runs the loss functions and decoder the trainers use (vlmalign/losse
 vlmalign/model/generation.py) through the policy interface on random-initialised weights and random
 videos, so nothing is downloaded: for VideoLM random CLIP features (the frozen tower's output, as
 the feature cache would hand it over); for an HF family (`--families qwen2_5_vl`, a tiny random
-Qwen2.5-VL with the tiny config's LLM width and depth) random frames cut into its patches, whose
-vision tower then runs in every forward pass (it keeps no cache yet):
+Qwen2.5-VL with the tiny config's LLM width and depth) random frames cut into its patches (as the
+pixel cache would hand them over), whose vision tower then runs in every forward pass:
   sft        forward + backward + AdamW step on B prompt+answer rows
   dpo        the same on B chosen + B rejected rows, sigmoid DPO loss against fixed reference log-probs
   grpo_rank  G sampled answers per prompt (shared-prefix decoding, KV cache) for B prompts, then the

@@ -294,11 +294,14 @@ def test_every_stage_runs_and_lora_dpo_learns_on_each_tiny_family(architecture, 
     from vlmalign.train import dpo, grpo_rank, sft
 
     start = save_tiny(tiny_bench, tmp_path, architecture)
-    frames = FRAMES + ["model.frame_size=[{0},{0}]".format(frame_size(start)[0])]
+    # every stage reads the pixels SFT stored in the cache (the frame settings stay the same)
+    frames = FRAMES + ["model.frame_size=[{0},{0}]".format(frame_size(start)[0]), f"data.feature_cache={tmp_path / 'cache'}"]
     sft_final = sft.run(load_config(SFTConfig, "configs/tiny/sft.yaml", frames + [
         f"model.init_from={start}", f"run.dir={tmp_path / 'sft'}", f"data.train=[{tiny_bench}/sft_easy.json]",
         "curriculum.criterion=none", "train.max_steps=2", "train.batch_size=4"]))
     assert isinstance(load_model(sft_final), HFVideoLM)
+    videos = {s.video for s in read_instructions(tiny_bench / "sft_easy.json")}
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == len(videos)
 
     write_oracle_pairs(tiny_bench, tmp_path / "pairs.jsonl")
     dpo_dir = tmp_path / "dpo"
@@ -656,3 +659,78 @@ def test_gradient_checkpointing_keeps_the_gradients_and_the_projectors_train(che
     assert grads[0].keys() == grads[1].keys() and all(g is not None for g in grads[0].values())
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
+
+
+def same_inputs(a: dict, b: dict) -> bool:
+    """Equal visual inputs: every tensor bit for bit, and the layout."""
+    return a.keys() == b.keys() and a["layout"] == b["layout"] and all(
+        torch.equal(a[k], b[k]) for k in a if k != "layout")
+
+
+def test_the_pixel_cache_gives_the_computed_inputs_until_the_video_or_a_setting_changes(checkpoint, tiny_bench, tmp_path, caplog):
+    """With data.feature_cache an HF policy stores each video's tower input and layout once: read
+    back they equal a fresh computation bit for bit, and a second run's instance only hits. Other
+    frame settings, a touched or replaced video, and an unreadable entry miss (the entry is then
+    computed and written again) rather than give stale or broken inputs."""
+    import os
+
+    bench = [s.video for s in read_instructions(tiny_bench / "sft_easy.json")]
+    video, other = str(tmp_path / "video.mp4"), next(v for v in bench if v != bench[0])
+    shutil.copy(bench[0], video)
+    cache = str(tmp_path / "cache")
+    model = policy(checkpoint)
+    fresh = model.visual_inputs(None).get(video)
+
+    first = model.visual_inputs(cache)
+    first.precompute([video, video])
+    assert (first.hits, first.misses) == (0, 1) and same_inputs(first.get(video), fresh)
+    second = model.visual_inputs(cache)
+    assert same_inputs(second.get(video), fresh) and (second.hits, second.misses) == (1, 0)
+    assert second.cache_dir.parent == tmp_path / "cache"  # the reward judge's backbone reads the same folder
+
+    fewer = policy(checkpoint, num_frames=2)
+    fewer_inputs = fewer.visual_inputs(cache)
+    assert same_inputs(fewer_inputs.get(video), fewer.visual_inputs(None).get(video)) and fewer_inputs.misses == 1
+
+    later = os.stat(video).st_mtime_ns + 10**9
+    os.utime(video, ns=(later, later))
+    touched = model.visual_inputs(cache)
+    assert same_inputs(touched.get(video), fresh) and (touched.hits, touched.misses) == (0, 1)
+
+    shutil.copy(other, video)
+    model = policy(checkpoint)  # a new policy: a policy reads each video's layout once
+    replaced = model.visual_inputs(cache)
+    assert same_inputs(replaced.get(video), model.visual_inputs(None).get(other)) and replaced.misses == 1
+
+    entry = replaced.cache.path(video)
+    entry.write_bytes(entry.read_bytes()[:100])  # as a crash before the disk flushed it can leave it
+    broken = model.visual_inputs(cache)
+    with caplog.at_level("WARNING"):
+        assert same_inputs(broken.get(video), model.visual_inputs(None).get(other)) and broken.misses == 1
+    assert f"{entry}: unreadable cache entry" in caplog.text
+    rewritten = model.visual_inputs(cache)
+    rewritten.get(video)
+    assert rewritten.hits == 1 and not list(entry.parent.glob("*.tmp"))
+
+
+def test_writers_of_one_cache_entry_never_leave_half_of_it(tmp_path):
+    """Several writers of the same entry at once (processes or threads): each writes a file of its
+    own and renames it into place, so a reader finds a whole entry and no temporary file stays."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vlmalign.data.features import VideoCache
+
+    video = tmp_path / "video.mp4"
+    video.write_bytes(b"frames")
+    cache = VideoCache(tmp_path / "cache")
+    path = cache.path(str(video))
+    big = torch.arange(1_000_000, dtype=torch.float32)
+
+    def write(i):
+        cache.write(path, {"x": big + i})
+        tensors, _ = cache.read(path)
+        return bool(torch.equal(tensors["x"] - tensors["x"][0], big))
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(write, range(16)))
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [path.name]

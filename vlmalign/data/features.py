@@ -4,20 +4,26 @@ Decoding a video and running the vision tower dominate the cost of a small train
 identically every epoch and stage, so the features of a frozen tower are computed once and stored
 (safetensors) under a key of the video file (path, size, mtime), the frame count and sampling, and
 the tower's fingerprint (its pretrained name, or a hash of its weights when randomly initialised).
+`VideoCache` holds the storing, shared with the HF video models' pixel cache (`model/hf_video.py`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from vlmalign.model.vision import preprocess_frames
 from vlmalign.video import read_frames, read_video, video_info
+
+log = logging.getLogger(__name__)
 
 
 def _video_identity(video: str | list[str]) -> str:
@@ -31,6 +37,44 @@ def _video_identity(video: str | list[str]) -> str:
         except OSError:
             parts.append(p)  # missing: read_video reports it with a clear error
     return "|".join(parts)
+
+
+class VideoCache:
+    """A folder of safetensors files, one per video: named by a hash of the video's identity (each
+    file's path, size and mtime, so a touched or replaced video misses) and of `settings`, whatever
+    else decides the stored tensors. An entry is written to a temporary file and renamed into place,
+    so a reader, or another process writing the same entry, never sees half of one."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, video: str | list[str], settings: str = "") -> Path:
+        key = f"{_video_identity(video)}|{settings}" if settings else _video_identity(video)
+        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+
+    def read(self, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        """The entry's tensors and metadata; None when it is absent or unreadable. An unreadable one
+        is only logged, then computed and written again: it holds nothing that cannot be recomputed,
+        and a machine that crashed before flushing a renamed file can leave it truncated."""
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(path, framework="pt") as f:
+                return {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
+        except (SafetensorError, OSError) as exc:
+            log.warning("%s: unreadable cache entry (%s); computing it again", path, exc)
+            return None
+
+    def write(self, path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=path.stem, suffix=".tmp")  # unique per writer
+        os.close(fd)
+        try:
+            save_file({key: t.contiguous() for key, t in tensors.items()}, tmp, metadata)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
 
 
 def load_frames(video: str | list[str], num_frames: int, sampling: str) -> np.ndarray:
@@ -76,16 +120,13 @@ class VisualInputs:
         self.num_frames = model.cfg.num_frames
         self.sampling = model.cfg.frame_sampling
         self.use_features = model.cfg.vision.frozen
-        self.cache_dir = None
-        if cache_dir and self.use_features:
-            self.cache_dir = Path(cache_dir) / model.vision.fingerprint()
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.cache = VideoCache(Path(cache_dir) / model.vision.fingerprint()) if cache_dir and self.use_features else None
+        self.cache_dir = self.cache.folder if self.cache else None
         self.hits = 0
         self.misses = 0
 
     def _cache_path(self, video) -> Path:
-        key = f"{_video_identity(video)}|{self.num_frames}|{self.sampling}"
-        return self.cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+        return self.cache.path(video, f"{self.num_frames}|{self.sampling}")
 
     def pixels(self, video) -> torch.Tensor:
         return preprocess_frames(load_frames(video, self.num_frames, self.sampling), self.model.vision.image_size)
@@ -96,9 +137,9 @@ class VisualInputs:
         out: list[torch.Tensor | None] = [None] * len(videos)
         todo = []
         for i, video in enumerate(videos):
-            path = self._cache_path(video) if self.cache_dir else None
-            if path is not None and path.is_file():
-                out[i] = load_file(path)["features"]
+            entry = self.cache.read(self._cache_path(video)) if self.cache else None
+            if entry is not None:
+                out[i] = entry[0]["features"]
                 self.hits += 1
             else:
                 todo.append(i)
@@ -108,11 +149,8 @@ class VisualInputs:
             feats = self.model.video_features(pixels).cpu()
             for i, f in zip(todo, feats):
                 out[i] = f.contiguous()
-                if self.cache_dir:
-                    path = self._cache_path(videos[i])
-                    tmp = path.with_suffix(f".tmp{os.getpid()}")
-                    save_file({"features": out[i]}, tmp)
-                    os.replace(tmp, path)
+                if self.cache:
+                    self.cache.write(self._cache_path(videos[i]), {"features": out[i]})
         return out
 
     def batch(self, videos: list) -> list[torch.Tensor]:
@@ -131,7 +169,7 @@ class VisualInputs:
 
     def precompute(self, videos: list, batch_size: int = 8, progress: bool = True) -> None:
         """Fill the cache for `videos` (distinct ones, in batches) before training starts."""
-        if not self.cache_dir:
+        if not self.cache:
             return
         from tqdm.auto import tqdm
 

@@ -41,17 +41,21 @@ What the family does its own way, each in one place below:
                mergers; LLaVA-OneVision's projector and newline embedding; the others' projector) train
                when `train_projector` is true; QLoRA quantises the language model's layers alone to 4
                bits (vision towers, projectors and LM head stay full)
+    cache      with a cache folder (`data.feature_cache`) each video's tower input (the frames' pixels or
+               patches, Qwen's grid) and its layout are stored once (`HFVisualInputs`), keyed by the
+               video file and everything that decides them; the tower still runs in every step
 
 Saved layout (`save_pretrained`): model.json (family, config, base), tokenizer/, and hf/ (the whole
 transformers model) or adapter/ (+ trainable.safetensors: trained weights outside the adapter, such
 as the merger) over the recorded base (an HF checkpoint or another saved policy).
 
-Not yet here (issue 19): per-video pixel or token budgets; a feature or pixel cache.
+Not yet here (issue 19): per-video pixel or token budgets; a cache of a frozen tower's features.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from operator import attrgetter
@@ -62,6 +66,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlmalign.config import ModelConfig, QuantizationConfig, config_from_dict, to_dict
+from vlmalign.data.features import VideoCache, frame_count_and_rate, load_frames_at
 from vlmalign.data.formats import VIDEO_TOKEN, Turn
 from vlmalign.data.template import IGNORE_INDEX, Encoded
 from vlmalign.errors import ConfigError, DataError
@@ -75,6 +80,8 @@ SUPPORTED = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGenerat
 # LLaVA-1.5 checkpoints convert to our VideoLM (`model/llava.py`); everything else with a config.json
 # that is no plain causal LM is taken for an HF video model and checked here
 CONVERTED_TO_VIDEO_LM = ("LlavaForConditionalGeneration",)
+# bump when `QwenFrames` or `TowerFrames` compute other pixels, so that older pixel cache entries miss
+PIXEL_CACHE_VERSION = 1
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -118,6 +125,14 @@ class VideoLayout:
     def seconds_per_patch(self, temporal: int) -> float:
         """Seconds one temporal patch spans at the sampled rate (Qwen2.5-VL's second_per_grid_ts)."""
         return temporal / (len(self.indices) / self.total * self.fps)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "VideoLayout":
+        fields = json.loads(text)
+        return cls(tuple(fields["indices"]), fields["total"], fields["fps"])
 
     def clip(self, indices) -> "VideoLayout":
         """The layout of a clip read at `indices` (its frames stretched to the video's count): it spans
@@ -247,25 +262,44 @@ class TowerFrames:
 
 
 class HFVisualInputs:
-    """Per video: the vision tower's input and its layout (no cache yet: frames are decoded and the tower runs in
-    the step)."""
+    """Per video: the vision tower's input (the tensors `policy.frames` makes) and its layout. With a
+    cache folder (`data.feature_cache`) both are stored once per video (`data.features.VideoCache`)
+    under <folder>/<architecture>-pixels-<hash of the frame settings and the processor>/, so later
+    epochs, stages and runs read them back, bit for bit, instead of decoding and resizing the frames
+    again. The tower itself still runs in every forward pass (its features are not cached). Clips
+    (`clips`, VLM-RLAIF's narratives) are computed each time: Qwen pairs frames into temporal patches,
+    so a clip's patches are not a slice of the video's."""
 
     use_features = False
-    cache_dir = None
 
-    def __init__(self, policy: "HFVideoLM"):
+    def __init__(self, policy: "HFVideoLM", cache_dir: str | None = None):
         self.policy = policy
         self.hits = self.misses = 0
+        self.cache = self.cache_dir = None
+        if cache_dir:
+            # what decides the pixels besides the video; PIXEL_CACHE_VERSION: how `frames` computes them
+            settings = {**policy.frame_settings(), "frames": dataclasses.asdict(policy.frames), "version": PIXEL_CACHE_VERSION}
+            digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+            self.cache = VideoCache(Path(cache_dir) / f"{policy.architecture}-pixels-{digest}")
+            self.cache_dir = self.cache.folder
 
     def _read(self, video) -> tuple[np.ndarray, VideoLayout]:
-        from vlmalign.data.features import load_frames_at
-
         layout = self.policy.video_layout(video)
         return load_frames_at(video, list(layout.indices)), layout
 
     def get(self, video) -> dict:
+        path = self.cache.path(video) if self.cache else None
+        entry = self.cache.read(path) if path else None
+        if entry is not None:
+            self.hits += 1
+            tensors, metadata = entry
+            return {**tensors, "layout": VideoLayout.from_json(metadata["layout"])}
+        self.misses += 1
         frames, layout = self._read(video)
-        return {**self.policy.frames(frames), "layout": layout}
+        inputs = self.policy.frames(frames)
+        if path:
+            self.cache.write(path, inputs, {"layout": layout.to_json()})
+        return {**inputs, "layout": layout}
 
     def batch(self, videos: list) -> list[dict]:
         return [self.get(v) for v in videos]
@@ -281,12 +315,19 @@ class HFVisualInputs:
                 for f, i in zip(clip_inputs(frames, clips, max_clip_len), positions)]
 
     def precompute(self, videos: list, batch_size: int = 8, progress: bool = True) -> None:
-        """No cache to fill yet: read each video's layout (so a video without a frame rate fails
-        before training) and print how many frames and visual tokens the videos get."""
-        distinct = {v if isinstance(v, str) else tuple(v): v for v in videos}
-        layouts = [self.policy.video_layout(v) for v in distinct.values()]
+        """Read each distinct video's layout (so a video without a frame rate fails before training)
+        and print how many frames and visual tokens the videos get; then, with a cache folder, store
+        the inputs of those not in it yet (one at a time: there is no tower to batch, `batch_size`
+        serves VideoLM's)."""
+        from tqdm.auto import tqdm
+
+        distinct = list({v if isinstance(v, str) else tuple(v): v for v in videos}.values())
+        layouts = [self.policy.video_layout(v) for v in distinct]
         if layouts:
             print(self.policy.describe_layouts(layouts), flush=True)
+        missing = [v for v in distinct if self.cache and not self.cache.path(v).is_file()]
+        for video in tqdm(missing, desc="video pixels", disable=not progress or not missing, unit="video"):
+            self.get(video)
 
 
 # --- the policy ---------------------------------------------------------------------------------
@@ -387,8 +428,6 @@ class HFVideoLM(Policy):
             return None
         key = video if isinstance(video, str) else tuple(video)
         if key not in self._layouts:
-            from vlmalign.data.features import frame_count_and_rate
-
             total, fps = frame_count_and_rate(video)
             fps = fps or self.cfg.frame_folder_fps
             if fps is None and self.needs_frame_rate:  # transformers would assume 24 fps and misplace the frames
@@ -548,7 +587,7 @@ class HFVideoLM(Policy):
 
     # --- visual inputs and forward ----------------------------------------------------------------
     def visual_inputs(self, cache_dir) -> HFVisualInputs:
-        return HFVisualInputs(self)
+        return HFVisualInputs(self, cache_dir)
 
     def stack_visual(self, items: list[dict]) -> dict:
         return {"pixel_values_videos": torch.cat([it["pixel_values_videos"] for it in items]),
