@@ -137,3 +137,100 @@ def test_tau_curves_plot_every_rank_run_of_every_seed(tmp_path):
                 json.dumps({"step": s, "kendall_tau": s / 10, "loss": 0.1}) + "\n" for s in range(1, 6)))
     figure = plot_gym_tau(tmp_path, tmp_path / "gym_tau.png")
     assert figure.is_file() and figure.stat().st_size > 1000
+
+
+# --- the reader judge --------------------------------------------------------------------------------
+
+
+def test_reader_records_hold_the_true_answer_after_each_context_as_the_judge_asks(tmp_path):
+    """The reader learns p(true answer | context, question) from the train split only, in exactly the
+    text the likelihood judge puts before the answers it scores."""
+    from vlmalign.data.synthetic import Misalignment, generate_benchmark
+    from vlmalign.feedback.judges import likelihood_prompt
+    from vlmalign.gym import CONFIGS, READER_CONTEXTS, reader_records
+
+    bench = tmp_path / "bench"
+    generate_benchmark(bench, num_videos=12, seed=0, misalignment=Misalignment(0.75, 0.5), progress=False, workers=0)
+    records = json.loads(reader_records(bench, tmp_path / "reader.json").read_text())
+    oracle = Oracle.from_dir(bench)
+    clean = json.loads((bench / "sft_clean_easy.json").read_text())
+    hard = json.loads((bench / "sft_clean_hard.json").read_text())
+    captions = json.loads((bench / "captions.json").read_text())
+    # four contexts per short question; descriptions are not read before the describe question
+    assert len(records) == len(READER_CONTEXTS) * len(clean) + (len(READER_CONTEXTS) - 1) * len(hard)
+    assert {r["id"] for r in records if r["question_type"] == "describe"} == {
+        f"{h['id']}_{kind}" for h in hard for kind in ("caption", "clip_captions", "none")}
+    by_id = {r["id"]: r for r in records}
+    injected, wordings = 0, {}
+    for item in clean:
+        vid = item["id"].rsplit("_q", 1)[0]
+        video = item["video"].split("/")[-1]
+        assert oracle.metadata(video)["split"] == "train"
+        question = item["conversations"][0]["value"]
+        parsed = syn.parse_question(question)
+        true = syn.true_value(oracle.metadata(video), parsed)
+        replies = [by_id[f"{item['id']}_{k.replace(' ', '_')}"]["conversations"][1]["value"] for k in READER_CONTEXTS]
+        # every reply states the true value, in one of the benchmark's wordings of it, drawn per record
+        assert all(oracle.verdict(video, question, a).correct and a in syn.short_answers(parsed.qtype, true) for a in replies)
+        wordings.setdefault(parsed.qtype, set()).update(replies)
+        caption = by_id[f"{item['id']}_caption"]["conversations"][0]["value"]
+        assert caption == likelihood_prompt(question, captions[vid]["caption"], CONFIGS / "prompts")[1]
+        assert "<video>" not in caption and captions[vid]["caption"] in caption
+        none = by_id[f"{item['id']}_none"]["conversations"][0]["value"]
+        assert none == question.replace("<video>\n", "") and "Notes" not in none
+        clips = by_id[f"{item['id']}_clip_captions"]["conversations"][0]["value"]
+        assert all(c in clips for c in captions[vid]["clip_captions"]["3"])
+        injected += not oracle.verdict(video, question, next(r for r in json.loads((bench / "sft_easy.json").read_text())
+                                                                if r["id"] == item["id"])["conversations"][1]["value"]).correct
+    assert all(len(w) > 2 for w in wordings.values())  # not one wording per type
+    assert injected > 0  # the reader reads true answers where the policy's SFT data holds the prior
+
+
+def test_table_reports_the_reader_probe_and_the_judged_runs_feedback():
+    row = {"colour": 0.5, "count": 0.5, "direction": 0.3, "shape": 0.3, "all": 0.4, "truth = prior": 0.4, "truth != prior": 0.2}
+    probe = lambda none, caption: {"none": {"accuracy": none, "n": 100},  # noqa: E731
+                                   "caption": {"accuracy": caption, "n": 100, "by_type": {"colour": caption, "count": 1.0}}}
+    runs = [{"seed": 0, "ceiling": row, "start": row, "reader_probe": probe(0.5, 0.9), "minutes": 1.0,
+             "isr_dpo": {**row, "iterations": [{"agreement": 0.8, "pairs": 10, "length_ratio": 1.0},
+                                               {"agreement": 0.7, "pairs": 9, "length_ratio": 1.2}]}},
+            {"seed": 1, "ceiling": row, "start": row, "reader_probe": probe(0.52, 0.94), "minutes": 1.0,
+             "isr_dpo": {**row, "iterations": [{"agreement": 0.9, "pairs": 10, "length_ratio": 0.8},
+                                               {"agreement": 0.7, "pairs": 9, "length_ratio": 1.2}]}}]
+    manifest = {"misalignment": {"prior_rate": 0.75, "invent_rate": 0.5, "altered_sft_answers": {}, "sft_answers": {}},
+                "files": {"qa_test.json": {"records": 10}}}
+    text = format_gym(runs, manifest, GymBudget(methods=("isr_dpo",)), "vlmalign gym")
+    assert "(100 pairs), by what it read: none 51.0 ± 1.4%; caption 92.0 ± 2.8% (colour 92 ± 3, count 100 ± 0)." in text
+    assert ("ISR-DPO (reader judge, retrospective context): judge agreement with the oracle on the pairs it judged, "
+            "chosen/rejected length ratio: iteration 1: agreement 85.0 ± 7.1%, length ratio 0.90 ± 0.14; "
+            "iteration 2: agreement 70.0 ± 0.0%, length ratio 1.20 ± 0.00.") in text
+
+
+@pytest.mark.e2e
+def test_judged_methods_run_with_their_twins_and_controls_from_one_command(tmp_path, one_thread):
+    """`vlmalign gym --methods isr_dpo,vlm_rlaif` at toy sizes: the reader judge is trained and
+    probed, each judged method runs with its context-free twin and its control, and the table says
+    what the judge read and how often it agreed with the oracle. (Whether they learn is the full
+    gym's question: docs/results.md.)"""
+    from vlmalign.gym import run_gym
+
+    toy = GymBudget(videos=40, splits=(0.6, 0.1, 0.3), max_objects=1, sft_epochs=1, sft_batch_size=8, reader_epochs=1,
+                    dpo_questions=12, dpo_epochs=2, isr_iterations=2, rm_questions=12, ppo_rollouts=1, eval_limit=12,
+                    methods=("isr_dpo", "vlm_rlaif"))
+    (run,) = run_gym(tmp_path / "gym", toy, seeds=(0,), command="vlmalign gym --methods isr_dpo,vlm_rlaif")
+    for name in ("isr_dpo", "isr_dpo-none", "isr_dpo-control", "vlm_rlaif", "vlm_rlaif-none", "vlm_rlaif-control"):
+        assert "failed" not in run[name] and 0 <= run[name]["all"] <= 1, (name, run[name])
+    assert set(run["reader_probe"]) == {"none", "caption", "narrative"} and run["reader_probe"]["caption"]["n"] > 0
+    assert len(run["isr_dpo"]["iterations"]) == 2 and len(run["vlm_rlaif"]["iterations"]) == 1
+    seed_dir = tmp_path / "gym" / "seed-0"
+    # the judged runs were judged by the reader, by likelihood, without the video; the control by chance
+    for run_dir, backend in (("isr_dpo/iter-01", "likelihood"), ("vlm_rlaif/prefs", "likelihood"),
+                             ("isr_dpo-control/iter-01", "random")):
+        stats = json.loads((seed_dir / run_dir / "stats.json").read_text())
+        assert stats["judge"].startswith(backend), stats["judge"]
+    contexts = json.loads((seed_dir / "isr_dpo" / "iter-02" / "contexts.json").read_text())
+    assert contexts["settings"]["mode"] == "retrospective" and contexts["contexts"]
+    text = (tmp_path / "gym" / "gym.md").read_text()
+    for label in ("ISR-DPO (reader judge, retrospective context)", "twin: ISR-DPO, reader judge without context",
+                  "control: ISR-DPO on random verdicts", "VLM-RLAIF: RM + PPO (reader judge, 3-clip narrative)",
+                  "Reader judge (likelihood, text only)"):
+        assert label in text

@@ -21,6 +21,18 @@ Per seed, from one benchmark:
   controls  the same run with the feedback destroyed, same budget: grpo on random scores, both grpo_rank
             on random rankings (the `random` judge: verdicts unrelated to truth); dpo and ppo on
             swapped pairs (the feedback reversed: these must lose, and check its direction)
+  reader    the AI-feedback provider of the judged methods: a small model of the policy's size, trained
+            apart on text only (the train split's true answers after the video's caption, its clip
+            captions, its true description or no context; `reader_records`), that judges by likelihood
+            (`judge.backend: likelihood`): the answer it finds likelier after the context wins. The
+            SFT model itself stays at chance as a judge (docs/results.md), so the papers' self-judge is
+            replaced by this separately trained judge; it reads contexts the start model writes.
+            Its probe (true vs wrong answer on held-out questions) is reported per context.
+  judged    methods fed by the reader instead of the oracle, each with its context-free twin:
+            isr_dpo    ISR-DPO: the start's own pairs judged with its retrospective context, DPO,
+                       iterated; twin: no context; control: the random judge
+            vlm_rlaif  VLM-RLAIF: the start's pairs judged with its 3-clip narrative, a reward model on
+                       them, PPO; twin: no context; control: the narrative-judged pairs swapped
 
 Everything is evaluated on the held-out QA file (greedy, oracle-judged), also split by whether the
 truth equals the question's prior (a method that merely learns to avoid the prior loses there).
@@ -40,7 +52,8 @@ from vlmalign.config import DPOConfig, GRPOConfig, PPOConfig, RMConfig, SFTConfi
 from vlmalign.errors import VlmalignError
 from vlmalign.pipeline import CONFIGS, Budget, Pipeline, _sets, mean_std
 
-METHODS = ("dpo", "grpo", "grpo_rank", "grpo_rank_monotone", "ppo")
+METHODS = ("dpo", "grpo", "grpo_rank", "grpo_rank_monotone", "ppo", "isr_dpo", "vlm_rlaif")
+JUDGED = ("isr_dpo", "vlm_rlaif")  # fed by the reader judge, not the oracle
 QTYPES = ("colour", "count", "direction", "shape")
 
 
@@ -77,6 +90,11 @@ class GymBudget:
     # reward model trains on its pairs with configs/tiny/rm.yaml's own settings.
     ppo_rollouts: int = 150
     ppo_lr: float = 3e-4
+    # The reader judge: a fresh model of the policy's size, SFT on text only (4 contexts per training
+    # question). Declared before it was run: the SFT models' own batch and lr, 8 epochs.
+    reader_epochs: int = 8
+    # ISR-DPO takes DPO's budget (questions, lr, 8 epochs in all), split over its iterations.
+    isr_iterations: int = 2
     eval_limit: int | None = None
     methods: tuple[str, ...] = METHODS
     bench_seed: int = 0
@@ -114,18 +132,19 @@ class Gym:
         if budget.family != "video_lm":
             self.common.update(HF_FRAMES, model__frame_size=HF_FRAME_SIZE.get(budget.family, HF_FRAMES["model__frame_size"]))
 
-    def initial_model(self) -> dict:
+    def initial_model(self, path: Path | None = None, seed: int | None = None) -> dict:
         """Where SFT starts: a fresh VideoLM from configs/tiny, or a tiny random HF video model saved
-        (once per seed, seeded) in SEED_DIR/tiny-init and loaded like a hub checkpoint."""
+        (once, seeded: by default the seed's, in SEED_DIR/tiny-init) and loaded like a hub checkpoint."""
         if self.budget.family == "video_lm":
             return {}
         from vlmalign.model.hf_video import save_tiny_hf_video
         from vlmalign.model.tokenizer import corpus_words
 
-        path = self.out / "tiny-init"
+        path = path or self.out / "tiny-init"
         if not (path / "config.json").is_file():
             words = corpus_words([self.bench / f for f in ("sft_mix.json", "judge_train.json", "captions.json")])
-            save_tiny_hf_video(path, words, HF_FAMILIES[self.budget.family], hidden=128, layers=2, seed=self.seed)
+            save_tiny_hf_video(path, words, HF_FAMILIES[self.budget.family], hidden=128, layers=2,
+                               seed=self.seed if seed is None else seed)
         return {"model__init_from": path}
 
     # --- models ------------------------------------------------------------------------------------
@@ -166,26 +185,98 @@ class Gym:
             train__seed=self.seed,
             eval_qa="null", **judge, **self.common)))
 
-    def ppo(self, start: Path, control: bool) -> Path:
+    def ppo(self, start: Path, control: bool, name: str = "ppo", feedback: dict | None = None) -> Path:
+        """RM + PPO: 2 samples per question judged pairwise (by the oracle, or as `feedback` says:
+        judge and context settings of make-prefs), a reward model on the pairs (swapped for the
+        control), PPO against it. The pairs live in NAME/prefs, the runs in NAME[-control]/."""
         from vlmalign.feedback import preferences
         from vlmalign.train import ppo, rm
 
-        prefs_dir = self.out / "ppo" / "prefs"
+        prefs_dir = self.out / name / "prefs"
         if not (prefs_dir / "stats.json").is_file():
             preferences.run(self.pipe.prefs_config(
-                prefs_dir, start, preferences__method="pairwise", sampling__num_samples=2, context__kind="none",
-                preferences__limit=self.budget.rm_questions))
-        name = "ppo-control" if control else "ppo"
+                prefs_dir, start, preferences__method="pairwise", sampling__num_samples=2,
+                preferences__limit=self.budget.rm_questions, **(feedback or {"context__kind": "none"})))
+        run_name = name + ("-control" if control else "")
         pairs = prefs_dir / "preferences.jsonl"
         if control:
-            pairs = preferences.swap_preferences(pairs, self.out / name / "swapped.jsonl")
+            pairs = preferences.swap_preferences(pairs, self.out / run_name / "swapped.jsonl")
         rm_final = rm.run(load_config(RMConfig, CONFIGS / "rm.yaml", _sets(
-            run__dir=self.out / name / "rm", model__init_from=start, train__seed=self.seed,
+            run__dir=self.out / run_name / "rm", model__init_from=start, train__seed=self.seed,
             data__train=f"[{pairs}]", **self.common)))
         return ppo.run(load_config(PPOConfig, CONFIGS / "ppo.yaml", _sets(
-            run__dir=self.out / name / "ppo", model__init_from=start, reward_model=rm_final, eval_qa="null",
+            run__dir=self.out / run_name / "ppo", model__init_from=start, reward_model=rm_final, eval_qa="null",
             data__train=f"[{self.bench}/sft_easy.json]", train__max_steps=self.budget.ppo_rollouts,
             train__lr=self.budget.ppo_lr, train__seed=self.seed, **self.common)))
+
+    # --- the reader judge and the methods it feeds ---------------------------------------------------
+    def reader(self) -> Path:
+        """The reader judge: a fresh model of the policy's size, SFT on `reader_records` (text only).
+        Like an external judge it is one model for every seed (GYM/reader, seeded by the benchmark's
+        seed); the seeds vary the policies it judges."""
+        from vlmalign.train import sft
+
+        root = self.out.parent
+        records = reader_records(self.bench, root / "reader-data" / "records.json")
+        return sft.run(load_config(SFTConfig, CONFIGS / "sft.yaml", _sets(
+            run__dir=root / "reader", curriculum__criterion="none", train__epochs=self.budget.reader_epochs,
+            train__batch_size=self.budget.sft_batch_size, train__seed=self.budget.bench_seed, data__train=f"[{records}]",
+            data__max_length=512, **self.initial_model(root / "reader-init", self.budget.bench_seed), **self.common)))
+
+    def reader_judge(self, reader: Path, prefix: str = "") -> dict:
+        """Judge settings (with a config-key `prefix`) that make the reader judge by likelihood."""
+        return {f"{prefix}judge__backend": "likelihood", f"{prefix}judge__model": reader,
+                f"{prefix}judge__read_video": "false", f"{prefix}judge__prompts": CONFIGS / "prompts",
+                f"{prefix}judge__batch_size": 32}
+
+    def probe_reader(self, reader: Path, start: Path) -> dict:
+        """The reader's accuracy on a true and a wrong answer to each held-out test question, with no
+        context, the video's caption, and the start model's 3-clip narrative."""
+        from vlmalign.config import ContextConfig, JudgeConfig
+        from vlmalign.data import synthetic as syn
+        from vlmalign.feedback.judge_probe import probe_judge, true_vs_wrong_pairs
+        from vlmalign.feedback.judges import build_judge
+        from vlmalign.feedback.oracle import Oracle
+        from vlmalign.feedback.preferences import build_contexts, read_questions
+        from vlmalign.model.policy import load_model
+
+        out = self.out / "reader-probe"
+        if (out / "probe.json").is_file():
+            return json.loads((out / "probe.json").read_text())
+        out.mkdir(parents=True, exist_ok=True)
+        questions = read_questions([str(self.bench / "qa_test.json")], None, None)
+        pairs = true_vs_wrong_pairs(Oracle.from_dir(self.bench), questions, self.seed)
+        asked = [p.question for p in pairs]
+        judge = build_judge(JudgeConfig(backend="likelihood", model=str(reader), read_video=False, prompts=str(CONFIGS / "prompts")),
+                            out / "judge_cache.sqlite", progress=False)
+        model = load_model(start).eval()
+        contexts = {
+            "none": {},
+            "caption": build_contexts(ContextConfig(kind="caption", captions=str(self.bench / "captions.json")), None, None, asked),
+            "narrative": build_contexts(ContextConfig(kind="narrative", clips=3, max_new_tokens=64), model,
+                                        model.visual_inputs(self.pipe.feature_cache), asked, prompts_path=CONFIGS / "prompts"),
+        }
+        by_type = {t: [p for p in pairs if syn.parse_question(p.question.question).qtype == t] for t in QTYPES}
+        result = {}
+        for name, ctx in contexts.items():
+            result[name] = probe_judge(judge, pairs, ctx)  # each pair judged once: the split below reads the cache
+            result[name]["by_type"] = {t: probe_judge(judge, typed, ctx)["accuracy"] for t, typed in by_type.items() if typed}
+        (out / "probe.json").write_text(json.dumps(result, indent=2))
+        return result
+
+    def isr_dpo(self, start: Path, name: str, mode: str, judge: dict) -> Path:
+        """ISR-DPO from the start: each iteration the policy answers DPO's number of questions twice
+        (every describe question, whose long answers test the paper's length claim, then short ones),
+        writes its `mode` context per video, the judge picks from each pair, DPO trains the next policy."""
+        from vlmalign.train import dpo
+
+        return dpo.run(load_config(DPOConfig, CONFIGS / "isr_dpo.yaml", _sets(
+            run__dir=self.out / name, model__init_from=start, loop__iterations=self.budget.isr_iterations,
+            loop__questions=f"[{self.bench}/sft_hard.json,{self.bench}/sft_easy.json]", loop__limit=self.budget.dpo_questions,
+            loop__sampling__max_new_tokens=64,
+            loop__context_mode=mode, loop__preferences__oracle=self.bench, loop__eval_qa="null",
+            train__seed=self.seed, train__epochs=max(1, self.budget.dpo_epochs // self.budget.isr_iterations),
+            train__lr=self.budget.dpo_lr, dpo__sft_weight=self.budget.dpo_sft_weight, **judge, **self.common)))
 
     # --- measurements ------------------------------------------------------------------------------
     def evaluate(self, model_dir: Path) -> dict:
@@ -217,6 +308,59 @@ class Gym:
             hits.append([oracle.verdict(q.video, q.question, a["text"]).correct for a in row["answers"]])
         return {"k": len(hits[0]), "pass_at_k": sum(any(h) for h in hits) / len(hits),
                 "correct_share": sum(sum(h) for h in hits) / sum(len(h) for h in hits), "questions": len(hits)}
+
+
+READER_CONTEXTS = ("caption", "clip captions", "description", "none")
+
+
+def reader_records(bench: Path, out: Path) -> Path:
+    """The reader judge's training data, text only (LLaVA format, no video), from the train split's
+    true answers: each short question (`sft_clean_easy.json`) after each of four contexts (the
+    video's detailed caption, its 3 clip captions, its true plain description, none), and each
+    describe question with the true description (`sft_clean_hard.json`) after the caption, the clip
+    captions or none. A short answer's wording is drawn afresh for every record from all the
+    benchmark's wordings of the true value: with one wording per question the reader learnt which
+    wording each video's questions had (from the caption) instead of the value, and scored "Two."
+    below "One." after a caption saying "two objects". Each prompt is rendered with judge.likelihood,
+    the prompt the likelihood judge puts before the answers it scores. Written once; returns the file."""
+    import numpy as np
+
+    from vlmalign.data import synthetic as syn
+    from vlmalign.feedback.judges import likelihood_prompt
+    from vlmalign.feedback.oracle import Oracle
+
+    if out.is_file():
+        return out
+    for name in ("sft_clean_easy.json", "sft_clean_hard.json", "captions.json"):
+        if not (bench / name).is_file():
+            raise VlmalignError(f"{bench / name}: missing; the reader judge trains on a benchmark with a declared misalignment")
+    oracle = Oracle.from_dir(bench)
+    captions = json.loads((bench / "captions.json").read_text())
+    hard = json.loads((bench / "sft_clean_hard.json").read_text())
+    describe = {r["id"].rsplit("_q", 1)[0]: r["conversations"][1]["value"] for r in hard}
+    rng = np.random.default_rng(0)
+    records = []
+    for r in json.loads((bench / "sft_clean_easy.json").read_text()) + hard:
+        vid = r["id"].rsplit("_q", 1)[0]
+        question, answer = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        contexts = dict(zip(READER_CONTEXTS, (captions[vid]["caption"], " ".join(captions[vid]["clip_captions"]["3"]),
+                                              describe[vid], "")))
+        wordings = [answer]
+        if r.get("question_type") == "describe":
+            contexts.pop("description")  # the answer itself
+        else:
+            parsed = syn.parse_question(question)
+            wordings = syn.short_answers(parsed.qtype, syn.true_value(oracle.metadata(Path(r["video"]).name), parsed))
+        for kind, context in contexts.items():
+            _, text = likelihood_prompt(question, context, CONFIGS / "prompts")
+            reply = wordings[int(rng.integers(len(wordings)))]
+            records.append({"id": f"{r['id']}_{kind.replace(' ', '_')}", "question_type": r.get("question_type"),
+                            "conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": reply}]})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(records, ensure_ascii=False))
+    tmp.replace(out)
+    return out
 
 
 def prior_split(bench: Path, eval_dir: Path) -> dict:
@@ -255,7 +399,15 @@ ROWS = {  # result key -> table label
     "grpo_rank_monotone": "GRPO_rank, monotone advantage (oracle ranks)",
     "grpo_rank_monotone-control": "  control: monotone GRPO_rank on random ranks",
     "ppo": "RM + PPO (oracle pairs)", "ppo-control": "  control: RM + PPO on swapped pairs",
+    "isr_dpo": "ISR-DPO (reader judge, retrospective context)",
+    "isr_dpo-none": "  twin: ISR-DPO, reader judge without context",
+    "isr_dpo-control": "  control: ISR-DPO on random verdicts",
+    "vlm_rlaif": "VLM-RLAIF: RM + PPO (reader judge, 3-clip narrative)",
+    "vlm_rlaif-none": "  twin: RM + PPO, reader judge without context",
+    "vlm_rlaif-control": "  control: RM + PPO on the narrative-judged pairs swapped",
 }
+# Each method's runs: the method, its context-free twin (judged methods), its negative control.
+VARIANTS = {m: ("", "-none", "-control") if m in JUDGED else ("", "-control") for m in METHODS}
 
 
 def run_seed(out: Path, budget: GymBudget, seed: int, bench: Path, feature_cache: Path, progress: bool) -> dict:
@@ -267,26 +419,60 @@ def run_seed(out: Path, budget: GymBudget, seed: int, bench: Path, feature_cache
     print(f"[gym seed {seed}] start: SFT on the injected answers", flush=True)
     start = gym.sft("start", ["sft_easy.json", "sft_hard.json"])
     results["start"] = gym.evaluate(start)
+    reader = None
+    if any(m in JUDGED for m in budget.methods):
+        print(f"[gym seed {seed}] reader judge: SFT on text (contexts, questions, true answers)", flush=True)
+        reader = gym.reader()
+        results["reader_probe"] = gym.probe_reader(reader, start)
     for method in budget.methods:
-        for control in (False, True):
-            name = method + ("-control" if control else "")
+        for variant in VARIANTS[method]:
+            name = method + variant
             print(f"[gym seed {seed}] {name}", flush=True)
             try:
-                if method == "dpo":
-                    final = gym.dpo(start, control)
-                elif method == "ppo":
-                    final = gym.ppo(start, control)
-                else:
-                    final = gym.grpo(start, method, control)
-                results[name] = gym.evaluate(final)
+                results[name] = gym.evaluate(_run_method(gym, start, reader, method, variant))
                 if method.startswith("grpo_rank"):
-                    results[name].update(tau_over_training(final.parent / "metrics.jsonl"))
+                    results[name].update(tau_over_training(gym.out / name / "metrics.jsonl"))
+                results[name].update(feedback_stats(gym.out, method, variant))
             except VlmalignError as e:  # e.g. no preference pairs: say so in the table, run the others
                 print(f"[gym seed {seed}] {name} failed: {e}", flush=True)
                 results[name] = {"failed": str(e)}
     results["start_samples"] = gym.start_samples()
     results["minutes"] = round((time.time() - start_time) / 60, 1)
     return results
+
+
+def _run_method(gym: Gym, start: Path, reader: Path | None, method: str, variant: str) -> Path:
+    """The final model of one run: `variant` "" (the method), "-none" (its context-free twin) or
+    "-control" (the feedback destroyed)."""
+    control = variant == "-control"
+    if method == "dpo":
+        return gym.dpo(start, control)
+    if method == "ppo":
+        return gym.ppo(start, control)
+    if method == "isr_dpo":
+        judge = ({"loop__judge__backend": "random", "loop__judge__seed": gym.seed} if control
+                 else gym.reader_judge(reader, "loop__"))
+        return gym.isr_dpo(start, method + variant, "none" if variant == "-none" else "retrospective", judge)
+    if method == "vlm_rlaif":
+        context = {"context__kind": "none"} if variant == "-none" else {
+            "context__kind": "narrative", "context__clips": 3, "context__max_new_tokens": 64}
+        name = "vlm_rlaif-none" if variant == "-none" else "vlm_rlaif"
+        return gym.ppo(start, control, name, {**gym.reader_judge(reader), "judge__prompts": CONFIGS / "prompts", **context})
+    return gym.grpo(start, method, control)
+
+
+def feedback_stats(seed_dir: Path, method: str, variant: str) -> dict:
+    """What the feedback of a judged run was: the judge's agreement with the oracle on the pairs it
+    judged (ISR-DPO: per iteration) and the chosen/rejected length ratio."""
+    if method == "isr_dpo":
+        summary = json.loads((seed_dir / (method + variant) / "summary.json").read_text())
+        return {"iterations": [{"agreement": s.get("oracle_agreement", {}).get("agreement"), "pairs": s["pairs"],
+                                "length_ratio": s["length_ratio"]} for s in summary]}
+    if method == "vlm_rlaif" and variant != "-control":
+        stats = json.loads((seed_dir / (method + variant) / "prefs" / "stats.json").read_text())
+        return {"iterations": [{"agreement": stats.get("oracle_agreement", {}).get("agreement"), "pairs": stats["pairs"],
+                                "length_ratio": stats["length_ratio"]}]}
+    return {}
 
 
 def run_gym(out="runs/gym", budget: GymBudget = FULL, seeds=(0, 1, 2), progress: bool = False,
@@ -396,6 +582,27 @@ def format_gym(runs: list[dict], manifest: dict, budget: GymBudget, command: str
         lines += ["", "Kendall tau of the policy's ranking against the judge's, first -> last logged rollout: " + "; ".join(
             f"{label} {cell([row['tau_first'] for row in rows], True, 2)} -> {cell([row['tau_last'] for row in rows], True, 2)}"
             for label, rows in taus) + "."]
+    probes = [r["reader_probe"] for r in runs if r.get("reader_probe")]
+    if probes:
+        lines += ["", f"Reader judge (likelihood, text only): accuracy on a true and a wrong answer to each held-out question "
+                  f"({probes[0]['none']['n']} pairs), by what it read: " + "; ".join(
+                      f"{ctx} {cell([100 * p[ctx]['accuracy'] for p in probes if p[ctx]['accuracy'] is not None])}%"
+                      + (" (" + ", ".join(f"{t} {cell([100 * p[ctx]['by_type'][t] for p in probes if p[ctx]['by_type'].get(t) is not None], digits=0)}"
+                                          for t in probes[0][ctx]["by_type"]) + ")" if probes[0][ctx].get("by_type") else "")
+                      for ctx in probes[0]) + "."]
+    for name, label in ROWS.items():
+        per_seed = [r[name]["iterations"] for r in runs if "iterations" in r.get(name, {})]
+        if not per_seed:
+            continue
+        steps = []
+        for i in range(max(len(its) for its in per_seed)):
+            at = [its[i] for its in per_seed if len(its) > i]
+            agreement = cell([100 * a["agreement"] for a in at if a["agreement"] is not None])
+            steps.append(f"{'iteration ' + str(i + 1) + ': ' if len(per_seed[0]) > 1 else ''}agreement "
+                         f"{agreement}{'' if agreement == 'n/a' else '%'}, length ratio "
+                         f"{cell([a['length_ratio'] for a in at if a['length_ratio'] is not None], digits=2)}")
+        lines += ["", f"{label.strip()}: judge agreement with the oracle on the pairs it judged, chosen/rejected length "
+                  f"ratio: " + "; ".join(steps) + "."]
     lines += ["", f"Gap (ceiling - start): {cell([100 * (r['ceiling']['all'] - r['start']['all']) for r in runs], signed=True)} points. "
               f"Minutes per seed: {', '.join(str(r['minutes']) for r in runs)}."]
     return "\n".join(lines)

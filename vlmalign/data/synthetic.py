@@ -260,6 +260,17 @@ def count_words(n: int) -> str:
 
 def short_answer(qtype: str, value, subject: dict | None = None, rng=None) -> str:
     """A short answer stating `value` (one word or one sentence, wording drawn from rng)."""
+    phrase = _pick(rng, _DIRECTION_PHRASES[value]) if qtype == "direction" else None
+    return _pick(rng, _short_wordings(qtype, value, subject, phrase))
+
+
+def short_answers(qtype: str, value, subject: dict | None = None) -> list[str]:
+    """Every wording `short_answer` can give for `value`."""
+    phrases = _DIRECTION_PHRASES[value] if qtype == "direction" else (None,)
+    return [text for phrase in phrases for text in _short_wordings(qtype, value, subject, phrase)]
+
+
+def _short_wordings(qtype: str, value, subject: dict | None, phrase: str | None) -> list[str]:
     if qtype == "colour":
         options = [f"{value.capitalize()}.", f"It is {value}."]
         if subject:
@@ -274,13 +285,12 @@ def short_answer(qtype: str, value, subject: dict | None = None, rng=None) -> st
         verb = "is" if value == 1 else "are"
         options = [f"{word.capitalize()}.", f"{value}.", f"There {verb} {word} {noun}."]
     elif qtype == "direction":
-        phrase = _pick(rng, _DIRECTION_PHRASES[value])
         options = [f"{phrase[0].upper()}{phrase[1:]}.", f"It moves {phrase}."]
         if subject:
             options.append(f"The {subject['colour']} {subject['shape']} moves {phrase}.")
     else:
         raise ValueError(f"no short answer for question type {qtype!r}")
-    return _pick(rng, options)
+    return options
 
 
 def hedged_answer(qtype: str, values, rng=None) -> str:
