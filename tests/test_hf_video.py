@@ -522,52 +522,6 @@ def test_a_pixel_budget_reads_smaller_frames_with_the_processors_ids(qwen_checkp
         build_model(ModelConfig(max_video_pixels=10**6))
 
 
-def test_videos_of_different_sizes_share_a_batch_under_a_pixel_budget(qwen_checkpoint, tmp_path, capsys):
-    """With fps sampling, frame_size 4 merged patches a side and a budget of 12 frames at 2: a 6-second
-    video reads 12 frames at 2 patches a side, a 2-second one 4 frames at 3 (sqrt(12 x 2^2 / 4) = 3.46,
-    rounded down). Their patches of two sizes stack in one batch, each row's logits those it gets
-    alone; the printed summary gives both sizes."""
-    from vlmalign.video import write_video
-
-    unit = frame_size(qwen_checkpoint)[0] // 2
-    rng = np.random.default_rng(0)
-    videos = []
-    for frames in (8, 24):
-        videos.append(str(tmp_path / f"{frames}.mp4"))
-        write_video(videos[-1], rng.integers(0, 256, (frames, 32, 32, 3), dtype=np.uint8), fps=4)
-    model = policy(qwen_checkpoint, frame_size=[4 * unit, 4 * unit], fps=2.0, min_frames=2, max_frames=16,
-                   max_video_pixels=12 * (2 * unit) ** 2).eval()
-    visual, rows = model.visual_inputs(None), []
-    for video in videos:
-        enc = model.encode_conversation([Turn("user", "<video>\nwhat colour?"), Turn("assistant", "red")], 512,
-                                        layout=model.video_layout(video))
-        rows.append(EncodedSample("s", enc.input_ids, enc.labels, video))
-    assert [visual.get(v)["video_grid_thw"].tolist() for v in videos] == [[2, 6, 6], [6, 4, 4]]
-    with torch.no_grad():
-        together = model(**model.model_inputs(Collator(model, visual)(rows), "cpu")).logits
-        for i, row in enumerate(rows):
-            alone = model(**model.model_inputs(Collator(model, visual)([row]), "cpu")).logits
-            torch.testing.assert_close(together[i, : len(row.input_ids)], alone[0], rtol=0, atol=1e-4)
-    visual.precompute(videos)
-    printed = f"visual tokens per video 18-24 (median 21) at {2 * unit} x {2 * unit} to {3 * unit} x {3 * unit} pixels "
-    assert printed + f"(model.max_video_pixels {12 * (2 * unit) ** 2})" in capsys.readouterr().out
-
-
-def test_the_pixel_cache_misses_when_the_pixel_budget_changes(qwen25, tiny_bench, tmp_path):
-    """The pixel cache's key holds model.max_video_pixels: another budget (or none) is another entry,
-    never the pixels of the frames at another size."""
-    video = read_instructions(tiny_bench / "sft_easy.json")[0].video
-    cache = str(tmp_path / "cache")
-    folders = set()
-    for budget in (None, 4 * 56 * 56, 4 * 28 * 28, 4 * 56 * 56):
-        model = policy(qwen25, frame_size=[112, 112], max_video_pixels=budget)
-        cached = model.visual_inputs(cache)
-        assert same_inputs(cached.get(video), model.visual_inputs(None).get(video))
-        assert (cached.hits, cached.misses) == ((1, 0) if cached.cache_dir in folders else (0, 1))
-        folders.add(cached.cache_dir)
-    assert len(folders) == 3
-
-
 def test_fps_sampling_reads_a_long_video_within_max_frames_at_its_real_times(qwen25, qwen3, tmp_path, capsys):
     """A 10-minute video at model.fps 2 with max_frames 64 gets 64 frames spread over all of it. The
     Qwen3-VL prompt holds their real times (ids equal to transformers' processor given the video's
@@ -627,28 +581,56 @@ def test_a_frame_folder_reads_as_its_video_given_its_frame_rate(checkpoint, tiny
     assert torch.equal(from_folder["pixel_values_videos"], from_video["pixel_values_videos"])
 
 
-def test_videos_of_different_lengths_share_a_batch(checkpoint, tmp_path):
-    """With fps sampling a 2-second and a 6-second video get 4 and 12 frames, so rows of different
-    grids and token counts stack in one batch: each row's logits are those it gets alone."""
+def two_and_six_seconds(folder) -> list[str]:
+    """A 2-second and a 6-second video at 4 fps (fps sampling at 2 reads 4 and 12 frames)."""
     from vlmalign.video import write_video
 
     rng = np.random.default_rng(0)
     videos = []
     for frames in (8, 24):
-        videos.append(str(tmp_path / f"{frames}.mp4"))
+        videos.append(str(folder / f"{frames}.mp4"))
         write_video(videos[-1], rng.integers(0, 256, (frames, 32, 32, 3), dtype=np.uint8), fps=4)
-    model = policy(checkpoint, fps=2.0, min_frames=2, max_frames=16).eval()
+    return videos
+
+
+def assert_batched_rows_are_alone(model, videos: list[str]) -> None:
+    """A row about each video, all in one batch: each row's logits are those it gets alone."""
     visual, rows = model.visual_inputs(None), []
     for video in videos:
         enc = model.encode_conversation([Turn("user", "<video>\nwhat colour?"), Turn("assistant", "red")], 512,
                                         layout=model.video_layout(video))
         rows.append(EncodedSample("s", enc.input_ids, enc.labels, video))
-    assert [len(model.video_layout(v).indices) for v in videos] == [4, 12]
     with torch.no_grad():
         together = model(**model.model_inputs(Collator(model, visual)(rows), "cpu")).logits
         for i, row in enumerate(rows):
             alone = model(**model.model_inputs(Collator(model, visual)([row]), "cpu")).logits
             torch.testing.assert_close(together[i, : len(row.input_ids)], alone[0], rtol=0, atol=1e-4)
+
+
+def test_videos_of_different_lengths_share_a_batch(checkpoint, tmp_path):
+    """With fps sampling a 2-second and a 6-second video get 4 and 12 frames, so rows of different
+    grids and token counts stack in one batch: each row's logits are those it gets alone."""
+    videos = two_and_six_seconds(tmp_path)
+    model = policy(checkpoint, fps=2.0, min_frames=2, max_frames=16).eval()
+    assert [len(model.video_layout(v).indices) for v in videos] == [4, 12]
+    assert_batched_rows_are_alone(model, videos)
+
+
+def test_videos_of_different_sizes_share_a_batch_under_a_pixel_budget(qwen_checkpoint, tmp_path, capsys):
+    """With fps sampling, frame_size 4 merged patches a side and a budget of 12 frames at 2: a 6-second
+    video reads 12 frames at 2 patches a side, a 2-second one 4 frames at 3 (sqrt(12 x 2^2 / 4) = 3.46,
+    rounded down). Their patches of two sizes stack in one batch, each row's logits those it gets
+    alone; the printed summary gives both sizes."""
+    unit = frame_size(qwen_checkpoint)[0] // 2
+    videos = two_and_six_seconds(tmp_path)
+    model = policy(qwen_checkpoint, frame_size=[4 * unit, 4 * unit], fps=2.0, min_frames=2, max_frames=16,
+                   max_video_pixels=12 * (2 * unit) ** 2).eval()
+    visual = model.visual_inputs(None)
+    assert [visual.get(v)["video_grid_thw"].tolist() for v in videos] == [[2, 6, 6], [6, 4, 4]]
+    assert_batched_rows_are_alone(model, videos)
+    visual.precompute(videos)
+    printed = f"visual tokens per video 18-24 (median 21) at {2 * unit} x {2 * unit} to {3 * unit} x {3 * unit} pixels "
+    assert printed + f"(model.max_video_pixels {12 * (2 * unit) ** 2})" in capsys.readouterr().out
 
 
 def test_reward_model_reads_the_chat_template_and_keeps_its_scores(checkpoint, tiny_bench, tmp_path):
@@ -809,6 +791,21 @@ def test_the_pixel_cache_gives_the_computed_inputs_until_the_video_or_a_setting_
     rewritten = model.visual_inputs(cache)
     rewritten.get(video)
     assert rewritten.hits == 1 and not list(entry.parent.glob("*.tmp"))
+
+
+def test_the_pixel_cache_misses_when_the_pixel_budget_changes(qwen25, tiny_bench, tmp_path):
+    """The pixel cache's key holds model.max_video_pixels: another budget (or none) is another entry,
+    never the pixels of the frames at another size."""
+    video = read_instructions(tiny_bench / "sft_easy.json")[0].video
+    cache = str(tmp_path / "cache")
+    folders = set()
+    for budget in (None, 4 * 56 * 56, 4 * 28 * 28, 4 * 56 * 56):
+        model = policy(qwen25, frame_size=[112, 112], max_video_pixels=budget)
+        cached = model.visual_inputs(cache)
+        assert same_inputs(cached.get(video), model.visual_inputs(None).get(video))
+        assert (cached.hits, cached.misses) == ((1, 0) if cached.cache_dir in folders else (0, 1))
+        folders.add(cached.cache_dir)
+    assert len(folders) == 3
 
 
 def test_writers_of_one_cache_entry_never_leave_half_of_it(tmp_path):
