@@ -71,7 +71,8 @@ def test_bundled_configs_load_and_chain():
     schema = [("sft", SFTConfig), ("rm", RMConfig), ("ppo", PPOConfig), ("isr_dpo", DPOConfig), ("dpo", DPOConfig),
               ("prefs", PrefsConfig), ("grpo", GRPOConfig), ("instructions", InstructionsConfig)]
     run_dirs, starts = set(), []
-    for folder in ("tiny", "vlm_rlaif", "llava_hound", "isr_dpo", "oracle_rlaif", "qwen2_5_vl"):
+    for folder in ("tiny", "vlm_rlaif", "llava_hound", "isr_dpo", "oracle_rlaif", "qwen2_5_vl", "llava_onevision",
+                   "llava_next_video", "video_llava"):
         for path in sorted((root / folder).glob("*.yaml")):
             if path.stem.startswith("model"):
                 continue  # model sections, included by the stage configs
@@ -116,6 +117,18 @@ def test_recipes_start_where_their_papers_start():
     assert onevision.model.init_from == "llava-hf/llava-onevision-qwen2-7b-ov-hf" and onevision.model.lora.enabled
     assert onevision.model.frame_size == [384, 384]
     assert onevision.model.num_frames * 14 * 14 + 1 + 256 < onevision.data.max_length
+    # LLaVA-NeXT-Video-7B and Video-LLaVA-7B DPO from their hub checkpoints, at the frames they were
+    # trained on: 32 frames of 144 pooled CLIP tokens at 336 pixels; 8 frames of 257 (16 x 16 patches
+    # and the class token) at 224; each with room for a 256-token answer
+    next_video = load_config(DPOConfig, root / "llava_next_video" / "dpo_7b.yaml")
+    video_llava = load_config(DPOConfig, root / "video_llava" / "dpo_7b.yaml")
+    assert next_video.model.init_from == "llava-hf/LLaVA-NeXT-Video-7B-hf"
+    assert video_llava.model.init_from == "LanguageBind/Video-LLaVA-7B-hf"
+    assert (next_video.model.frame_size, video_llava.model.frame_size) == ([336, 336], [224, 224])
+    assert next_video.model.num_frames * (336 // 14 // 2) ** 2 + 256 < next_video.data.max_length
+    assert video_llava.model.num_frames * ((224 // 14) ** 2 + 1) + 256 < video_llava.data.max_length <= 4096
+    assert next_video.model.lora.enabled and video_llava.model.lora.enabled
+    assert next_video.model.max_video_pixels is video_llava.model.max_video_pixels is None  # their towers read one size
 
 
 def test_a_resumed_run_notes_changed_keys_but_not_keys_added_since(tmp_path):

@@ -124,6 +124,9 @@ def test_llava_frames_are_the_image_processors(architecture, tiny_bench, tmp_pat
     refused = rf"model.frame_size: \[64, 64\], but the vision tower of this {architecture} checkpoint reads 56 x 56 frames"
     with pytest.raises(ConfigError, match=refused + r"; set model.frame_size: \[56, 56\]$"):
         policy(checkpoint, frame_size=[64, 64])
+    with pytest.raises(ConfigError, match=rf"^model.max_video_pixels: {architecture} reads every frame at its vision "
+                                          r"tower's 56 x 56 pixels; the pixel budget is for the Qwen families, set it to null$"):
+        policy(checkpoint, max_video_pixels=10**6)
     assert load_model(checkpoint).cfg.frame_size == [56, 56]  # as it ships (a reference, a judge): the tower's size
 
 
@@ -470,6 +473,55 @@ def test_a_visual_token_budget_caps_the_frames_of_each_video(qwen25, tmp_path):
         build_model(ModelConfig(max_visual_tokens=100))
 
 
+@pytest.mark.parametrize("frames, budget, size, patch, expected", [
+    (16, 16 * 336 * 448, (336, 448), 14, (336, 448)),  # within the budget: frame_size as it is
+    (16, 1_000_000, (336, 448), 14, (196, 280)),  # scale sqrt(1e6 / (16 x 336 x 448)) = 0.644: 216.5 -> 196, 288.7 -> 280
+    (32, 2_000_000, (448, 252), 14, (308, 168)),  # tall: 0.744 -> 333.3 -> 308, 187.5 -> 168
+    (64, 4_000_000, (448, 448), 16, (224, 224)),  # Qwen3-VL's 32-pixel unit: 250 -> 224
+    (8, 8 * 28 * 28, (56, 56), 14, (28, 28)),  # one unit a side, the budget met exactly
+    (8, 8 * 28 * 28 - 1, (56, 56), 14, (28, 28)),  # never below one unit (the layout then refuses the video)
+])
+def test_a_pixel_budget_scales_each_frame_down_to_whole_merged_patches(frames, budget, size, patch, expected):
+    """model.max_video_pixels: frames x h x w within the budget, frame_size's aspect kept as whole
+    merged patches allow, each side rounded down (the expected sizes worked by hand)."""
+    from vlmalign.model.hf_video import QwenFrames
+
+    qwen = QwenFrames(size, patch, temporal=2, merge=2, mean=(0.5,) * 3, std=(0.5,) * 3, max_video_pixels=budget)
+    assert qwen.frame_size(frames) == expected
+    assert qwen.grid(frames) == (frames // 2, expected[0] // patch, expected[1] // patch)
+
+
+def test_a_pixel_budget_reads_smaller_frames_with_the_processors_ids(qwen_checkpoint, tiny_bench):
+    """Frames of twice the side under a budget of 4 frames at the side (the sample video reads 4):
+    each frame is read at the side, so its patches are those of frame_size = the side, its grid is
+    [2, 4, 4], and its ids are those transformers' processor writes for that grid. A budget that
+    even one merged patch a frame overfills is a one-line error naming the video and the key."""
+    side = frame_size(qwen_checkpoint)[0]
+    video = read_instructions(tiny_bench / "sft_easy.json")[0].video
+    model = policy(qwen_checkpoint, frame_size=[2 * side, 2 * side], max_video_pixels=4 * side * side)
+    layout = model.video_layout(video)
+    item = model.visual_inputs(None).get(video)
+    assert len(layout.indices) == 4 and model.frames.frame_size(4) == (side, side)
+    assert item["video_grid_thw"].tolist() == [2, 4, 4] and model.visual_tokens(layout) == 8
+    assert policy(qwen_checkpoint, frame_size=[2 * side, 2 * side]).visual_tokens(layout) == 32  # without the budget
+    unbudgeted = policy(qwen_checkpoint).visual_inputs(None).get(video)
+    assert same_inputs(item, unbudgeted)
+    template = model.tokenizer.apply_chat_template(model._messages([Turn("user", "<video>\nwhat moves?")]),
+                                                   tokenize=False, add_generation_prompt=True)
+    expanded = processor_text(model, template, layout)
+    assert model.encode_prompt("<video>\nwhat moves?", layout) == processor_ids(model.tokenizer, expanded)
+    assert expanded.count(model.video_pad) == 8
+
+    unit = model.frames.unit
+    with pytest.raises(DataError, match=rf"^video .*\.mp4: 4 frames of even {unit} x {unit} pixels \(one merged patch\) are "
+                                        rf"{4 * unit * unit} pixels, over model.max_video_pixels {4 * unit * unit - 1}; read"):
+        policy(qwen_checkpoint, max_video_pixels=4 * unit * unit - 1).video_layout(video)
+    with pytest.raises(ConfigError, match="model.max_video_pixels: 0 must be at least 1"):
+        policy(qwen_checkpoint, max_video_pixels=0)
+    with pytest.raises(ConfigError, match="model.max_video_pixels: vlmalign's VideoLM"):
+        build_model(ModelConfig(max_video_pixels=10**6))
+
+
 def test_fps_sampling_reads_a_long_video_within_max_frames_at_its_real_times(qwen25, qwen3, tmp_path, capsys):
     """A 10-minute video at model.fps 2 with max_frames 64 gets 64 frames spread over all of it. The
     Qwen3-VL prompt holds their real times (ids equal to transformers' processor given the video's
@@ -529,28 +581,56 @@ def test_a_frame_folder_reads_as_its_video_given_its_frame_rate(checkpoint, tiny
     assert torch.equal(from_folder["pixel_values_videos"], from_video["pixel_values_videos"])
 
 
-def test_videos_of_different_lengths_share_a_batch(checkpoint, tmp_path):
-    """With fps sampling a 2-second and a 6-second video get 4 and 12 frames, so rows of different
-    grids and token counts stack in one batch: each row's logits are those it gets alone."""
+def two_and_six_seconds(folder) -> list[str]:
+    """A 2-second and a 6-second video at 4 fps (fps sampling at 2 reads 4 and 12 frames)."""
     from vlmalign.video import write_video
 
     rng = np.random.default_rng(0)
     videos = []
     for frames in (8, 24):
-        videos.append(str(tmp_path / f"{frames}.mp4"))
+        videos.append(str(folder / f"{frames}.mp4"))
         write_video(videos[-1], rng.integers(0, 256, (frames, 32, 32, 3), dtype=np.uint8), fps=4)
-    model = policy(checkpoint, fps=2.0, min_frames=2, max_frames=16).eval()
+    return videos
+
+
+def assert_batched_rows_are_alone(model, videos: list[str]) -> None:
+    """A row about each video, all in one batch: each row's logits are those it gets alone."""
     visual, rows = model.visual_inputs(None), []
     for video in videos:
         enc = model.encode_conversation([Turn("user", "<video>\nwhat colour?"), Turn("assistant", "red")], 512,
                                         layout=model.video_layout(video))
         rows.append(EncodedSample("s", enc.input_ids, enc.labels, video))
-    assert [len(model.video_layout(v).indices) for v in videos] == [4, 12]
     with torch.no_grad():
         together = model(**model.model_inputs(Collator(model, visual)(rows), "cpu")).logits
         for i, row in enumerate(rows):
             alone = model(**model.model_inputs(Collator(model, visual)([row]), "cpu")).logits
             torch.testing.assert_close(together[i, : len(row.input_ids)], alone[0], rtol=0, atol=1e-4)
+
+
+def test_videos_of_different_lengths_share_a_batch(checkpoint, tmp_path):
+    """With fps sampling a 2-second and a 6-second video get 4 and 12 frames, so rows of different
+    grids and token counts stack in one batch: each row's logits are those it gets alone."""
+    videos = two_and_six_seconds(tmp_path)
+    model = policy(checkpoint, fps=2.0, min_frames=2, max_frames=16).eval()
+    assert [len(model.video_layout(v).indices) for v in videos] == [4, 12]
+    assert_batched_rows_are_alone(model, videos)
+
+
+def test_videos_of_different_sizes_share_a_batch_under_a_pixel_budget(qwen_checkpoint, tmp_path, capsys):
+    """With fps sampling, frame_size 4 merged patches a side and a budget of 12 frames at 2: a 6-second
+    video reads 12 frames at 2 patches a side, a 2-second one 4 frames at 3 (sqrt(12 x 2^2 / 4) = 3.46,
+    rounded down). Their patches of two sizes stack in one batch, each row's logits those it gets
+    alone; the printed summary gives both sizes."""
+    unit = frame_size(qwen_checkpoint)[0] // 2
+    videos = two_and_six_seconds(tmp_path)
+    model = policy(qwen_checkpoint, frame_size=[4 * unit, 4 * unit], fps=2.0, min_frames=2, max_frames=16,
+                   max_video_pixels=12 * (2 * unit) ** 2).eval()
+    visual = model.visual_inputs(None)
+    assert [visual.get(v)["video_grid_thw"].tolist() for v in videos] == [[2, 6, 6], [6, 4, 4]]
+    assert_batched_rows_are_alone(model, videos)
+    visual.precompute(videos)
+    printed = f"visual tokens per video 18-24 (median 21) at {2 * unit} x {2 * unit} to {3 * unit} x {3 * unit} pixels "
+    assert printed + f"(model.max_video_pixels {12 * (2 * unit) ** 2})" in capsys.readouterr().out
 
 
 def test_reward_model_reads_the_chat_template_and_keeps_its_scores(checkpoint, tiny_bench, tmp_path):
@@ -711,6 +791,21 @@ def test_the_pixel_cache_gives_the_computed_inputs_until_the_video_or_a_setting_
     rewritten = model.visual_inputs(cache)
     rewritten.get(video)
     assert rewritten.hits == 1 and not list(entry.parent.glob("*.tmp"))
+
+
+def test_the_pixel_cache_misses_when_the_pixel_budget_changes(qwen25, tiny_bench, tmp_path):
+    """The pixel cache's key holds model.max_video_pixels: another budget (or none) is another entry,
+    never the pixels of the frames at another size."""
+    video = read_instructions(tiny_bench / "sft_easy.json")[0].video
+    cache = str(tmp_path / "cache")
+    folders = set()
+    for budget in (None, 4 * 56 * 56, 4 * 28 * 28, 4 * 56 * 56):
+        model = policy(qwen25, frame_size=[112, 112], max_video_pixels=budget)
+        cached = model.visual_inputs(cache)
+        assert same_inputs(cached.get(video), model.visual_inputs(None).get(video))
+        assert (cached.hits, cached.misses) == ((1, 0) if cached.cache_dir in folders else (0, 1))
+        folders.add(cached.cache_dir)
+    assert len(folders) == 3
 
 
 def test_writers_of_one_cache_entry_never_leave_half_of_it(tmp_path):

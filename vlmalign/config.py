@@ -96,6 +96,11 @@ class ModelConfig:
     # HF video models: at most this many visual tokens per video; with `fps`, a video that would get
     # more reads fewer frames (down to min_frames), with `num_frames` it is an error (null: no budget)
     max_visual_tokens: int | None = None
+    # Qwen2-VL / Qwen2.5-VL / Qwen3-VL: at most this many pixels over all frames read of one video
+    # (frames x height x width); a video over it reads each frame smaller than frame_size, its aspect
+    # kept, each side rounded down to whole merged patches (28; 32 for Qwen3-VL), never below one;
+    # a video that does not fit even then is an error (null: every frame at frame_size)
+    max_video_pixels: int | None = None
     # HF video models: every frame is resized to [height, width]; Qwen: multiples of the checkpoint's
     # patch x merge size (28; 32 for Qwen3-VL), a video of n frames gives n / 2 x (h / 28) x (w / 28)
     # tokens; LLaVA-OneVision: its vision tower's size (384), n x 196 + 1 tokens

@@ -25,6 +25,14 @@ What the family does its own way, each in one place below:
                in merge order) with their grid (t, h, w); the LLaVA families: whole frames at their
                tower's size (LLaVA-NeXT-Video and Video-LLaVA: short side resized, centre cut, as
                CLIP's processor does), each video through the tower alone (lengths may differ)
+    pixels     Qwen only (the LLaVA towers' position embeddings are learnt for one size): with
+               `max_video_pixels`, a video whose frames would hold more pixels than that, all frames
+               read together, reads every frame at one smaller size: frame_size scaled by the one
+               factor that fits, each side rounded down to whole merged patches, never below one (a
+               video over the budget even then is an error). The size follows from the frame count
+               alone, so nothing records it: grid, token count, ids and patches all derive it from the
+               layout's frame count (`QwenFrames.frame_size`), and the pixel cache's key holds the
+               budget. Videos of one batch may differ in size: their patches are concatenated
     positions  Qwen's 3D rotary positions from `get_rope_index`, always with the video tokens
                marked in `mm_token_type_ids` (without them transformers silently falls back to 1D
                positions), computed here for training, prefill and every decoding step; Qwen2.5-VL
@@ -49,7 +57,7 @@ Saved layout (`save_pretrained`): model.json (family, config, base), tokenizer/,
 transformers model) or adapter/ (+ trainable.safetensors: trained weights outside the adapter, such
 as the merger) over the recorded base (an HF checkpoint or another saved policy).
 
-Not yet here (issue 19): per-video pixel or token budgets; a cache of a frozen tower's features.
+Not yet here (issue 19): a cache of a frozen tower's features (the pixel cache stores the tower's input).
 """
 
 from __future__ import annotations
@@ -156,6 +164,8 @@ def check_frame_settings(cfg: ModelConfig) -> None:
         raise ConfigError(f"model.frame_folder_fps: {cfg.frame_folder_fps} must be positive")
     if cfg.max_visual_tokens is not None and cfg.max_visual_tokens < 1:
         raise ConfigError(f"model.max_visual_tokens: {cfg.max_visual_tokens} must be at least 1, or null for no budget")
+    if cfg.max_video_pixels is not None and cfg.max_video_pixels < 1:
+        raise ConfigError(f"model.max_video_pixels: {cfg.max_video_pixels} must be at least 1, or null for no budget")
 
 
 def frame_indices(total: int, fps: float | None, cfg: ModelConfig, video, whole_patches: int | None = None) -> tuple[int, ...]:
@@ -182,8 +192,9 @@ def frame_indices(total: int, fps: float | None, cfg: ModelConfig, video, whole_
 # --- frames -> patches --------------------------------------------------------------------------
 @dataclasses.dataclass
 class QwenFrames:
-    """A video's frames as Qwen's vision tower reads them: resized to `size` (h, w), normalised,
-    cut into patches of `patch` pixels and `temporal` frames, listed merge-block by merge-block."""
+    """A video's frames as Qwen's vision tower reads them: resized to `size` (h, w), or smaller where
+    `max_video_pixels` bounds the video's pixels (`frame_size`), normalised, cut into patches of
+    `patch` pixels and `temporal` frames, listed merge-block by merge-block."""
 
     size: tuple[int, int]
     patch: int
@@ -191,15 +202,34 @@ class QwenFrames:
     merge: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    max_video_pixels: int | None = None
+
+    @property
+    def unit(self) -> int:
+        """A frame side's step: one merged patch, in pixels."""
+        return self.patch * self.merge
 
     def __post_init__(self):
-        unit = self.patch * self.merge
-        if self.size[0] % unit or self.size[1] % unit:
-            raise ConfigError(f"model.frame_size: {list(self.size)} must be multiples of {unit} (patch {self.patch} x merge "
-                              f"{self.merge}) for this checkpoint")
+        if self.size[0] % self.unit or self.size[1] % self.unit:
+            raise ConfigError(f"model.frame_size: {list(self.size)} must be multiples of {self.unit} (patch {self.patch} x "
+                              f"merge {self.merge}) for this checkpoint")
+
+    def frame_size(self, num_frames: int) -> tuple[int, int]:
+        """(h, w) of each frame of a video of `num_frames` frames: `size`, or, when the video would
+        hold more than `max_video_pixels`, `size` scaled by the one factor that makes it fit, each
+        side rounded down to whole merged patches but never below one (a video that still does not
+        fit is refused where its layout is read). Integer arithmetic: floor(sqrt(floor(x))) is
+        floor(sqrt(x)), so a budget met exactly is never missed by a rounding error."""
+        height, width = self.size
+        budget = self.max_video_pixels
+        if budget is None or num_frames * height * width <= budget:
+            return self.size
+        return tuple(max(self.unit, math.isqrt(side * side * budget // (num_frames * height * width)) // self.unit * self.unit)
+                     for side in self.size)
 
     def grid(self, num_frames: int) -> tuple[int, int, int]:
-        return -(-num_frames // self.temporal), self.size[0] // self.patch, self.size[1] // self.patch
+        height, width = self.frame_size(num_frames)
+        return -(-num_frames // self.temporal), height // self.patch, width // self.patch
 
     def tokens(self, num_frames: int) -> int:
         """Visual tokens of a video of `num_frames` frames."""
@@ -210,7 +240,7 @@ class QwenFrames:
         """uint8 [T, H, W, 3] -> {"pixel_values_videos": [t*h*w, 3*temporal*patch*patch], "video_grid_thw": [3]}."""
         from PIL import Image
 
-        height, width = self.size
+        height, width = self.frame_size(len(frames))
         resized = np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.BICUBIC)) for f in frames])
         x = torch.from_numpy(resized).float().div(255).permute(0, 3, 1, 2)  # [T, 3, H, W]
         x = (x - torch.tensor(self.mean).view(1, 3, 1, 1)) / torch.tensor(self.std).view(1, 3, 1, 1)
@@ -242,6 +272,9 @@ class TowerFrames:
 
     def tokens(self, num_frames: int) -> int:
         return num_frames * self.per_frame + self.extra
+
+    def frame_size(self, num_frames: int) -> tuple[int, int]:
+        return self.side, self.side
 
     def _square(self, frame: np.ndarray) -> np.ndarray:
         from PIL import Image
@@ -393,7 +426,7 @@ class HFVideoLM(Policy):
         """How this family turns frames into the vision tower's input."""
         vision = hf_config.vision_config
         return QwenFrames(tuple(cfg.frame_size), vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size,
-                          tuple(mean), tuple(std))
+                          tuple(mean), tuple(std), cfg.max_video_pixels)
 
     @property
     def uses_lora(self) -> bool:
@@ -408,7 +441,7 @@ class HFVideoLM(Policy):
 
     def frame_settings(self) -> dict:
         keys = ("num_frames", "frame_sampling", "fps", "min_frames", "max_frames", "frame_size", "frame_folder_fps",
-                "max_visual_tokens")
+                "max_visual_tokens", "max_video_pixels")
         return {"model": self.architecture, **{key: getattr(self.cfg, key) for key in keys}}
 
     @property
@@ -436,10 +469,20 @@ class HFVideoLM(Policy):
                                 "were taken at")
             whole = self.frames.temporal if self.samples_whole_patches else None
             indices = frame_indices(total, fps, self.cfg, video, whole)
+            pixels = self.cfg.max_video_pixels
+            if pixels is not None and len(indices) * math.prod(self.frames.frame_size(len(indices))) > pixels:
+                unit = self.frames.unit
+                raise DataError(f"video {video_name(video)}: {len(indices)} frames of even {unit} x {unit} pixels (one merged "
+                                f"patch) are {len(indices) * unit * unit} pixels, over model.max_video_pixels {pixels}; read "
+                                "fewer frames (model.num_frames, model.max_frames) or raise the budget")
             budget = self.cfg.max_visual_tokens
             if budget is not None and self.frames.tokens(len(indices)) > budget:
-                # the budget caps the frames read; each frame keeps model.frame_size
-                fits = max((n for n in range(1, len(indices)) if self.frames.tokens(n) <= budget), default=0)
+                # the budget caps the frames read (their size is model.frame_size's, or max_video_pixels'
+                # for that count). Counts the family reads whole (Qwen2(.5)-VL: whole temporal patches)
+                # are the only candidates: under a pixel budget fewer frames may be larger ones, and
+                # more tokens, so the count read must be the count checked
+                fits = max((n for n in range(1, len(indices)) if not (whole and n % whole) and self.frames.tokens(n) <= budget),
+                           default=0)
                 if self.cfg.fps is None or fits < self.cfg.min_frames:
                     raise DataError(f"video {video_name(video)}: {len(indices)} frames give {self.frames.tokens(len(indices))} "
                                     f"visual tokens, over model.max_visual_tokens {budget} (at most {fits} frames fit); "
@@ -462,9 +505,11 @@ class HFVideoLM(Policy):
         frames = [len(layout.indices) for layout in layouts]
         sampling = f"{self.cfg.num_frames} by {self.cfg.frame_sampling}" if self.cfg.fps is None else \
             f"{self.cfg.fps} per second within [{self.cfg.min_frames}, {self.cfg.max_frames}]"
+        sizes = sorted({self.frames.frame_size(n) for n in frames}, key=math.prod)
+        size = " to ".join(f"{h} x {w}" for h, w in dict.fromkeys([sizes[0], sizes[-1]]))
+        budget = f" (model.max_video_pixels {self.cfg.max_video_pixels})" if self.cfg.max_video_pixels is not None else ""
         return (f"{self.architecture}: {len(layouts)} videos, frames read {span(frames)} ({sampling}), visual tokens per "
-                f"video {span([self.visual_tokens(layout) for layout in layouts])} at {self.cfg.frame_size[0]} x "
-                f"{self.cfg.frame_size[1]} pixels")
+                f"video {span([self.visual_tokens(layout) for layout in layouts])} at {size} pixels{budget}")
 
     def _video_text(self, layout: VideoLayout) -> str:
         """What the chat template's video pad becomes in the text: one pad for the whole video."""
@@ -690,7 +735,8 @@ class Qwen3VideoLM(HFVideoLM):
         return "".join(f"<{t:.1f} seconds>{start}{self.video_pad}{end}" for t in layout.times(self.frames.temporal))
 
     def _pad_copies(self, layout: VideoLayout) -> int:
-        return self.frames.tokens(self.frames.temporal)  # one temporal patch
+        _, height, width = self.frames.grid(len(layout.indices))  # one temporal patch, at this video's frame size
+        return height * width // self.frames.merge**2
 
 
 class LlavaOnevisionVideoLM(HFVideoLM):
@@ -714,6 +760,9 @@ class LlavaOnevisionVideoLM(HFVideoLM):
     def make_frames(cls, cfg: ModelConfig, hf_config, mean, std) -> TowerFrames:
         vision = hf_config.vision_config
         side = vision.image_size
+        if cfg.max_video_pixels is not None:  # as frame_size: one size is all the tower reads
+            raise ConfigError(f"model.max_video_pixels: {hf_config.architectures[0]} reads every frame at its vision tower's "
+                              f"{side} x {side} pixels; the pixel budget is for the Qwen families, set it to null")
         if list(cfg.frame_size) != [side, side]:  # its position embeddings are learnt for that size alone
             raise ConfigError(f"model.frame_size: {list(cfg.frame_size)}, but the vision tower of this "
                               f"{hf_config.architectures[0]} checkpoint reads {side} x {side} frames; set model.frame_size: "

@@ -125,6 +125,9 @@ def build_model(cfg: ModelConfig) -> Policy:
     if cfg.max_visual_tokens is not None:
         raise ConfigError("model.max_visual_tokens: vlmalign's VideoLM gives every video model.num_frames + its patch count "
                           "tokens; the budget is for HF video models (model/hf_video.py)")
+    if cfg.max_video_pixels is not None:
+        raise ConfigError("model.max_video_pixels: vlmalign's VideoLM reads every frame at its CLIP tower's size; the "
+                          "pixel budget is for the HF Qwen families (model/hf_video.py)")
     from vlmalign.model.video_lm import build_video_lm
 
     return build_video_lm(cfg)
