@@ -457,7 +457,7 @@ def _run_method(gym: Gym, start: Path, reader: Path | None, method: str, variant
         context = {"context__kind": "none"} if variant == "-none" else {
             "context__kind": "narrative", "context__clips": 3, "context__max_new_tokens": 64}
         name = "vlm_rlaif-none" if variant == "-none" else "vlm_rlaif"
-        return gym.ppo(start, control, name, {**gym.reader_judge(reader), "judge__prompts": CONFIGS / "prompts", **context})
+        return gym.ppo(start, control, name, {**gym.reader_judge(reader), **context})
     return gym.grpo(start, method, control)
 
 
