@@ -12,11 +12,13 @@ import pytest
 
 from tests.conftest import sft_overrides
 from tests.judge_server import GARBAGE, FakeJudgeServer, judge_reply
-from vlmalign.config import JudgeConfig, SFTConfig, load_config
+from vlmalign.config import JudgeConfig, PrefsConfig, SFTConfig, load_config
 from vlmalign.errors import JudgeError
 from vlmalign.feedback.cache import CachedJudgment, JudgmentCache, judgment_key
 from vlmalign.feedback.judges import JudgeRequest, OracleJudge, build_judge
 from vlmalign.feedback.oracle import Oracle
+from vlmalign.feedback.preferences import Question, build_records, judge_stats
+from vlmalign.model.generation import Sample
 from vlmalign.prompts import parse_score
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,12 +157,31 @@ def test_oracle_swap_check(tiny_bench, bench_items, tmp_path):
     video, question, right, wrong = bench_items[0]
     clear, tie = judge.compare([
         JudgeRequest(video, question, (wrong, right)),
-        # equally wrong and equally long: the oracle's tie-break picks the first slot both times
-        JudgeRequest(video, question, ("Hmm.", "Umm.")),
+        # equally wrong, the second longer: a tie both ways round, not a preference for the shorter
+        JudgeRequest(video, question, ("Hmm.", "Umm, no idea.")),
     ])
     assert (clear.status, clear.value) == ("ok", 1) and isinstance(clear.raw, tuple) and len(clear.raw) == 2
-    assert (tie.status, tie.value) == ("inconsistent", None)
-    assert judge.stats()["inconsistent"] == 1 and judge.stats()["prompts"] == 4
+    assert (tie.status, tie.value) == ("tie", None) and "score 1" in tie.raw[0]
+    assert judge.stats()["inconsistent"] == 0 and judge.stats()["prompts"] == 4
+
+
+def test_oracle_tie_is_no_pair(tiny_bench, bench_items, tmp_path):
+    """Two answers the oracle scores the same are a tie, cached as one, and make no preference pair."""
+    judge = build_judge(_oracle_cfg(tiny_bench), tmp_path / "cache.sqlite", progress=False)
+    video, question, right, wrong = bench_items[0]
+    requests = [JudgeRequest(video, question, (wrong, wrong + " " + wrong)), JudgeRequest(video, question, (right, wrong))]
+    tie, clear = judge.compare(requests)
+    assert (tie.status, tie.value, clear.status, clear.value) == ("tie", None, "ok", 0)
+    again = build_judge(_oracle_cfg(tiny_bench), tmp_path / "cache.sqlite", progress=False).compare(requests)
+    assert [(j.status, j.value, j.cached) for j in again] == [("tie", None, True), ("ok", 0, True)]
+
+    cfg = PrefsConfig()  # pairwise
+    questions = [Question(str(i), video, question) for i in range(2)]
+    samples = [[Sample(a, [], [-1.0], True) for a in r.answers] for r in requests]
+    records, dropped = build_records(cfg, questions, samples, [tie, clear], {}, seed=0)
+    assert dropped == {"tie": 1} and [(r["chosen"], r["rejected"]) for r in records] == [(right, wrong)]
+    stats = judge_stats([tie, clear])
+    assert stats["by_status"] == {"tie": 1, "ok": 1} and stats["failure_rate"] == 0.0
 
 
 # ----------------------------------------------------------------------------------------- openai

@@ -61,7 +61,8 @@ def judgment_key(judge: str, prompt: str, text: str, video, params: dict) -> str
 
 @dataclass
 class CachedJudgment:
-    """One stored reply. `value` is the parsed value (any JSON value), None when unparsed."""
+    """One stored reply. `value` is the parsed value (any JSON value), None when unparsed or when a
+    comparison found a tie (parse_ok tells the two apart)."""
 
     judge: str
     prompt: str

@@ -8,15 +8,17 @@
 
 Every method takes a list and returns one `Judgment` per item, in order. A judgment says what was
 judged (`kind`), the parsed `value` (compare: 0 = A, 1 = B; score: 1..5; rank: per-answer ranks,
-0 = best; complete: the text), its `status` ("ok", "parse_error", "failed", "inconsistent"), the
-raw reply, the judge id, the prompt id `name@version`, the model that actually answered, the time
+0 = best; complete: the text), its `status` ("ok", "parse_error", "failed", "inconsistent", "tie"),
+the raw reply, the judge id, the prompt id `name@version`, the model that actually answered, the time
 it was judged and whether it came from the cache. Unparseable replies stay `parse_error` with value
 None and are counted in `stats()`; nothing turns them into a score.
 
 Backends
 - `oracle` (`OracleJudge`): the synthetic benchmark's rule-based `Oracle`. It reads the question
   and answers directly, ignores the context, and its raw reply is the oracle's reason. Its prompt id
-  is `oracle.<kind>@<hash of the rule code>`, so editing the rules invalidates cached verdicts.
+  is `oracle.<kind>@<hash of the rule code>`, so editing the rules invalidates cached verdicts. Two
+  answers it scores the same are compared as a "tie" (value None): it has no preference between
+  them, and a pair it does not prefer is no preference pair.
 - `openai` (`OpenAIJudge`): any OpenAI-compatible chat endpoint (OpenAI, vLLM, a local server),
   with the pinned `cfg.model` at `cfg.temperature`. It is a text-only judge: the video is not
   sent, the prompt's `<video>` placeholder line is dropped, and the request's `context` (a caption,
@@ -100,7 +102,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-STATUSES = ("ok", "parse_error", "failed", "inconsistent")
+STATUSES = ("ok", "parse_error", "failed", "inconsistent", "tie")
 # Below this many prompts to answer a progress bar is noise.
 _PROGRESS_MIN = 32
 _PLACEHOLDER = re.compile(rf"(?:{re.escape(VIDEO_TOKEN)}|{re.escape(IMAGE_TOKEN)})[ \t]*\n?")
@@ -333,6 +335,8 @@ class Judge:
         rec = out.record
         if rec is None:
             return Judgment(task.kind, None, "failed", None, self.id, task.prompt, None, False, out.error)
+        if rec.parse_ok and rec.kind == "compare" and rec.value is None:
+            return Judgment(task.kind, None, "tie", rec.raw, self.id, task.prompt, rec.model, out.cached, None, rec.created)
         status = "ok" if rec.parse_ok else "parse_error"
         return Judgment(task.kind, rec.value if rec.parse_ok else None, status, rec.raw, self.id, task.prompt,
                         rec.model, out.cached, None, rec.created)
@@ -349,6 +353,11 @@ class Judge:
             return Judgment("compare", None, "failed", raw, self.id, task.prompt, models, cached, "; ".join(errors), created)
         if not all(r.parse_ok for r in records):
             return Judgment("compare", None, "parse_error", raw, self.id, task.prompt, models, cached, None, created)
+        if records[0].value is None and records[1].value is None:  # a tie both ways round
+            return Judgment("compare", None, "tie", raw, self.id, task.prompt, models, cached, None, created)
+        if records[0].value is None or records[1].value is None:
+            self._counts["inconsistent"] += 1
+            return Judgment("compare", None, "inconsistent", raw, self.id, task.prompt, models, cached, None, created)
         first, second = records[0].value, 1 - records[1].value  # the (B,A) verdict in (A,B) terms
         if first != second:
             self._counts["inconsistent"] += 1

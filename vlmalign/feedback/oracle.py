@@ -49,8 +49,11 @@ mentioned that is not in the video, and each "disappears" claim for an object th
 With f = max(0, facts stated - errors) / facts of the video: f = 1 -> 5, f >= 0.75 -> 4,
 f >= 0.5 -> 3, f >= 0.25 -> 2, else 1; correct when the score is >= 4.
 
-Ranking and comparison. Higher score first; ties go to the shorter answer (stripped length in
-characters: no credit for padding), then to the earlier answer (original order; in `compare`, A).
+Ranking. Higher score first; a ranking must be strict, so equal scores go to the shorter answer
+(stripped length in characters: no credit for padding), then to the earlier answer (original
+order). Comparison. The higher score wins; two answers of equal score are a tie (None): the oracle
+has no preference between two equally right or equally wrong answers, and breaking the tie by
+length would teach whatever learns from its pairs to answer short.
 """
 
 from __future__ import annotations
@@ -538,6 +541,7 @@ class Oracle:
             ranks[i] = position
         return ranks
 
-    def compare(self, video, question: str, answer_a: str, answer_b: str) -> int:
-        """0 if A is better, 1 if B (ties: the shorter answer, then A)."""
-        return self.rank(video, question, [answer_a, answer_b]).index(0)
+    def compare(self, video, question: str, answer_a: str, answer_b: str) -> int | None:
+        """0 if A scores higher, 1 if B, None if both score the same (a tie)."""
+        a, b = self.score(video, question, answer_a), self.score(video, question, answer_b)
+        return None if a == b else int(b > a)

@@ -266,8 +266,9 @@ def judge_stats(judgments: list) -> dict:
     counts: dict[str, int] = {}
     for j in flat:
         counts[j.status] = counts.get(j.status, 0) + 1
-    # the judge's failure rate in this stage: failed, unreadable (after re-asks) or inconsistent verdicts
-    failure_rate = (len(flat) - counts.get("ok", 0)) / max(len(flat), 1)
+    # the judge's failure rate in this stage: failed, unreadable (after re-asks) or inconsistent
+    # verdicts; a tie is a verdict (no preference), not a failure
+    failure_rate = (len(flat) - counts.get("ok", 0) - counts.get("tie", 0)) / max(len(flat), 1)
     stats = {"judgments": len(flat), "by_status": counts, "failure_rate": failure_rate, "cached": sum(j.cached for j in flat)}
     verdicts = [j.value for j in flat if j.kind == "compare" and j.status == "ok"]
     if verdicts:  # position bias: an unbiased judge of randomly ordered pairs picks A about half the time
