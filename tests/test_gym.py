@@ -124,6 +124,17 @@ def test_a_gym_folder_holds_one_budget(tmp_path):
         _check_settings(tmp_path / "old", QUICK)
 
 
+def test_minutes_per_seed_add_up_over_the_runs_of_a_folder(tmp_path):
+    """A rerun that reuses finished stages takes seconds; the table's minutes are the folder's total."""
+    from vlmalign.gym import _add_minutes
+
+    seed_dir = tmp_path / "seed-0"
+    seed_dir.mkdir()
+    assert _add_minutes(seed_dir, ("dpo",), 12.5) == 12.5
+    assert _add_minutes(seed_dir, ("ppo",), 20.25) == 32.75
+    assert _add_minutes(seed_dir, ("dpo", "ppo"), 0.01) == pytest.approx(32.76)
+
+
 def test_tau_curves_plot_every_rank_run_of_every_seed(tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib is the optional 'plots' extra")
     from vlmalign.plots import plot_gym_tau

@@ -437,8 +437,17 @@ def run_seed(out: Path, budget: GymBudget, seed: int, bench: Path, feature_cache
                 print(f"[gym seed {seed}] {name} failed: {e}", flush=True)
                 results[name] = {"failed": str(e)}
     results["start_samples"] = gym.start_samples()
-    results["minutes"] = round((time.time() - start_time) / 60, 1)
+    results["minutes"] = round(_add_minutes(out, budget.methods, (time.time() - start_time) / 60), 1)
     return results
+
+
+def _add_minutes(seed_dir: Path, methods, minutes: float) -> float:
+    """Log this run's wall minutes in SEED/minutes.jsonl and return the folder's total: a rerun
+    reuses finished stages, so its own time alone would read ~0 for work done by earlier runs."""
+    log = seed_dir / "minutes.jsonl"
+    with log.open("a") as f:
+        f.write(json.dumps({"methods": list(methods), "minutes": round(minutes, 2)}) + "\n")
+    return sum(json.loads(line)["minutes"] for line in log.read_text().splitlines() if line.strip())
 
 
 def _run_method(gym: Gym, start: Path, reader: Path | None, method: str, variant: str) -> Path:
@@ -604,5 +613,5 @@ def format_gym(runs: list[dict], manifest: dict, budget: GymBudget, command: str
         lines += ["", f"{label.strip()}: judge agreement with the oracle on the pairs it judged, chosen/rejected length "
                   f"ratio: " + "; ".join(steps) + "."]
     lines += ["", f"Gap (ceiling - start): {cell([100 * (r['ceiling']['all'] - r['start']['all']) for r in runs], signed=True)} points. "
-              f"Minutes per seed: {', '.join(str(r['minutes']) for r in runs)}."]
+              f"Minutes per seed (wall time of every run in its folder, summed): {', '.join(str(r['minutes']) for r in runs)}."]
     return "\n".join(lines)
