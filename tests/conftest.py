@@ -103,3 +103,42 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def check_shared_prompt_forward(model, visual, requests) -> None:
+    """GRPO's training forward with each prompt run once for all its answers gives the log-probs,
+    entropies and gradients that full rows (prompt + answer each) give, and the log-probs sampling
+    recorded; over a chunk that starts and ends inside a group, as a mini-batch may."""
+    import dataclasses
+
+    import torch
+
+    from vlmalign.data.collate import Collator
+    from vlmalign.feedback.preferences import Question
+    from vlmalign.model.generation import GenerationConfig, sample_answers
+    from vlmalign.train.grpo_rank import _answer_logps
+
+    gen = GenerationConfig(max_new_tokens=6, do_sample=True, temperature=1.5, num_return_sequences=3)
+    groups = sample_answers(model.eval(), visual, requests, gen, generator=torch.Generator().manual_seed(0))
+    questions = [Question(str(i), video, text) for i, (video, text) in enumerate(requests)]
+    # answers of several lengths, so padding is exercised: an untrained model seldom ends one itself,
+    # and a cut answer's tokens keep their recorded log-probs
+    cut = [dataclasses.replace(s, token_ids=s.token_ids[: 2 + k % 5], token_logps=s.token_logps[: 2 + k % 5])
+           for k, s in enumerate(s for group in groups for s in group)]
+    chunk = [(questions[k // gen.num_return_sequences], s) for k, s in enumerate(cut)][1:-1]
+    collate = Collator(model, visual)
+    results = []
+    for shared in (True, False):
+        model.zero_grad()
+        logps, mask, entropy = _answer_logps(model, chunk, collate, "cpu", True, shared)
+        (logps.sum() + entropy.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((logps[mask], entropy[mask], grads))
+    (logps, entropy, grads), (full_logps, full_entropy, full_grads) = results
+    assert logps.numel() == sum(len(s.token_ids) for _, s in chunk)
+    torch.testing.assert_close(logps, full_logps, rtol=0, atol=2e-5)
+    torch.testing.assert_close(logps, torch.tensor([x for _, s in chunk for x in s.token_logps]), rtol=0, atol=2e-4)
+    torch.testing.assert_close(entropy, full_entropy, rtol=0, atol=2e-5)
+    assert grads and grads.keys() == full_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], full_grads[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import check_shared_prompt_forward
 from vlmalign.config import GRPOConfig, load_config
 from vlmalign.errors import ConfigError
 from vlmalign.train import grpo_rank
@@ -244,3 +245,13 @@ def test_rollout_log_resumes_past_a_cut_write_and_names_a_bad_line(tmp_path):
     path.write_text(json.dumps({"step": 1}) + "\nnot json\n")
     with pytest.raises(DataError, match=f"{path}:2: not a rollout row"):
         RolloutLog(path, done=1)
+
+
+def test_training_runs_each_prompt_once_for_its_answers(tiny_policy, tiny_bench):
+    from vlmalign.data.formats import read_instructions
+    from vlmalign.model.policy import load_model
+
+    model = load_model(tiny_policy, trainable=True)
+    samples = read_instructions(tiny_bench / "sft_easy.json")[:2]
+    requests = [(s.video, s.turns[0].text) for s in samples] + [(None, "How many objects are there?")]
+    check_shared_prompt_forward(model, model.visual_inputs(None), requests)

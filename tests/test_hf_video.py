@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import check_shared_prompt_forward
 from vlmalign.config import DPOConfig, GRPOConfig, LoraConfig, ModelConfig, SFTConfig, load_config
 from vlmalign.data.collate import Collator, EncodedSample
 from vlmalign.data.formats import Turn, read_instructions, write_jsonl
@@ -260,6 +261,12 @@ def test_sampled_logprobs_equal_a_teacher_forced_pass(checkpoint, tiny_bench):
     recorded = [s.token_logps for group in groups for s in group]
     for row, expected in enumerate(recorded):
         torch.testing.assert_close(logps[row][mask[row]], torch.tensor(expected), rtol=0, atol=2e-4)
+
+
+def test_training_runs_each_prompt_once_for_its_answers(checkpoint, tiny_bench):
+    model = policy(checkpoint)
+    samples = read_instructions(tiny_bench / "sft_easy.json")[:2]
+    check_shared_prompt_forward(model, model.visual_inputs(None), [(s.video, s.turns[0].text) for s in samples])
 
 
 @pytest.mark.parametrize("lora", [False, True])

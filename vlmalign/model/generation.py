@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 
 from vlmalign.data.collate import pad_sequences
 from vlmalign.data.formats import VIDEO_TOKEN
+from vlmalign.data.template import IGNORE_INDEX
+from vlmalign.errors import VlmalignError
 
 
 @dataclass
@@ -87,17 +89,23 @@ class DecodeState:
         self.cache.batch_repeat_interleave(g)
         self.position = self.position.repeat_interleave(g)
 
-    def advance(self, cache) -> None:
-        self.cache, self.position = cache, self.position + 1
+    def select(self, rows: torch.Tensor) -> None:
+        """Row i becomes prefilled row rows[i]: any number of answers per prompt."""
+        self.cache.batch_select_indices(rows)
+        self.position = self.position[rows]
+
+    def next_positions(self, n: int) -> torch.Tensor:
+        """[rows, n]: the positions of the next n tokens of each row."""
+        return self.position[:, None] + torch.arange(n, device=self.position.device)
 
     def step(self, lm, tokens: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """One token per row through `lm` (a transformers causal LM) on the cache: the next-token
-        logits [rows, vocab]; the state moves one position on. Each family gives its positions."""
+        """`tokens` [rows, n] through `lm` (a transformers causal LM) on the cache: their logits
+        [rows, n, vocab]; the state moves n positions on. Each family gives its positions."""
         name = cache_name(lm)
-        out = lm(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+        out = lm(input_ids=tokens, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                  **{name: self.cache})
-        self.advance(getattr(out, name))
-        return out.logits[:, -1]
+        self.cache, self.position = getattr(out, name), self.position + tokens.shape[1]
+        return out.logits
 
 
 @torch.no_grad()
@@ -134,7 +142,7 @@ def sample_tokens(
         if bool(finished.all()):
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        logits = model.decode(nxt, attention_mask, state)
+        logits = model.extend(nxt[:, None], attention_mask, state)[:, -1]
     tokens_t = torch.stack(tokens, 1)
     logps_t = torch.stack(logps, 1)
     # length = tokens up to and including EOS, or all of them when the row never ended
@@ -156,6 +164,32 @@ def _prompt_batch(model, questions: list[str], visual_inputs: list):
     attention = pad_sequences([[1] * len(p) for p in prompts], 0, side="left").to(model.device)
     stacked = {k: v.to(model.device) for k, v in model.stack_visual(visual_rows).items()} if visual_rows else {}
     return input_ids, attention, stacked
+
+
+def answer_logits(model, questions: list[str], visual_inputs: list, answers: list[list[int]],
+                  prompt_of: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced logits of answers, the training twin of `sample_tokens`: each prompt
+    (`questions[i]` with `visual_inputs[i]`, as `sample_from_visual` takes them) is prefilled once
+    and its keys and values serve every answer to it, with gradients; answer r answers prompt
+    `prompt_of[r]`. The G answers of a GRPO group then cost one prompt, not G: with a video prompt
+    of hundreds of tokens and short answers, most of a full forward pass.
+
+    Returns (logits [R, N + 1, vocab], labels [R, N + 1]) laid out like a full forward pass for
+    `losses.token_logps`: position t predicts label t + 1; label 0 and padding are ignored.
+    Gradient checkpointing drops the cache a prefill makes, so it cannot run this way.
+    """
+    input_ids, attention, visual = _prompt_batch(model, questions, visual_inputs)
+    last, state = model.prefill(input_ids, attention, visual)
+    if state.cache is None:
+        raise VlmalignError("shared-prompt forward: the model returned no KV cache (gradient checkpointing drops "
+                            "it while training); run the full rows instead")
+    rows = torch.tensor(prompt_of, device=input_ids.device)
+    state.select(rows)
+    ids = pad_sequences(answers, model.tokenizer.pad_token_id, side="right").to(input_ids.device)
+    seen = pad_sequences([[1] * len(a) for a in answers], 0, side="right").to(input_ids.device)
+    logits = model.extend(ids, torch.cat([attention[rows], seen], 1), state)
+    labels = torch.cat([torch.full_like(ids[:, :1], IGNORE_INDEX), ids.masked_fill(seen == 0, IGNORE_INDEX)], 1)
+    return torch.cat([last[rows][:, None], logits], 1), labels
 
 
 def sample_from_visual(

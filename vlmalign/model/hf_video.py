@@ -683,9 +683,9 @@ class HFVideoLM(Policy):
     def _last_position(position_ids: torch.Tensor) -> torch.Tensor:
         return position_ids[0, :, -1]  # Qwen's 3D positions: after text the three axes are equal
 
-    def decode(self, tokens, attention_mask, state: DecodeState) -> torch.Tensor:
-        rows = tokens.shape[0]  # Qwen's 3D positions: text advances all three axes alike
-        return state.step(self.hf, tokens, attention_mask, state.position.view(1, rows, 1).expand(3, rows, 1))
+    def extend(self, tokens, attention_mask, state: DecodeState) -> torch.Tensor:
+        # Qwen's 3D positions: text advances all three axes alike
+        return state.step(self.hf, tokens, attention_mask, state.next_positions(tokens.shape[1]).expand(3, -1, -1))
 
     # --- saving -------------------------------------------------------------------------------
     def save_pretrained(self, path) -> None:
@@ -802,8 +802,8 @@ class LlavaOnevisionVideoLM(HFVideoLM):
     def _last_position(position_ids: torch.Tensor) -> torch.Tensor:
         return position_ids[:, -1]
 
-    def decode(self, tokens, attention_mask, state: DecodeState) -> torch.Tensor:
-        return state.step(self.hf, tokens, attention_mask, state.position[:, None])
+    def extend(self, tokens, attention_mask, state: DecodeState) -> torch.Tensor:
+        return state.step(self.hf, tokens, attention_mask, state.next_positions(tokens.shape[1]))
 
 
 class LlavaNextVideoLM(LlavaOnevisionVideoLM):

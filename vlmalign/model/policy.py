@@ -27,8 +27,9 @@ then only call these operations:
                     sample_id, layout)
     language_model                                      the causal LM (its embeddings and LM head)
     frame_settings()                                    what decides the frames read and their tokens
-    prefill(input_ids, attention_mask, visual)          shared-prefix sampling: one prefill ...
-    decode(tokens, attention_mask, state)               ... then one token per step
+    prefill(input_ids, attention_mask, visual)          shared-prefix sampling and training: one prefill ...
+    extend(tokens, attention_mask, state)               ... then tokens [rows, n] on its cache (one per
+                                                        step when sampling, whole answers when training)
     reference()                                         context: the starting policy (LoRA off)
     uses_lora, save_pretrained(path), tokenizer, device
 """

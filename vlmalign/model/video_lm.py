@@ -93,8 +93,8 @@ class VideoLM(Policy):
                        attention_mask=attention_mask, position_ids=positions, use_cache=True)
         return out.logits[:, -1], DecodeState(getattr(out, cache_name(self.llm)), positions[:, -1] + 1)
 
-    def decode(self, tokens, attention_mask, state: DecodeState) -> torch.Tensor:
-        return state.step(self.llm, tokens, attention_mask, state.position[:, None])
+    def extend(self, tokens, attention_mask, state: DecodeState) -> torch.Tensor:
+        return state.step(self.llm, tokens, attention_mask, state.next_positions(tokens.shape[1]))
 
     def adapted_module(self):
         return self.llm

@@ -68,7 +68,7 @@ from vlmalign.losses import (
     token_entropy,
     token_logps,
 )
-from vlmalign.model.generation import GenerationConfig
+from vlmalign.model.generation import GenerationConfig, answer_logits
 from vlmalign.model.policy import MANIFEST, build_model, load_model
 from vlmalign.train.common import (
     all_sum,
@@ -95,10 +95,27 @@ def completion_rows(model, question: str, video, samples) -> list[EncodedSample]
     ]
 
 
-def _forward_logps(model, batch: dict, device, with_entropy: bool):
-    """Token log-probs (and entropies) of a batch; `model` may be wrapped for DDP."""
-    logits = model(**extract_model_from_parallel(model).model_inputs(batch, device)).logits
-    labels = batch["labels"].to(device)
+def _answer_logps(model, chunk: list, collate: Collator, device, with_entropy: bool, shared_prompts: bool):
+    """Token log-probs (and entropies) of a chunk of (question, sample) rows under `model`.
+
+    `shared_prompts`: each question's prompt runs once for all its answers (`answer_logits`, the
+    same numbers as full rows). Otherwise every row runs prompt and answer, as a model wrapped for
+    DDP needs (its gradient hooks run through the wrapper's forward) and gradient checkpointing too
+    (it drops the prompt's cache)."""
+    if shared_prompts:
+        prompts, prompt_of = [], []
+        for question, _ in chunk:
+            if not prompts or prompts[-1] is not question:
+                prompts.append(question)
+            prompt_of.append(len(prompts) - 1)
+        logits, labels = answer_logits(
+            model, [q.question for q in prompts], [None if q.video is None else collate.visual.get(q.video) for q in prompts],
+            [s.token_ids for _, s in chunk], prompt_of)
+    else:
+        policy = extract_model_from_parallel(model)
+        batch = collate([row for q, s in chunk for row in completion_rows(policy, q.question, q.video, [s])])
+        logits = model(**policy.model_inputs(batch, device)).logits
+        labels = batch["labels"].to(device)
     logps, mask = token_logps(logits, labels)
     entropy = token_entropy(logits, labels) if with_entropy else None
     return logps, mask, entropy
@@ -371,6 +388,12 @@ def run(cfg: GRPOConfig) -> Path:
     # --- loop --------------------------------------------------------------------------------
     bar = tqdm(total=total, initial=step, desc=f"grpo ({grpo.advantage})", disable=not (rt.is_main and cfg.run.progress))
     local_batch = grpo.mini_batch // world
+    # in one process without gradient checkpointing each prompt runs once for its G answers
+    shared_prompts = model is policy and not cfg.model.gradient_checkpointing
+
+    def logps_of(net, chunk, with_entropy=False):
+        return _answer_logps(net, chunk, collate, acc.device, with_entropy, shared_prompts)
+
     while step < total:
         if epoch_reference is not None and step % per_epoch == 0:
             epoch_reference.reset(step // per_epoch)
@@ -384,7 +407,7 @@ def run(cfg: GRPOConfig) -> Path:
         batch_questions = batch_questions[rank * share : (rank + 1) * share]
         groups = groups[rank * share : (rank + 1) * share]
         advantages = all_advantages[rank * share : (rank + 1) * share]
-        rows = [row for q, grp in zip(batch_questions, groups) for row in completion_rows(policy, q.question, q.video, grp)]
+        rows = [(q, s) for q, grp in zip(batch_questions, groups) for s in grp]
         flat_adv = advantages.reshape(-1)
         lengths = torch.tensor([len(s.token_ids) for grp in groups for s in grp], dtype=torch.float)
 
@@ -392,20 +415,19 @@ def run(cfg: GRPOConfig) -> Path:
         update_started = time.perf_counter()
         with torch.no_grad():
             olds, refs = [], []
-            rollout_tokens = 0
+            rollout_tokens = sum(len(s.token_ids) for _, s in rows)
             for start in range(0, len(rows), local_batch):
-                batch = collate(rows[start : start + local_batch])
-                rollout_tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-                olds.append(_forward_logps(model, batch, acc.device, False)[0] if grpo.num_iterations > 1 else None)
+                chunk = rows[start : start + local_batch]
+                olds.append(logps_of(model, chunk)[0] if grpo.num_iterations > 1 else None)
                 if grpo.beta > 0:
                     if epoch_reference is not None:
                         with epoch_reference.swapped_in():
-                            refs.append(_forward_logps(policy, batch, acc.device, False)[0])
+                            refs.append(logps_of(policy, chunk)[0])
                     elif reference is not None:
-                        refs.append(_forward_logps(reference, batch, acc.device, False)[0])
+                        refs.append(logps_of(reference, chunk)[0])
                     else:
                         with policy.reference():
-                            refs.append(_forward_logps(model, batch, acc.device, False)[0])
+                            refs.append(logps_of(model, chunk)[0])
 
         # optimisation passes over the rollout
         model.train()
@@ -415,16 +437,16 @@ def run(cfg: GRPOConfig) -> Path:
         mean_tokens = global_count(acc, rollout_tokens) / updates_per_pass
         for _ in range(grpo.num_iterations):
             for k, start in enumerate(range(0, len(rows), local_batch)):
-                batch = collate(rows[start : start + local_batch])
+                chunk = rows[start : start + local_batch]
                 # every loss divides this process's terms by a count over the whole update (all
                 # processes); x world because DDP averages gradients
-                local_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+                local_tokens = sum(len(s.token_ids) for _, s in chunk)
                 num_tokens = global_count(acc, local_tokens)
-                counts = LossCounts(tokens=num_tokens, answers=global_count(acc, len(batch["labels"])),
+                counts = LossCounts(tokens=num_tokens, answers=global_count(acc, len(chunk)),
                                     mean_tokens=mean_tokens, max_length=cfg.sampling.max_new_tokens)
                 scale = world
                 with acc.autocast():
-                    logps, mask, entropy = _forward_logps(model, batch, acc.device, grpo.c_entropy != 0)
+                    logps, mask, entropy = logps_of(model, chunk, grpo.c_entropy != 0)
                     old = olds[k] if olds[k] is not None else logps.detach()
                     loss, stats = grpo_loss(
                         logps, old, refs[k] if refs else None, flat_adv[start : start + local_batch].to(acc.device),
