@@ -135,6 +135,31 @@ def test_minutes_per_seed_add_up_over_the_runs_of_a_folder(tmp_path):
     assert _add_minutes(seed_dir, ("dpo", "ppo"), 0.01) == pytest.approx(32.76)
 
 
+def test_concurrent_seeds_make_shared_things_one_at_a_time(tmp_path):
+    """`--seeds N` processes on one folder share the benchmark and the reader: while one makes them
+    the others wait (rather than write the same files over each other)."""
+    import threading
+    import time
+
+    from vlmalign.gym import one_writer
+
+    log, inside = [], threading.Event()
+
+    def first():
+        with one_writer(tmp_path / ".lock"):
+            inside.set()
+            time.sleep(0.5)
+            log.append("first done")
+
+    worker = threading.Thread(target=first)
+    worker.start()
+    inside.wait()
+    with one_writer(tmp_path / ".lock"):
+        log.append("second in")
+    worker.join()
+    assert log == ["first done", "second in"]
+
+
 def test_tau_curves_plot_every_rank_run_of_every_seed(tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib is the optional 'plots' extra")
     from vlmalign.plots import plot_gym_tau

@@ -43,8 +43,10 @@ command that made it. Every stage resumes: re-running skips what is finished.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -217,11 +219,13 @@ class Gym:
         from vlmalign.train import sft
 
         root = self.out.parent
-        records = reader_records(self.bench, root / "reader-data" / "records.json")
-        return sft.run(load_config(SFTConfig, CONFIGS / "sft.yaml", _sets(
-            run__dir=root / "reader", curriculum__criterion="none", train__epochs=self.budget.reader_epochs,
-            train__batch_size=self.budget.sft_batch_size, train__seed=self.budget.bench_seed, data__train=f"[{records}]",
-            data__max_length=512, **self.initial_model(root / "reader-init", self.budget.bench_seed), **self.common)))
+        with one_writer(root / ".reader.lock"):
+            records = reader_records(self.bench, root / "reader-data" / "records.json")
+            return sft.run(load_config(SFTConfig, CONFIGS / "sft.yaml", _sets(
+                run__dir=root / "reader", curriculum__criterion="none", train__epochs=self.budget.reader_epochs,
+                train__batch_size=self.budget.sft_batch_size, train__seed=self.budget.bench_seed,
+                data__train=f"[{records}]", data__max_length=512,
+                **self.initial_model(root / "reader-init", self.budget.bench_seed), **self.common)))
 
     def reader_judge(self, reader: Path, prefix: str = "") -> dict:
         """Judge settings (with a config-key `prefix`) that make the reader judge by likelihood."""
@@ -410,6 +414,16 @@ ROWS = {  # result key -> table label
 VARIANTS = {m: ("", "-none", "-control") if m in JUDGED else ("", "-control") for m in METHODS}
 
 
+@contextmanager
+def one_writer(lock: Path):
+    """Seeds run as concurrent `vlmalign gym --seeds N` processes on one folder. What they share (the
+    benchmark, the reader judge) is made by the first to get here while the others wait, then
+    reused: two processes writing the same files would corrupt them."""
+    with open(lock, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def run_seed(out: Path, budget: GymBudget, seed: int, bench: Path, feature_cache: Path, progress: bool) -> dict:
     gym = Gym(out, budget, seed, bench, feature_cache, progress)
     start_time = time.time()
@@ -494,11 +508,13 @@ def run_gym(out="runs/gym", budget: GymBudget = FULL, seeds=(0, 1, 2), progress:
         raise VlmalignError(f"family: {budget.family!r} is not one of {', '.join(FAMILIES)}")
     _check_settings(out, budget)
     bench = out / "bench"
-    if not (bench / "manifest.json").is_file():
-        print(f"[gym] benchmark: {budget.videos} videos, prior rate {budget.prior_rate}, invent rate {budget.invent_rate}",
-              flush=True)
-        generate_benchmark(bench, num_videos=budget.videos, seed=budget.bench_seed, splits=budget.splits,
-                           max_objects=budget.max_objects, misalignment=Misalignment(budget.prior_rate, budget.invent_rate), progress=progress)
+    with one_writer(out / ".bench.lock"):
+        if not (bench / "manifest.json").is_file():
+            print(f"[gym] benchmark: {budget.videos} videos, prior rate {budget.prior_rate}, invent rate "
+                  f"{budget.invent_rate}", flush=True)
+            generate_benchmark(bench, num_videos=budget.videos, seed=budget.bench_seed, splits=budget.splits,
+                               max_objects=budget.max_objects,
+                               misalignment=Misalignment(budget.prior_rate, budget.invent_rate), progress=progress)
     runs = [run_seed(out / f"seed-{s}", budget, s, bench, out / "feature_cache", progress) for s in seeds]
     manifest = json.loads((bench / "manifest.json").read_text())
     text = format_gym(runs, manifest, budget, command)
