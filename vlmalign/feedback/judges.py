@@ -68,6 +68,7 @@ import random
 import re
 import urllib.parse
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -704,20 +705,35 @@ def _weights_fingerprint(model) -> str:
     return h.hexdigest()[:12]
 
 
-class HFJudge(_PromptedJudge):
-    backend = "hf"
+class _LocalModelJudge(Judge):
+    """A judge that runs a loaded model: a saved one, or the policy itself (self-judging). Its id
+    carries a fingerprint of the weights, recomputed before every call, so a policy that has trained
+    since never reads the verdicts of its former self from the cache; it judges in eval mode (no
+    dropout: the same item always gets the same verdict)."""
 
     def __init__(self, model, visual, cfg: JudgeConfig, cache: JudgmentCache, name: str | None = None, progress: bool = True):
-        self.model = model
-        self.visual = visual
+        self.model, self.visual = model, visual
         self.name = name or cfg.model or "policy"
         super().__init__(self._make_id(), cfg, cache, progress)
 
     def _make_id(self) -> str:
-        return f"hf:{self.name}#{_weights_fingerprint(self.model)}"
+        return f"{self.backend}:{self.name}#{_weights_fingerprint(self.model)}"
 
     def _begin(self) -> None:
         self.id = self._make_id()
+
+    @contextmanager
+    def _evaluating(self):
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(was_training)
+
+
+class HFJudge(_LocalModelJudge, _PromptedJudge):
+    backend = "hf"
 
     def _params(self) -> dict:
         return {"do_sample": False, "max_new_tokens": self.cfg.max_new_tokens}
@@ -727,16 +743,12 @@ class HFJudge(_PromptedJudge):
 
         size = max(1, self.cfg.batch_size)
         gen = generation.GenerationConfig(max_new_tokens=self.cfg.max_new_tokens, do_sample=False, batch_size=size)
-        was_training = self.model.training
-        self.model.eval()  # no dropout: the judge must answer the same way every time
-        try:
+        with self._evaluating():
             for start in range(0, len(tasks), size):
                 chunk = tasks[start : start + size]
                 replies = generation.generate_answers(self.model, self.visual, [(t.video, t.text) for t in chunk], gen)
                 for t, (reply,) in zip(chunk, replies):
                     finish(t, self._record(t, reply, self.name))
-        finally:
-            self.model.train(was_training)
 
 
 # ------------------------------------------------------------------------------------- reward
@@ -800,7 +812,7 @@ def likelihood_prompt(question: str, context: str, prompts=None, video=None) -> 
     return prompt.id, (_PLACEHOLDER.sub("", text) if video is None else text)
 
 
-class LikelihoodJudge(Judge):
+class LikelihoodJudge(_LocalModelJudge):
     """A local model judges by reading: each answer's score is the log-probability the model gives
     it as its reply to judge.likelihood (the context, then the question), summed over the answer's
     tokens. compare: the likelier answer (A on a tie); rank: answers by log-probability, best first
@@ -812,17 +824,6 @@ class LikelihoodJudge(Judge):
     answers in general. With `cfg.read_video` false the video is not shown (a text-only judge)."""
 
     backend = "likelihood"
-
-    def __init__(self, model, visual, cfg: JudgeConfig, cache: JudgmentCache, name: str | None = None, progress: bool = True):
-        self.model, self.visual = model, visual
-        self.name = name or cfg.model or "policy"
-        super().__init__(self._make_id(), cfg, cache, progress)
-
-    def _make_id(self) -> str:
-        return f"likelihood:{self.name}#{_weights_fingerprint(self.model)}"
-
-    def _begin(self) -> None:
-        self.id = self._make_id()
 
     def _task(self, kind: str, request: JudgeRequest) -> _Task:
         video = request.video if self.cfg.read_video else None
@@ -841,9 +842,7 @@ class LikelihoodJudge(Judge):
 
         collate = Collator(self.model, self.visual)
         size = max(1, self.cfg.batch_size)
-        was_training = self.model.training
-        self.model.eval()  # no dropout: the same answer always gets the same score
-        try:
+        with self._evaluating():
             for start in range(0, len(tasks), size):
                 chunk = tasks[start : start + size]
                 rows = []
@@ -860,8 +859,6 @@ class LikelihoodJudge(Judge):
                 for t in chunk:
                     own, logps = logps[: t.n], logps[t.n :]
                     finish(t, _scored_judgment(self.id, t, own, "log-probs", self.name))
-        finally:
-            self.model.train(was_training)
 
 
 # -------------------------------------------------------------------------------------- build
