@@ -17,7 +17,7 @@ Per seed, from one benchmark:
             grpo_rank  Oracle-RLAIF's rank advantage on the oracle's ranking
             grpo_rank_monotone  the same ranking, an advantage that always prefers better-ranked
                        answers (losses.grpo_rank_monotone_advantages)
-            ppo        VLM-RLAIF: reward model on oracle-judged pairs, PPO against it
+            ppo        VLM-RLAIF's RM + PPO: a reward model on DPO's oracle pairs, PPO against it
   controls  the same run with the feedback destroyed, same budget: grpo on random scores, both grpo_rank
             on random rankings (the `random` judge: verdicts unrelated to truth); dpo and ppo on
             swapped pairs (the feedback reversed: these must lose, and check its direction)
@@ -87,6 +87,9 @@ class GymBudget:
     dpo_sft_weight: float = 1.0
     grpo_rollouts: int = 150
     grpo_lr: float = 3e-4
+    # Questions whose 2 samples a judge compares for VLM-RLAIF's reward model (the judged rows). The
+    # oracle's RM + PPO trains its reward model on DPO's pairs instead: judged pairwise, 690 of 800
+    # seed-0 pairs were ties (both answers equally right or wrong; docs/results.md).
     rm_questions: int = 800
     # RM + PPO takes GRPO's budget (rollouts of 16 questions, lr), as declared before it was run; the
     # reward model trains on its pairs with configs/tiny/rm.yaml's own settings.
@@ -160,14 +163,22 @@ class Gym:
             data__max_length=512, **self.initial_model(), **self.common))
         return sft.run(cfg)
 
-    def dpo(self, start: Path, control: bool) -> Path:
+    def oracle_pairs(self, start: Path) -> Path:
+        """The oracle's preference pairs (DPO/prefs): 6 samples of the start per question, scored 1-5,
+        chosen >= 3 against rejected <= 2. Every oracle-fed pairwise method (DPO, the reward model of
+        RM + PPO) learns from these same pairs."""
         from vlmalign.feedback import preferences
-        from vlmalign.train import dpo
 
         prefs_dir = self.out / "dpo" / "prefs"
         if not (prefs_dir / "stats.json").is_file():
             preferences.run(self.pipe.prefs_config(prefs_dir, start, preferences__limit=self.budget.dpo_questions))
-        pairs = prefs_dir / "preferences.jsonl"
+        return prefs_dir / "preferences.jsonl"
+
+    def dpo(self, start: Path, control: bool) -> Path:
+        from vlmalign.feedback import preferences
+        from vlmalign.train import dpo
+
+        pairs = self.oracle_pairs(start)
         if control:
             pairs = preferences.swap_preferences(pairs, self.out / "dpo-control" / "swapped.jsonl")
         return dpo.run(load_config(DPOConfig, CONFIGS / "dpo.yaml", _sets(
@@ -188,19 +199,23 @@ class Gym:
             eval_qa="null", **judge, **self.common)))
 
     def ppo(self, start: Path, control: bool, name: str = "ppo", feedback: dict | None = None) -> Path:
-        """RM + PPO: 2 samples per question judged pairwise (by the oracle, or as `feedback` says:
-        judge and context settings of make-prefs), a reward model on the pairs (swapped for the
-        control), PPO against it. The pairs live in NAME/prefs, the runs in NAME[-control]/."""
+        """RM + PPO: a reward model on preference pairs (swapped for the control), PPO against it. The
+        pairs: the oracle's, DPO's own (`oracle_pairs`); or, with `feedback` (judge and context
+        settings of make-prefs), 2 samples per question judged pairwise, VLM-RLAIF's protocol, in
+        NAME/prefs. The runs live in NAME[-control]/."""
         from vlmalign.feedback import preferences
         from vlmalign.train import ppo, rm
 
-        prefs_dir = self.out / name / "prefs"
-        if not (prefs_dir / "stats.json").is_file():
-            preferences.run(self.pipe.prefs_config(
-                prefs_dir, start, preferences__method="pairwise", sampling__num_samples=2,
-                preferences__limit=self.budget.rm_questions, **(feedback or {"context__kind": "none"})))
+        if feedback is None:
+            pairs = self.oracle_pairs(start)
+        else:
+            prefs_dir = self.out / name / "prefs"
+            if not (prefs_dir / "stats.json").is_file():
+                preferences.run(self.pipe.prefs_config(
+                    prefs_dir, start, preferences__method="pairwise", sampling__num_samples=2,
+                    preferences__limit=self.budget.rm_questions, **feedback))
+            pairs = prefs_dir / "preferences.jsonl"
         run_name = name + ("-control" if control else "")
-        pairs = prefs_dir / "preferences.jsonl"
         if control:
             pairs = preferences.swap_preferences(pairs, self.out / run_name / "swapped.jsonl")
         rm_final = rm.run(load_config(RMConfig, CONFIGS / "rm.yaml", _sets(
