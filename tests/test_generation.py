@@ -18,8 +18,8 @@ def model(word_corpus):
     return m.eval()
 
 
-def _prompts(model):
-    ids = [model.encode_prompt(q) for q in QUESTIONS]
+def _prompts(model, questions=QUESTIONS):
+    ids = [model.encode_prompt(q) for q in questions]
     input_ids = pad_sequences(ids, model.tokenizer.pad_token_id, side="left")
     mask = pad_sequences([[1] * len(i) for i in ids], 0, side="left")
     feats = torch.randn(len(ids), 16, 64, 64, generator=torch.Generator().manual_seed(1))
@@ -36,13 +36,15 @@ def test_greedy_decoding_matches_transformers_generate(model):
         assert ours[row, :n].tolist() == theirs[row, :n].tolist()
 
 
-def test_recorded_logps_are_the_policy_logps_of_the_sampled_tokens(model):
+@pytest.mark.parametrize("questions", [QUESTIONS, QUESTIONS[:1]], ids=["left-padded", "one length, decoded unmasked"])
+def test_recorded_logps_are_the_policy_logps_of_the_sampled_tokens(model, questions):
     """What PPO/GRPO use as old log-probs must equal a teacher-forced forward pass."""
-    input_ids, mask, feats = _prompts(model)
+    input_ids, mask, feats = _prompts(model, questions)
+    assert bool((mask == 0).any()) == (len(questions) > 1)
     g = 3
     gen = GenerationConfig(max_new_tokens=8, do_sample=True, temperature=0.7, top_p=0.9, num_return_sequences=g)
     tokens, logps, lengths = sample_tokens(model, input_ids, mask, {"features": feats}, gen, torch.Generator().manual_seed(0))
-    assert tokens.shape[0] == len(QUESTIONS) * g
+    assert tokens.shape[0] == len(questions) * g
     # sampling keeps no autograd graph, though the model trains (a graph per decoding step would
     # cost a 7B rollout its memory)
     assert any(p.requires_grad for p in model.parameters()) and not logps.requires_grad

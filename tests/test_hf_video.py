@@ -243,12 +243,13 @@ def test_every_family_loads_as_it_ships_and_reads_a_video(checkpoint, tiny_bench
         assert torch.isfinite(model(**model.model_inputs(batch, "cpu")).logits).all()
 
 
-def test_sampled_logprobs_equal_a_teacher_forced_pass(checkpoint, tiny_bench):
+@pytest.mark.parametrize("prompts", [2, 1], ids=["left-padded", "one prompt, decoded unmasked"])
+def test_sampled_logprobs_equal_a_teacher_forced_pass(checkpoint, tiny_bench, prompts):
     """Shared-prefix sampling (one prefill with the video, its cache copied to the G samples, 3D
     positions continued by hand) records the log-probs a training forward pass gives."""
     model = policy(checkpoint).eval()
     visual = model.visual_inputs(None)
-    samples = read_instructions(tiny_bench / "sft_easy.json")[:2]
+    samples = read_instructions(tiny_bench / "sft_easy.json")[:prompts]
     requests = [(s.video, s.turns[0].text + (" and say it twice" if i else "")) for i, s in enumerate(samples)]
     gen = GenerationConfig(max_new_tokens=6, do_sample=True, num_return_sequences=3)
     groups = sample_answers(model, visual, requests, gen, generator=torch.Generator().manual_seed(0))

@@ -123,6 +123,9 @@ def sample_tokens(
     tokenizer, g = model.tokenizer, gen.num_return_sequences
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     logits, state = model.prefill(input_ids, attention_mask, visual)
+    # prompts of one length need no mask while decoding (each new token sees the whole cache), and
+    # building one every step costs a small model more than the step's attention
+    padded = not bool(attention_mask.all())
     if g > 1:
         state.repeat(g)
         attention_mask = attention_mask.repeat_interleave(g, 0)
@@ -141,8 +144,9 @@ def sample_tokens(
         finished = finished | (nxt == eos)
         if bool(finished.all()):
             break
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        logits = model.extend(nxt[:, None], attention_mask, state)[:, -1]
+        if padded:
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        logits = model.extend(nxt[:, None], attention_mask if padded else None, state)[:, -1]
     tokens_t = torch.stack(tokens, 1)
     logps_t = torch.stack(logps, 1)
     # length = tokens up to and including EOS, or all of them when the row never ended
