@@ -169,3 +169,29 @@ def test_interrupted_iterative_dpo_redoes_no_finished_iteration(tiny_policy, tin
     first_ctx = json.loads((run_dir / "iter-01" / "contexts.json").read_text())["contexts"]
     second_ctx = json.loads((run_dir / "iter-02" / "contexts.json").read_text())["contexts"]
     assert first_ctx.keys() == second_ctx.keys() and len(first_ctx) > 1
+
+
+def test_an_iteration_without_pairs_keeps_its_policy(tiny_policy, tiny_bench, tmp_path, monkeypatch):
+    """A judge that prefers no answer of any pair (the oracle on equally scored answers) leaves an
+    iteration nothing to learn: the policy goes on unchanged instead of the loop dying there."""
+    run_dir = tmp_path / "isr"
+    cfg = load_config(DPOConfig, "configs/tiny/isr_dpo.yaml",
+                      isr_overrides(tiny_policy, tiny_bench, run_dir, **{"loop.iterations": "2", "loop.eval_qa": "null"}))
+    from vlmalign.feedback import preferences
+
+    real = preferences.make_preferences
+
+    def no_pairs_in_iteration_one(prefs_cfg, *args, **kwargs):
+        path, stats = real(prefs_cfg, *args, **kwargs)
+        if path.parent.name == "iter-01":
+            path.write_text("")
+            stats = {**stats, "pairs": 0, "dropped": {"tie": stats["questions"]}}
+        return path, stats
+
+    monkeypatch.setattr(preferences, "make_preferences", no_pairs_in_iteration_one)
+    final = dpo.run(cfg)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary[0]["pairs"] == 0 and summary[0]["policy_out"] == str(tiny_policy)
+    assert summary[1]["policy_in"] == str(tiny_policy) and summary[1]["pairs"] > 0
+    assert final == run_dir / "iter-02" / "final" and not (run_dir / "iter-01" / "final").exists()
+    assert dpo.run(cfg) == final  # a re-run finds both iterations done

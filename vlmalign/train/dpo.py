@@ -227,9 +227,10 @@ def run_iterative(cfg: DPOConfig) -> Path:
     summary = []
     for t in range(1, loop.iterations + 1):
         it_dir = root / f"iter-{t:02d}"
-        final = it_dir / "final"
         contexts_path = it_dir / "contexts.json"
-        if (final / MANIFEST).is_file() and (it_dir / "summary.json").is_file():
+        done = json.loads((it_dir / "summary.json").read_text()) if (it_dir / "summary.json").is_file() else None
+        if done is not None and (Path(done["policy_out"]) / MANIFEST).is_file():
+            final = Path(done["policy_out"])
             print(f"iteration {t}: done ({final})", flush=True)
             contexts = load_contexts(contexts_path) or {}
         else:
@@ -253,13 +254,20 @@ def run_iterative(cfg: DPOConfig) -> Path:
                                                  context_name=loop.context_mode, progress=cfg.run.progress)
             del model, visual
             pairs = read_preference_pairs(prefs_path, cfg.data.video_root)
-            it_cfg = dataclasses.replace(
-                cfg,
-                run=dataclasses.replace(cfg.run, dir=str(it_dir)),
-                model=dataclasses.replace(cfg.model, init_from=str(policy)),
-                train=dataclasses.replace(cfg.train, seed=cfg.train.seed + t),
-            )
-            final = train(it_cfg, pairs)
+            if pairs:
+                it_cfg = dataclasses.replace(
+                    cfg,
+                    run=dataclasses.replace(cfg.run, dir=str(it_dir)),
+                    model=dataclasses.replace(cfg.model, init_from=str(policy)),
+                    train=dataclasses.replace(cfg.train, seed=cfg.train.seed + t),
+                )
+                final = train(it_cfg, pairs)
+            else:
+                # the judge preferred no answer of any pair (ties, identical answers): nothing to learn,
+                # so the policy goes on unchanged rather than a long loop dying at this iteration
+                final = Path(policy)
+                print(f"iteration {t}: no preference pairs (dropped: {stats['dropped']}); the policy goes on "
+                      f"unchanged", flush=True)
             record = {"iteration": t, "policy_in": str(policy), "policy_out": str(final), **stats}
             if loop.eval_qa:
                 record["eval"] = _evaluate(final, loop, cfg.data.feature_cache, it_dir)
