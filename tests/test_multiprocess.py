@@ -224,8 +224,11 @@ def test_two_process_ppo_matches_one_process_and_resumes(tiny_policy, tiny_bench
     one, two = ([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
                 for name in ("one", "two"))
     for a, b in zip(one, two, strict=True):
-        for key in ("reward", "kl", "response_length", "policy_loss", "value_loss"):
+        for key in ("reward", "kl", "response_length", "value_loss"):
             assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-5), key
+        # whitened advantages make the policy loss a near-cancelling mean (~0.02 of terms ~1), so
+        # summation order alone moved it by 1e-3 of itself in one clean-clone run: compared absolutely
+        assert a["policy_loss"] == pytest.approx(b["policy_loss"], abs=1e-4)
 
     shutil.rmtree(tmp_path / "two" / "final")
     res = _run(ppo_args(tmp_path / "two"), REPO)
