@@ -102,18 +102,18 @@ def _answer_logps(model, chunk: list, collate: Collator, device, with_entropy: b
     same numbers as full rows). Otherwise every row runs prompt and answer, as a model wrapped for
     DDP needs (its gradient hooks run through the wrapper's forward) and gradient checkpointing too
     (it drops the prompt's cache)."""
+    groups: list[tuple] = []  # (question, its samples in the chunk): a chunk may cut a group
+    for question, sample in chunk:
+        if not groups or groups[-1][0] is not question:
+            groups.append((question, []))
+        groups[-1][1].append(sample)
     if shared_prompts:
-        prompts, prompt_of = [], []
-        for question, _ in chunk:
-            if not prompts or prompts[-1] is not question:
-                prompts.append(question)
-            prompt_of.append(len(prompts) - 1)
         logits, labels = answer_logits(
-            model, [q.question for q in prompts], [None if q.video is None else collate.visual.get(q.video) for q in prompts],
-            [s.token_ids for _, s in chunk], prompt_of)
+            model, [q.question for q, _ in groups], [None if q.video is None else collate.visual.get(q.video) for q, _ in groups],
+            [s.token_ids for _, s in chunk], [i for i, (_, samples) in enumerate(groups) for _ in samples])
     else:
         policy = extract_model_from_parallel(model)
-        batch = collate([row for q, s in chunk for row in completion_rows(policy, q.question, q.video, [s])])
+        batch = collate([row for q, samples in groups for row in completion_rows(policy, q.question, q.video, samples)])
         logits = model(**policy.model_inputs(batch, device)).logits
         labels = batch["labels"].to(device)
     logps, mask = token_logps(logits, labels)
@@ -415,7 +415,7 @@ def run(cfg: GRPOConfig) -> Path:
         update_started = time.perf_counter()
         with torch.no_grad():
             olds, refs = [], []
-            rollout_tokens = sum(len(s.token_ids) for _, s in rows)
+            rollout_tokens = int(lengths.sum())
             for start in range(0, len(rows), local_batch):
                 chunk = rows[start : start + local_batch]
                 olds.append(logps_of(model, chunk)[0] if grpo.num_iterations > 1 else None)
