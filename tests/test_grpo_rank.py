@@ -52,7 +52,9 @@ def test_grpo_runs_and_logs_what_a_researcher_watches(tiny_policy, tiny_bench, t
     # an untrained model's answers may all score 1: zero score advantages, nothing to learn
     assert moved == any(m["advantage_abs_mean"] > 0 for m in metrics)
     if ranks:
-        assert moved  # rank advantages are zero only if the policy already orders like the oracle
+        # rank advantages are zero only where the policy already orders like the oracle or the
+        # oracle ties every answer (equal scores); this policy's groups are not all such
+        assert moved
 
 
 def test_interrupted_grpo_resumes_to_the_same_weights(tiny_policy, tiny_bench, tmp_path, monkeypatch, kill_at_step):
@@ -75,8 +77,11 @@ def test_interrupted_grpo_resumes_to_the_same_weights(tiny_policy, tiny_bench, t
     assert [r["step"] for r in rows] == [1] * 4 + [2] * 4 + [3] * 4
     assert [(r["id"], [a["text"] for a in r["answers"]]) for r in rows] == [(r["id"], [a["text"] for a in r["answers"]]) for r in same]
     for r in rows:
-        assert sorted(r["judgments"][0]["value"]) == sorted(r["policy_ranks"]) == list(range(5))
+        judged = r["judgments"][0]["value"]  # the oracle's: each rank counts the answers scoring higher
+        assert judged == [sum(other < mine for other in judged) for mine in judged]
+        assert sorted(r["policy_ranks"]) == list(range(5))
         assert len(r["advantages"]) == len(r["answers"]) == 5 and r["judgments"][0]["raw"]
+    assert any(a != 0 for r in rows for a in r["advantages"])  # the resumed run had something to learn
 
 
 def test_grpo_input_errors_name_the_key(tiny_policy, tiny_bench, tmp_path):

@@ -198,6 +198,13 @@ def test_run_files_of_the_wrong_shape_are_one_line_errors_naming_the_file(tmp_pa
         assert main(["inspect", str(run), "--out", str(tmp_path / "site")]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"{run / name}: {message}" in err, err
+    # the oracle's ties (answers of equal score share a rank) are a ranking
+    tied = tmp_path / "tied"
+    (tied / "eval").mkdir(parents=True)
+    (tied / "samples.jsonl").write_text(samples)
+    (tied / "eval" / "predictions.jsonl").write_text(json.dumps({"id": "q1", "pred": "red."}) + "\n")
+    (tied / "preferences.jsonl").write_text(json.dumps({**ranked, "ranks": [0, 0, 2]}) + "\n")
+    assert main(["inspect", str(tied), "--out", str(tmp_path / "site")]) == 0
     (run / "preferences.jsonl").unlink()
     (run / "config.yaml").write_text("- not a mapping\n")  # the config only adds to what is shown
     assert main(["inspect", str(run), "--out", str(tmp_path / "site")]) == 0

@@ -307,11 +307,8 @@ def test_rank_penalty_reproduces_paper_table():
     delta = L.rank_ndcg_penalty(torch.zeros(5), torch.arange(5))
     assert [round(v, 4) for v in delta.tolist()] == [0.0, 0.2075, 0.3333, 0.4195, 0.4830]
     assert round(delta.mean().item(), 4) == 0.2887
-    # Same answers through the full path: oracle says all rank 0, the policy orders them 0..4.
-    advantages, delta2 = L.grpo_rank_advantages(torch.zeros(1, 5), torch.tensor([[-1.0, -2.0, -3.0, -4.0, -5.0]]))
-    torch.testing.assert_close(delta2[0], delta)
     # The paper subtracts its rounded deltas (0.2887 - 0.3333 = -0.0446); exactly it is -0.04466.
-    torch.testing.assert_close(advantages[0], torch.tensor([0.2887, 0.0812, -0.0446, -0.1308, -0.1943]),
+    torch.testing.assert_close(delta.mean() - delta, torch.tensor([0.2887, 0.0812, -0.0446, -0.1308, -0.1943]),
                                atol=1e-4, rtol=0)
 
 
@@ -382,6 +379,49 @@ def test_monotone_rank_advantage_orders_by_the_judge_where_the_papers_does_not()
         by_rank = torch.gather(adv, 1, torch.argsort(oracle, dim=1))  # column k: the answer ranked k
         assert (by_rank[:, :-1] > by_rank[:, 1:]).all()
         torch.testing.assert_close(adv.sum(1), torch.zeros(200), atol=1e-5, rtol=0)
+
+
+def test_untie_and_average_ranks_hand_case():
+    judge = torch.tensor([[0, 1, 1, 3]])  # answers 1 and 2 tie (competition ranks)
+    pred = torch.tensor([[3, 2, 0, 1]])  # the policy puts answer 2 above answer 1
+    assert L.untie_ranks(judge, pred).tolist() == [[0, 2, 1, 3]]
+    assert L.untie_ranks(judge, torch.tensor([[0, 1, 2, 3]])).tolist() == [[0, 1, 2, 3]]
+    assert L.untie_ranks(torch.zeros(1, 4, dtype=torch.long), pred).tolist() == pred.tolist()
+    assert L.average_ranks(judge).tolist() == [[0.0, 1.5, 1.5, 3.0]]
+    assert L.average_ranks(torch.zeros(1, 4, dtype=torch.long)).tolist() == [[1.5] * 4]
+    torch.manual_seed(6)
+    strict = torch.stack([torch.randperm(5) for _ in range(20)])
+    assert torch.equal(L.untie_ranks(strict, torch.stack([torch.randperm(5) for _ in range(20)])), strict)
+    assert torch.equal(L.average_ranks(strict), strict.float())
+
+
+def test_rank_advantages_with_judge_ties():
+    """G = 3: the judge ties answers 0 and 1 (both right) above answer 2; the policy's log-probs
+    -1, -3, -2 rank them 0, 2, 1. Within the tie its order (0 before 1) counts as right, so the
+    judge's ranking is read as 0, 1, 2: delta 0 for answer 0, and 1 - (2/3) / (log2(3) / 2) =
+    0.15876 for answers 1 and 2 (swapped by the policy); mean 0.10584."""
+    judge, seq_logps = torch.tensor([[0, 0, 2]]), torch.tensor([[-1.0, -3.0, -2.0]])
+    paper, delta = L.grpo_rank_advantages(judge, seq_logps)
+    torch.testing.assert_close(delta, torch.tensor([[0.0, 0.15876, 0.15876]]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(paper, torch.tensor([[0.10584, -0.05292, -0.05292]]), atol=1e-4, rtol=0)
+    # the variant: mean positions 0.5, 0.5, 2 give gains 0.5, 0.5, -1; plus half of the paper's terms
+    monotone, _ = L.grpo_rank_monotone_advantages(judge, seq_logps)
+    torch.testing.assert_close(monotone, torch.tensor([[0.55292, 0.47354, -1.02646]]), atol=1e-4, rtol=0)
+    # a group the judge cannot order teaches nothing, whatever the policy's ranking and length
+    for estimator in (L.grpo_rank_advantages, L.grpo_rank_monotone_advantages):
+        adv, delta = estimator(torch.zeros(4, 5, dtype=torch.long), torch.randn(4, 5))
+        assert torch.equal(adv, torch.zeros(4, 5)) and torch.equal(delta, torch.zeros(4, 5))
+    # with ties from 1-5 scores: strictly better-ranked answers get strictly larger advantages,
+    # tied ones stay within half a unit, and every group sums to zero
+    torch.manual_seed(12)
+    scores = torch.randint(1, 6, (300, 5))
+    judge = (scores.unsqueeze(-2) > scores.unsqueeze(-1)).sum(-1)  # answers scoring higher
+    adv, _ = L.grpo_rank_monotone_advantages(judge, torch.randn(300, 5))
+    better = judge.unsqueeze(-1) < judge.unsqueeze(-2)  # [i, j]: i ranked strictly above j
+    assert (adv.unsqueeze(-1) > adv.unsqueeze(-2))[better].all()
+    tied = judge.unsqueeze(-1) == judge.unsqueeze(-2)
+    assert ((adv.unsqueeze(-1) - adv.unsqueeze(-2)).abs()[tied] <= 0.5 / 2).all()
+    torch.testing.assert_close(adv.sum(1), torch.zeros(300), atol=1e-5, rtol=0)
 
 
 def test_advantage_estimators_are_the_configs_choices():

@@ -253,6 +253,9 @@ def kl_penalized_rewards(
 
 # --- GRPO and GRPO_rank --------------------------------------------------------------------------------
 # Groups are rows: [B, G] holds the G answers sampled for each of B prompts. Ranks are 0-indexed, 0 = best.
+# A judge's ranking may hold ties, in competition form: each answer's rank is the number of answers
+# ranked strictly above it, so a group the judge cannot order at all is all zeros (the oracle's 1-5
+# scores tie often; a reward model or an LLM's ordering of 1..G does not).
 
 DCG_FORMS = ("table", "eq10")
 
@@ -290,6 +293,25 @@ def ranks_from_scores(scores: torch.Tensor, descending: bool = True) -> torch.Te
     return torch.empty_like(order).scatter_(-1, order, positions)
 
 
+def untie_ranks(judge_ranks: torch.Tensor, pred_ranks: torch.Tensor) -> torch.Tensor:
+    """The judge's ranking [B, G] made strict by the policy's ranking [B, G]: answers the judge ties
+    take, among themselves, the order the policy gave them. It is the strict ranking closest to the
+    policy's that the judge agrees with, so a policy that orders a tie either way makes no error
+    there; a strict judge ranking comes back unchanged."""
+    better = judge_ranks.unsqueeze(-1) > judge_ranks.unsqueeze(-2)  # [i, j]: the judge puts j above i
+    tie_first = (judge_ranks.unsqueeze(-1) == judge_ranks.unsqueeze(-2)) & (pred_ranks.unsqueeze(-1) > pred_ranks.unsqueeze(-2))
+    return (better | tie_first).sum(-1)
+
+
+def average_ranks(ranks: torch.Tensor) -> torch.Tensor:
+    """Each answer's mean position over its tie [B, G] (float): answers ranked strictly above it plus
+    half the others tied with it. A strict ranking comes back as is; positions always sum to
+    G (G - 1) / 2, so a tie gains nothing over the group."""
+    above = (ranks.unsqueeze(-1) > ranks.unsqueeze(-2)).sum(-1)
+    tied = (ranks.unsqueeze(-1) == ranks.unsqueeze(-2)).sum(-1)
+    return above.float() + (tied - 1).float() / 2
+
+
 def grpo_rank_advantages(
     oracle_ranks: torch.Tensor, seq_logps: torch.Tensor, dcg: str = "table"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,9 +321,11 @@ def grpo_rank_advantages(
     or mean log-probs are the caller's choice (the method uses sums). `oracle_ranks` [B, G] is the
     judge's ranking. Each answer's advantage is its group's mean penalty minus its own,
     A_i = mean_j(delta_j) - delta_i, so advantages sum to zero per group and an answer the policy
-    placed where the judge did gains the most.
+    placed where the judge did gains the most. Answers the judge ties count as placed right in
+    either order (`untie_ranks`), so a group it cannot order gets zero advantages.
     """
-    delta = rank_ndcg_penalty(oracle_ranks, ranks_from_scores(seq_logps.detach()), dcg)
+    pred = ranks_from_scores(seq_logps.detach())
+    delta = rank_ndcg_penalty(untie_ranks(oracle_ranks, pred), pred, dcg)
     return delta.mean(-1, keepdim=True) - delta, delta
 
 
@@ -326,16 +350,19 @@ def grpo_rank_monotone_advantages(
     """A rank advantage that always prefers the answers the judge ranks higher: (advantages, delta).
 
     A_i = (rank_gain_i + (mean_j(delta_j) - delta_i) / 2) / ((G - 1) / 2), with rank_gain_i =
-    (G - 1) / 2 - oracle_rank_i and delta the GRPO_rank penalty. The gain term alone orders the group by
-    the judge's ranking, one unit per place; the penalty term, bounded by half a unit (delta lies in
-    [0, 1)), only rewards the answers the policy already places right. So in every group, whatever the
-    policy's ranking, a better-ranked answer gets a strictly larger advantage, unlike
+    (G - 1) / 2 - t_i, t_i the answer's mean position over its tie (`average_ranks`), and delta the
+    GRPO_rank penalty. The gain term alone orders the group by the judge's ranking, one unit per place,
+    and gives answers the judge ties the same gain; the penalty term, bounded by half a unit (delta
+    lies in [0, 1)), only rewards the answers the policy already places right. So in every group,
+    whatever the policy's ranking, a better-ranked answer gets a strictly larger advantage, unlike
     `grpo_rank_advantages`, where a best answer the policy misplaces gets a negative one. Advantages
-    sum to zero per group; the division keeps them within [-1.25, 1.25].
+    sum to zero per group (zero everywhere in a group the judge cannot order); the division keeps
+    them within [-1.25, 1.25].
     """
     g = oracle_ranks.shape[-1]
-    delta = rank_ndcg_penalty(oracle_ranks, ranks_from_scores(seq_logps.detach()), dcg)
-    gain = (g - 1) / 2 - oracle_ranks.float()
+    pred = ranks_from_scores(seq_logps.detach())
+    delta = rank_ndcg_penalty(untie_ranks(oracle_ranks, pred), pred, dcg)
+    gain = (g - 1) / 2 - average_ranks(oracle_ranks)
     advantages = (gain + (delta.mean(-1, keepdim=True) - delta) / 2) / max((g - 1) / 2, 1)
     return advantages, delta
 

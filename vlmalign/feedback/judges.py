@@ -8,7 +8,7 @@
 
 Every method takes a list and returns one `Judgment` per item, in order. A judgment says what was
 judged (`kind`), the parsed `value` (compare: 0 = A, 1 = B; score: 1..5; rank: per-answer ranks,
-0 = best; complete: the text), its `status` ("ok", "parse_error", "failed", "inconsistent", "tie"),
+0 = best, equal ranks a tie; complete: the text), its `status` ("ok", "parse_error", "failed", "inconsistent", "tie"),
 the raw reply, the judge id, the prompt id `name@version`, the model that actually answered, the time
 it was judged and whether it came from the cache. Unparseable replies stay `parse_error` with value
 None and are counted in `stats()`; nothing turns them into a score.
@@ -18,7 +18,8 @@ Backends
   and answers directly, ignores the context, and its raw reply is the oracle's reason. Its prompt id
   is `oracle.<kind>@<hash of the rule code>`, so editing the rules invalidates cached verdicts. Two
   answers it scores the same are compared as a "tie" (value None): it has no preference between
-  them, and a pair it does not prefer is no preference pair.
+  them, and a pair it does not prefer is no preference pair. Its rankings give such answers one
+  rank (each rank counts the answers scoring higher).
 - `openai` (`OpenAIJudge`): any OpenAI-compatible chat endpoint (OpenAI, vLLM, a local server),
   with the pinned `cfg.model` at `cfg.temperature`. It is a text-only judge: the video is not
   sent, the prompt's `<video>` placeholder line is dropped, and the request's `context` (a caption,

@@ -49,9 +49,9 @@ mentioned that is not in the video, and each "disappears" claim for an object th
 With f = max(0, facts stated - errors) / facts of the video: f = 1 -> 5, f >= 0.75 -> 4,
 f >= 0.5 -> 3, f >= 0.25 -> 2, else 1; correct when the score is >= 4.
 
-Ranking. Higher score first; a ranking must be strict, so equal scores go to the shorter answer
-(stripped length in characters: no credit for padding), then to the earlier answer (original
-order). Comparison. The higher score wins; two answers of equal score are a tie (None): the oracle
+Ranking. Higher score first; answers of equal score share a rank (competition ranking: each rank
+counts the answers that score higher), so a group of equally right or wrong answers is all zeros.
+Comparison. The higher score wins; two answers of equal score are a tie (None): the oracle
 has no preference between two equally right or equally wrong answers, and breaking the tie by
 length would teach whatever learns from its pairs to answer short.
 """
@@ -534,12 +534,11 @@ class Oracle:
         return self.verdict(video, question, answer).score
 
     def rank(self, video, question: str, answers: list[str]) -> list[int]:
-        """Per-answer ranks, 0 = best: higher score, then shorter answer, then earlier answer."""
-        keys = [(-self.score(video, question, a), len(str(a or "").strip()), i) for i, a in enumerate(answers)]
-        ranks = [0] * len(answers)
-        for position, (_, _, i) in enumerate(sorted(keys)):
-            ranks[i] = position
-        return ranks
+        """Per-answer ranks, 0 = best: the number of answers that score higher. Answers that score the
+        same share a rank (a tie, as in `compare`), whatever their lengths: breaking ties by length
+        taught the policies to shorten their answers."""
+        scores = [self.score(video, question, a) for a in answers]
+        return [sum(other > mine for other in scores) for mine in scores]
 
     def compare(self, video, question: str, answer_a: str, answer_b: str) -> int | None:
         """0 if A scores higher, 1 if B, None if both score the same (a tie)."""

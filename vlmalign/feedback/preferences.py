@@ -7,7 +7,8 @@ compares, scores or ranks the answers; and the judgments become preference recor
 - pairwise (VLM-RLAIF): G = 2; the judge's pick is chosen.
 - score_threshold (LLaVA-Hound): each answer scored 1-5; chosen drawn from answers scoring
   >= chosen_min, rejected from those <= rejected_max; a question without such a pair is dropped.
-- ranked (Oracle-RLAIF): the judge's full ranking is kept; chosen = best, rejected = worst.
+- ranked (Oracle-RLAIF): the judge's full ranking is kept; chosen = best, rejected = worst (the first
+  of each, when the judge ties them; a group it ranks all alike is dropped as a tie).
 
 Every record carries its provenance (all answers with their log-probs, scores or ranks, the
 context, judge id, the model that judged, prompt version, the policy that answered), in the flat
@@ -200,7 +201,10 @@ def build_records(
             scores = (None, None)
         elif method == "ranked":
             ranks = verdicts[0].value
-            chosen, rejected = ranks.index(0), ranks.index(len(ranks) - 1)
+            if min(ranks) == max(ranks):  # the judge ranked every answer alike (the oracle's ties)
+                drop("tie")
+                continue
+            chosen, rejected = ranks.index(min(ranks)), ranks.index(max(ranks))
             detail = {"ranks": ranks}
             scores = (None, None)
         else:

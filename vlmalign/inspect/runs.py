@@ -100,9 +100,10 @@ def _need(row: dict, key: str, path: Path):
 
 
 def _is_ranking(ranks) -> bool:
-    """Whether `ranks` gives each of n answers one of the ranks 0 (best) .. n - 1."""
+    """Whether `ranks` ranks n answers, 0 = best: each rank the number of answers ranked above it (a
+    permutation of 0 .. n - 1, or with ties, as the oracle ranks)."""
     return (isinstance(ranks, list) and all(type(r) is int for r in ranks)
-            and sorted(ranks) == list(range(len(ranks))))
+            and all(r == sum(other < r for other in ranks) for r in ranks))
 
 
 def _finite(x):
@@ -320,8 +321,8 @@ def preference_items(run: Path, label: str, oracles: OracleScores) -> tuple[list
     kept = {_need(r, "id", prefs_path): r for r in read_jsonl(prefs_path)} if prefs_path.is_file() else {}
     for qid, rec in kept.items():
         if "ranks" in rec and not _is_ranking(rec["ranks"]):
-            raise DataError(f"{prefs_path}: record {qid!r}: field 'ranks' is {rec['ranks']!r}; expected the ranks "
-                            "0 (best) to n - 1 of its n answers, each once")
+            raise DataError(f"{prefs_path}: record {qid!r}: field 'ranks' is {rec['ranks']!r}; expected one rank "
+                            "per answer, 0 = best, each the number of answers ranked above it")
     contexts = (load_contexts(run / "contexts.json") or {}) if (run / "contexts.json").is_file() else {}
     stats = read_json_object(run / "stats.json") if (run / "stats.json").is_file() else {}
     cfg = _config(run)

@@ -13,7 +13,8 @@ caption from a file (the proxy a text-only API ranker needs), or a narrative of 
 written once by the starting policy; kept in RUN/contexts.json.
 
 Ties: the policy's ranking breaks equal log-probs by answer order (`ranks_from_scores`); the oracle
-breaks equal scores by length, then order (`Oracle.rank`). A group whose ranking failed to parse
+gives answers of equal score one rank (`Oracle.rank`), and the advantages count a policy's order
+within such a tie as right (`losses.untie_ranks`), so a group it cannot order is not learnt from. A group whose ranking failed to parse
 is left out of the update (its advantages are zero) and counted.
 
 Several processes (DDP, `--launch`): each samples its share of the rollout's questions; rank 0
@@ -65,6 +66,7 @@ from vlmalign.losses import (
     grpo_loss,
     kendall_tau,
     ranks_from_scores,
+    untie_ranks,
     token_entropy,
     token_logps,
 )
@@ -140,7 +142,7 @@ def judge_rollout(judge, grpo, questions, texts: list[tuple[str, ...]], seq_logp
         tau = kendall_tau(pred, feedback)[valid]
         metrics.update(
             kendall_tau=float(tau.mean()) if valid.any() else None,
-            ranking_matches=float((pred == feedback).all(1)[valid].float().mean()) if valid.any() else None,
+            ranking_matches=float((pred == untie_ranks(feedback, pred)).all(1)[valid].float().mean()) if valid.any() else None,
         )
     else:
         judged_flat = judge.score([JudgeRequest(r.video, r.question, (a,), r.context) for r in requests for a in r.answers])
