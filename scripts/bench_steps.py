@@ -9,8 +9,8 @@ Every stage runs the loss functions and decoder the trainers use (vlmalign/losse
 vlmalign/model/generation.py) through the policy interface on random-initialised weights and random
 videos, so nothing is downloaded: for VideoLM random CLIP features (the frozen tower's output, as
 the feature cache would hand it over); for an HF family (`--families qwen2_5_vl`, a tiny random
-Qwen2.5-VL with the tiny config's LLM width and depth) random frames cut into its patches (as the
-pixel cache would hand them over), whose vision tower then runs in every forward pass:
+Qwen2.5-VL with the tiny config's LLM width and depth, its visual path frozen) the features its tower
+and projectors give random frames, computed once (as its feature cache hands them over):
   sft        forward + backward + AdamW step on B prompt+answer rows
   dpo        the same on B chosen + B rejected rows, sigmoid DPO loss against fixed reference log-probs
   grpo_rank  G sampled answers per prompt (shared-prefix decoding, KV cache) for B prompts, then the
@@ -103,14 +103,17 @@ def build(args, work: Path):
 
 
 def random_video(model, generator: torch.Generator):
-    """One video's inputs as the policy takes them: CLIP features for VideoLM, patches of random
-    frames for an HF family (num_frames consecutive frames of an 8 fps video)."""
+    """One video's inputs as the policy takes them: CLIP features for VideoLM; for an HF family the
+    features of random frames (num_frames consecutive frames of an 8 fps video), or their patches if
+    its visual path trains."""
     if hasattr(model, "frames"):
         from vlmalign.model.hf_video import VideoLayout
 
         size, n = model.cfg.frame_size, model.cfg.num_frames
         frames = torch.randint(0, 256, (n, size[0], size[1], 3), generator=generator, dtype=torch.uint8)
-        return {**model.frames(frames.numpy()), "layout": VideoLayout(tuple(range(n)), n, 8.0)}
+        pixels = model.frames(frames.numpy())
+        inputs = model.video_features(pixels) if model.visual_path_frozen else pixels
+        return {**inputs, "layout": VideoLayout(tuple(range(n)), n, 8.0)}
     vision = model.vision
     return torch.randn(model.cfg.num_frames, vision.num_patches, vision.hidden_size, generator=generator)
 

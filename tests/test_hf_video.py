@@ -378,7 +378,7 @@ def test_narratives_and_retrospective_contexts_read_clips_of_the_video(checkpoin
     pieces = visual.clips(video, clips=3, max_clip_len=20)
     assert len(pieces) == 3 and all(model.visual_tokens(p["layout"]) == model.visual_tokens(model.video_layout(video))
                                     for p in pieces)
-    assert not torch.equal(pieces[0]["pixel_values_videos"], pieces[2]["pixel_values_videos"])
+    assert visual.use_features and not torch.equal(pieces[0]["video_features"], pieces[2]["video_features"])
     assert [p["layout"].indices for p in pieces] == [(0, 0, 0, 5), (10, 10, 10, 10), (15, 15, 15, 15)]
     # a clip spans its share of the video (frames 0-5 of the 0-15 read): its patches, a third of the time
     whole = model.video_layout(video).seconds_per_patch(2)
@@ -582,7 +582,7 @@ def test_a_frame_folder_reads_as_its_video_given_its_frame_rate(checkpoint, tiny
     if model.needs_frame_rate:
         with pytest.raises(DataError, match=f"frames/? *: {model.architecture} places frames by their time.*model.frame_folder_fps"):
             model.video_layout(str(folder))
-    model = policy(checkpoint, frame_folder_fps=8.0)
+    model = policy(checkpoint, frame_folder_fps=8.0, train_projector=True)  # a trainable projector reads pixels
     assert model.video_layout(str(folder)) == model.video_layout(video)
     visual = model.visual_inputs(None)
     from_folder, from_video = visual.get(str(folder)), visual.get(video)
@@ -755,18 +755,54 @@ def same_inputs(a: dict, b: dict) -> bool:
         torch.equal(a[k], b[k]) for k in a if k != "layout")
 
 
+def test_a_frozen_visual_path_runs_once_per_video_and_gives_the_logits_of_its_pixels(checkpoint, tiny_bench, tmp_path):
+    """With the tower and projectors frozen (the recipes' setting) a video's features are computed
+    once, stored in the cache folder, and handed to the model precomputed: the logits, the sampled
+    log-probs' forward and the shared-prompt training forward equal a pass that runs the tower on the
+    pixels. A trainable projector reads pixels; changed visual weights miss the cached features."""
+    samples = read_instructions(tiny_bench / "sft_easy.json")[:2]
+    frozen, trained = policy(checkpoint).eval(), policy(checkpoint, train_projector=True).eval()
+    cache = str(tmp_path / "cache")
+    features, pixels = frozen.visual_inputs(cache), trained.visual_inputs(cache)
+    assert features.use_features and not pixels.use_features
+    assert features.cache_dir.name.split("-")[-2:-1] == ["features"] and "-pixels-" in pixels.cache_dir.name
+    features.precompute([s.video for s in samples])
+    assert "pixel_values_videos" not in features.get(samples[0].video) and features.hits == 1
+
+    rows = []
+    for s in samples:
+        enc = frozen.encode_conversation(s.turns, 512, layout=frozen.video_layout(s.video))
+        rows.append(EncodedSample(s.id, enc.input_ids, enc.labels, s.video))
+    with torch.no_grad():
+        from_features = frozen(**frozen.model_inputs(Collator(frozen, features)(rows), "cpu")).logits
+        from_pixels = trained(**trained.model_inputs(Collator(trained, pixels)(rows), "cpu")).logits
+        hidden = frozen.hidden_states(**frozen.model_inputs(Collator(frozen, features)(rows), "cpu"))
+    torch.testing.assert_close(from_features, from_pixels, rtol=0, atol=1e-5)
+    assert hidden.shape[:2] == from_features.shape[:2]
+    check_shared_prompt_forward(frozen, features, [(s.video, s.turns[0].text) for s in samples])
+
+    for name, p in frozen.core.model.named_parameters():  # a trained projector: other features
+        if any(name.startswith(m) for m in frozen.projector_modules):
+            p.data.add_(0.5)
+            break
+    moved = frozen.visual_inputs(cache)
+    assert moved.cache_dir != features.cache_dir
+    assert not torch.equal(moved.get(samples[0].video)["video_features"], features.get(samples[0].video)["video_features"])
+    assert (moved.hits, moved.misses) == (0, 1)
+
+
 def test_the_pixel_cache_gives_the_computed_inputs_until_the_video_or_a_setting_changes(checkpoint, tiny_bench, tmp_path, caplog):
-    """With data.feature_cache an HF policy stores each video's tower input and layout once: read
-    back they equal a fresh computation bit for bit, and a second run's instance only hits. Other
-    frame settings, a touched or replaced video, and an unreadable entry miss (the entry is then
-    computed and written again) rather than give stale or broken inputs."""
+    """With data.feature_cache and a trainable projector an HF policy stores each video's tower input
+    and layout once: read back they equal a fresh computation bit for bit, and a second run's
+    instance only hits. Other frame settings, a touched or replaced video, and an unreadable entry
+    miss (the entry is then computed and written again) rather than give stale or broken inputs."""
     import os
 
     bench = [s.video for s in read_instructions(tiny_bench / "sft_easy.json")]
     video, other = str(tmp_path / "video.mp4"), next(v for v in bench if v != bench[0])
     shutil.copy(bench[0], video)
     cache = str(tmp_path / "cache")
-    model = policy(checkpoint)
+    model = policy(checkpoint, train_projector=True)
     fresh = model.visual_inputs(None).get(video)
 
     first = model.visual_inputs(cache)
@@ -776,7 +812,7 @@ def test_the_pixel_cache_gives_the_computed_inputs_until_the_video_or_a_setting_
     assert same_inputs(second.get(video), fresh) and (second.hits, second.misses) == (1, 0)
     assert second.cache_dir.parent == tmp_path / "cache"  # the reward judge's backbone reads the same folder
 
-    fewer = policy(checkpoint, num_frames=2)
+    fewer = policy(checkpoint, num_frames=2, train_projector=True)
     fewer_inputs = fewer.visual_inputs(cache)
     assert same_inputs(fewer_inputs.get(video), fewer.visual_inputs(None).get(video)) and fewer_inputs.misses == 1
 
@@ -786,7 +822,7 @@ def test_the_pixel_cache_gives_the_computed_inputs_until_the_video_or_a_setting_
     assert same_inputs(touched.get(video), fresh) and (touched.hits, touched.misses) == (0, 1)
 
     shutil.copy(other, video)
-    model = policy(checkpoint)  # a new policy: a policy reads each video's layout once
+    model = policy(checkpoint, train_projector=True)  # a new policy: a policy reads each video's layout once
     replaced = model.visual_inputs(cache)
     assert same_inputs(replaced.get(video), model.visual_inputs(None).get(other)) and replaced.misses == 1
 
@@ -808,7 +844,7 @@ def test_the_pixel_cache_misses_when_the_pixel_budget_changes(qwen25, tiny_bench
     cache = str(tmp_path / "cache")
     folders = set()
     for budget in (None, 4 * 56 * 56, 4 * 28 * 28, 4 * 56 * 56):
-        model = policy(qwen25, frame_size=[112, 112], max_video_pixels=budget)
+        model = policy(qwen25, frame_size=[112, 112], max_video_pixels=budget, train_projector=True)
         cached = model.visual_inputs(cache)
         assert same_inputs(cached.get(video), model.visual_inputs(None).get(video))
         assert (cached.hits, cached.misses) == ((1, 0) if cached.cache_dir in folders else (0, 1))

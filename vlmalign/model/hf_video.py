@@ -49,15 +49,19 @@ What the family does its own way, each in one place below:
                mergers; LLaVA-OneVision's projector and newline embedding; the others' projector) train
                when `train_projector` is true; QLoRA quantises the language model's layers alone to 4
                bits (vision towers, projectors and LM head stay full)
-    cache      with a cache folder (`data.feature_cache`) each video's tower input (the frames' pixels or
-               patches, Qwen's grid) and its layout are stored once (`HFVisualInputs`), keyed by the
-               video file and everything that decides them; the tower still runs in every step
+    features   with the whole visual path frozen (the tower and its projectors, the recipes' setting)
+               a video's visual features are computed once, by the tower and projectors alone
+               (transformers' `get_video_features`), and handed to every forward pass precomputed
+               (`mm_encoder_outputs`), so no training step runs the tower; with a trainable
+               projector or tower each step runs them on the pixels
+    cache      with a cache folder (`data.feature_cache`) each video's layout and its features (frozen
+               visual path) or tower input (the frames' pixels or patches, Qwen's grid) are stored
+               once (`HFVisualInputs`), keyed by the video file and everything that decides them, the
+               visual path's weights too for features
 
 Saved layout (`save_pretrained`): model.json (family, config, base), tokenizer/, and hf/ (the whole
 transformers model) or adapter/ (+ trainable.safetensors: trained weights outside the adapter, such
 as the merger) over the recorded base (an HF checkpoint or another saved policy).
-
-Not yet here (issue 19): a cache of a frozen tower's features (the pixel cache stores the tower's input).
 """
 
 from __future__ import annotations
@@ -295,26 +299,34 @@ class TowerFrames:
 
 
 class HFVisualInputs:
-    """Per video: the vision tower's input (the tensors `policy.frames` makes) and its layout. With a
-    cache folder (`data.feature_cache`) both are stored once per video (`data.features.VideoCache`)
-    under <folder>/<architecture>-pixels-<hash of the frame settings and the processor>/, so later
-    epochs, stages and runs read them back, bit for bit, instead of decoding and resizing the frames
-    again. The tower itself still runs in every forward pass (its features are not cached). Clips
-    (`clips`, VLM-RLAIF's narratives) are computed each time: Qwen pairs frames into temporal patches,
-    so a clip's patches are not a slice of the video's."""
-
-    use_features = False
+    """Per video: its layout, and what a forward pass reads of it: the visual features (the output of
+    the tower and its projectors, `policy.video_features`) when the whole visual path is frozen
+    (`use_features`), else the tower's input (the tensors `policy.frames` makes). With a cache folder
+    (`data.feature_cache`) both are stored once per video (`data.features.VideoCache`) under
+    <folder>/<architecture>-<features|pixels>-<hash of the frame settings, the processor and, for
+    features, the visual path's weights>/, so later epochs, stages and runs read them back, bit for
+    bit, instead of decoding the frames and running the tower again. Clips (`clips`, VLM-RLAIF's
+    narratives) are computed each time: Qwen pairs frames into temporal patches, so a clip's patches
+    are not a slice of the video's."""
 
     def __init__(self, policy: "HFVideoLM", cache_dir: str | None = None):
         self.policy = policy
+        self.use_features = policy.visual_path_frozen
         self.hits = self.misses = 0
         self.cache = self.cache_dir = None
         if cache_dir:
-            # what decides the pixels besides the video; PIXEL_CACHE_VERSION: how `frames` computes them
+            # what decides the entries besides the video; PIXEL_CACHE_VERSION: how `frames` computes pixels
             settings = {**policy.frame_settings(), "frames": dataclasses.asdict(policy.frames), "version": PIXEL_CACHE_VERSION}
+            if self.use_features:
+                settings["weights"] = policy.visual_fingerprint()
             digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-            self.cache = VideoCache(Path(cache_dir) / f"{policy.architecture}-pixels-{digest}")
+            kind = "features" if self.use_features else "pixels"
+            self.cache = VideoCache(Path(cache_dir) / f"{policy.architecture}-{kind}-{digest}")
             self.cache_dir = self.cache.folder
+
+    def _inputs(self, frames: np.ndarray) -> dict:
+        pixels = self.policy.frames(frames)
+        return self.policy.video_features(pixels) if self.use_features else pixels
 
     def _read(self, video) -> tuple[np.ndarray, VideoLayout]:
         layout = self.policy.video_layout(video)
@@ -329,7 +341,7 @@ class HFVisualInputs:
             return {**tensors, "layout": VideoLayout.from_json(metadata["layout"])}
         self.misses += 1
         frames, layout = self._read(video)
-        inputs = self.policy.frames(frames)
+        inputs = self._inputs(frames)
         if path:
             self.cache.write(path, inputs, {"layout": layout.to_json()})
         return {**inputs, "layout": layout}
@@ -344,14 +356,13 @@ class HFVisualInputs:
 
         frames, layout = self._read(video)
         positions = clip_inputs(np.asarray(layout.indices), clips, max_clip_len)
-        return [{**self.policy.frames(f), "layout": layout.clip(i.tolist())}
+        return [{**self._inputs(f), "layout": layout.clip(i.tolist())}
                 for f, i in zip(clip_inputs(frames, clips, max_clip_len), positions)]
 
     def precompute(self, videos: list, batch_size: int = 8, progress: bool = True) -> None:
         """Read each distinct video's layout (so a video without a frame rate fails before training)
         and print how many frames and visual tokens the videos get; then, with a cache folder, store
-        the inputs of those not in it yet (one at a time: there is no tower to batch, `batch_size`
-        serves VideoLM's)."""
+        the entries of those not in it yet (one video at a time: `batch_size` serves VideoLM's)."""
         from tqdm.auto import tqdm
 
         distinct = list({v if isinstance(v, str) else tuple(v): v for v in videos}.values())
@@ -359,7 +370,8 @@ class HFVisualInputs:
         if layouts:
             print(self.policy.describe_layouts(layouts), flush=True)
         missing = [v for v in distinct if self.cache and not self.cache.path(v).is_file()]
-        for video in tqdm(missing, desc="video pixels", disable=not progress or not missing, unit="video"):
+        desc = "video features" if self.use_features else "video pixels"
+        for video in tqdm(missing, desc=desc, disable=not progress or not missing, unit="video"):
             self.get(video)
 
 
@@ -410,6 +422,43 @@ class HFVideoLM(Policy):
     @property
     def vision_tower(self):
         return getattr(self.core.model, self.vision_module)
+
+    def _visual_path(self) -> dict[str, torch.Tensor]:
+        """Every parameter and buffer a video's features depend on: the tower's and its projectors'
+        (LLaVA-OneVision's newline embedding is a bare parameter)."""
+        tensors = {}
+        for name in (self.vision_module, *self.projector_modules):
+            part = attrgetter(name)(self.core.model)
+            items = {"": part} if isinstance(part, torch.Tensor) else part.state_dict(keep_vars=True)
+            tensors.update({f"{name}.{k}".rstrip("."): v for k, v in items.items()})
+        return tensors
+
+    @property
+    def visual_path_frozen(self) -> bool:
+        """Whether nothing between the pixels and the language model trains: then a video's features
+        are fixed and can be computed once (`HFVisualInputs`)."""
+        return not any(t.requires_grad for t in self._visual_path().values())
+
+    def visual_fingerprint(self) -> str:
+        """A hash of the visual path's weights: cached features die with any change of them (another
+        checkpoint, a trained projector)."""
+        h = hashlib.sha256()
+        for name, tensor in sorted(self._visual_path().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    @torch.no_grad()
+    def video_features(self, pixels: dict) -> dict:
+        """One video's features as the language model reads them, from its tower input (`frames`):
+        Qwen: the merged patches [tokens, hidden] and the grid; Qwen3-VL also its deepstack features
+        [layers, tokens, hidden]."""
+        out = self.core.model.get_video_features(pixels["pixel_values_videos"].to(self.device, self.vision_tower.dtype),
+                                                 pixels["video_grid_thw"][None].to(self.device))
+        features = {"video_features": out.pooler_output[0].cpu(), "video_grid_thw": pixels["video_grid_thw"]}
+        if getattr(out, "deepstack_features", None):
+            features["deepstack_features"] = torch.stack([layer[0] for layer in out.deepstack_features]).cpu()
+        return features
 
     @classmethod
     def checkpoint_config(cls, hf_config) -> ModelConfig:
@@ -635,11 +684,17 @@ class HFVideoLM(Policy):
         return HFVisualInputs(self, cache_dir)
 
     def stack_visual(self, items: list[dict]) -> dict:
-        return {"pixel_values_videos": torch.cat([it["pixel_values_videos"] for it in items]),
-                "video_grid_thw": torch.stack([it["video_grid_thw"] for it in items])}
+        grid = torch.stack([it["video_grid_thw"] for it in items])
+        if "video_features" not in items[0]:
+            return {"pixel_values_videos": torch.cat([it["pixel_values_videos"] for it in items]), "video_grid_thw": grid}
+        stacked = {"video_features": torch.cat([it["video_features"] for it in items]), "video_grid_thw": grid}
+        if "deepstack_features" in items[0]:
+            stacked["deepstack_features"] = torch.cat([it["deepstack_features"] for it in items], dim=1)
+        return stacked
 
     def model_inputs(self, batch: dict, device) -> dict:
-        keys = ("input_ids", "attention_mask", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "video_frames")
+        keys = ("input_ids", "attention_mask", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "video_frames",
+                "video_features", "deepstack_features")
         return {k: batch[k].to(device) for k in keys if k in batch}
 
     def _token_types(self, input_ids) -> torch.Tensor:
@@ -656,13 +711,24 @@ class HFVideoLM(Policy):
                                                       **seconds)
         return positions
 
-    def _inputs(self, input_ids, attention_mask, pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None) -> dict:
-        """The transformers model's arguments for a batch, for its forward and its inner model alike."""
+    def _inputs(self, input_ids, attention_mask, pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
+                video_features=None, deepstack_features=None) -> dict:
+        """The transformers model's arguments for a batch, for its forward and its inner model alike:
+        the videos' pixels, which its tower then reads, or their precomputed features."""
         if pixel_values_videos is not None:
             pixel_values_videos = pixel_values_videos.to(self.vision_tower.dtype)
+        encoded = None if video_features is None else {"video": self._encoder_output(video_features, deepstack_features)}
         return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values_videos=pixel_values_videos,
-                    video_grid_thw=video_grid_thw, mm_token_type_ids=self._token_types(input_ids),
+                    video_grid_thw=video_grid_thw, mm_token_type_ids=self._token_types(input_ids), mm_encoder_outputs=encoded,
                     position_ids=self._positions(input_ids, attention_mask, video_grid_thw, second_per_grid_ts))
+
+    @staticmethod
+    def _encoder_output(video_features, deepstack_features):
+        """Precomputed features as transformers' forward takes them: per video a tensor, which it
+        concatenates (one tensor of all the batch's videos is the same)."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return BaseModelOutputWithPooling(pooler_output=(video_features,))
 
     def forward(self, input_ids, attention_mask, use_cache: bool = False, **visual):
         # a teacher-forced pass keeps no cache (prefill asks for one): none to build, and with
@@ -738,6 +804,13 @@ class Qwen3VideoLM(HFVideoLM):
         _, height, width = self.frames.grid(len(layout.indices))  # one temporal patch, at this video's frame size
         return height * width // self.frames.merge**2
 
+    @staticmethod
+    def _encoder_output(video_features, deepstack_features):
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+
+        return BaseModelOutputWithDeepstackFeatures(pooler_output=(video_features,),
+                                                    deepstack_features=[(layer,) for layer in deepstack_features])
+
 
 class LlavaOnevisionVideoLM(HFVideoLM):
     """LLaVA-OneVision: its SigLIP tower reads each frame alone, the projector maps the patches into the
@@ -777,26 +850,34 @@ class LlavaOnevisionVideoLM(HFVideoLM):
         return math.ceil(grid / 2) ** 2, 1
 
     def stack_visual(self, items: list[dict]) -> dict:
+        if "video_features" in items[0]:
+            return {"video_features": torch.cat([it["video_features"] for it in items])}
         return {"pixel_values_videos": torch.cat([it["pixel_values_videos"] for it in items]),
                 "video_frames": torch.tensor([len(it["pixel_values_videos"]) for it in items])}
 
-    def _encoded_videos(self, pixel_values_videos, video_frames) -> dict | None:
-        """The videos' features as transformers' forward takes them precomputed: each video through
-        the tower alone (each gets its newline), since videos of different lengths share no [videos,
-        frames] tensor; they then fill the video tokens in order."""
-        if pixel_values_videos is None:
-            return None
+    def _features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """One video's frames [frames, 3, side, side] through the tower and projectors: [tokens, hidden]
+        (each video alone: it gets its newline, and videos of different lengths share no [videos,
+        frames] tensor; Video-LLaVA's come a frame a row)."""
+        features = self.core.model.get_video_features(pixels.to(self.vision_tower.dtype)[None]).pooler_output
+        return features.reshape(-1, features.shape[-1])
+
+    @torch.no_grad()
+    def video_features(self, pixels: dict) -> dict:
+        return {"video_features": self._features(pixels["pixel_values_videos"].to(self.device)).cpu()}
+
+    def _encoded_videos(self, pixel_values_videos, video_frames, video_features) -> dict | None:
+        """The videos' features, computed here from their pixels or given, as transformers' forward
+        takes them precomputed: one row of all the videos' tokens, which fill the video tokens in order."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        pixels = pixel_values_videos.to(self.vision_tower.dtype).split(video_frames.tolist())
-        features = [self.core.model.get_video_features(p[None]).pooler_output for p in pixels]
-        # one row of all the videos' tokens (Video-LLaVA's come a frame a row)
-        features = torch.cat([f.reshape(-1, f.shape[-1]) for f in features])[None]
-        return {"video": BaseModelOutputWithPooling(pooler_output=features)}
+        if video_features is None and pixel_values_videos is not None:
+            video_features = torch.cat([self._features(p) for p in pixel_values_videos.split(video_frames.tolist())])
+        return None if video_features is None else {"video": BaseModelOutputWithPooling(pooler_output=video_features[None])}
 
-    def _inputs(self, input_ids, attention_mask, pixel_values_videos=None, video_frames=None) -> dict:
+    def _inputs(self, input_ids, attention_mask, pixel_values_videos=None, video_frames=None, video_features=None) -> dict:
         return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=left_positions(attention_mask),
-                    mm_encoder_outputs=self._encoded_videos(pixel_values_videos, video_frames))
+                    mm_encoder_outputs=self._encoded_videos(pixel_values_videos, video_frames, video_features))
 
     @staticmethod
     def _last_position(position_ids: torch.Tensor) -> torch.Tensor:
