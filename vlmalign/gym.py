@@ -242,16 +242,20 @@ class Gym:
                 data__train=f"[{records}]", data__max_length=512,
                 **self.initial_model(root / "reader-init", self.budget.bench_seed), **self.common)))
 
+    @staticmethod
+    def reader_settings(reader: Path) -> dict:
+        """The `judge` section that makes the reader judge by likelihood, reading text only."""
+        return {"backend": "likelihood", "model": str(reader), "read_video": False, "prompts": str(CONFIGS / "prompts"),
+                "batch_size": 32}
+
     def reader_judge(self, reader: Path, prefix: str = "") -> dict:
-        """Judge settings (with a config-key `prefix`) that make the reader judge by likelihood."""
-        return {f"{prefix}judge__backend": "likelihood", f"{prefix}judge__model": reader,
-                f"{prefix}judge__read_video": "false", f"{prefix}judge__prompts": CONFIGS / "prompts",
-                f"{prefix}judge__batch_size": 32}
+        """`reader_settings` as config overrides under a config-key `prefix`."""
+        return {f"{prefix}judge__{key}": value for key, value in self.reader_settings(reader).items()}
 
     def probe_reader(self, reader: Path, start: Path) -> dict:
         """The reader's accuracy on a true and a wrong answer to each held-out test question, with no
         context, the video's caption, and the start model's 3-clip narrative."""
-        from vlmalign.config import ContextConfig, JudgeConfig
+        from vlmalign.config import ContextConfig, JudgeConfig, config_from_dict
         from vlmalign.data import synthetic as syn
         from vlmalign.feedback.judge_probe import probe_judge, true_vs_wrong_pairs
         from vlmalign.feedback.judges import build_judge
@@ -266,8 +270,7 @@ class Gym:
         questions = read_questions([str(self.bench / "qa_test.json")], None, None)
         pairs = true_vs_wrong_pairs(Oracle.from_dir(self.bench), questions, self.seed)
         asked = [p.question for p in pairs]
-        judge = build_judge(JudgeConfig(backend="likelihood", model=str(reader), read_video=False, prompts=str(CONFIGS / "prompts")),
-                            out / "judge_cache.sqlite", progress=False)
+        judge = build_judge(config_from_dict(JudgeConfig, self.reader_settings(reader)), out / "judge_cache.sqlite", progress=False)
         model = load_model(start).eval()
         contexts = {
             "none": {},
