@@ -156,13 +156,16 @@ def run_stage(stage: str, args, work: Path) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def step() -> dict:
+    # every step's batch is made before the timing starts: in training the caches hand a step its
+    # videos ready made (VideoLM its features, an HF family its features or patches)
+    rows, answer_words = {"sft": (b, args.answer_words), "dpo": (2 * b, args.answer_words), "grpo_rank": (b, 0)}[stage]
+    batches = [batch(model, rows, args.prompt_words, answer_words, gen) for _ in range(args.warmup + args.steps)]
+
+    def step(ids, labels, videos) -> dict:
         if stage == "sft":
-            ids, labels, videos = batch(model, b, args.prompt_words, args.answer_words, gen)
             train_on(ids, labels, videos, lambda logits, y: sft_loss(logits, y))
             return {"trained": ids.numel()}
         if stage == "dpo":
-            ids, labels, videos = batch(model, 2 * b, args.prompt_words, args.answer_words, gen)
             ref = -torch.rand(2 * b, generator=gen).to(device) * 50
 
             def loss_fn(logits, y):
@@ -172,8 +175,7 @@ def run_stage(stage: str, args, work: Path) -> dict:
             return {"trained": ids.numel()}
         # grpo_rank: sample G answers per prompt, then one clipped update on them
         g = args.group
-        prompts, _, videos = batch(model, b, args.prompt_words, 0, gen)
-        prompts = prompts[:, :-1]  # drop the (empty) answer's EOS: the prompt ends with ASSISTANT:
+        prompts = ids[:, :-1]  # drop the (empty) answer's EOS: the prompt ends with ASSISTANT:
         model.eval()
         started = time.perf_counter()
         with torch.no_grad():
@@ -198,14 +200,14 @@ def run_stage(stage: str, args, work: Path) -> dict:
         train_on(rows, labels, [v for v in videos for _ in range(g)], loss_fn)
         return {"trained": rows.numel(), "sampled": int(lengths.sum()), "sampling_s": sampling}
 
-    for _ in range(args.warmup):
-        step()
+    for data in batches[: args.warmup]:
+        step(*data)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     _sync()
     records, started = [], time.perf_counter()
-    for _ in range(args.steps):
-        records.append(step())
+    for data in batches[args.warmup :]:
+        records.append(step(*data))
     _sync()
     seconds = time.perf_counter() - started
     peak = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
