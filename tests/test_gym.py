@@ -265,12 +265,14 @@ def test_judged_methods_run_with_their_twins_and_controls_from_one_command(tmp_p
                              ("isr_dpo-control/iter-01", "random")):
         stats = json.loads((seed_dir / run_dir / "stats.json").read_text())
         assert stats["judge"].startswith(backend), stats["judge"]
-    oracle_pairs = seed_dir / "dpo" / "prefs" / "preferences.jsonl"
-    assert not (seed_dir / "ppo" / "prefs").exists()
-    assert str(oracle_pairs) in (seed_dir / "ppo" / "rm" / "config.yaml").read_text()
+    # the oracle's reward model: every good answer against every poor one of DPO's scored samples
+    dpo_pairs = [(r["chosen"], r["rejected"]) for r in map(json.loads, (seed_dir / "dpo" / "prefs" / "preferences.jsonl").open())]
+    rm_data = seed_dir / "ppo" / "every_pair.jsonl"
+    rm_pairs = [(r["chosen"], r["rejected"]) for r in map(json.loads, rm_data.open())]
+    assert not (seed_dir / "ppo" / "prefs").exists() and set(dpo_pairs) <= set(rm_pairs)
+    assert str(rm_data) in (seed_dir / "ppo" / "rm" / "config.yaml").read_text()
     swapped = [json.loads(line) for line in (seed_dir / "ppo-control" / "swapped.jsonl").read_text().splitlines()]
-    assert [(r["chosen"], r["rejected"]) for r in swapped] == [
-        (r["rejected"], r["chosen"]) for r in map(json.loads, oracle_pairs.read_text().splitlines())]
+    assert [(r["chosen"], r["rejected"]) for r in swapped] == [(b, a) for a, b in rm_pairs]
     contexts = json.loads((seed_dir / "isr_dpo" / "iter-02" / "contexts.json").read_text())
     assert contexts["settings"]["mode"] == "retrospective" and contexts["contexts"]
     text = (tmp_path / "gym" / "gym.md").read_text()

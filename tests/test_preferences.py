@@ -311,3 +311,24 @@ def test_score_judge_reads_the_reference_answer_and_explains_its_score(tmp_path,
 
     assert reference_block("") == "" and "Reference answer" not in load_prompt("judge.score").render(
         context_block="", question="q", reference_block=reference_block(""), answer="a")
+
+
+def test_every_pair_expands_scored_answers_into_all_good_against_poor_pairs(tmp_path):
+    """The reward model's pairs from score_threshold records: each answer scoring >= 3 against each
+    scoring <= 2, distinct non-empty texts once; the record's provenance kept."""
+    from vlmalign.errors import DataError
+    from vlmalign.feedback.preferences import every_pair
+
+    record = {"id": "q1", "video": "/v.mp4", "prompt": "<video>\nWhat colour?", "method": "score_threshold",
+              "answers": ["Red.", "Blue.", "Red.", "", "Green.", "Red or blue."], "scores": [5, 1, 5, 1, 2, 3],
+              "chosen": "Red.", "rejected": "Blue.", "chosen_score": 5, "rejected_score": 1, "judge": "oracle:x"}
+    src = tmp_path / "prefs.jsonl"
+    src.write_text(json.dumps(record) + "\n")
+    rows = [json.loads(line) for line in every_pair(src, tmp_path / "all.jsonl", 3, 2).read_text().splitlines()]
+    assert [(r["chosen"], r["rejected"], r["chosen_score"], r["rejected_score"]) for r in rows] == [
+        ("Red.", "Blue.", 5, 1), ("Red.", "Green.", 5, 2), ("Red or blue.", "Blue.", 3, 1), ("Red or blue.", "Green.", 3, 2)]
+    assert all(r["id"] == "q1" and r["judge"] == "oracle:x" for r in rows)
+    assert len(read_preference_pairs(tmp_path / "all.jsonl")) == 4
+    src.write_text(json.dumps({**record, "method": "pairwise"}) + "\n")
+    with pytest.raises(DataError, match=f"{src}: record 'q1' is no score_threshold record"):
+        every_pair(src, tmp_path / "all.jsonl", 3, 2)

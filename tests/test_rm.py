@@ -104,6 +104,22 @@ def test_saved_reward_model_gives_identical_rewards(tiny_policy, rlaif_pairs, ti
     torch.testing.assert_close(score_samples(trainable, collate, samples, batch_size=6), before, rtol=0, atol=1e-5)
 
 
+def test_held_out_pairs_never_share_a_question_with_trained_ones():
+    """Several pairs per question (every good answer against every poor one): the split draws
+    questions, so a held-out pair's question is never trained on; one pair per question splits as
+    a draw of pairs."""
+    from vlmalign.data.formats import PreferencePair
+
+    pairs = [PreferencePair(f"q{q}", None, "what?", f"good {k}", "poor") for q in range(20) for k in range(q % 4 + 1)]
+    train, held = rm.split_pairs(pairs, 0.25, seed=3)
+    assert len(train) + len(held) == len(pairs) and {p.id for p in train}.isdisjoint({p.id for p in held})
+    assert len({p.id for p in held}) == 5  # a quarter of the 20 questions, with all their pairs
+    assert all(sum(p.id == h.id for p in held) == int(h.id[1:]) % 4 + 1 for h in held)
+    single = [PreferencePair(f"q{q}", None, "what?", "good", "poor") for q in range(40)]
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(3)).tolist()[:10]
+    assert [p.id for p in rm.split_pairs(single, 0.25, seed=3)[1]] == [f"q{i}" for i in sorted(order)]
+
+
 def test_reward_model_input_ends_with_the_evaluation_turn(tiny_policy, tmp_path):
     cfg = load_config(RMConfig, TINY_RM, [f"model.init_from={tiny_policy}"])
     model = build_reward_model(cfg.model, "Judge the answer .", "test@v0")

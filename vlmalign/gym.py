@@ -200,14 +200,19 @@ class Gym:
 
     def ppo(self, start: Path, control: bool, name: str = "ppo", feedback: dict | None = None) -> Path:
         """RM + PPO: a reward model on preference pairs (swapped for the control), PPO against it. The
-        pairs: the oracle's, DPO's own (`oracle_pairs`); or, with `feedback` (judge and context
-        settings of make-prefs), 2 samples per question judged pairwise, VLM-RLAIF's protocol, in
-        NAME/prefs. The runs live in NAME[-control]/."""
+        pairs: the oracle's, from the samples DPO's pairs come from, every good answer of a question
+        against every poor one (`preferences.every_pair`: DPO keeps one pair per question, a reward
+        model learns from all of them); or, with `feedback` (judge and context settings of
+        make-prefs), 2 samples per question judged pairwise, VLM-RLAIF's protocol, in NAME/prefs. The
+        runs live in NAME[-control]/."""
         from vlmalign.feedback import preferences
         from vlmalign.train import ppo, rm
 
         if feedback is None:
-            pairs = self.oracle_pairs(start)
+            dpo_pairs = self.oracle_pairs(start)
+            thresholds = self.pipe.prefs_config(dpo_pairs.parent, start).preferences  # the settings DPO's pairs took
+            pairs = preferences.every_pair(dpo_pairs, self.out / name / "every_pair.jsonl",
+                                           thresholds.chosen_min, thresholds.rejected_max)
         else:
             prefs_dir = self.out / name / "prefs"
             if not (prefs_dir / "stats.json").is_file():

@@ -428,6 +428,31 @@ def swap_preferences(src: Path, dst: Path) -> Path:
     return dst
 
 
+def every_pair(src: Path, dst: Path, chosen_min: int, rejected_max: int) -> Path:
+    """score_threshold records (`src`) expanded to every pair of each question's answers: each answer
+    scoring >= `chosen_min` against each scoring <= `rejected_max`, distinct non-empty texts, each
+    pair of texts once, written to `dst` with the record's provenance. A reward model learns from all
+    the comparisons of a prompt, as InstructGPT's does (all K-choose-2 of its K ranked answers); DPO
+    keeps one pair per question."""
+    rows = []
+    for r in (json.loads(line) for line in Path(src).read_text(encoding="utf-8").splitlines() if line.strip()):
+        if r.get("method") != "score_threshold" or "scores" not in r:
+            raise DataError(f"{src}: record {r.get('id')!r} is no score_threshold record with its answers' scores; "
+                            "every pair needs them")
+        seen = set()
+        for chosen, good in zip(r["answers"], r["scores"]):
+            for rejected, poor in zip(r["answers"], r["scores"]):
+                texts = (chosen.strip(), rejected.strip())
+                if good < chosen_min or poor > rejected_max or not all(texts) or texts in seen:
+                    continue
+                seen.add(texts)
+                rows.append({**r, "chosen": chosen, "rejected": rejected, "chosen_score": good, "rejected_score": poor})
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(dst, rows)
+    return dst
+
+
 def format_stats(stats: dict) -> str:
     lines = [
         f"questions {stats['questions']}, pairs kept {stats['pairs']}, dropped {sum(stats['dropped'].values())} {stats['dropped'] or ''}".rstrip(),

@@ -49,12 +49,15 @@ def read_pairs(paths: list[str], video_root) -> list[PreferencePair]:
 
 
 def split_pairs(pairs: list[PreferencePair], fraction: float, seed: int) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """(train, held out): `fraction` of the pairs drawn at random with `seed`."""
+    """(train, held out): `fraction` of the questions (pair ids) drawn at random with `seed`, each with
+    all its pairs, so that no held-out pair shares its question with a trained one (data with one
+    pair per question splits as a draw of pairs)."""
     if not 0.0 <= fraction < 1.0:
         raise ConfigError(f"rm.eval_fraction: expected a share in [0, 1), got {fraction}")
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
-    held = set(order[: int(round(fraction * len(pairs)))])
-    return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
+    ids = list(dict.fromkeys(p.id for p in pairs))
+    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = {ids[i] for i in order[: int(round(fraction * len(ids)))]}
+    return [p for p in pairs if p.id not in held], [p for p in pairs if p.id in held]
 
 
 def encode_pairs(model: RewardModel, pairs: list[PreferencePair], max_length: int) -> list[tuple[EncodedSample, EncodedSample]]:
