@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import yaml
 
 from vlmalign.data import synthetic as syn
 from vlmalign.feedback.oracle import Oracle
@@ -243,19 +244,19 @@ def test_table_reports_the_reader_probe_and_the_judged_runs_feedback():
 
 @pytest.mark.e2e
 def test_judged_methods_run_with_their_twins_and_controls_from_one_command(tmp_path, one_thread):
-    """`vlmalign gym --methods isr_dpo,vlm_rlaif,ppo` at toy sizes: the reader judge is trained and
-    probed, each judged method runs with its context-free twin and its control, and the table says
-    what the judge read and how often it agreed with the oracle; the oracle's RM + PPO trains its
-    reward model on DPO's oracle pairs. (Whether they learn is the full gym's question:
+    """`vlmalign gym --methods isr_dpo,vlm_rlaif,ppo,ppo_oracle` at toy sizes: the reader judge is
+    trained and probed, each judged method runs with its context-free twin and its control, and the
+    table says what the judge read and how often it agreed with the oracle; the oracle's RM + PPO
+    trains its reward model on DPO's oracle pairs, and PPO on the oracle's scores needs none. (Whether they learn is the full gym's question:
     docs/results.md.)"""
     from vlmalign.gym import run_gym
 
     toy = GymBudget(videos=40, splits=(0.6, 0.1, 0.3), max_objects=1, sft_epochs=1, sft_batch_size=8, reader_epochs=1,
                     dpo_questions=12, dpo_epochs=2, isr_iterations=2, rm_questions=12, ppo_rollouts=1, eval_limit=12,
-                    methods=("isr_dpo", "vlm_rlaif", "ppo"))
-    (run,) = run_gym(tmp_path / "gym", toy, seeds=(0,), command="vlmalign gym --methods isr_dpo,vlm_rlaif,ppo")
+                    methods=("isr_dpo", "vlm_rlaif", "ppo", "ppo_oracle"))
+    (run,) = run_gym(tmp_path / "gym", toy, seeds=(0,), command="vlmalign gym --methods isr_dpo,vlm_rlaif,ppo,ppo_oracle")
     for name in ("isr_dpo", "isr_dpo-none", "isr_dpo-control", "vlm_rlaif", "vlm_rlaif-none", "vlm_rlaif-control",
-                 "ppo", "ppo-control"):
+                 "ppo", "ppo-control", "ppo_oracle", "ppo_oracle-control"):
         assert "failed" not in run[name] and 0 <= run[name]["all"] <= 1, (name, run[name])
     assert set(run["reader_probe"]) == {"none", "caption", "narrative"} and run["reader_probe"]["caption"]["n"] > 0
     assert len(run["isr_dpo"]["iterations"]) == 2 and len(run["vlm_rlaif"]["iterations"]) == 1
@@ -273,10 +274,16 @@ def test_judged_methods_run_with_their_twins_and_controls_from_one_command(tmp_p
     assert str(rm_data) in (seed_dir / "ppo" / "rm" / "config.yaml").read_text()
     swapped = [json.loads(line) for line in (seed_dir / "ppo-control" / "swapped.jsonl").read_text().splitlines()]
     assert [(r["chosen"], r["rejected"]) for r in swapped] == [(b, a) for a, b in rm_pairs]
+    # PPO on scores: the oracle's (the random judge's for the control), no reward model trained
+    for name, backend in (("ppo_oracle", "oracle"), ("ppo_oracle-control", "random")):
+        cfg = yaml.safe_load((seed_dir / name / "config.yaml").read_text())
+        assert (cfg["reward"], cfg["judge"]["backend"], cfg["reward_model"]) == ("judge", backend, ""), name
+        assert not (seed_dir / name / "rm").exists()
     contexts = json.loads((seed_dir / "isr_dpo" / "iter-02" / "contexts.json").read_text())
     assert contexts["settings"]["mode"] == "retrospective" and contexts["contexts"]
     text = (tmp_path / "gym" / "gym.md").read_text()
     for label in ("ISR-DPO (reader judge, retrospective context)", "twin: ISR-DPO, reader judge without context",
                   "control: ISR-DPO on random verdicts", "VLM-RLAIF: RM + PPO (reader judge, 3-clip narrative)",
-                  "Reader judge (likelihood, text only)"):
+                  "Reader judge (likelihood, text only)", "PPO on oracle scores (no reward model)",
+                  "control: PPO on random scores"):
         assert label in text

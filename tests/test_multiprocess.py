@@ -236,6 +236,33 @@ def test_two_process_ppo_matches_one_process_and_resumes(tiny_policy, tiny_bench
     assert_same_policy(_weights(tmp_path / "one"), _weights(tmp_path / "two"))
 
 
+@pytest.mark.e2e
+def test_two_process_ppo_on_judge_scores_matches_one_process(tiny_policy, tiny_bench, tmp_path):
+    """reward: judge: the first process judges both processes' answers and hands each its scores
+    back; the rewards, and so the update, are those of one process."""
+    def args(run_dir, *launch):
+        out = ["ppo", "--config", "configs/tiny/ppo.yaml", *launch]
+        for k, v in {"run.dir": run_dir, "run.progress": "false", "model.init_from": tiny_policy, "reward": "judge", "reward_model": "",
+                     "judge.bench": tiny_bench, "data.train": f"[{tiny_bench}/sft_easy.json]",
+                     "data.feature_cache": tmp_path / "fc", "sampling.num_samples": 2, "sampling.max_new_tokens": 6,
+                     "sampling.batch_size": 2, "ppo.rollout_batch": 4, "ppo.step_batch": 8, "ppo.micro_batch": 2,
+                     "train.lr": "1e-3", "train.max_steps": 2, "train.log_every": 1, "eval_qa": "null"}.items():
+            out += ["--set", f"{k}={v}"]
+        return _cli(*out)
+
+    _run(args(tmp_path / "one"), REPO)
+    _run(args(tmp_path / "two", "--launch", "cpu_2proc"), REPO)
+    one, two = ([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+                for name in ("one", "two"))
+    for a, b in zip(one, two, strict=True):
+        assert a["judged_fraction"] == b["judged_fraction"] == 1.0
+        for key in ("reward", "kl", "response_length"):
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-5), key
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-4)
+
+
 def test_deepspeed_auto_entries_come_from_the_training_config():
     from vlmalign.config import TrainConfig
     from vlmalign.errors import VlmalignError

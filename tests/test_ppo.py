@@ -119,6 +119,60 @@ def test_ppo_config_errors_name_the_key(tiny_policy, tiny_rm, tiny_bench, tmp_pa
     assert "error: reward_model" in capsys.readouterr().err
 
 
+def test_ppo_on_a_judges_scores_needs_no_reward_model(tiny_policy, tiny_bench, tmp_path, monkeypatch):
+    """reward: judge: the oracle scores every sampled answer 1-5, and `reward` logs their mean; the
+    value model is the policy with a new head (no reward model given)."""
+    oracle = Oracle.from_dir(tiny_bench)
+    seen = []
+
+    def recorded(judge, answers, acc):
+        scores, judged = ppo_judge_scores(judge, answers, acc)
+        seen.append(([oracle.score(q.video, q.question, s.text) for q, s in answers], scores.tolist(), judged.tolist()))
+        return scores, judged
+
+    ppo_judge_scores = ppo.judge_scores
+    monkeypatch.setattr(ppo, "judge_scores", recorded)
+    run_dir = tmp_path / "ppo"
+    final = ppo.run(ppo_cfg(tiny_policy, "", tiny_bench, run_dir, **{"reward": "judge", "judge.bench": str(tiny_bench)}))
+    metrics = _metrics(run_dir)
+    assert [m["step"] for m in metrics] == [1, 2, 3] and len(seen) == 3
+    for m, (truth, scores, judged) in zip(metrics, seen):
+        assert scores == truth and all(judged) and len(scores) == 8  # 4 questions x 2 answers
+        assert m["reward"] == pytest.approx(sum(truth) / 8) and m["judged_fraction"] == 1.0
+    before = load_file(tiny_policy / "llm" / "model.safetensors")
+    after = load_file(final / "llm" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_ppo_leaves_answers_the_judge_could_not_score_out_of_the_update(tiny_policy, tiny_bench, tmp_path, monkeypatch):
+    """A failed or unreadable judgment gives an answer no reward and no advantage: with every
+    judgment failed nothing trains, and the run says so in judged_fraction."""
+    monkeypatch.setattr(ppo, "judge_scores", lambda judge, answers, acc: (torch.zeros(len(answers)),
+                                                                          torch.zeros(len(answers), dtype=torch.bool)))
+    run_dir = tmp_path / "ppo"
+    final = ppo.run(ppo_cfg(tiny_policy, "", tiny_bench, run_dir, **{"reward": "judge", "judge.bench": str(tiny_bench)}))
+    assert all(m["judged_fraction"] == 0.0 and m["policy_loss"] == 0.0 for m in _metrics(run_dir))
+    before = load_file(tiny_policy / "llm" / "model.safetensors")
+    after = load_file(final / "llm" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_judge_scores_mark_the_answers_left_unscored():
+    from types import SimpleNamespace
+
+    from vlmalign.feedback.judges import Judgment
+
+    class HalfReadable:
+        def score(self, requests):
+            return [Judgment("score", 4, "ok", "Score: 4", "j", "p", None, False) if i % 2 == 0 else
+                    Judgment("score", None, "parse_error", "four-ish", "j", "p", None, False) for i, _ in enumerate(requests)]
+
+    question = SimpleNamespace(video="v.mp4", question="What colour is the square?")
+    answers = [(question, SimpleNamespace(text=t)) for t in ("Red.", "Blue.", "Green.")]
+    scores, judged = ppo.judge_scores(HalfReadable(), answers, SimpleNamespace(num_processes=1))
+    assert scores.tolist() == [4.0, 0.0, 4.0] and judged.tolist() == [True, False, True]
+
+
 def test_answer_tokens_left_align_each_answer():
     values = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0], [6.0, 7.0, 8.0, 9.0, 10.0]])
     mask = torch.tensor([[False, True, True, True, False], [False, False, False, True, False]])

@@ -98,7 +98,7 @@ def test_help_lists_every_subcommand():
 
 def test_gym_refuses_unknown_methods_and_seeds_in_one_line(tmp_path):
     res = run_cli("gym", "--out", str(tmp_path / "gym"), "--methods", "dpo,sft")
-    assert res.returncode == 2 and res.stderr.strip() == "error: --methods: unknown sft; choose from dpo, grpo, grpo_rank, grpo_rank_monotone, ppo, isr_dpo, vlm_rlaif"
+    assert res.returncode == 2 and res.stderr.strip() == "error: --methods: unknown sft; choose from dpo, grpo, grpo_rank, grpo_rank_monotone, ppo, ppo_oracle, isr_dpo, vlm_rlaif"
     res = run_cli("gym", "--out", str(tmp_path / "gym"), "--seeds", "0,x")
     assert res.returncode == 2 and res.stderr.strip() == "error: --seeds: comma-separated integers, got '0,x'"
     assert not (tmp_path / "gym").exists()

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-rm", help="train a context-aware reward model on preference pairs")
     _add_config_args(p)
 
-    p = sub.add_parser("ppo", help="optimise a policy with PPO against a reward model")
+    p = sub.add_parser("ppo", help="optimise a policy with PPO against a reward model (or a judge's scores)")
     _add_config_args(p)
 
     p = sub.add_parser("eval", help="evaluate a model (or existing predictions) on a benchmark, or compare reports")
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/gym", help="folder for the benchmark, runs and table")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     p.add_argument("--quick", action="store_true", help="the demo's smaller budget")
-    p.add_argument("--methods", default=None, help="comma-separated subset of dpo,grpo,grpo_rank,grpo_rank_monotone,ppo,isr_dpo,vlm_rlaif (default: all)")
+    p.add_argument("--methods", default=None, help="comma-separated subset of dpo,grpo,grpo_rank,grpo_rank_monotone,ppo,ppo_oracle,isr_dpo,vlm_rlaif (default: all)")
     p.add_argument("--family", default="video_lm",
                    help="the model every run trains: video_lm (vlmalign's VideoLM), or qwen2_5_vl, qwen2_vl, qwen3_vl, "
                         "llava_onevision, llava_next_video, video_llava (a tiny random transformers video model of that "

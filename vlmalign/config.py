@@ -373,7 +373,14 @@ class PPOSection:
 class PPOConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)  # model.init_from: the SFT policy (= reference)
-    reward_model: str = ""  # a `train-rm` final/: scores answers; a trainable copy is the value model
+    # Where each answer's score comes from: "reward_model" (VLM-RLAIF: the `train-rm` model below) or
+    # "judge" (`judge`'s 1-5 score, e.g. the oracle's: PPO on a rule-based reward, which tells what a
+    # reward model's errors cost from what PPO itself does).
+    reward: Literal["reward_model", "judge"] = "reward_model"
+    # a `train-rm` final/: scores answers (reward: reward_model) and a trainable copy of it is the value
+    # model; with reward: judge it is optional, and without it the value model is the policy with a new head
+    reward_model: str = ""
+    judge: JudgeConfig = field(default_factory=JudgeConfig)  # reward: judge
     data: DataConfig = field(default_factory=DataConfig)  # data.train: question files
     train: TrainConfig = field(default_factory=TrainConfig)  # epochs: passes over the questions; max_steps, save_every: rollouts
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(num_samples=1, temperature=1.0, max_new_tokens=896))

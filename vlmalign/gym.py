@@ -18,9 +18,12 @@ Per seed, from one benchmark:
             grpo_rank_monotone  the same ranking, an advantage that always prefers better-ranked
                        answers (losses.grpo_rank_monotone_advantages)
             ppo        VLM-RLAIF's RM + PPO: a reward model on DPO's oracle pairs, PPO against it
-  controls  the same run with the feedback destroyed, same budget: grpo on random scores, both grpo_rank
-            on random rankings (the `random` judge: verdicts unrelated to truth); dpo and ppo on
-            swapped pairs (the feedback reversed: these must lose, and check its direction)
+            ppo_oracle PPO with the oracle's 1-5 score as its reward, no reward model: RM + PPO with a
+                       perfect reward model, which tells what the reward model costs from what PPO does
+  controls  the same run with the feedback destroyed, same budget: grpo and ppo_oracle on random
+            scores, both grpo_rank on random rankings (the `random` judge: verdicts unrelated to
+            truth); dpo and ppo on swapped pairs (the feedback reversed: these must lose, and check
+            its direction)
   reader    the AI-feedback provider of the judged methods: a small model of the policy's size, trained
             apart on text only (the train split's true answers after the video's caption, its clip
             captions, its true description or no context; `reader_records`), that judges by likelihood
@@ -54,7 +57,7 @@ from vlmalign.config import DPOConfig, GRPOConfig, PPOConfig, RMConfig, SFTConfi
 from vlmalign.errors import VlmalignError
 from vlmalign.pipeline import CONFIGS, Budget, Pipeline, _sets, mean_std
 
-METHODS = ("dpo", "grpo", "grpo_rank", "grpo_rank_monotone", "ppo", "isr_dpo", "vlm_rlaif")
+METHODS = ("dpo", "grpo", "grpo_rank", "grpo_rank_monotone", "ppo", "ppo_oracle", "isr_dpo", "vlm_rlaif")
 JUDGED = ("isr_dpo", "vlm_rlaif")  # fed by the reader judge, not the oracle
 QTYPES = ("colour", "count", "direction", "shape")
 
@@ -230,6 +233,18 @@ class Gym:
             run__dir=self.out / run_name / "ppo", model__init_from=start, reward_model=rm_final, eval_qa="null",
             data__train=f"[{self.bench}/sft_easy.json]", train__max_steps=self.budget.ppo_rollouts,
             train__lr=self.budget.ppo_lr, train__seed=self.seed, **self.common)))
+
+    def ppo_oracle(self, start: Path, control: bool) -> Path:
+        """PPO on the oracle's 1-5 scores (the random judge's for the control), RM + PPO's budget; no
+        reward model: the value model is the start with a new head."""
+        from vlmalign.train import ppo
+
+        judge = {"judge__backend": "random", "judge__seed": self.seed} if control else {"judge__bench": self.bench}
+        return ppo.run(load_config(PPOConfig, CONFIGS / "ppo.yaml", _sets(
+            run__dir=self.out / ("ppo_oracle-control" if control else "ppo_oracle"), model__init_from=start,
+            reward="judge", reward_model="", eval_qa="null", data__train=f"[{self.bench}/sft_easy.json]",
+            train__max_steps=self.budget.ppo_rollouts, train__lr=self.budget.ppo_lr, train__seed=self.seed,
+            **judge, **self.common)))
 
     # --- the reader judge and the methods it feeds ---------------------------------------------------
     def reader(self) -> Path:
@@ -426,6 +441,7 @@ ROWS = {  # result key -> table label
     "grpo_rank_monotone": "GRPO_rank, monotone advantage (oracle ranks)",
     "grpo_rank_monotone-control": "  control: monotone GRPO_rank on random ranks",
     "ppo": "RM + PPO (oracle pairs)", "ppo-control": "  control: RM + PPO on swapped pairs",
+    "ppo_oracle": "PPO on oracle scores (no reward model)", "ppo_oracle-control": "  control: PPO on random scores",
     "isr_dpo": "ISR-DPO (reader judge, retrospective context)",
     "isr_dpo-none": "  twin: ISR-DPO, reader judge without context",
     "isr_dpo-control": "  control: ISR-DPO on random verdicts",
@@ -495,6 +511,8 @@ def _run_method(gym: Gym, start: Path, reader: Path | None, method: str, variant
         return gym.dpo(start, control)
     if method == "ppo":
         return gym.ppo(start, control)
+    if method == "ppo_oracle":
+        return gym.ppo_oracle(start, control)
     if method == "isr_dpo":
         judge = ({"loop__judge__backend": "random", "loop__judge__seed": gym.seed} if control
                  else gym.reader_judge(reader, "loop__"))

@@ -4,12 +4,15 @@ Models: the policy starts from the SFT checkpoint (`model.init_from`, a new LoRA
 or all weights); the reference is the policy with its adapter disabled, or a frozen copy without
 LoRA; the reward model (`reward_model`, from `train-rm`) is frozen; the value model is a trainable
 copy of the reward model (its own adapter and head). Policy and value model share one optimizer.
+With `reward: judge` a judge scores the answers instead (`judge`, e.g. the oracle: 1-5), and without
+a reward model the value model is the policy's starting weights with a new head.
 
 Per rollout (step = one rollout):
 1. rollout: `ppo.rollout_batch` questions, `sampling.num_samples` answers each, sampled from the
    policy (one shared video prefix per question);
-2. reward: score = RM(question, answer + evaluation prompt) + `eos_penalty` if the answer has no
-   EOS + `length_coef` * tokens / `sampling.max_new_tokens`;
+2. reward: score = RM(question, answer + evaluation prompt) (or the judge's score) + `eos_penalty`
+   if the answer has no EOS + `length_coef` * tokens / `sampling.max_new_tokens`; an answer the judge
+   could not score (a failed or unreadable reply) takes no part in the update;
 3. old log-probs, reference log-probs and values of the sampled tokens (no dropout);
    per-token rewards = -kl_coef * k1 KL (`losses.kl_penalized_rewards`) with the score on the last
    token, then whitened (keeping their mean) or multiplied by `reward_scale`; GAE (gamma, lam) gives
@@ -18,7 +21,7 @@ Per rollout (step = one rollout):
    forward): clipped policy loss + `vf_coef` * clipped value loss, token means over the step.
 With `kl_target`, kl_coef then moves towards that per-answer KL (adaptive controller).
 
-Logged per rollout: reward (mean RM score), score (with the EOS and length terms), kl (summed k1 per
+Logged per rollout: reward (mean RM or judge score; with a judge also judged_fraction), score (with the EOS and length terms), kl (summed k1 per
 answer, unclamped) and kl_coef, entropy, policy and value losses, clip fractions, approx_kl,
 response_length, eos_fraction, and the time split: rollout (sampling), reward (RM scoring), train
 (log-probs, values, advantages and the PPO epochs).
@@ -26,7 +29,8 @@ response_length, eos_fraction, and the time split: rollout (sampling), reward (R
 Several processes (plain data parallel, `--launch`): each samples its share of the rollout's
 questions (batches of `sampling.batch_size` questions seeded alike whatever the process count, so
 `ppo.rollout_batch / processes` must be a multiple of it), scores them with its copy of the reward
-model, and trains on them; reward and advantage whitening, the KL and the logged means are taken
+model (a judge runs in the first process only, on every process's answers: one judge, one cache), and
+trains on them; reward and advantage whitening, the KL and the logged means are taken
 over all processes, and each optimizer step's `step_batch` answers are split evenly between them.
 With one optimizer step per PPO epoch the update is that of one process. DeepSpeed is refused.
 
@@ -50,6 +54,7 @@ from tqdm.auto import tqdm
 from vlmalign.config import PPOConfig
 from vlmalign.data.collate import Collator
 from vlmalign.errors import ConfigError
+from vlmalign.feedback.judges import JudgeRequest, build_judge
 from vlmalign.feedback.preferences import read_questions
 from vlmalign.losses import (
     IGNORE_INDEX,
@@ -62,7 +67,8 @@ from vlmalign.losses import (
     token_logps,
 )
 from vlmalign.model.generation import GenerationConfig
-from vlmalign.model.reward import RewardModel, load_reward_model, score_samples
+from vlmalign.model.reward import RewardModel, build_reward_model, load_reward_model, score_samples
+from vlmalign.prompts import load_prompt
 from vlmalign.model.policy import MANIFEST, build_model, load_model
 from vlmalign.train.common import (
     all_sum,
@@ -130,6 +136,27 @@ def pad_rows(chunks: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([nn.functional.pad(c, (0, width - c.shape[1])) for c in chunks])
 
 
+def judge_scores(judge, answers: list, acc) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores [n], judged [n]) of this process's (question, sample) answers, each scored alone by
+    the judge. The first process (the only one holding `judge`) scores every process's answers and
+    hands each its share back."""
+    requests = [JudgeRequest(q.video, q.question, (s.text,)) for q, s in answers]
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast_object_list, gather_object
+
+        shares = gather_object([requests])  # one list per process, in process order
+        values = None
+        if judge is not None:
+            flat = [j.value if j.status == "ok" else None for j in judge.score([r for share in shares for r in share])]
+            ends = torch.tensor([len(share) for share in shares]).cumsum(0).tolist()
+            values = [flat[end - len(share) : end] for share, end in zip(shares, ends)]
+        values = broadcast_object_list([values], from_process=0)[0][acc.process_index]
+    else:
+        values = [j.value if j.status == "ok" else None for j in judge.score(requests)]
+    judged = torch.tensor([v is not None for v in values], dtype=torch.bool)
+    return torch.tensor([float(v) if v is not None else 0.0 for v in values]), judged
+
+
 def adapt_kl_coef(coef: float, kl: float, target: float, horizon: int, num_answers: int) -> float:
     """Ziegler et al.'s proportional controller: nudge `coef` so the per-answer KL approaches `target`."""
     error = min(max(kl / target - 1.0, -0.2), 0.2)
@@ -141,8 +168,9 @@ def adapt_kl_coef(coef: float, kl: float, target: float, horizon: int, num_answe
 def _check(cfg: PPOConfig) -> None:
     if not cfg.model.init_from:
         raise ConfigError("model.init_from: PPO starts from a saved policy (e.g. runs/tiny-sft/final)")
-    if not cfg.reward_model:
-        raise ConfigError("reward_model: give a reward model trained by `vlmalign train-rm` (e.g. runs/tiny-rm/final)")
+    if cfg.reward == "reward_model" and not cfg.reward_model:
+        raise ConfigError("reward_model: give a reward model trained by `vlmalign train-rm` (e.g. runs/tiny-rm/final), "
+                          "or set reward: judge to score answers with `judge`")
     if not cfg.data.train:
         raise ConfigError("data.train: give the question file(s) to train on")
     ppo = cfg.ppo
@@ -170,8 +198,17 @@ def run(cfg: PPOConfig) -> Path:
     check_rollout_shares(world, ppo.rollout_batch, cfg.sampling.batch_size, ppo.step_batch, "ppo", "step_batch")
     policy = build_model(cfg.model).to(acc.device)
     reference = None if policy.uses_lora else load_model(cfg.model.init_from).to(acc.device).eval()
-    reward_model = load_reward_model(cfg.reward_model).to(acc.device)
-    value = load_reward_model(cfg.reward_model, trainable=True).to(acc.device)
+    reward_model = judge = None
+    if cfg.reward == "reward_model":
+        reward_model = load_reward_model(cfg.reward_model).to(acc.device)
+    elif rt.is_main:  # one judge process, one cache file
+        judge = build_judge(cfg.judge, cfg.judge.cache or rt.run_dir / "judge_cache.sqlite", model=policy,
+                            visual=policy.visual_inputs(cfg.data.feature_cache), progress=False)
+    if cfg.reward_model:
+        value = load_reward_model(cfg.reward_model, trainable=True).to(acc.device)
+    else:  # the policy's starting weights read the states; the head learns the returns from zero
+        prompt = load_prompt("reward.evaluate")
+        value = build_reward_model(cfg.model, prompt.render(), prompt.id).to(acc.device)
     # The value model reads the policy's token ids, one value per answer token, and reads each video
     # itself: its frames must be the policy's, or its visual tokens would not fill the policy's slots.
     frames, theirs = policy.frame_settings(), value.backbone.frame_settings()
@@ -183,7 +220,8 @@ def run(cfg: PPOConfig) -> Path:
     policy_visual = policy.visual_inputs(cfg.data.feature_cache)
     policy_collate = Collator(policy, policy_visual)
     value_collate = Collator(value.backbone, value.backbone.visual_inputs(cfg.data.feature_cache))
-    reward_collate = Collator(reward_model.backbone, reward_model.backbone.visual_inputs(cfg.data.feature_cache))
+    reward_collate = (Collator(reward_model.backbone, reward_model.backbone.visual_inputs(cfg.data.feature_cache))
+                      if reward_model is not None else None)
     questions = read_questions(cfg.data.train, cfg.data.video_root)
     gen = GenerationConfig(
         max_new_tokens=cfg.sampling.max_new_tokens, do_sample=True, temperature=cfg.sampling.temperature,
@@ -218,8 +256,11 @@ def run(cfg: PPOConfig) -> Path:
 
         # 2. reward
         started = time.perf_counter()
-        encoded = [reward_model.encode(q.question, s.text, q.video, cfg.data.max_length, q.id) for q, s in answers]
-        rm_scores = score_samples(reward_model, reward_collate, encoded, ppo.micro_batch)
+        if reward_model is not None:
+            encoded = [reward_model.encode(q.question, s.text, q.video, cfg.data.max_length, q.id) for q, s in answers]
+            rm_scores, judged = score_samples(reward_model, reward_collate, encoded, ppo.micro_batch), None
+        else:
+            rm_scores, judged = judge_scores(judge, answers, acc)
         finished = torch.tensor([s.finished for _, s in answers])
         lengths = torch.tensor([len(s.token_ids) for _, s in answers], dtype=torch.float)
         score = rm_scores + ppo.eos_penalty * (~finished) + ppo.length_coef * lengths / cfg.sampling.max_new_tokens
@@ -245,13 +286,16 @@ def run(cfg: PPOConfig) -> Path:
         old_logps, ref_logps, old_values, entropy = (pad_rows(parts[k]) for k in ("old", "ref", "values", "entropy"))
         mask = torch.arange(old_logps.shape[1])[None] < lengths[:, None]
         rewards = kl_penalized_rewards(score, old_logps, ref_logps, mask, kl_coef, ppo.clamp_kl)
+        if judged is not None:  # an answer without a score gets no advantage or value target
+            mask &= judged[:, None]
         # Scaling or whitening the whole shaped reward, as released, keeps the KL/score trade-off at kl_coef.
         rewards = (masked_whiten(rewards, mask, shift_mean=False, all_sum=total_sum) if ppo.whiten_rewards
                    else rewards * ppo.reward_scale)
         advantages, returns = gae_advantages(rewards, old_values, mask, ppo.gamma, ppo.lam)
         if ppo.whiten_advantages:
             advantages = masked_whiten(advantages, mask, all_sum=total_sum)
-        rollout = {"old_logps": old_logps, "advantages": advantages, "old_values": old_values, "returns": returns}
+        rollout = {"old_logps": old_logps, "advantages": advantages, "old_values": old_values, "returns": returns,
+                   "mask": mask}
 
         # 4. PPO epochs over the rollout
         actor_critic.train()
@@ -270,11 +314,12 @@ def run(cfg: PPOConfig) -> Path:
                     with sync_context(acc, actor_critic, sync=j == len(micros) - 1), acc.autocast():
                         logps, valid, values = actor_critic(policy_collate(chunk), value_collate(chunk), acc.device)
                         r = {k: v[micro, : logps.shape[1]].to(acc.device) for k, v in rollout.items()}
+                        valid = valid & r["mask"]
                         pg_loss, clip_fraction, approx_kl = ppo_policy_loss(logps, r["old_logps"], r["advantages"], valid, ppo.clip)
                         vf_loss, vf_clip_fraction = ppo_value_loss(values, r["old_values"], r["returns"], valid, ppo.value_clip)
                         # token means over the whole optimizer step, however it is split over
                         # micro-batches and processes; x world because DDP averages gradients
-                        share = valid.sum() / step_tokens.to(acc.device)
+                        share = valid.sum() / step_tokens.to(acc.device).clamp(min=1)  # 0: no answer scored
                         loss = (pg_loss + ppo.vf_coef * vf_loss) * share * world
                         backward(acc, loss)
                     for key, v in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_fraction", clip_fraction),
@@ -286,12 +331,14 @@ def run(cfg: PPOConfig) -> Path:
 
         kl = rollout_mean(((old_logps - ref_logps) * mask).sum(-1))  # per answer, unclamped k1
         losses = total_sum(torch.tensor(list(sums.values()))) / updates  # each process holds its share of the means
+        scored = None if judged is None else judged.float()
         metrics = {
-            "reward": rollout_mean(rm_scores), "score": rollout_mean(score), "kl": kl, "kl_coef": kl_coef,
+            "reward": rollout_mean(rm_scores, scored), "score": rollout_mean(score, scored), "kl": kl, "kl_coef": kl_coef,
             "entropy": rollout_mean(entropy, mask), **dict(zip(sums, losses.tolist())),
             "return_mean": rollout_mean(returns, mask), "value_mean": rollout_mean(old_values, mask),
             "response_length": rollout_mean(lengths), "eos_fraction": rollout_mean(finished.float()),
             "lr": scheduler.get_last_lr()[0],
+            **({} if judged is None else {"judged_fraction": rollout_mean(scored)}),
             "time_rollout": rollout_time, "time_reward": reward_time, "time_train": train_time,
         }
         if ppo.kl_target is not None:
