@@ -332,7 +332,8 @@ def test_every_stage_runs_and_lora_dpo_learns_on_each_tiny_family(architecture, 
             f"data.train=[{tiny_bench}/sft_easy.json]", f"judge.bench={tiny_bench}", "sampling.max_new_tokens=5",
             "grpo.rollout_batch=4", "grpo.mini_batch=10", "train.max_steps=1", "eval_qa=null"]))
         rollout = json.loads((grpo_dir / "metrics.jsonl").read_text().splitlines()[-1])
-        assert -1 <= rollout["kendall_tau"] <= 1 and rollout["kl"] >= 0
+        tau = rollout["kendall_tau"]  # None when the oracle ranked every group's answers alike
+        assert (tau is None or -1 <= tau <= 1) and rollout["kl"] >= 0
 
     report = evaluate_synthetic(grpo_dir / "final", tiny_bench, tmp_path / "eval", limit=6, feature_cache=None, progress=False)
     assert report["results"]["all"]["n"] == 6

@@ -1,6 +1,7 @@
 """Loss and advantage functions: hand-computed cases, the GRPO_rank paper table, and TRL 1.16 as an
 oracle where it exposes the same maths (TRL is a test-only dependency; vlmalign never imports it)."""
 
+import itertools
 import math
 from collections import defaultdict
 from types import SimpleNamespace
@@ -456,16 +457,40 @@ def test_grpo_advantages_match_trl_formula():
         L.grpo_advantages(scores, scale="batch")
 
 
+def tau_b(x, y):
+    """Kendall's tau-b counted pair by pair, as its definition reads (scipy's default variant)."""
+    pairs = list(itertools.combinations(range(len(x)), 2))
+    concordant = sum((x[i] - x[j]) * (y[i] - y[j]) > 0 for i, j in pairs)
+    discordant = sum((x[i] - x[j]) * (y[i] - y[j]) < 0 for i, j in pairs)
+    untied_x, untied_y = sum(x[i] != x[j] for i, j in pairs), sum(y[i] != y[j] for i, j in pairs)
+    return (concordant - discordant) / math.sqrt(untied_x * untied_y)
+
+
 def test_kendall_tau():
     ranks = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3]])
     other = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0], [1, 0, 2, 3]])
     torch.testing.assert_close(L.kendall_tau(ranks, other), torch.tensor([1.0, -1.0, 4 / 6]))
-    scipy_stats = pytest.importorskip("scipy.stats")
     torch.manual_seed(7)
     a = torch.stack([torch.randperm(5) for _ in range(20)])
     b = torch.stack([torch.randperm(5) for _ in range(20)])
-    expected = torch.tensor([scipy_stats.kendalltau(x, y).statistic for x, y in zip(a.tolist(), b.tolist())])
+    expected = torch.tensor([tau_b(x, y) for x, y in zip(a.tolist(), b.tolist())])
     torch.testing.assert_close(L.kendall_tau(a, b), expected.float())
+
+
+def test_kendall_tau_leaves_tied_pairs_out_of_the_denominator():
+    """tau-b: strict [0, 1, 2] against the judge's [0, 0, 2] (answers 0 and 1 tied): pairs (0,2) and
+    (1,2) agree, (0,1) is tied, so (2 - 0) / sqrt(3 untied x 2 untied) = 2 / sqrt(6); a group the
+    judge ties entirely has no order: NaN. Random rankings with ties match the pair-by-pair count."""
+    tau = L.kendall_tau(torch.tensor([[0, 1, 2], [0, 1, 2], [2, 1, 0]]), torch.tensor([[0, 0, 2], [1, 1, 1], [0, 0, 2]]))
+    torch.testing.assert_close(tau[[0, 2]], torch.tensor([2 / 6 ** 0.5, -2 / 6 ** 0.5]))
+    assert tau[1].isnan()
+
+    torch.manual_seed(3)
+    a = torch.stack([torch.randperm(5) for _ in range(30)])
+    b = torch.randint(0, 3, (30, 5))
+    keep = [i for i in range(30) if len(set(b[i].tolist())) > 1]
+    expected = torch.tensor([tau_b(a[i].tolist(), b[i].tolist()) for i in keep])
+    torch.testing.assert_close(L.kendall_tau(a, b)[keep], expected.float())
 
 
 # --- GRPO loss ---------------------------------------------------------------------------------------

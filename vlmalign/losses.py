@@ -389,15 +389,18 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
 
 
 def kendall_tau(ranks_a: torch.Tensor, ranks_b: torch.Tensor) -> torch.Tensor:
-    """Kendall's tau-a per group: [B, G] and [B, G] -> [B] in [-1, 1] (1 = same order, -1 = reversed).
+    """Kendall's tau-b per group: [B, G] and [B, G] -> [B] in [-1, 1] (1 = same order, -1 = reversed).
 
-    (concordant - discordant pairs) / (G (G - 1) / 2); a pair tied in either ranking counts as neither.
+    (concordant - discordant pairs) / sqrt(pairs untied in a * pairs untied in b), scipy's default. A
+    pair tied in either ranking counts as neither; unlike tau-a's denominator (all pairs) this one
+    leaves them out, so a judge that ties most answers (the oracle: equally right or wrong) does not
+    pull tau towards 0. NaN for a group one ranking ties entirely (no order to agree with).
     """
-    g = ranks_a.shape[-1]
-    sign_a = torch.sign(ranks_a.unsqueeze(-1) - ranks_a.unsqueeze(-2))
-    sign_b = torch.sign(ranks_b.unsqueeze(-1) - ranks_b.unsqueeze(-2))
-    # The [G, G] sum visits every unordered pair twice.
-    return (sign_a * sign_b).sum((-1, -2)).float() / max(g * (g - 1), 1)
+    sign_a = torch.sign(ranks_a.unsqueeze(-1) - ranks_a.unsqueeze(-2)).float()
+    sign_b = torch.sign(ranks_b.unsqueeze(-1) - ranks_b.unsqueeze(-2)).float()
+    # Each [G, G] sum visits every unordered pair twice, numerator and denominator alike.
+    untied = ((sign_a != 0).sum((-1, -2)) * (sign_b != 0).sum((-1, -2))).float().sqrt()
+    return (sign_a * sign_b).sum((-1, -2)) / untied
 
 
 # GRPO policy losses differ in how the per-token terms become one number (TRL's `loss_type`); each is

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import random
 import statistics
@@ -297,7 +298,7 @@ def oracle_agreement(oracle, method: str, questions: list[Question], samples: li
     answers that the oracle scores differently, those the judge scores differently (`pairs_ordered`)
     are ordered the same way (`pairs_tied`: the judge gave both the same score); a scoring judge sees
     one answer at a time, so unlike a pairwise one it has no position to follow. ranked: mean
-    Kendall tau of the two rankings.
+    Kendall tau-b of the two rankings, over questions whose answers the oracle does not tie all alike.
     """
     agree, total, taus = 0, 0, []
     pairs_agree, pairs_ordered, pairs_tied = 0, 0, 0
@@ -315,7 +316,10 @@ def oracle_agreement(oracle, method: str, questions: list[Question], samples: li
             if judged.status != "ok":
                 continue
             truth = oracle.rank(q.video, q.question, answers)
-            taus.append(float(kendall_tau(torch.tensor([judged.value]), torch.tensor([truth]))[0]))
+            if len(set(truth)) == 1:  # the oracle ties every answer: no order to agree with
+                continue
+            tau = float(kendall_tau(torch.tensor([judged.value]), torch.tensor([truth]))[0])
+            taus.append(0.0 if math.isnan(tau) else tau)  # a judge that ties every answer orders none
         else:
             truth = [oracle.score(q.video, q.question, answer) for answer in answers]
             for j, true in zip(judged, truth):

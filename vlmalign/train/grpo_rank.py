@@ -140,8 +140,9 @@ def judge_rollout(judge, grpo, questions, texts: list[tuple[str, ...]], seq_logp
         feedback = torch.tensor([j.value if j.status == "ok" else list(range(g)) for j in judged])
         pred = ranks_from_scores(seq_logps)
         tau = kendall_tau(pred, feedback)[valid]
+        tau = tau[~tau.isnan()]  # groups the judge ranked all alike have no order to agree with
         metrics.update(
-            kendall_tau=float(tau.mean()) if valid.any() else None,
+            kendall_tau=float(tau.mean()) if len(tau) else None,
             ranking_matches=float((pred == untie_ranks(feedback, pred)).all(1)[valid].float().mean()) if valid.any() else None,
         )
     else:
