@@ -146,10 +146,10 @@ def test_agreement_counts_only_pairs_both_decided_per_run(tmp_path):
 
 def test_malformed_annotation_files_name_line_and_field(tmp_path, capsys):
     good = {"pair": "r/q", "run": "r", "context": "none", "preferred": 0, "judge": 1}
-    for bad, message in [({**good, "preferred": "A"}, "line 2: field 'preferred' is 'A'"),
-                         ({k: v for k, v in good.items() if k != "judge"}, "line 2: missing field 'judge'"),
-                         ({**good, "judge": True}, "line 2: field 'judge' is True"),  # == 1, yet no verdict
-                         ({**good, "pair": ["r", "q"]}, "line 2: field 'pair' is ['r', 'q']; expected a string")]:
+    for bad, message in [({**good, "preferred": "A"}, "bad.jsonl:2: field 'preferred' is 'A'"),
+                         ({k: v for k, v in good.items() if k != "judge"}, "bad.jsonl:2: missing field 'judge'"),
+                         ({**good, "judge": True}, "bad.jsonl:2: field 'judge' is True"),  # == 1, yet no verdict
+                         ({**good, "pair": ["r", "q"]}, "bad.jsonl:2: field 'pair' is ['r', 'q']; expected a string")]:
         path = tmp_path / "bad.jsonl"
         path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
         assert main(["inspect", "--agreement", str(path)]) == 2
@@ -157,7 +157,7 @@ def test_malformed_annotation_files_name_line_and_field(tmp_path, capsys):
         assert err.count("\n") == 1 and str(path) in err and message in err
     path.write_text("{not json\n")
     assert main(["inspect", "--agreement", str(path)]) == 2
-    assert "line 1: invalid JSON" in capsys.readouterr().err
+    assert "bad.jsonl:1: invalid JSON" in capsys.readouterr().err
 
 
 def test_a_folder_with_nothing_to_inspect_is_a_one_line_error(tmp_path, capsys):

@@ -252,7 +252,7 @@ def test_from_dir_errors(tmp_path):
     with pytest.raises(DataError, match="metadata.jsonl"):
         Oracle.from_dir(tmp_path)
     (tmp_path / "metadata.jsonl").write_text('{"id": "vid_00000", "num_frames": 16, "objects": []}\n{oops\n')
-    with pytest.raises(DataError, match="line 2"):
+    with pytest.raises(DataError, match="metadata.jsonl:2: invalid JSON"):
         Oracle.from_dir(tmp_path)
     (tmp_path / "metadata.jsonl").write_text('{"id": "vid_00000", "objects": []}\n')
     with pytest.raises(DataError, match="num_frames"):

@@ -58,12 +58,12 @@ length would teach whatever learns from its pairs to answer short.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from vlmalign.data import synthetic as syn
+from vlmalign.data.formats import iter_json_records
 from vlmalign.errors import DataError, VlmalignError
 
 __all__ = ["Oracle", "OracleVerdict", "extract_values", "describe_facts", "description_claims", "generative_scores",
@@ -455,18 +455,11 @@ class Oracle:
         if not path.is_file():
             raise DataError(f"{path}: no such file (is {bench_dir} a synthetic benchmark folder?)")
         records = []
-        with open(path, encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    meta = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}, line {line_no}: invalid JSON ({e.msg})") from None
-                for key in ("id", "num_frames", "objects"):
-                    if key not in meta:
-                        raise DataError(f"{path}, line {line_no}: missing field {key!r}")
-                records.append(meta)
+        for line, meta in iter_json_records(path):
+            for key in ("id", "num_frames", "objects"):
+                if key not in meta:
+                    raise DataError(f"{path}:{line}: missing field {key!r}")
+            records.append(meta)
         return cls(records)
 
     def __len__(self) -> int:

@@ -11,25 +11,20 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from vlmalign.data.formats import iter_json_records
 from vlmalign.errors import DataError
 
 
 def read_jsonl(path: Path, check: Callable[[dict], str | None] | None = None) -> list[dict]:
-    """The file's rows, each a JSON object; `check(row)` says what is wrong with a row (one line
-    naming the field) or None, so a caller's rules report the row's line."""
+    """The file's rows, each a JSON object (read by the data loaders' reader); `check(row)` says
+    what is wrong with a row (one line naming the field) or None, so a caller's rules report the
+    row's line."""
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {line_no}: invalid JSON ({e.msg})") from None
-            problem = "expected a JSON object" if not isinstance(row, dict) else check(row) if check else None
-            if problem:
-                raise DataError(f"{path}, line {line_no}: {problem}")
-            rows.append(row)
+    for line, row in iter_json_records(path):
+        problem = check(row) if check else None
+        if problem:
+            raise DataError(f"{path}:{line}: {problem}")
+        rows.append(row)
     return rows
 
 
