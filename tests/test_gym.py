@@ -247,8 +247,8 @@ def test_judged_methods_run_with_their_twins_and_controls_from_one_command(tmp_p
     """`vlmalign gym --methods isr_dpo,vlm_rlaif,ppo,ppo_oracle` at toy sizes: the reader judge is
     trained and probed, each judged method runs with its context-free twin and its control, and the
     table says what the judge read and how often it agreed with the oracle; the oracle's RM + PPO
-    trains its reward model on DPO's oracle pairs, and PPO on the oracle's scores needs none. (Whether they learn is the full gym's question:
-    docs/results.md.)"""
+    trains its reward model on DPO's oracle pairs, and PPO on the oracle's scores needs none.
+    (Whether they learn is the full gym's question: docs/results.md.)"""
     from vlmalign.gym import run_gym
 
     toy = GymBudget(videos=40, splits=(0.6, 0.1, 0.3), max_objects=1, sft_epochs=1, sft_batch_size=8, reader_epochs=1,

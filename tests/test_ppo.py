@@ -157,6 +157,17 @@ def test_ppo_leaves_answers_the_judge_could_not_score_out_of_the_update(tiny_pol
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_ppo_on_a_judge_names_what_the_judge_lacks(tiny_policy, tiny_bench, tmp_path):
+    from vlmalign.errors import JudgeError
+
+    with pytest.raises(ConfigError, match="reward_model: give a reward model .* or set reward: judge"):
+        ppo.run(ppo_cfg(tiny_policy, "", tiny_bench, tmp_path / "a"))
+    with pytest.raises(JudgeError, match="judge.bench"):
+        ppo.run(ppo_cfg(tiny_policy, "", tiny_bench, tmp_path / "b", **{"reward": "judge", "judge.bench": "null"}))
+    with pytest.raises(ConfigError, match="reward"):
+        ppo_cfg(tiny_policy, "", tiny_bench, tmp_path / "c", **{"reward": "oracle"})
+
+
 def test_judge_scores_mark_the_answers_left_unscored():
     from types import SimpleNamespace
 

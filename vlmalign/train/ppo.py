@@ -21,17 +21,17 @@ Per rollout (step = one rollout):
    forward): clipped policy loss + `vf_coef` * clipped value loss, token means over the step.
 With `kl_target`, kl_coef then moves towards that per-answer KL (adaptive controller).
 
-Logged per rollout: reward (mean RM or judge score; with a judge also judged_fraction), score (with the EOS and length terms), kl (summed k1 per
-answer, unclamped) and kl_coef, entropy, policy and value losses, clip fractions, approx_kl,
-response_length, eos_fraction, and the time split: rollout (sampling), reward (RM scoring), train
-(log-probs, values, advantages and the PPO epochs).
+Logged per rollout: reward (mean RM or judge score; with a judge also judged_fraction), score (with
+the EOS and length terms), kl (summed k1 per answer, unclamped) and kl_coef, entropy, policy and
+value losses, clip fractions, approx_kl, response_length, eos_fraction, and the time split: rollout
+(sampling), reward (RM or judge scoring), train (log-probs, values, advantages and the PPO epochs).
 
 Several processes (plain data parallel, `--launch`): each samples its share of the rollout's
 questions (batches of `sampling.batch_size` questions seeded alike whatever the process count, so
 `ppo.rollout_batch / processes` must be a multiple of it), scores them with its copy of the reward
-model (a judge runs in the first process only, on every process's answers: one judge, one cache), and
-trains on them; reward and advantage whitening, the KL and the logged means are taken
-over all processes, and each optimizer step's `step_batch` answers are split evenly between them.
+model (a judge runs in the first process only, on every process's answers: one judge, one cache),
+and trains on them; reward and advantage whitening, the KL and the logged means are taken over all
+processes, and each optimizer step's `step_batch` answers are split evenly between them.
 With one optimizer step per PPO epoch the update is that of one process. DeepSpeed is refused.
 
 Per-token tensors of a rollout are [N, T]: each answer's tokens left-aligned, right-padded, where
@@ -67,9 +67,9 @@ from vlmalign.losses import (
     token_logps,
 )
 from vlmalign.model.generation import GenerationConfig
+from vlmalign.model.policy import MANIFEST, build_model, load_model
 from vlmalign.model.reward import RewardModel, build_reward_model, load_reward_model, score_samples
 from vlmalign.prompts import load_prompt
-from vlmalign.model.policy import MANIFEST, build_model, load_model
 from vlmalign.train.common import (
     all_sum,
     backward,
@@ -140,19 +140,18 @@ def judge_scores(judge, answers: list, acc) -> tuple[torch.Tensor, torch.Tensor]
     """(scores [n], judged [n]) of this process's (question, sample) answers, each scored alone by
     the judge. The first process (the only one holding `judge`) scores every process's answers and
     hands each its share back."""
-    requests = [JudgeRequest(q.video, q.question, (s.text,)) for q, s in answers]
-    if acc.num_processes > 1:
-        from accelerate.utils import broadcast_object_list, gather_object
+    from accelerate.utils import broadcast_object_list, gather_object
 
-        shares = gather_object([requests])  # one list per process, in process order
-        values = None
-        if judge is not None:
-            flat = [j.value if j.status == "ok" else None for j in judge.score([r for share in shares for r in share])]
-            ends = torch.tensor([len(share) for share in shares]).cumsum(0).tolist()
-            values = [flat[end - len(share) : end] for share, end in zip(shares, ends)]
-        values = broadcast_object_list([values], from_process=0)[0][acc.process_index]
-    else:
-        values = [j.value if j.status == "ok" else None for j in judge.score(requests)]
+    requests = [JudgeRequest(q.video, q.question, (s.text,)) for q, s in answers]
+    several = acc.num_processes > 1
+    shares = gather_object([requests]) if several else [requests]  # one list per process, in process order
+    values = None
+    if judge is not None:
+        flat = [j.value if j.status == "ok" else None for j in judge.score([r for share in shares for r in share])]
+        ends = torch.tensor([len(share) for share in shares]).cumsum(0).tolist()
+        values = [flat[end - len(share) : end] for share, end in zip(shares, ends)]
+    values = broadcast_object_list([values], from_process=0)[0] if several else values
+    values = values[acc.process_index if several else 0]
     judged = torch.tensor([v is not None for v in values], dtype=torch.bool)
     return torch.tensor([float(v) if v is not None else 0.0 for v in values]), judged
 
@@ -198,12 +197,13 @@ def run(cfg: PPOConfig) -> Path:
     check_rollout_shares(world, ppo.rollout_batch, cfg.sampling.batch_size, ppo.step_batch, "ppo", "step_batch")
     policy = build_model(cfg.model).to(acc.device)
     reference = None if policy.uses_lora else load_model(cfg.model.init_from).to(acc.device).eval()
+    policy_visual = policy.visual_inputs(cfg.data.feature_cache)
     reward_model = judge = None
     if cfg.reward == "reward_model":
         reward_model = load_reward_model(cfg.reward_model).to(acc.device)
     elif rt.is_main:  # one judge process, one cache file
         judge = build_judge(cfg.judge, cfg.judge.cache or rt.run_dir / "judge_cache.sqlite", model=policy,
-                            visual=policy.visual_inputs(cfg.data.feature_cache), progress=False)
+                            visual=policy_visual, progress=False)
     if cfg.reward_model:
         value = load_reward_model(cfg.reward_model, trainable=True).to(acc.device)
     else:  # the policy's starting weights read the states; the head learns the returns from zero
@@ -217,7 +217,6 @@ def run(cfg: PPOConfig) -> Path:
         raise ConfigError(f"reward_model: {cfg.reward_model} must share the policy's tokenizer and frame settings "
                           f"(its copy is the value model, which reads the policy's tokens); differ: "
                           f"{', '.join(differ) or 'the tokenizer'}")
-    policy_visual = policy.visual_inputs(cfg.data.feature_cache)
     policy_collate = Collator(policy, policy_visual)
     value_collate = Collator(value.backbone, value.backbone.visual_inputs(cfg.data.feature_cache))
     reward_collate = (Collator(reward_model.backbone, reward_model.backbone.visual_inputs(cfg.data.feature_cache))
