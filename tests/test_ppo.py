@@ -121,7 +121,8 @@ def test_ppo_config_errors_name_the_key(tiny_policy, tiny_rm, tiny_bench, tmp_pa
 
 def test_ppo_on_a_judges_scores_needs_no_reward_model(tiny_policy, tiny_bench, tmp_path, monkeypatch):
     """reward: judge: the oracle scores every sampled answer 1-5, and `reward` logs their mean; the
-    value model is the policy with a new head (no reward model given)."""
+    value model is the policy with a new head (no reward model given), which starts at the first
+    rollout's mean return instead of 0."""
     oracle = Oracle.from_dir(tiny_bench)
     seen = []
 
@@ -139,6 +140,7 @@ def test_ppo_on_a_judges_scores_needs_no_reward_model(tiny_policy, tiny_bench, t
     for m, (truth, scores, judged) in zip(metrics, seen):
         assert scores == truth and all(judged) and len(scores) == 8  # 4 questions x 2 answers
         assert m["reward"] == pytest.approx(sum(truth) / 8) and m["judged_fraction"] == 1.0
+    assert abs(metrics[0]["return_mean"]) > 5 and metrics[0]["value_mean"] == pytest.approx(metrics[0]["return_mean"], abs=1e-4)
     before = load_file(tiny_policy / "llm" / "model.safetensors")
     after = load_file(final / "llm" / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)

@@ -5,7 +5,8 @@ or all weights); the reference is the policy with its adapter disabled, or a fro
 LoRA; the reward model (`reward_model`, from `train-rm`) is frozen; the value model is a trainable
 copy of the reward model (its own adapter and head). Policy and value model share one optimizer.
 With `reward: judge` a judge scores the answers instead (`judge`, e.g. the oracle: 1-5), and without
-a reward model the value model is the policy's starting weights with a new head.
+a reward model the value model is the policy's starting weights with a new head, whose bias starts at
+the first rollout's mean return.
 
 Per rollout (step = one rollout):
 1. rollout: `ppo.rollout_batch` questions, `sampling.num_samples` answers each, sampled from the
@@ -204,6 +205,7 @@ def run(cfg: PPOConfig) -> Path:
     elif rt.is_main:  # one judge process, one cache file
         judge = build_judge(cfg.judge, cfg.judge.cache or rt.run_dir / "judge_cache.sqlite", model=policy,
                             visual=policy_visual, progress=False)
+    new_value_head = not cfg.reward_model
     if cfg.reward_model:
         value = load_reward_model(cfg.reward_model, trainable=True).to(acc.device)
     else:  # the policy's starting weights read the states; the head learns the returns from zero
@@ -283,14 +285,23 @@ def run(cfg: PPOConfig) -> Path:
                 parts["entropy"].append(entropy.cpu())
                 parts["values"].append(value_forward(value, value_collate(chunk), acc.device).cpu())
         old_logps, ref_logps, old_values, entropy = (pad_rows(parts[k]) for k in ("old", "ref", "values", "entropy"))
-        mask = torch.arange(old_logps.shape[1])[None] < lengths[:, None]
-        rewards = kl_penalized_rewards(score, old_logps, ref_logps, mask, kl_coef, ppo.clamp_kl)
-        if judged is not None:  # an answer without a score gets no advantage or value target
-            mask &= judged[:, None]
+        tokens = torch.arange(old_logps.shape[1])[None] < lengths[:, None]
+        rewards = kl_penalized_rewards(score, old_logps, ref_logps, tokens, kl_coef, ppo.clamp_kl)
+        # an answer without a score gets no advantage or value target
+        mask = tokens if judged is None else tokens & judged[:, None]
         # Scaling or whitening the whole shaped reward, as released, keeps the KL/score trade-off at kl_coef.
         rewards = (masked_whiten(rewards, mask, shift_mean=False, all_sum=total_sum) if ppo.whiten_rewards
                    else rewards * ppo.reward_scale)
         advantages, returns = gae_advantages(rewards, old_values, mask, ppo.gamma, ppo.lam)
+        if new_value_head and step == 0:
+            # A new head reads 0 where the returns sit at the reward's scale (x10 judge scores: 10-50);
+            # clipped value updates close such an offset over a hundred rollouts, and until then the
+            # critic learns the offset, not the states. It starts at the first rollout's mean return.
+            offset = rollout_mean(returns - old_values, mask)
+            with torch.no_grad():
+                value.head.bias += offset
+            old_values = old_values + offset * tokens
+            advantages, returns = gae_advantages(rewards, old_values, mask, ppo.gamma, ppo.lam)
         if ppo.whiten_advantages:
             advantages = masked_whiten(advantages, mask, all_sum=total_sum)
         rollout = {"old_logps": old_logps, "advantages": advantages, "old_values": old_values, "returns": returns,
