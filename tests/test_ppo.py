@@ -74,6 +74,8 @@ def test_ppo_runs_and_logs_what_a_researcher_watches(tiny_policy, tiny_rm, tiny_
         assert m["kl_coef"] == 0.1 and min(m["time_rollout"], m["time_reward"], m["time_train"]) > 0
     # the first rollout comes from the starting policy, which is the reference: its KL is 0
     assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-5)
+    # the value model (the reward model's copy) starts at the first rollout's mean return
+    assert metrics[0]["value_mean"] == pytest.approx(metrics[0]["return_mean"], abs=1e-4)
     assert any(m["kl"] != pytest.approx(0.0, abs=1e-5) for m in metrics[1:])  # and then the policy moved
     if lora:
         assert (final / "adapter").is_dir() and not (final / "llm").exists()

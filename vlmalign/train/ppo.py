@@ -5,8 +5,9 @@ or all weights); the reference is the policy with its adapter disabled, or a fro
 LoRA; the reward model (`reward_model`, from `train-rm`) is frozen; the value model is a trainable
 copy of the reward model (its own adapter and head). Policy and value model share one optimizer.
 With `reward: judge` a judge scores the answers instead (`judge`, e.g. the oracle: 1-5), and without
-a reward model the value model is the policy's starting weights with a new head, whose bias starts at
-the first rollout's mean return.
+a reward model the value model is the policy's starting weights with a new head.
+Either value model's head bias is shifted once, before the first update, to start at the first
+rollout's mean return.
 
 Per rollout (step = one rollout):
 1. rollout: `ppo.rollout_batch` questions, `sampling.num_samples` answers each, sampled from the
@@ -205,7 +206,6 @@ def run(cfg: PPOConfig) -> Path:
     elif rt.is_main:  # one judge process, one cache file
         judge = build_judge(cfg.judge, cfg.judge.cache or rt.run_dir / "judge_cache.sqlite", model=policy,
                             visual=policy_visual, progress=False)
-    new_value_head = not cfg.reward_model
     if cfg.reward_model:
         value = load_reward_model(cfg.reward_model, trainable=True).to(acc.device)
     else:  # the policy's starting weights read the states; the head learns the returns from zero
@@ -293,10 +293,11 @@ def run(cfg: PPOConfig) -> Path:
         rewards = (masked_whiten(rewards, mask, shift_mean=False, all_sum=total_sum) if ppo.whiten_rewards
                    else rewards * ppo.reward_scale)
         advantages, returns = gae_advantages(rewards, old_values, mask, ppo.gamma, ppo.lam)
-        if new_value_head and step == 0:
-            # A new head reads 0 where the returns sit at the reward's scale (x10 judge scores: 10-50);
-            # clipped value updates close such an offset over a hundred rollouts, and until then the
-            # critic learns the offset, not the states. It starts at the first rollout's mean return.
+        if step == 0:
+            # A new head reads 0 and a reward model's copy its own scores, where the returns sit at
+            # the reward's scale x reward_scale (x10 judge scores: 10-50); clipped value updates close
+            # such an offset over a hundred rollouts, and until then the critic learns the offset, not
+            # the states. The value model starts at the first rollout's mean return instead.
             offset = rollout_mean(returns - old_values, mask)
             with torch.no_grad():
                 value.head.bias += offset
