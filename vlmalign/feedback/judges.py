@@ -769,17 +769,13 @@ def _scored_judgment(judge_id: str, task: _Task, scores: list[float], what: str,
     return CachedJudgment(judge_id, task.prompt, task.kind, raw, value, True, model)
 
 
-class RewardJudge(Judge):
+class RewardJudge(_LocalModelJudge):
     """A trained vlmalign reward model (`train-rm`) as the judge: Oracle-RLAIF's oracle. It sees the
     video and reads question and answer; it ignores any text context. score: the answer's reward (a
     real number, not 1-5); compare: the answer with the higher reward (A on a tie); rank: answers by
     reward, best first (ties by position). The raw record lists the rewards."""
 
     backend = "reward"
-
-    def __init__(self, model, visual, cfg: JudgeConfig, cache: JudgmentCache, progress: bool = True):
-        self.model, self.visual = model, visual
-        super().__init__(f"reward:{cfg.model}#{_weights_fingerprint(model)}", cfg, cache, progress)
 
     def _task(self, kind: str, request: JudgeRequest) -> _Task:
         text = json.dumps([request.question, list(request.answers)], ensure_ascii=False)
@@ -799,7 +795,7 @@ class RewardJudge(Judge):
             rewards = score_samples(self.model, collate, samples, size).tolist()
             for t in chunk:
                 own, rewards = rewards[: t.n], rewards[t.n :]
-                finish(t, _scored_judgment(self.id, t, own, "rewards", str(self.cfg.model)))
+                finish(t, _scored_judgment(self.id, t, own, "rewards", self.name))
 
 
 # --------------------------------------------------------------------------------- likelihood
@@ -899,5 +895,5 @@ def build_judge(cfg: JudgeConfig, cache_path=None, model=None, visual=None, prog
             raise JudgeError("the reward judge needs judge.model: a reward model folder written by `vlmalign train-rm`")
         reward_model = load_reward_model(cfg.model).to(model.device if model is not None else "cpu")
         cache_dir = visual.cache_dir.parent if visual is not None and visual.cache_dir is not None else None
-        return RewardJudge(reward_model, reward_model.backbone.visual_inputs(cache_dir), cfg, cache, progress)
+        return RewardJudge(reward_model, reward_model.backbone.visual_inputs(cache_dir), cfg, cache, progress=progress)
     raise JudgeError(f"unknown judge backend {cfg.backend!r} (oracle, hf, likelihood, openai, random, reward)")
