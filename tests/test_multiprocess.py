@@ -224,8 +224,12 @@ def test_two_process_ppo_matches_one_process_and_resumes(tiny_policy, tiny_bench
     one, two = ([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
                 for name in ("one", "two"))
     for a, b in zip(one, two, strict=True):
-        for key in ("reward", "kl", "response_length", "value_loss"):
+        for key in ("reward", "kl", "response_length", "value_mean"):
             assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-5), key
+        # The critic starts at the mean return (~-90 here), so the value loss is a small residual
+        # (0.16-7) that the Adam noise above moves by up to ~0.5% (0.7246 vs 0.7286 in one clean-clone
+        # run under load); an error in how the processes share the rollout moves it by whole units.
+        assert a["value_loss"] == pytest.approx(b["value_loss"], rel=1e-3, abs=0.02)
         # whitened advantages make the policy loss a near-cancelling mean (~0.02 of terms ~1), so
         # summation order alone moved it by 1e-3 of itself in one clean-clone run: compared absolutely
         assert a["policy_loss"] == pytest.approx(b["policy_loss"], abs=1e-4)
