@@ -962,9 +962,9 @@ def _pretrained(arch: str, source, dtype: str, quantization: QuantizationConfig 
         kwargs["quantization_config"] = four_bit_config(quantization, skip=skip)
     hf = _model_class(arch).from_pretrained(source, **kwargs)
     if quantised and not torch.cuda.is_available():
-        from vlmalign.model.video_lm import check_cpu_4bit_shapes
+        from vlmalign.model.video_lm import keep_cpu_4bit_trainable
 
-        check_cpu_4bit_shapes(hf, source)
+        keep_cpu_4bit_trainable(hf)
     return hf
 
 

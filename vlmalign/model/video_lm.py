@@ -222,7 +222,7 @@ def _load_llm(source: str | Path, cfg: ModelConfig):
         kwargs["quantization_config"] = four_bit_config(cfg.quantization, skip=["lm_head"])
     llm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if cfg.quantization.load_in_4bit and not torch.cuda.is_available():
-        check_cpu_4bit_shapes(llm, source)
+        keep_cpu_4bit_trainable(llm)
     return llm
 
 
@@ -241,25 +241,17 @@ def four_bit_config(quantization: QuantizationConfig, skip: list[str]):
     )
 
 
-# bitsandbytes' CPU 4-bit kernel (taken on AVX512-BF16 processors) repacks each weight in blocks of
-# this many output rows, with whole quantisation blocks per input row, and fails on any other shape;
-# other CPUs fall back and accept it. Checked on every CPU so a config that runs on one runs on all.
-_CPU_4BIT_BLOCK_N = 32
-
-
-def check_cpu_4bit_shapes(llm, source) -> None:
+def keep_cpu_4bit_trainable(llm) -> None:
+    """On AVX512-BF16 processors bitsandbytes repacks a Linear4bit's weight for its CPU inference
+    kernel at the first eval-mode forward without gradients, and keeps it packed; that kernel has no
+    backward, so every later training step would silently drop the gradient through each frozen
+    4-bit layer (a QLoRA adapter would learn from part of its gradient). The weights stay in the
+    layout autograd can go through; the repacking was also the only thing that refused shapes."""
     import bitsandbytes as bnb
 
-    for name, module in llm.named_modules():
-        if not isinstance(module, bnb.nn.Linear4bit):
-            continue
-        blocksize = module.weight.quant_state.blocksize
-        if module.out_features % _CPU_4BIT_BLOCK_N or module.in_features % blocksize:
-            raise ConfigError(
-                f"model.quantization.load_in_4bit: layer {name} of {source} maps {module.in_features} -> {module.out_features} "
-                f"features; bitsandbytes' CPU 4-bit kernel needs out_features divisible by {_CPU_4BIT_BLOCK_N} and in_features "
-                f"divisible by its block size {blocksize} (run on CUDA, or use hidden/intermediate sizes divisible by {blocksize})"
-            )
+    for module in llm.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _random_llm(cfg: ModelConfig, tokenizer):
