@@ -1,0 +1,121 @@
+"""What do a tiny model's visual tokens let a model of its size learn? A reader trained on them alone.
+
+    python scripts/probe_perception.py --model runs/gym/seed-0/ceiling/final --videos 2000
+    python scripts/probe_perception.py --model M --videos 240 --tasks direction,shape      # the gym's scale
+    python scripts/probe_perception.py --model M --videos 2000 --pooling grid2 --tasks direction
+
+Single-object videos of the synthetic benchmark (`synthetic.sample_video`, rendered in memory; the
+train and test videos come from different seeds) go through the model's frozen vision tower. A fresh
+reader then learns to name each video's colour, shape or direction from them: a projector of the
+model's kind applied to every patch, the model's pooling (`--pooling video_chatgpt`, the model's; or
+`grid2`, each frame's 2 x 2 grid of patch means instead of its mean, an alternative no model here
+uses), and a transformer of the model's LLM width and depth with a learned, randomly initialised
+position per token (the LLM's RoPE gives it the tokens' order, and a zero start would hide it) and
+a classification head. It reads only the video, so its held-out accuracy bounds what an SFT model
+of this size can perceive from that many videos of one object, without the question to bind.
+One JSON line per task: train and test accuracy, the last loss, seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from vlmalign.data import synthetic
+from vlmalign.model.projector import build_projector, spatio_temporal_pool
+from vlmalign.model.video_lm import load_video_lm
+from vlmalign.model.vision import preprocess_frames
+
+LABELS = {"colour": tuple(synthetic.COLOURS), "shape": synthetic.SHAPES, "direction": synthetic.DIRECTIONS}
+
+
+def videos(model, n: int, seed: int, batch: int = 64) -> tuple[list[dict], torch.Tensor]:
+    """n single-object videos' metadata and their vision features [n, T, P, D]."""
+    rng = np.random.default_rng(seed)
+    frames, size = model.cfg.num_frames, model.vision.image_size
+    metas = [synthetic.sample_video(rng, f"probe_{i}", frames, size, max_objects=1) for i in range(n)]
+    feats = []
+    with torch.no_grad():
+        for i in range(0, n, batch):
+            pixels = torch.stack([preprocess_frames(synthetic.render(m), size) for m in metas[i : i + batch]])
+            feats.append(model.video_features(pixels))
+    return metas, torch.cat(feats)
+
+
+def pool(features: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "video_chatgpt":
+        return spatio_temporal_pool(features)
+    b, t, p, d = features.shape  # grid2: each frame's 2 x 2 grid of patch means, then the spatial tokens
+    side = int(p**0.5)
+    grid = features.view(b, t, 2, side // 2, 2, side // 2, d).mean((3, 5)).reshape(b, t * 4, d)
+    return torch.cat([grid, features.mean(1)], dim=1)
+
+
+class Reader(nn.Module):
+    def __init__(self, model, kind: str, num_tokens: int, num_classes: int):
+        super().__init__()
+        llm = model.llm.config
+        self.kind = kind
+        self.projector = build_projector(model.cfg.projector, model.vision.hidden_size, llm.hidden_size)
+        self.position = nn.Parameter(torch.randn(num_tokens, llm.hidden_size) * 0.5)
+        layer = nn.TransformerEncoderLayer(llm.hidden_size, llm.num_attention_heads, llm.intermediate_size, 0.0,
+                                           batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, llm.num_hidden_layers)
+        self.head = nn.Linear(llm.hidden_size, num_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        tokens = pool(self.projector(features), self.kind) + self.position
+        return self.head(self.encoder(tokens).mean(1))
+
+
+def accuracy(reader: Reader, features: torch.Tensor, labels: torch.Tensor) -> float:
+    with torch.no_grad():
+        return round(100 * (reader(features).argmax(1) == labels).float().mean().item(), 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="a saved vlmalign model folder (its vision tower is used)")
+    parser.add_argument("--videos", type=int, default=2000, help="training videos")
+    parser.add_argument("--test-videos", type=int, default=400)
+    parser.add_argument("--tasks", default="direction,shape,colour")
+    parser.add_argument("--pooling", choices=("video_chatgpt", "grid2"), default="video_chatgpt")
+    parser.add_argument("--steps", type=int, default=1500, help="reader steps of 32 videos")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model = load_video_lm(args.model)
+    train_meta, train_x = videos(model, args.videos, seed=1)
+    test_meta, test_x = videos(model, args.test_videos, seed=2)
+    for task in args.tasks.split(","):
+        def labels(metas):
+            return torch.tensor([LABELS[task].index(m["objects"][0][task]) for m in metas])
+
+        train_y, test_y = labels(train_meta), labels(test_meta)
+        torch.manual_seed(0)
+        num_tokens = pool(torch.zeros(1, *train_x.shape[1:3], 1), args.pooling).shape[1]
+        reader = Reader(model, args.pooling, num_tokens, len(LABELS[task]))
+        optimizer = torch.optim.AdamW(reader.parameters(), args.lr, weight_decay=0.01)
+        start = time.time()
+        for _ in range(args.steps):
+            idx = torch.randint(0, args.videos, (32,))
+            loss = nn.functional.cross_entropy(reader(train_x[idx]), train_y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        print(json.dumps({"task": task, "pooling": args.pooling, "videos": args.videos, "steps": args.steps,
+                          "train": accuracy(reader, train_x[: args.test_videos], train_y[: args.test_videos]),
+                          "test": accuracy(reader, test_x, test_y), "last_loss": round(loss.item(), 3),
+                          "chance": round(100 / len(LABELS[task]), 1), "seconds": round(time.time() - start)}),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
