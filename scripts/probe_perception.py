@@ -47,6 +47,17 @@ def videos(model, n: int, seed: int, batch: int = 64) -> tuple[list[dict], torch
     return metas, torch.cat(feats)
 
 
+def labels(metas: list[dict], task: str) -> torch.Tensor:
+    return torch.tensor([LABELS[task].index(m["objects"][0][task]) for m in metas])
+
+
+def tasks(text: str) -> list[str]:
+    unknown = [t for t in text.split(",") if t not in LABELS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown task {unknown[0]!r}; choose from {', '.join(LABELS)}")
+    return text.split(",")
+
+
 def pool(features: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "video_chatgpt":
         return spatio_temporal_pool(features)
@@ -78,29 +89,26 @@ def accuracy(reader: Reader, features: torch.Tensor, labels: torch.Tensor) -> fl
         return round(100 * (reader(features).argmax(1) == labels).float().mean().item(), 1)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a saved vlmalign model folder (its vision tower is used)")
     parser.add_argument("--videos", type=int, default=2000, help="training videos")
     parser.add_argument("--test-videos", type=int, default=400)
-    parser.add_argument("--tasks", default="direction,shape,colour")
+    parser.add_argument("--tasks", type=tasks, default="direction,shape,colour", help="comma-separated: colour, shape, direction")
     parser.add_argument("--pooling", choices=("video_chatgpt", "grid2"), default="video_chatgpt")
     parser.add_argument("--steps", type=int, default=1500, help="reader steps of 32 videos")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     model = load_video_lm(args.model)
     train_meta, train_x = videos(model, args.videos, seed=1)
     test_meta, test_x = videos(model, args.test_videos, seed=2)
-    for task in args.tasks.split(","):
-        def labels(metas):
-            return torch.tensor([LABELS[task].index(m["objects"][0][task]) for m in metas])
-
-        train_y, test_y = labels(train_meta), labels(test_meta)
+    num_tokens = pool(torch.zeros(1, *train_x.shape[1:3], 1), args.pooling).shape[1]
+    for task in args.tasks:
+        train_y, test_y = labels(train_meta, task), labels(test_meta, task)
         torch.manual_seed(0)
-        num_tokens = pool(torch.zeros(1, *train_x.shape[1:3], 1), args.pooling).shape[1]
         reader = Reader(model, args.pooling, num_tokens, len(LABELS[task]))
         optimizer = torch.optim.AdamW(reader.parameters(), args.lr, weight_decay=0.01)
         start = time.time()
