@@ -7,10 +7,9 @@
 Single-object videos of the synthetic benchmark (`synthetic.sample_video`, rendered in memory; the
 train and test videos come from different seeds) go through the model's frozen vision tower. A fresh
 reader then learns to name each video's colour, shape or direction from them: a projector of the
-model's kind applied to every patch, the model's pooling (`--pooling video_chatgpt`, the model's; or
-`grid2`, each frame's 2 x 2 grid of patch means instead of its mean, an alternative no model here
-uses), and a transformer of the model's LLM width and depth with a learned, randomly initialised
-position per token (the LLM's RoPE gives it the tokens' order, and a zero start would hide it) and
+model's kind applied to every patch, a pooling (`--pooling video_chatgpt`: one mean per frame, the
+gym's models'; or `grid2`: each frame's 2 x 2 grid of patch means, `model.frame_grid: 2`), and a
+transformer of the model's LLM width and depth with a learned, randomly initialised position per token (the LLM's RoPE gives it the tokens' order, and a zero start would hide it) and
 a classification head. It reads only the video, so its held-out accuracy bounds what an SFT model
 of this size can perceive from that many videos of one object, without the question to bind.
 One JSON line per task: train and test accuracy, the last loss, seconds.
@@ -58,20 +57,14 @@ def tasks(text: str) -> list[str]:
     return text.split(",")
 
 
-def pool(features: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "video_chatgpt":
-        return spatio_temporal_pool(features)
-    b, t, p, d = features.shape  # grid2: each frame's 2 x 2 grid of patch means, then the spatial tokens
-    side = int(p**0.5)
-    grid = features.view(b, t, 2, side // 2, 2, side // 2, d).mean((3, 5)).reshape(b, t * 4, d)
-    return torch.cat([grid, features.mean(1)], dim=1)
+GRIDS = {"video_chatgpt": 1, "grid2": 2}  # --pooling -> model.frame_grid
 
 
 class Reader(nn.Module):
     def __init__(self, model, kind: str, num_tokens: int, num_classes: int):
         super().__init__()
         llm = model.llm.config
-        self.kind = kind
+        self.frame_grid = GRIDS[kind]
         self.projector = build_projector(model.cfg.projector, model.vision.hidden_size, llm.hidden_size)
         self.position = nn.Parameter(torch.randn(num_tokens, llm.hidden_size) * 0.5)
         layer = nn.TransformerEncoderLayer(llm.hidden_size, llm.num_attention_heads, llm.intermediate_size, 0.0,
@@ -80,7 +73,7 @@ class Reader(nn.Module):
         self.head = nn.Linear(llm.hidden_size, num_classes)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        tokens = pool(self.projector(features), self.kind) + self.position
+        tokens = spatio_temporal_pool(self.projector(features), self.frame_grid) + self.position
         return self.head(self.encoder(tokens).mean(1))
 
 
@@ -95,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--videos", type=int, default=2000, help="training videos")
     parser.add_argument("--test-videos", type=int, default=400)
     parser.add_argument("--tasks", type=tasks, default="direction,shape,colour", help="comma-separated: colour, shape, direction")
-    parser.add_argument("--pooling", choices=("video_chatgpt", "grid2"), default="video_chatgpt")
+    parser.add_argument("--pooling", choices=tuple(GRIDS), default="video_chatgpt",
+                        help="video_chatgpt: one mean per frame (model.frame_grid 1); grid2: a 2 x 2 grid (frame_grid 2)")
     parser.add_argument("--steps", type=int, default=1500, help="reader steps of 32 videos")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1)
@@ -105,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     model = load_video_lm(args.model)
     train_meta, train_x = videos(model, args.videos, seed=1)
     test_meta, test_x = videos(model, args.test_videos, seed=2)
-    num_tokens = pool(torch.zeros(1, *train_x.shape[1:3], 1), args.pooling).shape[1]
+    num_tokens = spatio_temporal_pool(torch.zeros(1, *train_x.shape[1:3], 1), GRIDS[args.pooling]).shape[1]
     for task in args.tasks:
         train_y, test_y = labels(train_meta, task), labels(test_meta, task)
         torch.manual_seed(0)

@@ -8,7 +8,7 @@ from tests.conftest import tiny_model_overrides
 from vlmalign.config import ModelConfig, SFTConfig, load_config
 from vlmalign.data.formats import Turn
 from vlmalign.data.template import IGNORE_INDEX, VISUAL_TOKEN_ID, encode_conversation, encode_prompt
-from vlmalign.errors import DataError
+from vlmalign.errors import ConfigError, DataError
 from vlmalign.model.projector import build_projector, spatio_temporal_pool
 from vlmalign.model.policy import build_model, load_model
 from vlmalign.model.vision import preprocess_frames
@@ -54,6 +54,35 @@ def test_pooling_is_temporal_then_spatial_means():
     torch.testing.assert_close(pooled[0, 3], feats[0, :, 0].mean(0))  # patch 0 averaged over frames
     with pytest.raises(ValueError, match="expected features"):
         spatio_temporal_pool(torch.zeros(3, 4, 2))
+
+
+def test_frame_grid_pooling_keeps_each_frames_cells_then_the_spatial_tokens():
+    # 1 video, 2 frames, 4 x 4 patches, 1 feature: patch value = its index, + 100 in frame 1
+    features = torch.arange(16.0).view(1, 1, 16, 1).repeat(1, 2, 1, 1)
+    features[:, 1] += 100
+    # a 2 x 2 grid of the row-major patches: top-left {0,1,4,5} -> 2.5, top-right {2,3,6,7} -> 4.5,
+    # bottom-left 10.5, bottom-right 12.5; then each patch's mean over the 2 frames (index + 50)
+    assert spatio_temporal_pool(features, 2)[0, :, 0].tolist() == [2.5, 4.5, 10.5, 12.5, 102.5, 104.5, 110.5, 112.5,
+                                                                    *[i + 50.0 for i in range(16)]]
+    # grid 1 is Video-ChatGPT's one mean per frame, grid 4 every patch of every frame
+    assert spatio_temporal_pool(features, 1)[0, :2, 0].tolist() == [7.5, 107.5]
+    torch.testing.assert_close(spatio_temporal_pool(features, 4)[:, :32], features.flatten(1, 2))
+    with pytest.raises(ValueError, match="frame_grid 3 does not divide a frame of 16 patches"):
+        spatio_temporal_pool(features, 3)
+
+
+def test_a_frame_grid_model_gives_four_tokens_a_frame_and_keeps_its_grid_when_saved(word_corpus, tmp_path):
+    model = build_model(tiny(word_corpus, **{"model.frame_grid": 2}))  # 16 frames of 8 x 8 patches
+    assert model.num_visual_tokens == 16 * 4 + 64
+    feats = torch.randn(2, 16, 64, model.vision.hidden_size)
+    torch.testing.assert_close(model.visual_tokens(feats), spatio_temporal_pool(model.projector(feats), 2))
+    assert encode_prompt(model.tokenizer, "<video>\nwhat colour?", model.num_visual_tokens).count(VISUAL_TOKEN_ID) == 128
+    model.save_pretrained(tmp_path / "m")
+    assert load_model(tmp_path / "m").num_visual_tokens == 128
+    # a start's grid is its architecture: training from it keeps the grid
+    assert build_model(tiny(word_corpus, **{"model.init_from": str(tmp_path / "m")})).num_visual_tokens == 128
+    with pytest.raises(ConfigError, match=r"model.frame_grid: 3 does not divide the vision tower's 8 x 8 patch grid"):
+        build_model(tiny(word_corpus, **{"model.frame_grid": 3}))
 
 
 @pytest.mark.parametrize("kind,act", [("mlp2x_gelu", torch.nn.GELU), ("mlp2x_relu", torch.nn.ReLU)])

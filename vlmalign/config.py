@@ -83,6 +83,10 @@ class ModelConfig:
     # Video-ChatGPT spatio-temporal mean pooling: VLM-RLAIF pools after the projector (T + P
     # tokens of LLM width), Video-ChatGPT before a linear projector.
     pooling: Literal["after_projector", "before_projector"] = "after_projector"
+    # Each frame's temporal tokens: 1 is Video-ChatGPT's one mean per frame; g keeps each frame as a
+    # g x g grid of patch means (g^2 tokens a frame), the position per frame that the direction of
+    # motion needs (docs/results.md, the perception probe). It must divide the side of the patch grid.
+    frame_grid: int = 1
     num_frames: int = 50
     frame_sampling: Literal["linspace", "segments"] = "linspace"
     # HF video models: with `fps`, read that many frames per second of video instead of num_frames,

@@ -119,13 +119,16 @@ def build_model(cfg: ModelConfig) -> Policy:
     if cfg.init_from and _family(Path(cfg.init_from)) == "hf_video":
         from vlmalign.model.hf_video import build_hf_video
 
+        if cfg.frame_grid != 1:
+            raise ConfigError("model.frame_grid: HF video models pool each frame as their checkpoint does; "
+                              "the grid is for vlmalign's VideoLM")
         return build_hf_video(cfg)
     if cfg.fps is not None:
         raise ConfigError(f"model.fps: vlmalign's VideoLM reads a fixed model.num_frames (its token count is fixed); "
                           "fps sampling is for HF video models (model/hf_video.py)")
     if cfg.max_visual_tokens is not None:
-        raise ConfigError("model.max_visual_tokens: vlmalign's VideoLM gives every video model.num_frames + its patch count "
-                          "tokens; the budget is for HF video models (model/hf_video.py)")
+        raise ConfigError("model.max_visual_tokens: vlmalign's VideoLM gives every video model.num_frames x model.frame_grid^2 "
+                          "+ its patch count tokens; the budget is for HF video models (model/hf_video.py)")
     if cfg.max_video_pixels is not None:
         raise ConfigError("model.max_video_pixels: vlmalign's VideoLM reads every frame at its CLIP tower's size; the "
                           "pixel budget is for the HF Qwen families (model/hf_video.py)")

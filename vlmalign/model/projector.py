@@ -1,6 +1,9 @@
-"""Projector from vision width to LLM width, and Video-ChatGPT spatio-temporal pooling."""
+"""Projector from vision width to LLM width, and Video-ChatGPT spatio-temporal pooling (optionally
+keeping each frame as a small grid)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -14,11 +17,21 @@ def build_projector(kind: str, vision_width: int, llm_width: int) -> nn.Module:
     return nn.Sequential(nn.Linear(vision_width, llm_width), activation, nn.Linear(llm_width, llm_width))
 
 
-def spatio_temporal_pool(features: torch.Tensor) -> torch.Tensor:
-    """[B, T, P, D] -> [B, T + P, D]: per-frame means (temporal tokens) then per-patch means over time
-    (spatial tokens), as Video-ChatGPT. 50 frames x 576 patches give 626 tokens, not 28,800."""
+def spatio_temporal_pool(features: torch.Tensor, frame_grid: int = 1) -> torch.Tensor:
+    """[B, T, P, D] -> [B, T * frame_grid^2 + P, D]: temporal tokens, then per-patch means over time
+    (spatial tokens). With frame_grid 1 the temporal tokens are per-frame means, as Video-ChatGPT:
+    50 frames x 576 patches give 626 tokens, not 28,800. With frame_grid g each frame becomes a g x g
+    grid of patch means (row by row), which keeps where things are in each frame: the direction of
+    motion needs that, and a frame's mean averages it away (docs/results.md, the perception probe)."""
     if features.dim() != 4:
         raise ValueError(f"expected features [B, T, P, D], got shape {tuple(features.shape)}")
-    temporal = features.mean(dim=2)
     spatial = features.mean(dim=1)
+    if frame_grid == 1:
+        return torch.cat([features.mean(dim=2), spatial], dim=1)
+    b, t, p, d = features.shape
+    side = math.isqrt(p)
+    if frame_grid < 1 or side * side != p or side % frame_grid:
+        raise ValueError(f"frame_grid {frame_grid} does not divide a frame of {p} patches into a square grid")
+    cell = side // frame_grid
+    temporal = features.view(b, t, frame_grid, cell, frame_grid, cell, d).mean(dim=(3, 5)).reshape(b, -1, d)
     return torch.cat([temporal, spatial], dim=1)

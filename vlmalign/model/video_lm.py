@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,6 +54,10 @@ class VideoLM(Policy):
         self.llm = llm
         self.tokenizer = tokenizer
         self.base = base  # where the LLM base weights come from: {"pretrained": name} | {"checkpoint": path} | {}
+        side = math.isqrt(vision.num_patches)
+        if cfg.frame_grid < 1 or cfg.frame_grid > 1 and (side * side != vision.num_patches or side % cfg.frame_grid):
+            raise ConfigError(f"model.frame_grid: {cfg.frame_grid} does not divide the vision tower's "
+                              f"{side} x {side} patch grid into equal cells")
 
     # --- the policy interface ------------------------------------------------------------------
     def encode_conversation(self, turns, max_length: int, sample_id: str = "", layout=None) -> template.Encoded:
@@ -115,7 +120,7 @@ class VideoLM(Policy):
     # --- visual tokens -------------------------------------------------------------------------
     @property
     def num_visual_tokens(self) -> int:
-        return self.cfg.num_frames + self.vision.num_patches
+        return self.cfg.num_frames * self.cfg.frame_grid**2 + self.vision.num_patches
 
     @property
     def device(self) -> torch.device:
@@ -131,8 +136,8 @@ class VideoLM(Policy):
         """[B, T, P, D] vision features -> [B, T + P, H] LLM-width visual tokens."""
         features = features.to(self.projector_dtype)
         if self.cfg.pooling == "before_projector":
-            return self.projector(spatio_temporal_pool(features))
-        return spatio_temporal_pool(self.projector(features))
+            return self.projector(spatio_temporal_pool(features, self.cfg.frame_grid))
+        return spatio_temporal_pool(self.projector(features), self.cfg.frame_grid)
 
     @property
     def projector_dtype(self) -> torch.dtype:
