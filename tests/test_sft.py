@@ -101,6 +101,8 @@ def test_gym_refuses_unknown_methods_and_seeds_in_one_line(tmp_path):
     assert res.returncode == 2 and res.stderr.strip() == "error: --methods: unknown sft; choose from dpo, grpo, grpo_rank, grpo_rank_monotone, ppo, ppo_oracle, isr_dpo, vlm_rlaif"
     res = run_cli("gym", "--out", str(tmp_path / "gym"), "--seeds", "0,x")
     assert res.returncode == 2 and res.stderr.strip() == "error: --seeds: comma-separated integers, got '0,x'"
+    res = run_cli("gym", "--out", str(tmp_path / "gym"), "--quick", "--grid")  # two designs: which?
+    assert res.returncode == 2 and "argument --grid: not allowed with argument --quick" in res.stderr
     assert not (tmp_path / "gym").exists()
 
 

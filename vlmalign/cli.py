@@ -129,8 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gym", help="the alignment gym: every method and its negative control from a misaligned SFT start")
     p.add_argument("--out", default="runs/gym", help="folder for the benchmark, runs and table")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
-    p.add_argument("--quick", action="store_true", help="the demo's smaller budget")
-    p.add_argument("--methods", default=None, help="comma-separated subset of dpo,grpo,grpo_rank,grpo_rank_monotone,ppo,ppo_oracle,isr_dpo,vlm_rlaif (default: all)")
+    design = p.add_mutually_exclusive_group()
+    design.add_argument("--quick", action="store_true", help="the demo's smaller budget")
+    design.add_argument("--grid", action="store_true",
+                        help="the perception redesign: 2,100 training videos, each frame as a 2 x 2 grid of visual "
+                             "tokens, 4 SFT epochs (docs/results.md)")
+    p.add_argument("--methods", default=None, help="comma-separated subset of dpo,grpo,grpo_rank,grpo_rank_monotone,ppo,ppo_oracle,isr_dpo,vlm_rlaif "
+                                                   "(default: all), or none: the ceiling and the start only")
     p.add_argument("--family", default="video_lm",
                    help="the model every run trains: video_lm (vlmalign's VideoLM), or qwen2_5_vl, qwen2_vl, qwen3_vl, "
                         "llava_onevision, llava_next_video, video_llava (a tiny random transformers video model of that "
@@ -335,17 +340,17 @@ def _seeds(text: str) -> list[int]:
 def _cmd_gym(args) -> int:
     import dataclasses
 
-    from vlmalign.gym import FULL, METHODS, QUICK, run_gym
+    from vlmalign.gym import FULL, GRID, METHODS, QUICK, run_gym
 
-    budget = QUICK if args.quick else FULL
+    budget = QUICK if args.quick else GRID if args.grid else FULL
     if args.methods:
-        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        methods = () if args.methods == "none" else tuple(m.strip() for m in args.methods.split(",") if m.strip())
         unknown = sorted(set(methods) - set(METHODS))
         if unknown:
             raise VlmalignError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
         budget = dataclasses.replace(budget, methods=methods)
     budget = dataclasses.replace(budget, family=args.family)
-    command = " ".join(["vlmalign gym", *(["--quick"] if args.quick else []), "--out", args.out, "--seeds", args.seeds,
+    command = " ".join(["vlmalign gym", *(["--quick"] if args.quick else []), *(["--grid"] if args.grid else []), "--out", args.out, "--seeds", args.seeds,
                         *(["--methods", args.methods] if args.methods else []),
                         *(["--family", args.family] if args.family != "video_lm" else [])])
     run_gym(args.out, budget, _seeds(args.seeds), progress=True, command=command)
