@@ -289,9 +289,10 @@ def test_judged_methods_run_with_their_twins_and_controls_from_one_command(tmp_p
         assert label in text
 
 
-def test_the_grid_design_gives_every_model_four_tokens_a_frame_and_methods_none_stops_at_the_gap(tmp_path, one_thread):
+def test_the_grid_design_gives_every_model_four_placed_tokens_a_frame_and_methods_none_stops_at_the_gap(tmp_path, one_thread):
     """`vlmalign gym --grid --methods none` at toy sizes: both SFT models read each frame as a 2 x 2
-    grid (16 frames x 4 + 64 patch tokens), the folder records the grid, and no method runs."""
+    grid (16 frames x 4 + 64 patch tokens) with a learned position per token, the folder records
+    the design, and no method runs."""
     from vlmalign.data.synthetic import _split_sizes
     from vlmalign.errors import VlmalignError
     from vlmalign.gym import GRID, run_gym
@@ -299,12 +300,14 @@ def test_the_grid_design_gives_every_model_four_tokens_a_frame_and_methods_none_
 
     assert _split_sizes(GRID.videos, GRID.splits) == (2100, 84, 216)  # the declared design's videos
     toy = GymBudget(videos=40, splits=(0.6, 0.1, 0.3), max_objects=1, sft_epochs=1, sft_batch_size=8, eval_limit=12,
-                    frame_grid=2, methods=())
+                    frame_grid=2, visual_positions=True, methods=())
     (run,) = run_gym(tmp_path / "gym", toy, seeds=(0,), command="vlmalign gym --grid --methods none")
     assert {"ceiling", "start"} <= set(run) and not set(run) & {"dpo", "grpo", "reader_probe"}
     for name in ("ceiling", "start"):
-        assert load_model(tmp_path / "gym" / "seed-0" / name / "final").num_visual_tokens == 16 * 4 + 64
-    assert json.loads((tmp_path / "gym" / "gym-settings.json").read_text())["frame_grid"] == 2
+        model = load_model(tmp_path / "gym" / "seed-0" / name / "final")
+        assert model.num_visual_tokens == 16 * 4 + 64 and model.visual_positions.shape == (128, 128)
+    settings = json.loads((tmp_path / "gym" / "gym-settings.json").read_text())
+    assert (settings["frame_grid"], settings["visual_positions"]) == (2, True)
     assert "Gap (ceiling - start)" in (tmp_path / "gym" / "gym.md").read_text()
-    with pytest.raises(VlmalignError, match="frame_grid: 2 is vlmalign's VideoLM's pooling; qwen2_5_vl pools"):
+    with pytest.raises(VlmalignError, match="frame_grid, visual_positions: vlmalign's VideoLM's pooling; qwen2_5_vl pools"):
         run_gym(tmp_path / "hf", GymBudget(frame_grid=2, family="qwen2_5_vl"), seeds=(0,))

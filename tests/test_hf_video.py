@@ -230,8 +230,9 @@ def test_checkpoints_pick_their_family_or_fail_in_one_line(qwen25, tmp_path):
         policy(mismatched)
     with pytest.raises(ConfigError, match=r"model.frame_size: \[50, 56\] must be multiples of 28"):
         build_model(ModelConfig(init_from=str(qwen25), num_frames=4, frame_size=[50, 56]))
-    with pytest.raises(ConfigError, match="model.frame_grid: HF video models pool each frame as their checkpoint does"):
-        build_model(ModelConfig(init_from=str(qwen25), num_frames=4, frame_grid=2))
+    for field in ("frame_grid", "visual_positions"):
+        with pytest.raises(ConfigError, match=f"model.{field}: HF video models pool and place each frame as their checkpoint"):
+            build_model(ModelConfig(init_from=str(qwen25), num_frames=4, **{field: 2 if field == "frame_grid" else True}))
 
 
 def test_every_family_loads_as_it_ships_and_reads_a_video(checkpoint, tiny_bench):

@@ -85,6 +85,26 @@ def test_a_frame_grid_model_gives_four_tokens_a_frame_and_keeps_its_grid_when_sa
         build_model(tiny(word_corpus, **{"model.frame_grid": 3}))
 
 
+def test_visual_positions_are_added_per_slot_trained_with_the_projector_and_kept_through_save_and_init_from(word_corpus, tmp_path):
+    model = build_model(tiny(word_corpus, **{"model.frame_grid": 2, "model.visual_positions": "true"}))
+    assert model.visual_positions.shape == (128, 128) and model.visual_positions.requires_grad
+    feats = torch.randn(2, 16, 64, model.vision.hidden_size)
+    pooled = spatio_temporal_pool(model.projector(feats), 2)
+    torch.testing.assert_close(model.visual_tokens(feats), pooled + model.visual_positions)  # the same for every video
+    model.save_pretrained(tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert torch.equal(loaded.visual_positions, model.visual_positions)
+    torch.testing.assert_close(_logits(model, word_corpus), _logits(loaded, word_corpus), rtol=0, atol=1e-6)
+    started = build_model(tiny(word_corpus, **{"model.init_from": str(tmp_path / "m")}))
+    assert torch.equal(started.visual_positions, model.visual_positions) and started.visual_positions.requires_grad
+    frozen = build_model(tiny(word_corpus, **{"model.init_from": str(tmp_path / "m"), "model.train_projector": "false"}))
+    assert not frozen.visual_positions.requires_grad
+    with pytest.raises(ConfigError, match="model.num_frames: 8 frames give 96 visual tokens, but the model's visual "
+                                          "positions are learnt for 128"):
+        build_model(tiny(word_corpus, **{"model.init_from": str(tmp_path / "m"), "model.num_frames": 8}))
+    assert build_model(tiny(word_corpus)).visual_positions is None  # off by default: the papers' models have none
+
+
 @pytest.mark.parametrize("kind,act", [("mlp2x_gelu", torch.nn.GELU), ("mlp2x_relu", torch.nn.ReLU)])
 def test_projector_kinds(kind, act):
     proj = build_projector(kind, 8, 16)

@@ -87,6 +87,11 @@ class ModelConfig:
     # g x g grid of patch means (g^2 tokens a frame), the position per frame that the direction of
     # motion needs (docs/results.md, the perception probe). It must divide the side of the patch grid.
     frame_grid: int = 1
+    # A learned embedding per visual token slot, added to the pooled, projected tokens: it tells the
+    # LLM which frame and which cell a token is. RoPE gives only offsets between tokens, from which a
+    # small LLM did not learn the order of frames (the gym's 2 x 2 grid ceiling answered "left" to
+    # every direction question); a reader with such positions learnt direction (docs/results.md).
+    visual_positions: bool = False
     num_frames: int = 50
     frame_sampling: Literal["linspace", "segments"] = "linspace"
     # HF video models: with `fps`, read that many frames per second of video instead of num_frames,

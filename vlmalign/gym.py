@@ -81,6 +81,7 @@ class GymBudget:
     # Each frame's visual tokens (`model.frame_grid`): 1, Video-ChatGPT's one mean per frame, or a
     # g x g grid that keeps where things are in each frame (what the direction of motion needs).
     frame_grid: int = 1
+    visual_positions: bool = False  # `model.visual_positions`: a learned embedding per visual token
     # The feedback budget: how far each method may move from the start. It was chosen once, on seed 0's
     # start, for DPO and GRPO (docs/results.md): DPO 2 epochs at lr 2e-4 (22 steps) gained +1.0, 8 at
     # 2e-4 +6.1, 8 at 5e-4 +12.5; GRPO 40 rollouts at 1e-4 +0.6, 77 at 1e-4 +3.7, 150 at 3e-4 +11.7.
@@ -132,10 +133,12 @@ FULL = GymBudget()
 QUICK = GymBudget(videos=300, splits=(0.6, 0.05, 0.35), sft_epochs=8, dpo_questions=400, grpo_rollouts=50, rm_questions=400,
                   ppo_rollouts=50, methods=("dpo", "grpo"))
 # `--grid`: the perception redesign (docs/results.md, "The grid design"). A reader of the model's size
-# learnt direction from its visual tokens only with each frame kept as a 2 x 2 grid and only from
-# ~2,000 videos (240 overfit), so: 2,100 training videos (the same 216 held-out videos' worth of test),
-# frame grid 2, and 4 SFT epochs (~1,600 steps, about twice the 16-epoch SFT's on 240 videos).
-GRID = GymBudget(videos=2400, splits=(0.875, 0.035, 0.09), frame_grid=2, sft_epochs=4)
+# learnt direction from its visual tokens only with each frame kept as a 2 x 2 grid, with a learned
+# position per token, and only from ~2,000 videos (240 overfit), so: 2,100 training videos (the same
+# 216 held-out videos' worth of test), frame grid 2, learned visual positions (without them the grid
+# ceiling answered "left" to every direction question), and 4 SFT epochs (~1,600 steps, about twice
+# the 16-epoch SFT's on 240 videos).
+GRID = GymBudget(videos=2400, splits=(0.875, 0.035, 0.09), frame_grid=2, visual_positions=True, sft_epochs=4)
 
 
 class Gym:
@@ -147,6 +150,8 @@ class Gym:
         self.common = self.pipe.common()
         if budget.frame_grid != 1:
             self.common["model__frame_grid"] = budget.frame_grid
+        if budget.visual_positions:
+            self.common["model__visual_positions"] = "true"
         if budget.family != "video_lm":
             self.common.update(HF_FRAMES, model__frame_size=HF_FRAME_SIZE.get(budget.family, HF_FRAMES["model__frame_size"]))
 
@@ -557,9 +562,9 @@ def run_gym(out="runs/gym", budget: GymBudget = FULL, seeds=(0, 1, 2), progress:
     out = Path(out)
     if budget.family not in FAMILIES:
         raise VlmalignError(f"family: {budget.family!r} is not one of {', '.join(FAMILIES)}")
-    if budget.frame_grid != 1 and budget.family != "video_lm":
-        raise VlmalignError(f"frame_grid: {budget.frame_grid} is vlmalign's VideoLM's pooling; {budget.family} "
-                            "pools each frame as its checkpoint does")
+    if (budget.frame_grid != 1 or budget.visual_positions) and budget.family != "video_lm":
+        raise VlmalignError(f"frame_grid, visual_positions: vlmalign's VideoLM's pooling; {budget.family} "
+                            "pools and places each frame as its checkpoint does")
     _check_settings(out, budget)
     bench = out / "bench"
     with one_writer(out / ".bench.lock"):
@@ -596,7 +601,8 @@ def _check_settings(out: Path, budget: GymBudget) -> None:
     settings.pop("methods")
     path = out / "gym-settings.json"
     if path.is_file():
-        recorded = {"family": "video_lm", "frame_grid": 1, **json.loads(path.read_text())}  # folders from before these
+        recorded = {"family": "video_lm", "frame_grid": 1, "visual_positions": False,  # folders from before these
+                    **json.loads(path.read_text())}
         changed = sorted(k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k))
         if changed:
             raise VlmalignError(f"{out} holds a gym run with other settings ({', '.join(changed)}); "

@@ -119,9 +119,9 @@ def build_model(cfg: ModelConfig) -> Policy:
     if cfg.init_from and _family(Path(cfg.init_from)) == "hf_video":
         from vlmalign.model.hf_video import build_hf_video
 
-        if cfg.frame_grid != 1:
-            raise ConfigError("model.frame_grid: HF video models pool each frame as their checkpoint does; "
-                              "the grid is for vlmalign's VideoLM")
+        if cfg.frame_grid != 1 or cfg.visual_positions:
+            raise ConfigError(f"model.{'frame_grid' if cfg.frame_grid != 1 else 'visual_positions'}: HF video models "
+                              "pool and place each frame as their checkpoint does; this is for vlmalign's VideoLM")
         return build_hf_video(cfg)
     if cfg.fps is not None:
         raise ConfigError(f"model.fps: vlmalign's VideoLM reads a fixed model.num_frames (its token count is fixed); "

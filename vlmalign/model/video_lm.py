@@ -5,6 +5,7 @@ Saved layout (`save_pretrained`), everything in safetensors:
     model.json            the ModelConfig plus where each component's weights come from
     tokenizer/            always
     projector.safetensors always
+    visual_positions.safetensors   with `model.visual_positions`
     vision/               unless the tower is a frozen pretrained one (then it is referenced)
     llm/                  full LLM weights when trained without LoRA or randomly initialised
     adapter/              the LoRA adapter, when LoRA is on (the base is then referenced)
@@ -46,11 +47,21 @@ class VideoLM(Policy):
     visual_slot_id = VISUAL_TOKEN_ID
     unsampled_token_ids: tuple[int, ...] = ()  # the visual slot id is no vocabulary id: nothing to keep out
 
-    def __init__(self, cfg: ModelConfig, vision: VisionTower, projector: nn.Module, llm: nn.Module, tokenizer, base: dict):
+    def __init__(self, cfg: ModelConfig, vision: VisionTower, projector: nn.Module, llm: nn.Module, tokenizer, base: dict,
+                 visual_positions: nn.Parameter | None = None):
         super().__init__()
         self.cfg = cfg
         self.vision = vision
         self.projector = projector
+        # given when a saved or starting model has them; fresh when the config asks and none is given
+        if visual_positions is None and cfg.visual_positions:
+            width = llm.config.hidden_size
+            visual_positions = nn.Parameter(0.5 * torch.randn(self._token_count(cfg, vision), width,
+                                                              dtype=_DTYPES[cfg.llm.dtype]))
+        if visual_positions is not None and visual_positions.shape[0] != self._token_count(cfg, vision):
+            raise ConfigError(f"model.num_frames: {cfg.num_frames} frames give {self._token_count(cfg, vision)} visual "
+                              f"tokens, but the model's visual positions are learnt for {visual_positions.shape[0]}")
+        self.visual_positions = visual_positions
         self.llm = llm
         self.tokenizer = tokenizer
         self.base = base  # where the LLM base weights come from: {"pretrained": name} | {"checkpoint": path} | {}
@@ -120,7 +131,11 @@ class VideoLM(Policy):
     # --- visual tokens -------------------------------------------------------------------------
     @property
     def num_visual_tokens(self) -> int:
-        return self.cfg.num_frames * self.cfg.frame_grid**2 + self.vision.num_patches
+        return self._token_count(self.cfg, self.vision)
+
+    @staticmethod
+    def _token_count(cfg: ModelConfig, vision: VisionTower) -> int:
+        return cfg.num_frames * cfg.frame_grid**2 + vision.num_patches
 
     @property
     def device(self) -> torch.device:
@@ -136,8 +151,10 @@ class VideoLM(Policy):
         """[B, T, P, D] vision features -> [B, T + P, H] LLM-width visual tokens."""
         features = features.to(self.projector_dtype)
         if self.cfg.pooling == "before_projector":
-            return self.projector(spatio_temporal_pool(features, self.cfg.frame_grid))
-        return spatio_temporal_pool(self.projector(features), self.cfg.frame_grid)
+            tokens = self.projector(spatio_temporal_pool(features, self.cfg.frame_grid))
+        else:
+            tokens = spatio_temporal_pool(self.projector(features), self.cfg.frame_grid)
+        return tokens if self.visual_positions is None else tokens + self.visual_positions
 
     @property
     def projector_dtype(self) -> torch.dtype:
@@ -191,6 +208,8 @@ class VideoLM(Policy):
         path.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(path / "tokenizer")
         save_file(_contiguous(self.projector.state_dict()), path / "projector.safetensors")
+        if self.visual_positions is not None:
+            save_file({"visual_positions": self.visual_positions.detach().contiguous()}, path / "visual_positions.safetensors")
         saved_vision = not (self.cfg.vision.pretrained and self.cfg.vision.frozen)
         if saved_vision:
             self.vision.model.save_pretrained(path / "vision")
@@ -313,6 +332,8 @@ def _set_trainable(model: VideoLM) -> VideoLM:
     cfg = model.cfg
     model.vision.requires_grad_(not cfg.vision.frozen)
     model.projector.requires_grad_(cfg.train_projector)
+    if model.visual_positions is not None:  # they belong with the projector: both map vision into the LLM
+        model.visual_positions.requires_grad_(cfg.train_projector)
     if not model.uses_lora:  # no adapter: the whole LLM trains (a loaded start model comes frozen)
         model.llm.requires_grad_(True)
     if cfg.gradient_checkpointing:
@@ -348,7 +369,7 @@ def build_video_lm(cfg: ModelConfig) -> VideoLM:
         local = Path(cfg.init_from)
         base = {"checkpoint": str(local.resolve()) if local.exists() else cfg.init_from}
         llm = _apply_lora(start_llm, arch) if cfg.lora.enabled else start_llm
-        model = VideoLM(arch, start.vision, start.projector, llm, start.tokenizer, base)
+        model = VideoLM(arch, start.vision, start.projector, llm, start.tokenizer, base, start.visual_positions)
         return _set_trainable(model)
 
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.llm.pretrained)
@@ -425,7 +446,10 @@ def load_video_lm(path: str | Path, trainable: bool = False, quantization: Quant
     projector = build_projector(cfg.projector, vision.hidden_size, llm.config.hidden_size)
     projector.load_state_dict(load_file(path / "projector.safetensors"))
     projector.to(_DTYPES[cfg.llm.dtype])
-    model = VideoLM(cfg, vision, projector, llm, tokenizer, base)
+    positions = None
+    if cfg.visual_positions:
+        positions = nn.Parameter(load_file(path / "visual_positions.safetensors")["visual_positions"].to(_DTYPES[cfg.llm.dtype]))
+    model = VideoLM(cfg, vision, projector, llm, tokenizer, base, positions)
     if trainable:
         return _set_trainable(model)
     model.requires_grad_(False)
