@@ -79,6 +79,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (pinned, for comparable runs)")
     ap.add_argument("--repeats", type=int, default=9, help="timed training steps per HF cache kind")
     args = ap.parse_args()
+    from vlmalign.cli import quiet_libraries
+
+    quiet_libraries()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="bench_fc_"))

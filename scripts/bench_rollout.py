@@ -47,6 +47,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads (pinned: the default can be far slower under load)")
     args = p.parse_args()
+    from vlmalign.cli import quiet_libraries
+
+    quiet_libraries()
     torch.set_num_threads(args.threads)
 
     corpus = Path(__file__).resolve().parents[1] / "README.md"

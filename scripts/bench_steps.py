@@ -246,6 +246,9 @@ def main() -> None:
     p.add_argument("--worker", choices=STAGES, help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
+    from vlmalign.cli import quiet_libraries
+
+    quiet_libraries()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:

@@ -321,6 +321,9 @@ def main() -> None:
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--tag", default="0", help=argparse.SUPPRESS)
     args = p.parse_args()
+    from vlmalign.cli import quiet_libraries
+
+    quiet_libraries()
 
     if args.worker:
         import torch

@@ -41,6 +41,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="which wrong answer and which order")
     parser.add_argument("--out", help="folder for the cache and probe.json (default: JUDGE/../probe-QUESTIONS)")
     args = parser.parse_args()
+    from vlmalign.cli import quiet_libraries
+
+    quiet_libraries()
 
     bench = Path(args.bench)
     question_file = Path(args.questions or bench / "qa_val.json")

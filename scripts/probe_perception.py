@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    from vlmalign.cli import quiet_libraries
+
+    quiet_libraries()
     torch.set_num_threads(args.threads)
 
     model = load_video_lm(args.model)

@@ -381,8 +381,9 @@ COMMANDS = {
 }
 
 
-def _quiet_libraries() -> None:
-    """Our own progress bars say what is happening; per-shard bars from transformers only add noise.
+def quiet_libraries() -> None:
+    """Our own progress bars say what is happening; per-shard bars from transformers only add noise
+    (the scripts in scripts/ call this too).
     DeepSpeed warns on every CPU-only start that it picked the CPU (it is told so instead), and
     bitsandbytes on some CPUs that an optional speed-up package is missing."""
     import logging
@@ -401,7 +402,7 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    quiet_libraries()
     try:
         if getattr(args, "launch", None):
             return _relaunch(args, argv)
