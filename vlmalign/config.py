@@ -88,9 +88,9 @@ class ModelConfig:
     # motion needs (docs/results.md, the perception probe). It must divide the side of the patch grid.
     frame_grid: int = 1
     # A learned embedding per visual token slot, added to the pooled, projected tokens: it tells the
-    # LLM which frame and which cell a token is. RoPE gives only offsets between tokens, from which a
-    # small LLM did not learn the order of frames (the gym's 2 x 2 grid ceiling answered "left" to
-    # every direction question); a reader with such positions learnt direction (docs/results.md).
+    # LLM which frame and which cell a token is, where RoPE gives only offsets between tokens. A
+    # reader of the tiny model's size needed such positions to learn direction; in the gym's SFT
+    # they were not enough (docs/results.md, "The grid design").
     visual_positions: bool = False
     num_frames: int = 50
     frame_sampling: Literal["linspace", "segments"] = "linspace"
