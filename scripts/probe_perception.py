@@ -3,15 +3,19 @@
     python scripts/probe_perception.py --model runs/gym/seed-0/ceiling/final --videos 2000
     python scripts/probe_perception.py --model M --videos 240 --tasks direction,shape      # the gym's scale
     python scripts/probe_perception.py --model M --videos 2000 --pooling grid2 --tasks direction
+    python scripts/probe_perception.py --model M --videos 2000 --pooling grid2 --tasks direction --reader llm
 
 Single-object videos of the synthetic benchmark (`synthetic.sample_video`, rendered in memory; the
 train and test videos come from different seeds) go through the model's frozen vision tower. A fresh
 reader then learns to name each video's colour, shape or direction from them: a projector of the
 model's kind applied to every patch, a pooling (`--pooling video_chatgpt`: one mean per frame, the
-gym's models'; or `grid2`: each frame's 2 x 2 grid of patch means, `model.frame_grid: 2`), and a
-transformer of the model's LLM width and depth with a learned, randomly initialised position per token (the LLM's RoPE gives it the tokens' order, and a zero start would hide it) and
-a classification head. It reads only the video, so its held-out accuracy bounds what an SFT model
-of this size can perceive from that many videos of one object, without the question to bind.
+gym's models'; or `grid2`: each frame's 2 x 2 grid of patch means, `model.frame_grid: 2`), a learned,
+randomly initialised position per token (a zero start would hide the tokens' order; `--no-positions`
+leaves them out), then a transformer of the model's LLM width and depth and a classification head.
+The transformer is bidirectional, its outputs averaged (`--reader encoder`), or a fresh causal LM of
+the model's LLM config, RoPE and all, read at the last token as the policy reads at its answer
+(`--reader llm`). It reads only the video, so its held-out accuracy bounds what an SFT model of this
+size can perceive from that many videos of one object, without the question to bind.
 One JSON line per task: train and test accuracy, the last loss, seconds.
 """
 
@@ -61,20 +65,34 @@ GRIDS = {"video_chatgpt": 1, "grid2": 2}  # --pooling -> model.frame_grid
 
 
 class Reader(nn.Module):
-    def __init__(self, model, kind: str, num_tokens: int, num_classes: int):
+    """`encoder`: a bidirectional transformer over the tokens, their outputs averaged. `llm`: a fresh
+    causal LM of the model's config (RoPE, as the policy reads them), read at the last token. Either
+    adds the learned positions unless `positions` is off."""
+
+    def __init__(self, model, kind: str, num_tokens: int, num_classes: int, reader: str = "encoder",
+                 positions: bool = True):
         super().__init__()
         llm = model.llm.config
         self.frame_grid = GRIDS[kind]
         self.projector = build_projector(model.cfg.projector, model.vision.hidden_size, llm.hidden_size)
-        self.position = nn.Parameter(torch.randn(num_tokens, llm.hidden_size) * 0.5)
-        layer = nn.TransformerEncoderLayer(llm.hidden_size, llm.num_attention_heads, llm.intermediate_size, 0.0,
-                                           batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, llm.num_hidden_layers)
+        self.position = nn.Parameter(torch.randn(num_tokens, llm.hidden_size) * 0.5) if positions else None
+        if reader == "llm":
+            from transformers import AutoModel
+
+            self.body, self.causal = AutoModel.from_config(llm), True
+        else:
+            layer = nn.TransformerEncoderLayer(llm.hidden_size, llm.num_attention_heads, llm.intermediate_size, 0.0,
+                                               batch_first=True)
+            self.body, self.causal = nn.TransformerEncoder(layer, llm.num_hidden_layers), False
         self.head = nn.Linear(llm.hidden_size, num_classes)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        tokens = spatio_temporal_pool(self.projector(features), self.frame_grid) + self.position
-        return self.head(self.encoder(tokens).mean(1))
+        tokens = spatio_temporal_pool(self.projector(features), self.frame_grid)
+        if self.position is not None:
+            tokens = tokens + self.position
+        if self.causal:
+            return self.head(self.body(inputs_embeds=tokens, use_cache=False).last_hidden_state[:, -1])
+        return self.head(self.body(tokens).mean(1))
 
 
 def accuracy(reader: Reader, features: torch.Tensor, labels: torch.Tensor) -> float:
@@ -90,6 +108,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", type=tasks, default="direction,shape,colour", help="comma-separated: colour, shape, direction")
     parser.add_argument("--pooling", choices=tuple(GRIDS), default="video_chatgpt",
                         help="video_chatgpt: one mean per frame (model.frame_grid 1); grid2: a 2 x 2 grid (frame_grid 2)")
+    parser.add_argument("--reader", choices=("encoder", "llm"), default="encoder",
+                        help="encoder: bidirectional, outputs averaged; llm: a fresh causal LM of the model's config, "
+                             "read at the last token")
+    parser.add_argument("--no-positions", action="store_true", help="no learned position per token (the llm reader "
+                                                                     "keeps its RoPE)")
     parser.add_argument("--steps", type=int, default=1500, help="reader steps of 32 videos")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1)
@@ -106,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     for task in args.tasks:
         train_y, test_y = labels(train_meta, task), labels(test_meta, task)
         torch.manual_seed(0)
-        reader = Reader(model, args.pooling, num_tokens, len(LABELS[task]))
+        reader = Reader(model, args.pooling, num_tokens, len(LABELS[task]), args.reader, not args.no_positions)
         optimizer = torch.optim.AdamW(reader.parameters(), args.lr, weight_decay=0.01)
         start = time.time()
         for _ in range(args.steps):
@@ -115,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        print(json.dumps({"task": task, "pooling": args.pooling, "videos": args.videos, "steps": args.steps,
+        print(json.dumps({"task": task, "pooling": args.pooling, "reader": args.reader, "positions": not args.no_positions,
+                          "videos": args.videos, "steps": args.steps,
                           "train": accuracy(reader, train_x[: args.test_videos], train_y[: args.test_videos]),
                           "test": accuracy(reader, test_x, test_y), "last_loss": round(loss.item(), 3),
                           "chance": round(100 / len(LABELS[task]), 1), "seconds": round(time.time() - start)}),

@@ -17,13 +17,14 @@ probe = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(probe)
 
 
-def test_the_reader_learns_colour_from_a_random_towers_tokens(word_corpus, tmp_path, capsys):
+@pytest.mark.parametrize("reader", ["encoder", "llm"])
+def test_the_reader_learns_colour_from_a_random_towers_tokens(reader, word_corpus, tmp_path, capsys):
     cfg = load_config(SFTConfig, REPO / "configs" / "tiny" / "sft.yaml", tiny_model_overrides(word_corpus)).model
     build_model(cfg).save_pretrained(tmp_path / "model")
     probe.main(["--model", str(tmp_path / "model"), "--videos", "128", "--test-videos", "64", "--steps", "150",
-                "--tasks", "colour"])
+                "--tasks", "colour", "--reader", reader])
     (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
-    assert line["task"] == "colour" and line["chance"] == 25.0
+    assert (line["task"], line["reader"], line["chance"]) == ("colour", reader, 25.0)
     assert line["test"] >= 80, line  # colour is in every patch: a reader that learns finds it
 
 
