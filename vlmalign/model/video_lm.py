@@ -148,7 +148,7 @@ class VideoLM(Policy):
         return feats.view(b, t, *feats.shape[1:])
 
     def visual_tokens(self, features: torch.Tensor) -> torch.Tensor:
-        """[B, T, P, D] vision features -> [B, T + P, H] LLM-width visual tokens."""
+        """[B, T, P, D] vision features -> [B, T * frame_grid^2 + P, H] LLM-width visual tokens."""
         features = features.to(self.projector_dtype)
         if self.cfg.pooling == "before_projector":
             tokens = self.projector(spatio_temporal_pool(features, self.cfg.frame_grid))
