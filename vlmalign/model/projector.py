@@ -17,6 +17,15 @@ def build_projector(kind: str, vision_width: int, llm_width: int) -> nn.Module:
     return nn.Sequential(nn.Linear(vision_width, llm_width), activation, nn.Linear(llm_width, llm_width))
 
 
+def frame_grid_fits(num_patches: int, frame_grid: int) -> bool:
+    """Whether a frame of `num_patches` patches splits into frame_grid x frame_grid equal cells (any
+    patch count takes grid 1: the frame's mean)."""
+    if frame_grid < 1:
+        return False
+    side = math.isqrt(num_patches)
+    return frame_grid == 1 or (side * side == num_patches and side % frame_grid == 0)
+
+
 def spatio_temporal_pool(features: torch.Tensor, frame_grid: int = 1) -> torch.Tensor:
     """[B, T, P, D] -> [B, T * frame_grid^2 + P, D]: temporal tokens, then per-patch means over time
     (spatial tokens). With frame_grid 1 the temporal tokens are per-frame means, as Video-ChatGPT:
@@ -29,9 +38,8 @@ def spatio_temporal_pool(features: torch.Tensor, frame_grid: int = 1) -> torch.T
     if frame_grid == 1:
         return torch.cat([features.mean(dim=2), spatial], dim=1)
     b, t, p, d = features.shape
-    side = math.isqrt(p)
-    if frame_grid < 1 or side * side != p or side % frame_grid:
+    if not frame_grid_fits(p, frame_grid):
         raise ValueError(f"frame_grid {frame_grid} does not divide a frame of {p} patches into a square grid")
-    cell = side // frame_grid
+    cell = math.isqrt(p) // frame_grid
     temporal = features.view(b, t, frame_grid, cell, frame_grid, cell, d).mean(dim=(3, 5)).reshape(b, -1, d)
     return torch.cat([temporal, spatial], dim=1)

@@ -33,7 +33,7 @@ from vlmalign.data.template import VISUAL_TOKEN_ID
 from vlmalign.errors import ConfigError
 from vlmalign.model.generation import DecodeState, cache_name, left_positions
 from vlmalign.model.policy import MANIFEST, Policy
-from vlmalign.model.projector import build_projector, spatio_temporal_pool
+from vlmalign.model.projector import build_projector, frame_grid_fits, spatio_temporal_pool
 from vlmalign.model.tokenizer import load_tokenizer
 from vlmalign.model.vision import VisionTower
 
@@ -65,8 +65,8 @@ class VideoLM(Policy):
         self.llm = llm
         self.tokenizer = tokenizer
         self.base = base  # where the LLM base weights come from: {"pretrained": name} | {"checkpoint": path} | {}
-        side = math.isqrt(vision.num_patches)
-        if cfg.frame_grid < 1 or cfg.frame_grid > 1 and (side * side != vision.num_patches or side % cfg.frame_grid):
+        if not frame_grid_fits(vision.num_patches, cfg.frame_grid):
+            side = math.isqrt(vision.num_patches)
             raise ConfigError(f"model.frame_grid: {cfg.frame_grid} does not divide the vision tower's "
                               f"{side} x {side} patch grid into equal cells")
 
