@@ -370,3 +370,16 @@ def test_unguarded_script_gets_one_line_that_says_what_to_do(tmp_path):
     assert res.returncode != 0
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("vlmalign.errors.VlmalignError: generate_benchmark:") and "__main__" in last and "workers=0" in last
+
+
+def test_make_synthetic_command_writes_one_object_videos(tmp_path, capsys):
+    """`--max-objects 1` gives a benchmark whose questions never need binding an attribute to one of
+    several objects (the perception diagnostics' data); an impossible count is one line naming it."""
+    from vlmalign.cli import main
+
+    assert main(["make-synthetic", "--out", str(tmp_path / "one"), "--videos", "6", "--max-objects", "1"]) == 0
+    metas = [json.loads(line) for line in (tmp_path / "one" / "metadata.jsonl").read_text().splitlines()]
+    assert len(metas) == 6 and all(len(m["objects"]) == 1 for m in metas)
+    assert json.loads((tmp_path / "one" / "manifest.json").read_text())["parameters"]["max_objects"] == 1
+    assert main(["make-synthetic", "--out", str(tmp_path / "five"), "--videos", "6", "--max-objects", "5"]) != 0
+    assert "max_objects must be in 1..4, got 5" in capsys.readouterr().err

@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frames", type=int, default=16, help="frames per video")
     p.add_argument("--size", type=int, default=64, help="frame width and height in pixels")
+    p.add_argument("--max-objects", type=int, default=2,
+                   help="each video shows 1..N objects (1: no question needs binding an attribute to its object)")
     p.add_argument("--prior-rate", type=float, default=0.0,
                    help="declared misalignment: share of short SFT answers that state the question's prior")
     p.add_argument("--invent-rate", type=float, default=0.0,
@@ -283,7 +285,7 @@ def _cmd_make_synthetic(args) -> int:
     from vlmalign.data.synthetic import Misalignment
 
     manifest = generate_benchmark(args.out, num_videos=args.videos, seed=args.seed, num_frames=args.frames, size=args.size,
-                                  misalignment=Misalignment(args.prior_rate, args.invent_rate))
+                                  max_objects=args.max_objects, misalignment=Misalignment(args.prior_rate, args.invent_rate))
     for name, info in manifest["files"].items():
         print(f"{name}: {info['records']} records")
     return 0
