@@ -136,7 +136,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 1
-    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    # SFT, DPO, RM: a cap on the optimizer steps `epochs` gives (it never lengthens a run); PPO and
+    # GRPO_rank: the number of rollouts, over as many epochs as that takes
+    max_steps: int | None = None
     batch_size: int = 4  # per process
     grad_accum: int = 1
     lr: float = 1e-4

@@ -153,7 +153,8 @@ def rollout_plan(num_questions: int, rollout_batch: int, seed: int, epochs: int,
     """The question indices of every rollout, epoch after epoch. Rollouts are whole (an epoch's
     incomplete last one is dropped), so any process count splits them alike and a checkpoint
     resumes on another count at the same rollout. `max_rollouts` (train.max_steps) overrides
-    `epochs`, as it does for the other stages: the plan runs as many epochs as it takes."""
+    `epochs`: the plan runs as many epochs as it takes (the SFT, DPO and RM stages only cap their
+    epochs' steps with it)."""
     if num_questions < rollout_batch:
         raise ConfigError(f"rollout_batch ({rollout_batch}) is larger than the {num_questions} training questions")
     per_epoch = num_questions // rollout_batch
