@@ -183,8 +183,10 @@ def test_ids_are_the_processors_and_labels_cover_the_answers(checkpoint, tiny_be
     assert (enc.input_ids[0] == model.tokenizer.bos_token_id) == (model.architecture in (NEXT_VIDEO, VIDEO_LLAVA))  # LLaMA's BOS
     assert enc.input_ids.count(model.visual_slot_id) == model.visual_tokens(layout) == VIDEO_TOKENS.get(model.architecture, 8)
     assert layout.indices == (0, 5, 10, 15) and layout.fps == 8  # 4 of the 16 frames of a 2-second video
-    if model.architecture == QWEN3:  # each patch's time (frames 0 and 5: 0.3 s), inside the template's markers
-        assert "<|vision_start|><0.3 seconds><|vision_start|>" in expanded and "<1.6 seconds>" in expanded
+    if model.architecture == QWEN3:  # each patch's time (frames 0 and 5: 0.3 s) and markers, in place of the template's
+        assert "user\n<0.3 seconds><|vision_start|><|video_pad|>" in expanded and "<1.6 seconds>" in expanded
+        assert expanded.count("<|vision_start|>") == expanded.count("<|vision_end|>") == 2  # one pair per patch
+        assert "<|vision_end|><|vision_end|>" not in expanded
     learnt = [model.tokenizer.convert_ids_to_tokens(i) for i, label in zip(enc.input_ids, enc.labels) if label != IGNORE_INDEX]
     assert learnt == ["red", eos, "blue", eos]
     prompt = model.encode_prompt("<video>\nwhat colour is the square?", layout)

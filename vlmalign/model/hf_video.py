@@ -11,8 +11,8 @@ What the family does its own way, each in one place below:
                <|vision_end|>; the pad is then expanded as transformers' processor expands it:
                Qwen2(.5)-VL: one pad per video token; Qwen3-VL: per temporal patch its time
                ("<1.6 seconds>", the mean of its two frames' times) and its own markers around one
-               pad per token of that patch, inside the template's markers (transformers 5.x keeps
-               them; qwen-vl-utils and transformers 4.x replaced them); LLaVA-OneVision's template
+               pad per token of that patch, in place of the template's markers (as qwen-vl-utils and
+               transformers >= 5.25 write it; 5.0-5.24 kept them around the patches); LLaVA-OneVision's template
                writes "<|im_start|>role " and the video's <video>, which becomes frames x
                ceil(side / patch / 2)^2 tokens (196 a frame at 384 pixels) and one newline token;
                LLaVA-NeXT-Video's and Video-LLaVA's Vicuna template writes "USER: <video>\n..."; their
@@ -560,6 +560,10 @@ class HFVideoLM(Policy):
         return (f"{self.architecture}: {len(layouts)} videos, frames read {span(frames)} ({sampling}), visual tokens per "
                 f"video {span([self.visual_tokens(layout) for layout in layouts])} at {size} pixels{budget}")
 
+    def _template_video(self, text: str) -> str:
+        """What of the chat template's text stands for a video and is replaced by `_video_text`: its pad."""
+        return self.video_pad
+
     def _video_text(self, layout: VideoLayout) -> str:
         """What the chat template's video pad becomes in the text: one pad for the whole video."""
         return self.video_pad
@@ -580,14 +584,14 @@ class HFVideoLM(Policy):
         return messages
 
     def _render(self, messages: list[dict], generation_prompt: bool, layout: VideoLayout | None) -> str:
-        """The chat template's text, its video pad replaced by the family's text for the video (as
-        transformers' processor replaces it, inside the template's vision markers)."""
+        """The chat template's text, its video (`_template_video`) replaced by the family's text for the
+        video, as transformers' processor replaces it."""
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
         if self.video_pad not in text:
             return text
         if layout is None:
             raise ValueError(f"{self.architecture}: a prompt with a video needs the video's layout (policy.video_layout)")
-        return text.replace(self.video_pad, self._video_text(layout))
+        return text.replace(self._template_video(text), self._video_text(layout))
 
     def encode_conversation(self, turns, max_length: int, sample_id: str = "", layout: VideoLayout | None = None) -> Encoded:
         """Ids and labels of a conversation: the ids of the whole conversation as the chat template
@@ -786,18 +790,28 @@ class Qwen25VideoLM(HFVideoLM):
 
 class Qwen3VideoLM(HFVideoLM):
     """Qwen3-VL: each temporal patch of a video is written as its time, then its own vision markers
-    around its pads (`<1.5 seconds><|vision_start|><|video_pad|>...<|vision_end|>`), all inside the
-    template's markers, as transformers 5.x's processor writes it; get_rope_index places each patch
-    as a one-frame image. The vision tower also hands features of early layers to the first LM
+    around its pads (`<1.5 seconds><|vision_start|><|video_pad|>...<|vision_end|>`); these replace
+    the template's whole `<|vision_start|><|video_pad|><|vision_end|>`, so no outer pair encloses the
+    patches (as transformers >= 5.25's processor and qwen-vl-utils write it); get_rope_index places
+    each patch as a one-frame image. The vision tower also hands features of early layers to the first LM
     layers (deepstack), in the same forward pass; their mergers are projectors too."""
 
     needs_frame_rate = True
     samples_whole_patches = False
     projector_modules = ("visual.merger", "visual.deepstack_merger_list")
 
-    def _video_text(self, layout: VideoLayout) -> str:
+    def _vision_markers(self) -> tuple[str, str]:
         start, end = self.tokenizer.convert_ids_to_tokens([self.core.config.vision_start_token_id,
                                                            self.core.config.vision_end_token_id])
+        return start, end
+
+    def _template_video(self, text: str) -> str:
+        start, end = self._vision_markers()
+        wrapped = f"{start}{self.video_pad}{end}"
+        return wrapped if wrapped in text else self.video_pad  # a template that writes the bare pad keeps its text
+
+    def _video_text(self, layout: VideoLayout) -> str:
+        start, end = self._vision_markers()
         return "".join(f"<{t:.1f} seconds>{start}{self.video_pad}{end}" for t in layout.times(self.frames.temporal))
 
     def _pad_copies(self, layout: VideoLayout) -> int:
