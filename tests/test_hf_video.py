@@ -20,7 +20,7 @@ from vlmalign.errors import ConfigError, DataError
 from vlmalign.losses import token_logps
 from vlmalign.model.generation import GenerationConfig, sample_answers
 from vlmalign.model.hf_video import HFVideoLM, save_tiny_hf_video
-from vlmalign.model.policy import build_model, load_model
+from vlmalign.model.policy import build_model, labelled_logits, load_model
 from vlmalign.model.tokenizer import corpus_words
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -264,9 +264,11 @@ def test_sampled_logprobs_equal_a_teacher_forced_pass(checkpoint, tiny_bench, pr
     batch = Collator(model, visual)(rows)
     with torch.no_grad():
         logps, mask = token_logps(model(**model.model_inputs(batch, "cpu")).logits, batch["labels"])
+        answer_logps, answer_mask = token_logps(*labelled_logits(model, batch, "cpu"))  # the LM head on the answers alone
     recorded = [s.token_logps for group in groups for s in group]
     for row, expected in enumerate(recorded):
         torch.testing.assert_close(logps[row][mask[row]], torch.tensor(expected), rtol=0, atol=2e-4)
+        torch.testing.assert_close(answer_logps[row][answer_mask[row]], torch.tensor(expected), rtol=0, atol=2e-4)
 
 
 def test_training_runs_each_prompt_once_for_its_answers(checkpoint, tiny_bench):

@@ -93,6 +93,15 @@ def test_sequence_logps_sums_or_averages_counted_tokens():
     torch.testing.assert_close(L.sequence_logps(logits, labels, average=True), torch.stack([row0 / 3, row1 / 2]))
 
 
+def test_logits_needed_start_one_before_the_first_answer_token_and_keep_the_log_probs():
+    labels = torch.tensor([[-100, -100, -100, 3, 4, -100], [-100, -100, -100, -100, 2, -100]])
+    assert L.logits_needed(labels) == 4  # position 2 predicts row 0's first answer token (at 3)
+    logits = torch.randn(2, 6, 7, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(L.sequence_logps(logits[:, -4:], labels[:, -4:]), L.sequence_logps(logits, labels))
+    assert L.logits_needed(torch.tensor([[5, -100, 6]])) == 2  # a label on position 0 has nothing predicting it
+    assert L.logits_needed(torch.full((2, 5), -100)) == 1  # no answer: one position, no loss
+
+
 # --- DPO ----------------------------------------------------------------------------------------------
 
 

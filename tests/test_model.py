@@ -10,7 +10,8 @@ from vlmalign.data.formats import Turn
 from vlmalign.data.template import IGNORE_INDEX, VISUAL_TOKEN_ID, encode_conversation, encode_prompt
 from vlmalign.errors import ConfigError, DataError
 from vlmalign.model.projector import build_projector, spatio_temporal_pool
-from vlmalign.model.policy import build_model, load_model
+from vlmalign.losses import logits_needed, sequence_logps
+from vlmalign.model.policy import build_model, labelled_logits, load_model
 from vlmalign.model.vision import preprocess_frames
 
 TINY = "configs/tiny/sft.yaml"
@@ -154,6 +155,25 @@ def _logits(model, word_corpus):
     feats = torch.randn(1, 16, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         return model.eval()(ids, torch.ones_like(ids), feats).logits
+
+
+def test_labelled_logits_give_the_answers_log_probs_of_the_whole_pass(word_corpus):
+    """The LM head run on the answers' positions alone gives each answer token the log-prob the
+    whole teacher-forced pass gives it, for rows whose prompts and answers differ in length."""
+    model = build_model(tiny(word_corpus)).eval()
+    rows = [encode_conversation(model.tokenizer, [Turn("user", f"<video>\n{q}"), Turn("assistant", a)], model.num_visual_tokens, 384)
+            for q, a in [("what colour is the square?", "red."), ("what?", "the square is red and the circle is blue.")]]
+    width = max(len(r.input_ids) for r in rows)
+    pad = lambda seq, value: seq + [value] * (width - len(seq))  # noqa: E731
+    batch = {"input_ids": torch.tensor([pad(r.input_ids, 0) for r in rows]),
+             "attention_mask": torch.tensor([pad([1] * len(r.input_ids), 0) for r in rows]),
+             "labels": torch.tensor([pad(r.labels, IGNORE_INDEX) for r in rows]),
+             "features": torch.randn(2, 16, 64, 64, generator=torch.Generator().manual_seed(0))}
+    with torch.no_grad():
+        whole = sequence_logps(model(**model.model_inputs(batch, "cpu")).logits, batch["labels"])
+        logits, labels = labelled_logits(model, batch, "cpu")
+    assert logits.shape[1] == labels.shape[1] == logits_needed(batch["labels"]) < width / 2
+    torch.testing.assert_close(sequence_logps(logits, labels), whole, rtol=0, atol=1e-5)
 
 
 def test_save_and_load_give_identical_logits(word_corpus, tmp_path):

@@ -27,6 +27,14 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     return logps * mask, mask
 
 
+def logits_needed(labels: torch.Tensor) -> int:
+    """How many trailing positions' logits `token_logps` reads for `labels` [B, L]: from the one
+    before the batch's first counted token to the end (at least 1). Given the logits of those
+    positions alone and `labels[:, -n:]`, every loss here computes what it computes on the whole."""
+    counted = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()
+    return labels.shape[1] - int(counted[0]) if len(counted) else 1
+
+
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
     """Summed next-token cross-entropy over answer tokens divided by `num_tokens`.
 

@@ -836,6 +836,7 @@ class LikelihoodJudge(_LocalModelJudge):
         from vlmalign.data.collate import Collator, EncodedSample
         from vlmalign.data.formats import Turn
         from vlmalign.losses import sequence_logps
+        from vlmalign.model.policy import labelled_logits
 
         collate = Collator(self.model, self.visual)
         size = max(1, self.cfg.batch_size)
@@ -851,8 +852,7 @@ class LikelihoodJudge(_LocalModelJudge):
                         rows.append(EncodedSample(str(i), enc.input_ids, enc.labels, t.video))
                 batch = collate(rows)
                 with torch.no_grad():
-                    logits = self.model(**self.model.model_inputs(batch, self.model.device)).logits
-                logps = sequence_logps(logits, batch["labels"].to(logits.device)).tolist()
+                    logps = sequence_logps(*labelled_logits(self.model, batch, self.model.device)).tolist()
                 for t in chunk:
                     own, logps = logps[: t.n], logps[t.n :]
                     finish(t, _scored_judgment(self.id, t, own, "log-probs", self.name))

@@ -734,10 +734,10 @@ class HFVideoLM(Policy):
 
         return BaseModelOutputWithPooling(pooler_output=(video_features,))
 
-    def forward(self, input_ids, attention_mask, use_cache: bool = False, **visual):
+    def forward(self, input_ids, attention_mask, use_cache: bool = False, logits_to_keep: int = 0, **visual):
         # a teacher-forced pass keeps no cache (prefill asks for one): none to build, and with
         # gradient checkpointing transformers would warn that it drops it
-        return self.hf(**self._inputs(input_ids, attention_mask, **visual), use_cache=use_cache)
+        return self.hf(**self._inputs(input_ids, attention_mask, **visual), use_cache=use_cache, logits_to_keep=logits_to_keep)
 
     def hidden_states(self, input_ids, attention_mask, **visual) -> torch.Tensor:
         # the inner model (LoRA layers sit inside it): no LM head, no [B, L, vocab] logits

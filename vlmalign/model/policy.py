@@ -21,7 +21,8 @@ then only call these operations:
     visual_inputs(cache_dir)                            per-video inputs (features, or pixels)
     stack_visual(items)                                 a batch's visual entries for the collator
     model_inputs(batch, device)                         forward arguments of a collated batch
-    forward(...) -> output with .logits                 teacher-forced logits
+    forward(..., logits_to_keep=0) -> output .logits    teacher-forced logits (of the last logits_to_keep
+                                                        positions; 0: all); `labelled_logits` below
     hidden_states(...) -> [B, L, H]                     the LM's final hidden states (reward and value heads)
     encode_followup(turns, text, max_length,           a conversation, then one more user turn to answer
                     sample_id, layout)
@@ -40,10 +41,13 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
 from vlmalign.config import ModelConfig, QuantizationConfig
 from vlmalign.errors import ConfigError
+from vlmalign.losses import logits_needed
 
 MANIFEST = "model.json"
 
@@ -88,6 +92,17 @@ class Policy(nn.Module):
     @property
     def hidden_size(self) -> int:
         return self.language_model.get_input_embeddings().embedding_dim
+
+
+def labelled_logits(model, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of a collated batch, cut to the positions its labelled tokens' log-probs
+    read (`losses.logits_needed`): the LM head and the softmax skip the prompt before every answer,
+    most of a short answer's sequence (a 32-row SFT batch of one-sentence answers: 147 labelled
+    tokens of 5,856). `model` may be wrapped for data parallelism."""
+    labels = batch["labels"].to(device)
+    keep = logits_needed(labels)
+    logits = model(**extract_model_from_parallel(model).model_inputs(batch, device), logits_to_keep=keep).logits
+    return logits, labels[:, -keep:]
 
 
 def hf_architecture(path: str | Path) -> str | None:

@@ -183,11 +183,12 @@ class VideoLM(Policy):
         embeds[slots] = tokens.reshape(-1, tokens.shape[-1]).to(embeds.dtype)
         return embeds
 
-    def forward(self, input_ids, attention_mask, features=None, **llm_kwargs):
-        """Causal-LM forward; returns the LLM's output (logits [B, L, V]). A teacher-forced pass keeps
-        no cache unless asked (with gradient checkpointing transformers warns that it drops one)."""
+    def forward(self, input_ids, attention_mask, features=None, logits_to_keep: int = 0, **llm_kwargs):
+        """Causal-LM forward; returns the LLM's output (logits [B, L, V], or of the last
+        `logits_to_keep` positions). A teacher-forced pass keeps no cache unless asked (with gradient
+        checkpointing transformers warns that it drops one)."""
         return self.llm(inputs_embeds=self.embed(input_ids, features), attention_mask=attention_mask,
-                        **{"use_cache": False, **llm_kwargs})
+                        logits_to_keep=logits_to_keep, **{"use_cache": False, **llm_kwargs})
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, features=None, **gen_kwargs) -> torch.Tensor:

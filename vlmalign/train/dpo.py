@@ -23,7 +23,6 @@ import os
 from pathlib import Path
 
 import torch
-from accelerate.utils import extract_model_from_parallel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -32,7 +31,7 @@ from vlmalign.data.collate import Collator, EncodedSample
 from vlmalign.data.formats import PreferencePair, Turn, read_preference_pairs
 from vlmalign.errors import ConfigError, DataError
 from vlmalign.losses import dpo_loss, sequence_logps, sft_loss
-from vlmalign.model.policy import MANIFEST, build_model
+from vlmalign.model.policy import MANIFEST, build_model, labelled_logits
 from vlmalign.train.common import (
     backward,
     epoch_plan,
@@ -64,10 +63,11 @@ def pair_batch(collate: Collator, items: list[tuple[EncodedSample, EncodedSample
     return collate([c for c, _ in items] + [r for _, r in items])
 
 
-def batch_logps(model, batch: dict, device, average: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sequence log-probs [2B], logits) of a pair batch (`model` may be wrapped for DDP)."""
-    logits = model(**extract_model_from_parallel(model).model_inputs(batch, device)).logits
-    return sequence_logps(logits, batch["labels"].to(device), average=average), logits
+def batch_logps(model, batch: dict, device, average: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sequence log-probs [2B], logits, labels) of a pair batch, the logits and labels cut to the
+    answers' positions (`labelled_logits`; `model` may be wrapped for DDP)."""
+    logits, labels = labelled_logits(model, batch, device)
+    return sequence_logps(logits, labels, average=average), logits, labels
 
 
 def _data_hash(encoded) -> str:
@@ -90,7 +90,7 @@ def reference_logps(model, encoded, collate: Collator, batch_size: int, average:
     out = []
     for start in tqdm(range(0, len(encoded), batch_size), desc="reference log-probs", disable=not progress):
         chunk = encoded[start : start + batch_size]
-        logps, _ = batch_logps(model, pair_batch(collate, chunk), model.device, average)
+        logps = batch_logps(model, pair_batch(collate, chunk), model.device, average)[0]
         out.append(torch.stack([logps[: len(chunk)], logps[len(chunk) :]], 1).float().cpu())
     model.train(was_training)
     logps = torch.cat(out)
@@ -143,7 +143,7 @@ def train(cfg: DPOConfig, pairs: list[PreferencePair]) -> Path:
         for j, (idx, batch) in enumerate(zip(micro, step_batches)):
             n = len(idx)
             with sync_context(acc, model, sync=j == len(micro) - 1), acc.autocast():
-                logps, logits = batch_logps(model, batch, acc.device, dpo.average_logps)
+                logps, logits, labels = batch_logps(model, batch, acc.device, dpo.average_logps)
                 ref = reference[idx].to(acc.device)
                 losses, chosen_r, rejected_r = dpo_loss(
                     logps[:n], logps[n:], ref[:, 0], ref[:, 1], dpo.beta, dpo.loss_type, dpo.label_smoothing
@@ -151,7 +151,6 @@ def train(cfg: DPOConfig, pairs: list[PreferencePair]) -> Path:
                 # pair mean over the global batch; x processes because DDP averages gradients
                 loss = losses.sum() / num_pairs * acc.num_processes
                 if dpo.sft_weight:
-                    labels = batch["labels"].to(acc.device)
                     loss = loss + dpo.sft_weight * sft_loss(logits[:n], labels[:n], chosen_tokens) * acc.num_processes
             backward(acc, loss)
             counted = (batch["labels"][:, 1:] != -100).sum(-1).float()

@@ -71,7 +71,7 @@ from vlmalign.losses import (
     token_logps,
 )
 from vlmalign.model.generation import GenerationConfig, answer_logits
-from vlmalign.model.policy import MANIFEST, build_model, load_model
+from vlmalign.model.policy import MANIFEST, build_model, labelled_logits, load_model
 from vlmalign.train.common import (
     all_sum,
     backward,
@@ -116,8 +116,7 @@ def _answer_logps(model, chunk: list, collate: Collator, device, with_entropy: b
     else:
         policy = extract_model_from_parallel(model)
         batch = collate([row for q, samples in groups for row in completion_rows(policy, q.question, q.video, samples)])
-        logits = model(**policy.model_inputs(batch, device)).logits
-        labels = batch["labels"].to(device)
+        logits, labels = labelled_logits(model, batch, device)
     logps, mask = token_logps(logits, labels)
     entropy = token_entropy(logits, labels) if with_entropy else None
     return logps, mask, entropy

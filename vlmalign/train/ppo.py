@@ -69,7 +69,7 @@ from vlmalign.losses import (
     token_logps,
 )
 from vlmalign.model.generation import GenerationConfig
-from vlmalign.model.policy import MANIFEST, build_model, load_model
+from vlmalign.model.policy import MANIFEST, build_model, labelled_logits, load_model
 from vlmalign.model.reward import RewardModel, build_reward_model, load_reward_model, score_samples
 from vlmalign.prompts import load_prompt
 from vlmalign.train.common import (
@@ -105,8 +105,7 @@ def answer_tokens(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tenso
 
 def policy_forward(model, batch: dict, device, with_entropy: bool = False):
     """(log-probs [B, T], mask [B, T], entropy [B, T] or None) of the answer tokens of `batch`."""
-    logits = model(**model.model_inputs(batch, device)).logits
-    labels = batch["labels"].to(device)
+    logits, labels = labelled_logits(model, batch, device)
     logps, mask = token_logps(logits, labels)
     logps, valid = answer_tokens(logps, mask)
     entropy = answer_tokens(token_entropy(logits, labels), mask)[0] if with_entropy else None

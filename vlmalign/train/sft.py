@@ -18,7 +18,7 @@ from vlmalign.data.collate import Collator, EncodedSample, encode_instructions
 from vlmalign.data.formats import InstructionSample, read_instructions
 from vlmalign.errors import ConfigError
 from vlmalign.losses import sft_loss
-from vlmalign.model.policy import MANIFEST, build_model
+from vlmalign.model.policy import MANIFEST, build_model, labelled_logits
 from vlmalign.train.common import (
     backward,
     epoch_batches,
@@ -114,9 +114,9 @@ def run(cfg: SFTConfig) -> Path:
         loss_sum = 0.0
         for j, batch in enumerate(batches):
             with sync_context(acc, model, sync=j == len(batches) - 1), acc.autocast():
-                logits = model(**acc.unwrap_model(model).model_inputs(batch, acc.device)).logits
+                logits, labels = labelled_logits(model, batch, acc.device)
                 # sum over tokens / global token count; x world because DDP averages gradients
-                loss = sft_loss(logits, batch["labels"].to(acc.device), num_tokens) * acc.num_processes
+                loss = sft_loss(logits, labels, num_tokens) * acc.num_processes
             backward(acc, loss)
             loss_sum += loss.item() / acc.num_processes
         grad_norm = optimizer_step(acc, model, optimizer, scheduler, train.max_grad_norm)
