@@ -311,3 +311,34 @@ def test_the_grid_design_gives_every_model_four_placed_tokens_a_frame_and_method
     assert "Gap (ceiling - start)" in (tmp_path / "gym" / "gym.md").read_text()
     with pytest.raises(VlmalignError, match="frame_grid, visual_positions: vlmalign's VideoLM's pooling; qwen2_5_vl pools"):
         run_gym(tmp_path / "hf", GymBudget(frame_grid=2, family="qwen2_5_vl"), seeds=(0,))
+
+
+def test_the_perception_stage_trains_on_one_object_videos_and_both_sft_models_start_from_it(tmp_path, one_thread, capsys):
+    """`vlmalign gym --grid --perception --methods none` at toy sizes: the stage runs its steps on the
+    true direction and shape answers about the one-object training videos alone, with the design's
+    optimiser, and the ceiling and the start both start from its model; the table shows its row."""
+    from vlmalign.cli import main
+    from vlmalign.gym import GRID_PERCEPTION, run_gym
+
+    assert (GRID_PERCEPTION.perception_steps, GRID_PERCEPTION.sft_lr, GRID_PERCEPTION.frame_grid) == (3000, 1e-3, 2)
+    toy = GymBudget(videos=40, splits=(0.6, 0.1, 0.3), max_objects=2, sft_epochs=1, sft_batch_size=8, eval_limit=12,
+                    sft_lr=1e-3, sft_scheduler="constant", sft_weight_decay=0.01, perception_steps=5, methods=())
+    (run,) = run_gym(tmp_path / "gym", toy, seeds=(0,), command="vlmalign gym --grid --perception --methods none")
+    seed_dir, bench = tmp_path / "gym" / "seed-0", tmp_path / "gym" / "bench"
+    videos = {v["id"]: v for v in map(json.loads, (bench / "metadata.jsonl").read_text().splitlines())}
+    rows = json.loads((bench / "perception_train.json").read_text())
+    one_object = [i for i, v in videos.items() if v["split"] == "train" and len(v["objects"]) == 1]
+    assert 0 < len(one_object) < sum(v["split"] == "train" for v in videos.values())  # the toy has both kinds
+    assert {r["id"].rsplit("_q", 1)[0] for r in rows} == set(one_object)
+    assert {r["question_type"] for r in rows} == {"direction", "shape"} and len(rows) == 2 * len(one_object)
+    logged = [json.loads(line) for line in (seed_dir / "perception" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["step"] == 5 and logged[-1]["lr"] == pytest.approx(1e-3)
+    for name in ("ceiling", "start"):
+        config = yaml.safe_load((seed_dir / name / "config.yaml").read_text())
+        assert config["model"]["init_from"] == str(seed_dir / "perception" / "final")
+        assert (config["train"]["lr"], config["train"]["scheduler"], config["train"]["weight_decay"]) == (1e-3, "constant", 0.01)
+    assert {"perception", "ceiling", "start"} <= set(run)
+    assert "| perception stage (both SFT models start here) |" in (tmp_path / "gym" / "gym.md").read_text()
+    assert main(["gym", "--perception", "--out", str(tmp_path / "other")]) == 2
+    assert "error: --perception: a stage of the grid design; give --grid too" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()

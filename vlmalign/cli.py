@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the perception redesign: 2,100 training videos, each frame as a 2 x 2 grid of visual "
                              "tokens with learned positions, 4 SFT epochs; measured: its ceiling's direction stays at "
                              "chance (docs/results.md)")
+    p.add_argument("--perception", action="store_true",
+                   help="with --grid: a perception stage first (3,000 SFT steps of direction and shape on the one-object "
+                        "training videos) that both SFT models start from, every SFT stage at lr 1e-3 constant")
     p.add_argument("--methods", default=None, help="comma-separated subset of dpo,grpo,grpo_rank,grpo_rank_monotone,ppo,ppo_oracle,isr_dpo,vlm_rlaif "
                                                    "(default: all), or none: the ceiling and the start only")
     p.add_argument("--family", default="video_lm",
@@ -343,9 +346,11 @@ def _seeds(text: str) -> list[int]:
 def _cmd_gym(args) -> int:
     import dataclasses
 
-    from vlmalign.gym import FULL, GRID, METHODS, QUICK, run_gym
+    from vlmalign.gym import FULL, GRID, GRID_PERCEPTION, METHODS, QUICK, run_gym
 
-    budget = QUICK if args.quick else GRID if args.grid else FULL
+    if args.perception and not args.grid:
+        raise VlmalignError("--perception: a stage of the grid design; give --grid too")
+    budget = QUICK if args.quick else (GRID_PERCEPTION if args.perception else GRID) if args.grid else FULL
     if args.methods:
         methods = () if args.methods == "none" else tuple(m.strip() for m in args.methods.split(",") if m.strip())
         unknown = sorted(set(methods) - set(METHODS))
@@ -353,7 +358,8 @@ def _cmd_gym(args) -> int:
             raise VlmalignError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
         budget = dataclasses.replace(budget, methods=methods)
     budget = dataclasses.replace(budget, family=args.family)
-    command = " ".join(["vlmalign gym", *(["--quick"] if args.quick else []), *(["--grid"] if args.grid else []), "--out", args.out, "--seeds", args.seeds,
+    command = " ".join(["vlmalign gym", *(["--quick"] if args.quick else []), *(["--grid"] if args.grid else []),
+                        *(["--perception"] if args.perception else []), "--out", args.out, "--seeds", args.seeds,
                         *(["--methods", args.methods] if args.methods else []),
                         *(["--family", args.family] if args.family != "video_lm" else [])])
     run_gym(args.out, budget, _seeds(args.seeds), progress=True, command=command)
