@@ -4,6 +4,8 @@
     python scripts/bench_steps.py --qlora                           # the same with an nf4 base + LoRA
     python scripts/bench_steps.py --llama-7b --frames 50 --qlora    # on a GPU: random 7B LLaMA, 50 frames
     python scripts/bench_steps.py --families video_lm,qwen2_5_vl    # VideoLM and HF families of the same LLM size
+    python scripts/bench_steps.py --logits answers,whole --vocab 2625   # the LM head on the answers (the
+                                                                    # trainers'), or everywhere, at the grid gym's vocabulary
 
 Every stage runs the loss functions and decoder the trainers use (vlmalign/losses.py,
 vlmalign/model/generation.py) through the policy interface on random-initialised weights and random
@@ -15,7 +17,9 @@ and projectors give random frames, computed once (as its feature cache hands the
   dpo        the same on B chosen + B rejected rows, sigmoid DPO loss against fixed reference log-probs
   grpo_rank  G sampled answers per prompt (shared-prefix decoding, KV cache) for B prompts, then the
              clipped GRPO_rank loss on the B x G answers and one AdamW step
-Each stage runs in its own subprocess, `--warmup` steps untimed then `--steps` timed; the table shows
+The training passes take the logits of the answers' positions alone, as the trainers do
+(`policy.labelled_logits`); `--logits whole` computes them at every position, as a plain forward
+pass (and TRL's trainers by default) does. Each stage runs in its own subprocess, `--warmup` steps untimed then `--steps` timed; the table shows
 tokens/s (every token the step's forward passes process, visual tokens included; for GRPO_rank the
 sampled tokens and the trained tokens are shown apart), seconds per step, the share of the GRPO_rank
 step spent sampling, and peak memory (CUDA: max allocated; CPU: the subprocess's peak RSS).
@@ -73,8 +77,10 @@ def frame_side(checkpoint: Path, wanted: int) -> int:
 def build(args, work: Path):
     from vlmalign.model.policy import build_model
 
+    # the rows use WORDS; --vocab adds unused words so the LM head has a real vocabulary's width
+    vocabulary = WORDS + [f"filler{i}" for i in range(max(0, args.vocab - len(WORDS)))]
     corpus = work / "corpus.txt"
-    corpus.write_text(f"{VICUNA_V1_SYSTEM} USER: ASSISTANT: {' '.join(WORDS)}")
+    corpus.write_text(f"{VICUNA_V1_SYSTEM} USER: ASSISTANT: {' '.join(vocabulary)}")
     cfg = load_config(SFTConfig, REPO / "configs/tiny/sft.yaml", model_overrides(args, corpus))
     torch.manual_seed(0)
     if args.family != "video_lm":
@@ -84,7 +90,7 @@ def build(args, work: Path):
         if args.llama_7b or args.qlora:
             sys.exit("--llama-7b and --qlora are VideoLM options")
         arch = cfg.model.llm.arch
-        checkpoint = save_tiny_hf_video(work / args.family, WORDS, HF_FAMILIES[args.family], hidden=arch["hidden_size"],
+        checkpoint = save_tiny_hf_video(work / args.family, vocabulary, HF_FAMILIES[args.family], hidden=arch["hidden_size"],
                                         layers=arch["num_hidden_layers"], intermediate=arch["intermediate_size"],
                                         kv_heads=arch["num_key_value_heads"])
         side = frame_side(checkpoint, args.frame_size)
@@ -135,6 +141,7 @@ def batch(model, rows: int, prompt_words: int, answer_words: int, generator: tor
 def run_stage(stage: str, args, work: Path) -> dict:
     from vlmalign.losses import dpo_loss, grpo_loss, grpo_rank_advantages, sequence_logps, sft_loss, token_logps
     from vlmalign.model.generation import GenerationConfig, sample_tokens
+    from vlmalign.model.policy import labelled_logits
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build(args, work).to(device)
@@ -149,9 +156,12 @@ def run_stage(stage: str, args, work: Path) -> dict:
 
     def train_on(ids, labels, videos, loss_fn):
         model.train()
-        inputs = model.model_inputs({"input_ids": ids, "attention_mask": torch.ones_like(ids), **visual(videos)}, device)
-        logits = model(**inputs).logits
-        loss = loss_fn(logits, labels.to(device))
+        rows = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, **visual(videos)}
+        if args.logits == "answers":
+            logits, labels = labelled_logits(model, rows, device)
+        else:
+            logits, labels = model(**model.model_inputs(rows, device)).logits, labels.to(device)
+        loss = loss_fn(logits, labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -242,6 +252,10 @@ def main() -> None:
                    help="comma-separated: video_lm, or the HF families of `vlmalign gym --family` (qwen2_5_vl, qwen3_vl, ...)")
     p.add_argument("--frame-size", type=int, default=112,
                    help="HF families: frame side in pixels (Qwen: the nearest multiple of its patch grid; LLaVA towers: their own size)")
+    p.add_argument("--vocab", type=int, default=0,
+                   help="words in the tokenizer (at least the rows' 19 and the template's); the grid gym's is 2,625")
+    p.add_argument("--logits", default="answers",
+                   help="comma-separated: answers (the LM head on the answers' positions, as the trainers run it), whole")
     p.add_argument("--family", default="video_lm", help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=STAGES, help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -259,21 +273,26 @@ def main() -> None:
     unknown = set(stages) - set(STAGES)
     if unknown:
         p.error(f"unknown stage(s) {sorted(unknown)}; choose from {', '.join(STAGES)}")
-    forwarded, skip = [], False  # the workers get every option but --stages and --families
+    logits = [v for v in args.logits.split(",") if v]
+    if set(logits) - {"answers", "whole"}:
+        p.error(f"--logits: {args.logits!r}; choose from answers, whole")
+    listed = ("--stages", "--families", "--logits")
+    forwarded, skip = [], False  # the workers get every option but the lists
     for arg in sys.argv[1:]:
-        if skip or arg in ("--stages", "--families") or arg.startswith(("--stages=", "--families=")):
-            skip = arg in ("--stages", "--families")
+        if skip or arg in listed or arg.startswith(tuple(f"{o}=" for o in listed)):
+            skip = arg in listed
             continue
         forwarded.append(arg)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for family in [f for f in args.families.split(",") if f]:
             for stage in stages:
-                proc = subprocess.run([sys.executable, __file__, *forwarded, "--family", family, "--worker", stage,
-                                       "--work", tmp], capture_output=True, text=True)
-                if proc.returncode:
-                    sys.exit(f"{family} {stage} failed:\n{proc.stderr[-4000:]}")
-                rows.append({"family": family, **json.loads(proc.stdout.strip().splitlines()[-1])})
+                for variant in logits:
+                    proc = subprocess.run([sys.executable, __file__, *forwarded, "--family", family, "--worker", stage,
+                                           "--logits", variant, "--work", tmp], capture_output=True, text=True)
+                    if proc.returncode:
+                        sys.exit(f"{family} {stage} failed:\n{proc.stderr[-4000:]}")
+                    rows.append({"family": family, "logits": variant, **json.loads(proc.stdout.strip().splitlines()[-1])})
 
     shape = "LLaMA-7B shape" if args.llama_7b else "tiny config"
     first = rows[0]
@@ -283,7 +302,7 @@ def main() -> None:
         r = next(r for r in rows if r["family"] == family)
         print(f"  {family}: {r['trainable'] / 1e6:.2f}M of {r['total'] / 1e6:.2f}M parameters trainable, "
               f"{r['visual_tokens']} visual tokens per video")
-    header = (f"{'family':<11} {'stage':<10} {'s/step':>8} {'trained tok/s':>14} {'sampled tok/s':>14} {'sampling share':>15} "
+    header = (f"{'family':<11} {'stage':<10} {'logits':<8} {'s/step':>8} {'trained tok/s':>14} {'sampled tok/s':>14} {'sampling share':>15} "
               f"{'peak GiB':>9}")
     print(header)
     print("-" * len(header))
@@ -291,8 +310,13 @@ def main() -> None:
         train_s = r["seconds"] - r["sampling_s"]
         sampled = f"{r['sampled'] / r['sampling_s']:.0f}" if r["sampling_s"] else "-"
         share = f"{100 * r['sampling_s'] / r['seconds']:.0f}%" if r["sampling_s"] else "-"
-        print(f"{r['family']:<11} {r['stage']:<10} {r['seconds'] / r['steps']:>8.3f} {r['trained'] / train_s:>14.0f} {sampled:>14} {share:>15} "
+        print(f"{r['family']:<11} {r['stage']:<10} {r['logits']:<8} {r['seconds'] / r['steps']:>8.3f} {r['trained'] / train_s:>14.0f} {sampled:>14} {share:>15} "
               f"{r['peak_gib']:>9.2f}")
+    if len(logits) > 1:  # the same steps, side by side
+        for family, stage in dict.fromkeys((r["family"], r["stage"]) for r in rows):
+            answers, whole = (next(r for r in rows if (r["family"], r["stage"], r["logits"]) == (family, stage, v))
+                              for v in ("answers", "whole"))
+            print(f"{family} {stage}: s/step whole / answers = {whole['seconds'] / answers['seconds']:.2f}x")
 
 
 if __name__ == "__main__":
