@@ -93,7 +93,7 @@ def test_oracle_feedback_lifts_the_start_and_destroyed_feedback_does_not(tmp_pat
     generate_benchmark(bench, num_videos=LEARNING.videos, seed=0, splits=LEARNING.splits, max_objects=LEARNING.max_objects,
                        misalignment=Misalignment(LEARNING.prior_rate, LEARNING.invent_rate), progress=False)
     gym = Gym(tmp_path / "seed-0", LEARNING, 0, bench, tmp_path / "feature_cache")
-    start = gym.sft("start", [gym.bench / "sft_easy.json", gym.bench / "sft_hard.json"])
+    start = gym.sft("start", ["sft_easy.json", "sft_hard.json"])
     base = gym.evaluate(start)["all"]
     gains = {
         "dpo": gym.evaluate(gym.dpo(start, control=False))["all"] - base,

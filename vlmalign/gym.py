@@ -48,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -189,29 +190,27 @@ class Gym:
         return {"model__init_from": path}
 
     # --- models ------------------------------------------------------------------------------------
-    def sft(self, name: str, files: list[Path], steps: int | None = None, start: Path | None = None) -> Path:
-        """SFT on `files` for the budget's epochs, or for `steps` (as many epochs as they take), from
-        `start` or else the initial model."""
+    def sft(self, name: str, files: list[str], steps: int | None = None, start: Path | None = None) -> Path:
+        """SFT on the benchmark's `files` for the budget's epochs, or for `steps` (as many epochs as
+        they take), from `start` or else the initial model."""
         from vlmalign.train import sft
 
         b = self.budget
         length = {"train__epochs": b.sft_epochs}
         if steps is not None:
-            samples = sum(len(json.loads(Path(f).read_text())) for f in files)
-            length = {"train__epochs": -(-steps // -(-samples // b.sft_batch_size)), "train__max_steps": steps}
+            samples = sum(len(json.loads((self.bench / f).read_text())) for f in files)
+            length = {"train__epochs": math.ceil(steps / math.ceil(samples / b.sft_batch_size)), "train__max_steps": steps}
         optimiser = {k: v for k, v in {"train__lr": b.sft_lr, "train__scheduler": b.sft_scheduler,
                                        "train__weight_decay": b.sft_weight_decay}.items() if v is not None}
         cfg = load_config(SFTConfig, CONFIGS / "sft.yaml", _sets(
             run__dir=self.out / name, curriculum__criterion="none", train__batch_size=b.sft_batch_size,
-            train__seed=self.seed, data__train="[" + ",".join(str(f) for f in files) + "]", data__max_length=512,
+            train__seed=self.seed, data__train="[" + ",".join(str(self.bench / f) for f in files) + "]", data__max_length=512,
             **length, **optimiser, **({"model__init_from": start} if start else self.initial_model()), **self.common))
         return sft.run(cfg)
 
-    def perception(self) -> Path | None:
-        """The perception stage's model (None without one): SFT on the true answers to the
-        `perception_types` questions about the training videos that show one object."""
-        if not self.budget.perception_steps:
-            return None
+    def perception(self) -> Path:
+        """The perception stage's model: SFT on the true answers to the `perception_types` questions
+        about the training videos that show one object."""
         data = self.bench / "perception_train.json"  # beside the files whose videos its rows name
         if not data.is_file():
             one_object = {v["id"] for v in map(json.loads, (self.bench / "metadata.jsonl").read_text().splitlines())
@@ -224,7 +223,7 @@ class Gym:
             tmp = data.with_suffix(f".{self.seed}.tmp")  # seeds may run side by side: each writes the same rows
             tmp.write_text(json.dumps(rows))
             tmp.replace(data)
-        return self.sft("perception", [data], steps=self.budget.perception_steps)
+        return self.sft("perception", [data.name], steps=self.budget.perception_steps)
 
     def oracle_pairs(self, start: Path) -> Path:
         """The oracle's preference pairs (DPO/prefs): 6 samples of the start per question, scored 1-5,
@@ -534,10 +533,9 @@ def run_seed(out: Path, budget: GymBudget, seed: int, bench: Path, feature_cache
         perceived = gym.perception()
         results["perception"] = gym.evaluate(perceived)
     print(f"[gym seed {seed}] ceiling: SFT on the true answers", flush=True)
-    results["ceiling"] = gym.evaluate(gym.sft("ceiling", [bench / "sft_clean_easy.json", bench / "sft_clean_hard.json"],
-                                              start=perceived))
+    results["ceiling"] = gym.evaluate(gym.sft("ceiling", ["sft_clean_easy.json", "sft_clean_hard.json"], start=perceived))
     print(f"[gym seed {seed}] start: SFT on the injected answers", flush=True)
-    start = gym.sft("start", [bench / "sft_easy.json", bench / "sft_hard.json"], start=perceived)
+    start = gym.sft("start", ["sft_easy.json", "sft_hard.json"], start=perceived)
     results["start"] = gym.evaluate(start)
     reader = None
     if any(m in JUDGED for m in budget.methods):
