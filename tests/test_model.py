@@ -84,6 +84,13 @@ def test_a_frame_grid_model_gives_four_tokens_a_frame_and_keeps_its_grid_when_sa
     assert build_model(tiny(word_corpus, **{"model.init_from": str(tmp_path / "m")})).num_visual_tokens == 128
     with pytest.raises(ConfigError, match=r"model.frame_grid: 3 does not divide the vision tower's 8 x 8 patch grid"):
         build_model(tiny(word_corpus, **{"model.frame_grid": 3}))
+    # asking a start for another grid is refused, not ignored
+    with pytest.raises(ConfigError, match=r"model.frame_grid: 4 asked, but model.init_from .*/m was built with 2"):
+        build_model(tiny(word_corpus, **{"model.init_from": str(tmp_path / "m"), "model.frame_grid": 4}))
+    model = build_model(tiny(word_corpus))
+    model.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ConfigError, match=r"model.visual_positions: True asked, but model.init_from .*/plain was built with False"):
+        build_model(tiny(word_corpus, **{"model.init_from": str(tmp_path / "plain"), "model.visual_positions": "true"}))
 
 
 def test_visual_positions_are_added_per_slot_trained_with_the_projector_and_kept_through_save_and_init_from(word_corpus, tmp_path):

@@ -344,16 +344,33 @@ def _set_trainable(model: VideoLM) -> VideoLM:
     return model
 
 
+# How a VideoLM turns frames into visual tokens: fixed by the checkpoint a run starts from
+_START_ARCHITECTURE = ("projector", "pooling", "frame_grid", "visual_positions")
+
+
+def _check_start_architecture(cfg: ModelConfig, start: ModelConfig) -> None:
+    """A config that asks for another visual architecture than its `init_from` checkpoint's would
+    otherwise be ignored in silence; a field left at its default asks for nothing."""
+    defaults = ModelConfig()
+    for name in _START_ARCHITECTURE:
+        wanted, built = getattr(cfg, name), getattr(start, name)
+        if wanted != getattr(defaults, name) and wanted != built:
+            raise ConfigError(f"model.{name}: {wanted!r} asked, but model.init_from {cfg.init_from} was built with "
+                              f"{built!r}, and a start keeps its architecture; drop model.{name} or start elsewhere")
+
+
 def build_video_lm(cfg: ModelConfig) -> VideoLM:
     """A trainable VideoLM from a model config: fresh, from a saved vlmalign model, or from llava-hf.
 
-    With `init_from`, the architecture comes from that checkpoint; `num_frames`, `frame_sampling`,
+    With `init_from`, the architecture comes from that checkpoint (a projector, pooling, frame grid or
+    visual positions other than its own is an error); `num_frames`, `frame_sampling`,
     `lora`, `quantization`, `train_projector` and `gradient_checkpointing` come from `cfg`. A LoRA
     adapter of the starting model is merged into its base before a new adapter is added, so that
     disabling the new adapter gives back the starting model (the reference policy).
     """
     if cfg.init_from:
         start = load_video_lm(cfg.init_from, quantization=cfg.quantization if cfg.quantization.load_in_4bit else None)
+        _check_start_architecture(cfg, start.cfg)
         start_llm = start.llm.merge_and_unload() if start.uses_lora else start.llm
         arch = dataclasses.replace(
             start.cfg,
