@@ -161,6 +161,33 @@ def test_concurrent_seeds_make_shared_things_one_at_a_time(tmp_path):
     assert log == ["first done", "second in"]
 
 
+@pytest.mark.e2e
+def test_seeds_side_by_side_give_what_seeds_in_turn_give(tmp_path, one_thread, capsys):
+    """`vlmalign gym --jobs 2`: the seeds train in two spawned processes and return in seed order,
+    each with the numbers the same seed gives when the seeds run in turn (the table is the same
+    whichever way it was run)."""
+    import torch
+
+    from vlmalign.cli import main
+    from vlmalign.gym import run_gym
+    from vlmalign.model.policy import load_model
+
+    toy = GymBudget(videos=30, splits=(0.6, 0.1, 0.3), max_objects=1, sft_epochs=1, sft_batch_size=8, eval_limit=8,
+                    methods=())
+    side_by_side = run_gym(tmp_path / "jobs", toy, seeds=(0, 1), jobs=2)
+    assert "[gym] seeds 0, 1: 2 at a time, 1 torch thread(s) each" in capsys.readouterr().out
+    (in_turn,) = run_gym(tmp_path / "turn", toy, seeds=(1,))
+    assert [r["seed"] for r in side_by_side] == [0, 1]
+    for name in ("ceiling", "start"):
+        assert side_by_side[1][name] == in_turn[name]
+    weights = {run: load_model(tmp_path / run / "start" / "final").llm.state_dict()
+               for run in ("jobs/seed-0", "jobs/seed-1", "turn/seed-1")}
+    assert all(torch.equal(t, weights["turn/seed-1"][k]) for k, t in weights["jobs/seed-1"].items())
+    assert not torch.equal(weights["jobs/seed-0"]["lm_head.weight"], weights["jobs/seed-1"]["lm_head.weight"])
+    assert main(["gym", "--out", str(tmp_path / "bad"), "--jobs", "0"]) == 2
+    assert "error: jobs: at least 1 (got 0)" in capsys.readouterr().err
+
+
 def test_tau_curves_plot_every_rank_run_of_every_seed(tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib is the optional 'plots' extra")
     from vlmalign.plots import plot_gym_tau

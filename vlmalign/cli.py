@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model every run trains: video_lm (vlmalign's VideoLM), or qwen2_5_vl, qwen2_vl, qwen3_vl, "
                         "llava_onevision, llava_next_video, video_llava (a tiny random transformers video model of that "
                         "family, built offline)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="seeds trained side by side, each in a process of its own with a share of the torch threads "
+                        "(tiny models: one seed per core is fastest)")
 
     p = sub.add_parser("demo", help="the embedded default: the alignment gym on one seed, small budget, on a CPU")
     p.add_argument("--out", default="runs/demo", help="folder for the benchmark, runs and table")
@@ -362,7 +365,7 @@ def _cmd_gym(args) -> int:
                         *(["--perception"] if args.perception else []), "--out", args.out, "--seeds", args.seeds,
                         *(["--methods", args.methods] if args.methods else []),
                         *(["--family", args.family] if args.family != "video_lm" else [])])
-    run_gym(args.out, budget, _seeds(args.seeds), progress=True, command=command)
+    run_gym(args.out, budget, _seeds(args.seeds), progress=True, command=command, jobs=args.jobs)
     return 0
 
 

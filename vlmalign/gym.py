@@ -605,11 +605,14 @@ def feedback_stats(seed_dir: Path, method: str, variant: str) -> dict:
 
 
 def run_gym(out="runs/gym", budget: GymBudget = FULL, seeds=(0, 1, 2), progress: bool = False,
-            command: str = "vlmalign gym") -> list[dict]:
-    """The benchmark once, then every seed (OUT/seed-N/); the table in OUT/gym.md and OUT/gym.json."""
+            command: str = "vlmalign gym", jobs: int = 1) -> list[dict]:
+    """The benchmark once, then every seed (OUT/seed-N/), `jobs` seeds at a time in processes of
+    their own; the table in OUT/gym.md and OUT/gym.json."""
     from vlmalign.data.synthetic import Misalignment, generate_benchmark
 
     out = Path(out)
+    if jobs < 1:
+        raise VlmalignError(f"jobs: at least 1 (got {jobs})")
     if budget.family not in FAMILIES:
         raise VlmalignError(f"family: {budget.family!r} is not one of {', '.join(FAMILIES)}")
     if (budget.frame_grid != 1 or budget.visual_positions) and budget.family != "video_lm":
@@ -624,7 +627,7 @@ def run_gym(out="runs/gym", budget: GymBudget = FULL, seeds=(0, 1, 2), progress:
             generate_benchmark(bench, num_videos=budget.videos, seed=budget.bench_seed, splits=budget.splits,
                                max_objects=budget.max_objects,
                                misalignment=Misalignment(budget.prior_rate, budget.invent_rate), progress=progress)
-    runs = [run_seed(out / f"seed-{s}", budget, s, bench, out / "feature_cache", progress) for s in seeds]
+    runs = run_seeds(out, budget, list(seeds), bench, progress, jobs)
     manifest = json.loads((bench / "manifest.json").read_text())
     text = format_gym(runs, manifest, budget, command)
     (out / "gym.md").write_text(text + "\n")
@@ -639,6 +642,44 @@ def run_gym(out="runs/gym", budget: GymBudget = FULL, seeds=(0, 1, 2), progress:
     except MissingMatplotlib as e:
         print(f"no tau curves: {e}", flush=True)
     return runs
+
+
+def run_seeds(out: Path, budget: GymBudget, seeds: list[int], bench: Path, progress: bool, jobs: int) -> list[dict]:
+    """Every seed's results, in seed order: one after another in this process, or `jobs` at a time
+    in spawned processes that split this process's torch threads. Tiny models gain little from a
+    second thread, so on a few cores seeds side by side finish sooner than seeds in turn."""
+    workers = min(jobs, len(seeds))
+    if workers == 1:
+        return [run_seed(out / f"seed-{s}", budget, s, bench, out / "feature_cache", progress) for s in seeds]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    import torch
+
+    threads = max(1, torch.get_num_threads() // workers)
+    print(f"[gym] seeds {', '.join(map(str, seeds))}: {workers} at a time, {threads} torch thread(s) each", flush=True)
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_seed_process, initargs=(threads,)) as pool:
+            # progress bars of side-by-side seeds would overwrite each other: their stage lines say it
+            return list(pool.map(run_seed, [out / f"seed-{s}" for s in seeds], [budget] * len(seeds), seeds,
+                                 [bench] * len(seeds), [out / "feature_cache"] * len(seeds), [False] * len(seeds)))
+    except BrokenProcessPool:
+        raise VlmalignError(
+            "gym: a seed's process died (out of memory, or, when run_gym is called from a script without "
+            "`if __name__ == \"__main__\":`, at start: seeds are spawned and re-import the script); guard the "
+            "call, or run the seeds in turn (jobs=1); finished stages are kept and reused") from None
+
+
+def _seed_process(threads: int) -> None:
+    """A spawned seed's process: its share of the threads, and no library noise (as the CLI)."""
+    import torch
+
+    from vlmalign.cli import quiet_libraries
+
+    torch.set_num_threads(threads)
+    quiet_libraries()
 
 
 def _check_settings(out: Path, budget: GymBudget) -> None:
