@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 from vlmalign.cli import quiet_libraries
-from vlmalign.data.synthetic import Misalignment, generate_benchmark
-from vlmalign.gym import QUICK, run_seeds
+from vlmalign.gym import QUICK, run_seeds, write_benchmark
 
 
 def main() -> None:
@@ -40,9 +39,7 @@ def main() -> None:
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_gym_jobs_"))
     bench = out / "bench"
     if not (bench / "manifest.json").is_file():
-        generate_benchmark(bench, num_videos=budget.videos, seed=budget.bench_seed, splits=budget.splits,
-                           max_objects=budget.max_objects,
-                           misalignment=Misalignment(budget.prior_rate, budget.invent_rate))
+        write_benchmark(bench, budget, progress=False)
     torch.set_num_threads(args.threads)
     seconds, starts = {}, {}
     for mode, jobs in (("in turn", 1), ("side by side", args.jobs)):

@@ -608,8 +608,6 @@ def run_gym(out="runs/gym", budget: GymBudget = FULL, seeds=(0, 1, 2), progress:
             command: str = "vlmalign gym", jobs: int = 1) -> list[dict]:
     """The benchmark once, then every seed (OUT/seed-N/), `jobs` seeds at a time in processes of
     their own; the table in OUT/gym.md and OUT/gym.json."""
-    from vlmalign.data.synthetic import Misalignment, generate_benchmark
-
     out = Path(out)
     if jobs < 1:
         raise VlmalignError(f"jobs: at least 1 (got {jobs})")
@@ -622,11 +620,7 @@ def run_gym(out="runs/gym", budget: GymBudget = FULL, seeds=(0, 1, 2), progress:
     bench = out / "bench"
     with one_writer(out / ".bench.lock"):
         if not (bench / "manifest.json").is_file():
-            print(f"[gym] benchmark: {budget.videos} videos, prior rate {budget.prior_rate}, invent rate "
-                  f"{budget.invent_rate}", flush=True)
-            generate_benchmark(bench, num_videos=budget.videos, seed=budget.bench_seed, splits=budget.splits,
-                               max_objects=budget.max_objects,
-                               misalignment=Misalignment(budget.prior_rate, budget.invent_rate), progress=progress)
+            write_benchmark(bench, budget, progress)
     runs = run_seeds(out, budget, list(seeds), bench, progress, jobs)
     manifest = json.loads((bench / "manifest.json").read_text())
     text = format_gym(runs, manifest, budget, command)
@@ -644,10 +638,22 @@ def run_gym(out="runs/gym", budget: GymBudget = FULL, seeds=(0, 1, 2), progress:
     return runs
 
 
+def write_benchmark(bench: Path, budget: GymBudget, progress: bool) -> None:
+    """The budget's benchmark, with its declared misalignment, in `bench`."""
+    from vlmalign.data.synthetic import Misalignment, generate_benchmark
+
+    print(f"[gym] benchmark: {budget.videos} videos, prior rate {budget.prior_rate}, invent rate "
+          f"{budget.invent_rate}", flush=True)
+    generate_benchmark(bench, num_videos=budget.videos, seed=budget.bench_seed, splits=budget.splits,
+                       max_objects=budget.max_objects,
+                       misalignment=Misalignment(budget.prior_rate, budget.invent_rate), progress=progress)
+
+
 def run_seeds(out: Path, budget: GymBudget, seeds: list[int], bench: Path, progress: bool, jobs: int) -> list[dict]:
     """Every seed's results, in seed order: one after another in this process, or `jobs` at a time
     in spawned processes that split this process's torch threads. Tiny models gain little from a
-    second thread, so on a few cores seeds side by side finish sooner than seeds in turn."""
+    second thread, so on a few cores seeds side by side finish sooner than seeds in turn, once a
+    seed's run outlasts the seconds a spawned process takes to start (docs/performance.md)."""
     workers = min(jobs, len(seeds))
     if workers == 1:
         return [run_seed(out / f"seed-{s}", budget, s, bench, out / "feature_cache", progress) for s in seeds]
@@ -663,8 +669,9 @@ def run_seeds(out: Path, budget: GymBudget, seeds: list[int], bench: Path, progr
         with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_seed_process, initargs=(threads,)) as pool:
             # progress bars of side-by-side seeds would overwrite each other: their stage lines say it
-            return list(pool.map(run_seed, [out / f"seed-{s}" for s in seeds], [budget] * len(seeds), seeds,
-                                 [bench] * len(seeds), [out / "feature_cache"] * len(seeds), [False] * len(seeds)))
+            futures = [pool.submit(run_seed, out / f"seed-{s}", budget, s, bench, out / "feature_cache", False)
+                       for s in seeds]
+            return [f.result() for f in futures]
     except BrokenProcessPool:
         raise VlmalignError(
             "gym: a seed's process died (out of memory, or, when run_gym is called from a script without "
