@@ -106,6 +106,21 @@ def test_oracle_feedback_lifts_the_start_and_destroyed_feedback_does_not(tmp_pat
     assert points["dpo-control"] <= CONTROL_MAX and points["grpo-control"] <= CONTROL_MAX, points
 
 
+def test_the_gym_command_runs_the_perception_design_unless_told_otherwise():
+    """`vlmalign gym` runs the design whose methods measurably close the gap (docs/results.md); every
+    design the gym declares can be asked for by name, and only those."""
+    import inspect
+
+    from vlmalign.cli import build_parser
+    from vlmalign.gym import DESIGNS, PERCEPTION, POOLED, run_gym
+
+    parser = build_parser()
+    assert DESIGNS[parser.parse_args(["gym"]).design] is PERCEPTION
+    assert inspect.signature(run_gym).parameters["budget"].default is PERCEPTION
+    assert [parser.parse_args(["gym", "--design", name]).design for name in DESIGNS] == list(DESIGNS)
+    assert DESIGNS["pooled"] is POOLED  # refused names: tests/test_sft.py
+
+
 def test_a_gym_folder_holds_one_budget(tmp_path):
     """Stages reuse what they find finished, so re-running a folder with other settings would print
     old numbers under the new budget: it is refused, naming what changed."""
@@ -317,7 +332,7 @@ def test_judged_methods_run_with_their_twins_and_controls_from_one_command(tmp_p
 
 
 def test_the_grid_design_gives_every_model_four_placed_tokens_a_frame_and_methods_none_stops_at_the_gap(tmp_path, one_thread):
-    """`vlmalign gym --grid --methods none` at toy sizes: both SFT models read each frame as a 2 x 2
+    """`vlmalign gym --design grid --methods none` at toy sizes: both SFT models read each frame as a 2 x 2
     grid (16 frames x 4 + 64 patch tokens) with a learned position per token, the folder records
     the design, and no method runs."""
     from vlmalign.data.synthetic import _split_sizes
@@ -328,7 +343,7 @@ def test_the_grid_design_gives_every_model_four_placed_tokens_a_frame_and_method
     assert _split_sizes(GRID.videos, GRID.splits) == (2100, 84, 216)  # the declared design's videos
     toy = GymBudget(videos=40, splits=(0.6, 0.1, 0.3), max_objects=1, sft_epochs=1, sft_batch_size=8, eval_limit=12,
                     frame_grid=2, visual_positions=True, methods=())
-    (run,) = run_gym(tmp_path / "gym", toy, seeds=(0,), command="vlmalign gym --grid --methods none")
+    (run,) = run_gym(tmp_path / "gym", toy, seeds=(0,), command="vlmalign gym --design grid --methods none")
     assert {"ceiling", "start"} <= set(run) and not set(run) & {"dpo", "grpo", "reader_probe"}
     for name in ("ceiling", "start"):
         model = load_model(tmp_path / "gym" / "seed-0" / name / "final")
@@ -340,17 +355,16 @@ def test_the_grid_design_gives_every_model_four_placed_tokens_a_frame_and_method
         run_gym(tmp_path / "hf", GymBudget(frame_grid=2, family="qwen2_5_vl"), seeds=(0,))
 
 
-def test_the_perception_stage_trains_on_one_object_videos_and_both_sft_models_start_from_it(tmp_path, one_thread, capsys):
-    """`vlmalign gym --grid --perception --methods none` at toy sizes: the stage runs its steps on the
+def test_the_perception_stage_trains_on_one_object_videos_and_both_sft_models_start_from_it(tmp_path, one_thread):
+    """`vlmalign gym --methods none` (the perception design) at toy sizes: the stage runs its steps on the
     true direction and shape answers about the one-object training videos alone, with the design's
     optimiser, and the ceiling and the start both start from its model; the table shows its row."""
-    from vlmalign.cli import main
-    from vlmalign.gym import GRID_PERCEPTION, run_gym
+    from vlmalign.gym import PERCEPTION, run_gym
 
-    assert (GRID_PERCEPTION.perception_steps, GRID_PERCEPTION.sft_lr, GRID_PERCEPTION.frame_grid) == (3000, 1e-3, 2)
+    assert (PERCEPTION.perception_steps, PERCEPTION.sft_lr, PERCEPTION.frame_grid) == (3000, 1e-3, 2)
     toy = GymBudget(videos=40, splits=(0.6, 0.1, 0.3), max_objects=2, sft_epochs=1, sft_batch_size=8, eval_limit=12,
                     sft_lr=1e-3, sft_scheduler="constant", sft_weight_decay=0.01, perception_steps=5, methods=())
-    (run,) = run_gym(tmp_path / "gym", toy, seeds=(0,), command="vlmalign gym --grid --perception --methods none")
+    (run,) = run_gym(tmp_path / "gym", toy, seeds=(0,), command="vlmalign gym --methods none")
     seed_dir, bench = tmp_path / "gym" / "seed-0", tmp_path / "gym" / "bench"
     videos = {v["id"]: v for v in map(json.loads, (bench / "metadata.jsonl").read_text().splitlines())}
     rows = json.loads((bench / "perception_train.json").read_text())
@@ -366,6 +380,3 @@ def test_the_perception_stage_trains_on_one_object_videos_and_both_sft_models_st
         assert (config["train"]["lr"], config["train"]["scheduler"], config["train"]["weight_decay"]) == (1e-3, "constant", 0.01)
     assert {"perception", "ceiling", "start"} <= set(run)
     assert "| perception stage (both SFT models start here) |" in (tmp_path / "gym" / "gym.md").read_text()
-    assert main(["gym", "--perception", "--out", str(tmp_path / "other")]) == 2
-    assert "error: --perception: a stage of the grid design; give --grid too" in capsys.readouterr().err
-    assert not (tmp_path / "other").exists()

@@ -101,8 +101,12 @@ def test_gym_refuses_unknown_methods_and_seeds_in_one_line(tmp_path):
     assert res.returncode == 2 and res.stderr.strip() == "error: --methods: unknown sft; choose from dpo, grpo, grpo_rank, grpo_rank_monotone, ppo, ppo_oracle, isr_dpo, vlm_rlaif"
     res = run_cli("gym", "--out", str(tmp_path / "gym"), "--seeds", "0,x")
     assert res.returncode == 2 and res.stderr.strip() == "error: --seeds: comma-separated integers, got '0,x'"
-    res = run_cli("gym", "--out", str(tmp_path / "gym"), "--quick", "--grid")  # two designs: which?
-    assert res.returncode == 2 and "argument --grid: not allowed with argument --quick" in res.stderr
+    res = run_cli("gym", "--out", str(tmp_path / "gym"), "--design", "cubes")
+    assert res.returncode == 2 and "argument --design: invalid choice: 'cubes'" in res.stderr
+    res = run_cli("gym", "--out", str(tmp_path / "gym"), "--family", "qwen2_5_vl")  # the default design is VideoLM's grid
+    assert res.returncode == 2 and res.stderr.strip() == (
+        "error: --family qwen2_5_vl: the perception design places each frame as vlmalign's VideoLM's 2 x 2 grid; "
+        "other families pool frames as their checkpoints do: give --design pooled or quick")
     assert not (tmp_path / "gym").exists()
 
 

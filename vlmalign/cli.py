@@ -131,15 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gym", help="the alignment gym: every method and its negative control from a misaligned SFT start")
     p.add_argument("--out", default="runs/gym", help="folder for the benchmark, runs and table")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
-    design = p.add_mutually_exclusive_group()
-    design.add_argument("--quick", action="store_true", help="the demo's smaller budget")
-    design.add_argument("--grid", action="store_true",
-                        help="the perception redesign: 2,100 training videos, each frame as a 2 x 2 grid of visual "
-                             "tokens with learned positions, 4 SFT epochs; measured: its ceiling's direction stays at "
-                             "chance (docs/results.md)")
-    p.add_argument("--perception", action="store_true",
-                   help="with --grid: a perception stage first (3,000 SFT steps of direction and shape on the one-object "
-                        "training videos) that both SFT models start from, every SFT stage at lr 1e-3 constant")
+    p.add_argument("--design", default="perception", choices=("perception", "grid", "pooled", "quick"),
+                   help="the benchmark and budget (docs/results.md): perception (default; 2,100 training videos, each "
+                        "frame a 2 x 2 grid of placed visual tokens, a direction-and-shape stage that both SFT models "
+                        "start from), grid (the same without that stage; its ceiling's direction stays at chance), "
+                        "pooled (240 training videos, pooled frames, 16 SFT epochs), quick (the demo's)")
     p.add_argument("--methods", default=None, help="comma-separated subset of dpo,grpo,grpo_rank,grpo_rank_monotone,ppo,ppo_oracle,isr_dpo,vlm_rlaif "
                                                    "(default: all), or none: the ceiling and the start only")
     p.add_argument("--family", default="video_lm",
@@ -349,11 +345,12 @@ def _seeds(text: str) -> list[int]:
 def _cmd_gym(args) -> int:
     import dataclasses
 
-    from vlmalign.gym import FULL, GRID, GRID_PERCEPTION, METHODS, QUICK, run_gym
+    from vlmalign.gym import DESIGNS, METHODS, run_gym
 
-    if args.perception and not args.grid:
-        raise VlmalignError("--perception: a stage of the grid design; give --grid too")
-    budget = QUICK if args.quick else (GRID_PERCEPTION if args.perception else GRID) if args.grid else FULL
+    budget = DESIGNS[args.design]
+    if args.family != "video_lm" and budget.frame_grid != 1:
+        raise VlmalignError(f"--family {args.family}: the {args.design} design places each frame as vlmalign's VideoLM's "
+                            "2 x 2 grid; other families pool frames as their checkpoints do: give --design pooled or quick")
     if args.methods:
         methods = () if args.methods == "none" else tuple(m.strip() for m in args.methods.split(",") if m.strip())
         unknown = sorted(set(methods) - set(METHODS))
@@ -361,8 +358,8 @@ def _cmd_gym(args) -> int:
             raise VlmalignError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
         budget = dataclasses.replace(budget, methods=methods)
     budget = dataclasses.replace(budget, family=args.family)
-    command = " ".join(["vlmalign gym", *(["--quick"] if args.quick else []), *(["--grid"] if args.grid else []),
-                        *(["--perception"] if args.perception else []), "--out", args.out, "--seeds", args.seeds,
+    command = " ".join(["vlmalign gym", *(["--design", args.design] if args.design != "perception" else []),
+                        "--out", args.out, "--seeds", args.seeds,
                         *(["--methods", args.methods] if args.methods else []),
                         *(["--family", args.family] if args.family != "video_lm" else [])])
     run_gym(args.out, budget, _seeds(args.seeds), progress=True, command=command, jobs=args.jobs)

@@ -1,12 +1,12 @@
 """`vlmalign demo`: the embedded default, the alignment gym (`vlmalign.gym`) on a laptop CPU.
 
-Measured: 9 min 4 s on two idle cores (docs/results.md).
+Measured: 3 min 48 s on two idle cores (thirteenth session; docs/results.md, "The demo").
 
 One seed on the gym's quick budget: the benchmark with its declared misalignment, the clean-SFT
 ceiling, the injected-SFT start, and DPO and GRPO with their negative controls, fed by the
 benchmark's oracle; it prints one table of held-out accuracy and gains over the start. Everything
-lands in `OUT/`; re-running resumes or reuses finished stages. `vlmalign gym` is the full budget on
-three seeds; `scripts/replicate.py` runs the older pipeline with the SFT model judging itself.
+lands in `OUT/`; re-running resumes or reuses finished stages. `vlmalign gym` is the perception design
+on three seeds; `scripts/replicate.py` runs the older pipeline with the SFT model judging itself.
 """
 
 from __future__ import annotations
