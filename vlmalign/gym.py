@@ -141,7 +141,7 @@ HF_FRAME_SIZE = {"qwen3_vl": "[64,64]"}
 FAMILIES = ("video_lm", *HF_FAMILIES)
 
 # `vlmalign gym --design NAME`: the benchmark designs, each declared in docs/results.md before it ran.
-# `pooled` (the fourth to ninth sessions' design): every frame pooled as Video-ChatGPT does, 240
+# `pooled` (the design before the grid ones): every frame pooled as Video-ChatGPT does, 240
 # training videos, 16 SFT epochs; measured: its ceiling's direction and shape stay near chance.
 POOLED = GymBudget()
 # `quick` (the demo, <= 10 minutes on two cores): fewer videos, and DPO and GRPO with their controls only.
