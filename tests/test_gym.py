@@ -351,7 +351,7 @@ def test_the_grid_design_gives_every_model_four_placed_tokens_a_frame_and_method
     settings = json.loads((tmp_path / "gym" / "gym-settings.json").read_text())
     assert (settings["frame_grid"], settings["visual_positions"]) == (2, True)
     assert "Gap (ceiling - start)" in (tmp_path / "gym" / "gym.md").read_text()
-    with pytest.raises(VlmalignError, match="frame_grid, visual_positions: vlmalign's VideoLM's pooling; qwen2_5_vl pools"):
+    with pytest.raises(VlmalignError, match=r"frame_grid, visual_positions: vlmalign's VideoLM's pooling \(the grid and perception designs'\); qwen2_5_vl pools"):
         run_gym(tmp_path / "hf", GymBudget(frame_grid=2, family="qwen2_5_vl"), seeds=(0,))
 
 

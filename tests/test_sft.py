@@ -105,8 +105,8 @@ def test_gym_refuses_unknown_methods_and_seeds_in_one_line(tmp_path):
     assert res.returncode == 2 and "argument --design: invalid choice: 'cubes'" in res.stderr
     res = run_cli("gym", "--out", str(tmp_path / "gym"), "--family", "qwen2_5_vl")  # the default design is VideoLM's grid
     assert res.returncode == 2 and res.stderr.strip() == (
-        "error: --family qwen2_5_vl: the perception design places each frame as vlmalign's VideoLM's 2 x 2 grid; "
-        "other families pool frames as their checkpoints do: give --design pooled or quick")
+        "error: frame_grid, visual_positions: vlmalign's VideoLM's pooling (the grid and perception designs'); "
+        "qwen2_5_vl pools and places each frame as its checkpoint does: give --design pooled or quick")
     assert not (tmp_path / "gym").exists()
 
 

@@ -348,9 +348,6 @@ def _cmd_gym(args) -> int:
     from vlmalign.gym import DESIGNS, METHODS, run_gym
 
     budget = DESIGNS[args.design]
-    if args.family != "video_lm" and budget.frame_grid != 1:
-        raise VlmalignError(f"--family {args.family}: the {args.design} design places each frame as vlmalign's VideoLM's "
-                            "2 x 2 grid; other families pool frames as their checkpoints do: give --design pooled or quick")
     if args.methods:
         methods = () if args.methods == "none" else tuple(m.strip() for m in args.methods.split(",") if m.strip())
         unknown = sorted(set(methods) - set(METHODS))

@@ -620,8 +620,9 @@ def run_gym(out="runs/gym", budget: GymBudget = PERCEPTION, seeds=(0, 1, 2), pro
     if budget.family not in FAMILIES:
         raise VlmalignError(f"family: {budget.family!r} is not one of {', '.join(FAMILIES)}")
     if (budget.frame_grid != 1 or budget.visual_positions) and budget.family != "video_lm":
-        raise VlmalignError(f"frame_grid, visual_positions: vlmalign's VideoLM's pooling; {budget.family} "
-                            "pools and places each frame as its checkpoint does")
+        raise VlmalignError(f"frame_grid, visual_positions: vlmalign's VideoLM's pooling (the grid and perception "
+                            f"designs'); {budget.family} pools and places each frame as its checkpoint does: give "
+                            "--design pooled or quick")
     _check_settings(out, budget)
     bench = out / "bench"
     with one_writer(out / ".bench.lock"):
