@@ -294,9 +294,19 @@ def test_judged_methods_run_with_their_twins_and_controls_from_one_command(tmp_p
     from vlmalign.gym import run_gym
 
     toy = GymBudget(videos=40, splits=(0.6, 0.1, 0.3), max_objects=1, sft_epochs=1, sft_batch_size=8, reader_epochs=1,
+                    reader_first_types=("colour",), reader_first_epochs=1,
                     dpo_questions=12, dpo_epochs=2, isr_iterations=2, rm_questions=12, ppo_rollouts=1, eval_limit=12,
                     methods=("isr_dpo", "vlm_rlaif", "ppo", "ppo_oracle"))
     (run,) = run_gym(tmp_path / "gym", toy, seeds=(0,), command="vlmalign gym --methods isr_dpo,vlm_rlaif,ppo,ppo_oracle")
+    # the reader's first stage read the colour records alone, and the mix continued from it
+    gym = tmp_path / "gym"
+    records = json.loads((gym / "reader-data" / "records.json").read_text())
+    colour = json.loads((gym / "reader-data" / "records-colour.json").read_text())
+    assert colour == [r for r in records if r["question_type"] == "colour"] and 0 < len(colour) < len(records)
+    first, mix = (yaml.safe_load((gym / name / "config.yaml").read_text()) for name in ("reader-first", "reader"))
+    assert first["data"]["train"] == [str(gym / "reader-data" / "records-colour.json")] and first["model"]["init_from"] is None
+    assert mix["data"]["train"] == [str(gym / "reader-data" / "records.json")]
+    assert mix["model"]["init_from"] == str(gym / "reader-first" / "final")
     for name in ("isr_dpo", "isr_dpo-none", "isr_dpo-control", "vlm_rlaif", "vlm_rlaif-none", "vlm_rlaif-control",
                  "ppo", "ppo-control", "ppo_oracle", "ppo_oracle-control"):
         assert "failed" not in run[name] and 0 <= run[name]["all"] <= 1, (name, run[name])
