@@ -134,6 +134,12 @@ def test_a_gym_folder_holds_one_budget(tmp_path):
     _check_settings(out, dataclasses.replace(QUICK, methods=("dpo",)))  # methods have folders of their own
     with pytest.raises(VlmalignError, match=r"other settings \(prior_rate, sft_epochs\)"):
         _check_settings(out, dataclasses.replace(QUICK, prior_rate=0.3, sft_epochs=2))
+    # a folder from before a field existed reads as that field's default, which is what it ran
+    recorded = json.loads((out / "gym-settings.json").read_text())
+    (out / "gym-settings.json").write_text(json.dumps({k: v for k, v in recorded.items() if not k.startswith("reader_first")}))
+    _check_settings(out, QUICK)
+    with pytest.raises(VlmalignError, match=r"other settings \(reader_first_types\)"):
+        _check_settings(out, dataclasses.replace(QUICK, reader_first_types=("colour",)))
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "results.md").write_text("an older demo")
     with pytest.raises(VlmalignError, match="holds no gym run"):

@@ -729,17 +729,17 @@ def _seed_process(threads: int) -> None:
 def _check_settings(out: Path, budget: GymBudget) -> None:
     """Every stage reuses what it finds finished, so a folder holds one budget: the first run records
     it (with the benchmark generator's version) and a run with other settings is refused. The
-    methods may differ: each has its own folder."""
+    methods may differ: each has its own folder. A field added to `GymBudget` after a folder was
+    made reads as its default there: a new field's default is what the runs before it did."""
     from vlmalign.data.synthetic import GENERATOR_VERSION
 
-    settings = json.loads(json.dumps({**asdict(budget), "generator": GENERATOR_VERSION}))
-    settings.pop("methods")
+    def recordable(b: GymBudget) -> dict:
+        return {k: v for k, v in json.loads(json.dumps(asdict(b))).items() if k != "methods"}
+
+    settings = {**recordable(budget), "generator": GENERATOR_VERSION}
     path = out / "gym-settings.json"
     if path.is_file():
-        recorded = {"family": "video_lm", "frame_grid": 1, "visual_positions": False,  # folders from before these
-                    "sft_lr": None, "sft_scheduler": None, "sft_weight_decay": None, "perception_steps": 0,
-                    "perception_types": ["direction", "shape"],
-                    "reader_first_types": [], "reader_first_epochs": 3, **json.loads(path.read_text())}
+        recorded = {**recordable(GymBudget()), **json.loads(path.read_text())}
         changed = sorted(k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k))
         if changed:
             raise VlmalignError(f"{out} holds a gym run with other settings ({', '.join(changed)}); "
