@@ -65,6 +65,10 @@ def test_two_processes_match_one_process_with_twice_the_batch(tiny_bench, one_pr
     one = (one_process / "metrics.jsonl").read_text().splitlines()
     two = (double / "metrics.jsonl").read_text().splitlines()
     assert len(one) == len(two)  # written once, by rank 0
+    for a, b in zip(map(json.loads, one), map(json.loads, two)):  # the loss per question type, over both shares
+        kinds = sorted(k for k in a if k.startswith("loss/"))
+        assert kinds and kinds == sorted(k for k in b if k.startswith("loss/"))
+        assert [b[k] for k in kinds] == pytest.approx([a[k] for k in kinds], rel=1e-4)
     assert [p.name for p in (double / "checkpoints").iterdir()] == ["step-2"]
 
     # resume across process counts: the 2-process checkpoint finishes on 1 process with batch 8

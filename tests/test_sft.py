@@ -70,6 +70,25 @@ def test_interrupted_sft_resumes_to_the_same_weights(tiny_bench, tmp_path, monke
     assert steps[-1] == 7
 
 
+def test_sft_logs_the_loss_of_each_question_type_its_records_name(tiny_bench, tmp_path):
+    """One step on every short question at once: the step's loss is a token-weighted mean of the
+    per-type losses logged beside it, so it lies between them; with one type it is that type's."""
+    records = json.loads((tiny_bench / "sft_easy.json").read_text())
+    colour = tmp_path / "colour.json"
+    colour.write_text(json.dumps([{**r, "video": str(tiny_bench / r["video"])} for r in records if r["question_type"] == "colour"]))
+    logged = {}
+    for name, data in (("all", tiny_bench / "sft_easy.json"), ("colour", colour)):
+        sft.run(load_config(SFTConfig, TINY, sft_overrides(
+            tiny_bench, tmp_path / name, **{"data.train": f"[{data}]", "curriculum.criterion": "none",
+                                            "train.batch_size": len(records), "train.max_steps": 1, "train.log_every": 1})))
+        logged[name] = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])
+    by_type = {k.split("/", 1)[1]: v for k, v in logged["all"].items() if k.startswith("loss/")}
+    assert set(by_type) == {r["question_type"] for r in records} == {"colour", "count", "direction", "shape"}
+    assert min(by_type.values()) < logged["all"]["loss"] < max(by_type.values())
+    assert logged["colour"]["loss/colour"] == pytest.approx(logged["colour"]["loss"], rel=1e-5)
+    assert [k for k in logged["colour"] if k.startswith("loss/")] == ["loss/colour"]
+
+
 def test_sft_trains_on_the_llamafactory_fixture(fixtures, tmp_path):
     data = fixtures / "llamafactory" / "mllm_video_demo.json"
     overrides = [

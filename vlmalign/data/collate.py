@@ -16,6 +16,7 @@ class EncodedSample:
     input_ids: list[int]
     labels: list[int]
     video: str | list[str] | None
+    kind: str | None = None  # the sample's question type (InstructionSample.kind)
 
 
 def encode_instructions(samples: list[InstructionSample], policy, max_length: int) -> list[EncodedSample]:
@@ -23,7 +24,7 @@ def encode_instructions(samples: list[InstructionSample], policy, max_length: in
     for s in samples:
         enc = policy.encode_conversation(s.turns, max_length, sample_id=f"{s.id} ({s.source})",
                                          layout=policy.video_layout(s.video))
-        out.append(EncodedSample(s.id, enc.input_ids, enc.labels, s.video))
+        out.append(EncodedSample(s.id, enc.input_ids, enc.labels, s.video, s.kind))
     return out
 
 
@@ -47,6 +48,7 @@ class Collator:
     def __call__(self, items: list[EncodedSample]) -> dict:
         batch = {
             "ids": [it.id for it in items],
+            "kinds": [it.kind for it in items],
             "input_ids": pad_sequences([it.input_ids for it in items], self.pad_id, self.side),
             "labels": pad_sequences([it.labels for it in items], IGNORE_INDEX, self.side),
             "attention_mask": pad_sequences([[1] * len(it.input_ids) for it in items], 0, self.side),

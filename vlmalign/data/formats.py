@@ -73,6 +73,7 @@ class InstructionSample:
     video: str | list[str] | None  # video file or frame folder, or a list of frame paths; None: text-only
     turns: list[Turn]  # user/assistant alternating, from user to assistant; turn 0 holds "<video>" iff video
     source: str  # "file:line"
+    kind: str | None = None  # the record's question type, if it names one: SFT logs its loss per kind
 
 
 @dataclass
@@ -389,6 +390,8 @@ def _place_video_token(r: _Record, texts: list[tuple[str, str]], has_video: bool
 
 # ----------------------------------------------------------------------------- instructions
 
+_QTYPE_FIELDS = ("question_type", "type", "qtype")  # a record's question type (instructions, QA)
+
 
 def read_instructions(path, video_root=None) -> list[InstructionSample]:
     """Read LLaVA-style or LLaMA-Factory instruction data (formats may mix, per record)."""
@@ -425,6 +428,7 @@ def _instruction(r: _Record, turns: list[tuple[str, Turn]], video) -> Instructio
         video=video,
         turns=[Turn(turn.role, text) for (_, turn), text in zip(turns, texts)],
         source=r.src,
+        kind=next((r.text(key, numbers=True) for key in _QTYPE_FIELDS if r.has(key)), None),
     )
 
 
@@ -549,7 +553,6 @@ def _pair(r: _Record, video, prompt, chosen, rejected, consumed, scores=(None, N
 # ----------------------------------------------------------------------------- benchmarks
 
 _VIDEO_NAME_FIELDS = ("video_name", "video_id", "video")
-_QTYPE_FIELDS = ("question_type", "type", "qtype")
 _QUESTION_ID_FIELDS = ("question_id", "id")
 
 

@@ -17,7 +17,7 @@ from vlmalign.config import CurriculumConfig, SFTConfig
 from vlmalign.data.collate import Collator, EncodedSample, encode_instructions
 from vlmalign.data.formats import InstructionSample, read_instructions
 from vlmalign.errors import ConfigError
-from vlmalign.losses import sft_loss
+from vlmalign.losses import answer_nll, sft_loss
 from vlmalign.model.policy import MANIFEST, build_model, labelled_logits
 from vlmalign.train.common import (
     backward,
@@ -99,6 +99,11 @@ def run(cfg: SFTConfig) -> Path:
     if train.max_steps is not None:
         total_steps = min(total_steps, train.max_steps)
     rt.print(f"SFT: stages {[(n, len(s)) for n, s in stages]}, {len(passes)} passes, {total_steps} optimizer steps")
+    # The loss per question type, where the records name one: a mix's overall loss can fall while
+    # one type stays on its plateau (the gym's reader and direction in the SFT mix, docs/results.md).
+    kinds = sorted({s.kind for _, samples in stages for s in samples if s.kind})
+    kind_rows = {kind: i for i, kind in enumerate(kinds)}
+    kind_nll = torch.zeros(len(kinds) + 1, 2, dtype=torch.float64)  # per kind since the last log: NLL, tokens
 
     run = prepare_training(rt, model, train, total_steps, cfg.run.resume)
     model, optimizer, scheduler, checkpointer, step = run.model, run.optimizer, run.scheduler, run.checkpointer, run.step
@@ -117,6 +122,10 @@ def run(cfg: SFTConfig) -> Path:
                 logits, labels = labelled_logits(model, batch, acc.device)
                 # sum over tokens / global token count; x world because DDP averages gradients
                 loss = sft_loss(logits, labels, num_tokens) * acc.num_processes
+                if kinds:
+                    nll, tokens = (t.detach().double().cpu() for t in answer_nll(logits.detach(), labels))
+                    rows = torch.tensor([kind_rows.get(k, len(kinds)) for k in batch["kinds"]])  # last row: no kind
+                    kind_nll.index_add_(0, rows, torch.stack([nll, tokens], 1))
             backward(acc, loss)
             loss_sum += loss.item() / acc.num_processes
         grad_norm = optimizer_step(acc, model, optimizer, scheduler, train.max_grad_norm)
@@ -128,6 +137,10 @@ def run(cfg: SFTConfig) -> Path:
             metrics = {"stage": p.stage, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "tokens": num_tokens}
             if grad_norm is not None:
                 metrics["grad_norm"] = grad_norm
+            if kinds:
+                totals = acc.reduce(kind_nll[:-1].to(acc.device), reduction="sum").cpu()
+                metrics.update({f"loss/{k}": float(s / n) for k, (s, n) in zip(kinds, totals.tolist()) if n})
+                kind_nll.zero_()
             rt.metrics.log(step, **metrics)
         if step % train.save_every == 0 and step < total_steps:
             checkpointer.save(step, model, optimizer, scheduler, {"stage": p.stage})
