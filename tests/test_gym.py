@@ -337,6 +337,12 @@ def test_judged_methods_run_with_their_twins_and_controls_from_one_command(tmp_p
         cfg = yaml.safe_load((seed_dir / name / "config.yaml").read_text())
         assert (cfg["reward"], cfg["judge"]["backend"], cfg["reward_model"]) == ("judge", backend, ""), name
         assert not (seed_dir / name / "rm").exists()
+    # ISR-DPO's questions: short and describe ones of the same videos (listing every describe question
+    # first had left no short one once the training videos outnumbered the questions asked)
+    asked = [json.loads(line)["id"] for line in (seed_dir / "isr_dpo" / "iter-01" / "samples.jsonl").read_text().splitlines()]
+    describe = {r["id"] for r in json.loads((gym / "bench" / "sft_hard.json").read_text())}
+    assert len(asked) == 12 and 0 < len(set(asked) & describe) < 12
+    assert {a.rsplit("_q", 1)[0] for a in asked if a in describe} <= {a.rsplit("_q", 1)[0] for a in asked if a not in describe}
     contexts = json.loads((seed_dir / "isr_dpo" / "iter-02" / "contexts.json").read_text())
     assert contexts["settings"]["mode"] == "retrospective" and contexts["contexts"]
     text = (tmp_path / "gym" / "gym.md").read_text()

@@ -389,15 +389,34 @@ class Gym:
         (out / "probe.json").write_text(json.dumps(result, indent=2))
         return result
 
+    def isr_questions(self) -> Path:
+        """ISR-DPO's questions: the training videos' questions video by video, each video's short ones
+        and then its describe one, so that the first `dpo_questions` hold short answers (where the
+        misalignment is) and long ones (where the paper's length claim is) in the benchmark's
+        proportion. Listing every describe question first, as the gym did until the fifteenth
+        session, left no short question once the training videos outnumbered DPO's 800 questions
+        (2,100 in the grid designs), and the judge only ever compared two descriptions."""
+        path = self.bench / "isr_questions.json"  # beside the files whose videos its rows name
+        if not path.is_file():
+            rows = [r for f in ("sft_easy.json", "sft_hard.json") for r in json.loads((self.bench / f).read_text())]
+            order: dict[str, int] = {}
+            for r in rows:
+                order.setdefault(r["video"], len(order))
+            rows.sort(key=lambda r: order[r["video"]])  # stable: a video's short questions keep their order
+            tmp = path.with_suffix(f".{self.seed}.tmp")  # seeds may run side by side: each writes the same rows
+            tmp.write_text(json.dumps(rows))
+            tmp.replace(path)
+        return path
+
     def isr_dpo(self, start: Path, name: str, mode: str, judge: dict) -> Path:
-        """ISR-DPO from the start: each iteration the policy answers DPO's number of questions twice
-        (every describe question, whose long answers test the paper's length claim, then short ones),
-        writes its `mode` context per video, the judge picks from each pair, DPO trains the next policy."""
+        """ISR-DPO from the start: each iteration the policy answers DPO's number of questions
+        (`isr_questions`) twice, writes its `mode` context per video, the judge picks from each pair,
+        DPO trains the next policy."""
         from vlmalign.train import dpo
 
         return dpo.run(load_config(DPOConfig, CONFIGS / "isr_dpo.yaml", _sets(
             run__dir=self.out / name, model__init_from=start, loop__iterations=self.budget.isr_iterations,
-            loop__questions=f"[{self.bench}/sft_hard.json,{self.bench}/sft_easy.json]", loop__limit=self.budget.dpo_questions,
+            loop__questions=f"[{self.isr_questions()}]", loop__limit=self.budget.dpo_questions,
             loop__sampling__max_new_tokens=64,
             loop__context_mode=mode, loop__preferences__oracle=self.bench, loop__eval_qa="null",
             train__seed=self.seed, train__epochs=max(1, self.budget.dpo_epochs // self.budget.isr_iterations),
