@@ -367,8 +367,11 @@ def test_unguarded_script_gets_one_line_that_says_what_to_do(tmp_path):
                       f"generate_benchmark({str(tmp_path / 'bench')!r}, num_videos=2, progress=False)\n")
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parents[1])
-    assert res.returncode != 0
-    last = res.stderr.strip().splitlines()[-1]
+    assert res.returncode != 0 and "BrokenProcessPool" not in res.stderr
+    # Python's resource tracker may warn at shutdown, after the error, about a semaphore that a worker
+    # dying at start left behind (seen once, on two loaded cores); that line is Python's, not ours
+    ours = [line for line in res.stderr.strip().splitlines() if "resource_tracker" not in line]
+    last = ours[-1]
     assert last.startswith("vlmalign.errors.VlmalignError: generate_benchmark:") and "__main__" in last and "workers=0" in last
 
 
