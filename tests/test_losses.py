@@ -93,6 +93,19 @@ def test_sequence_logps_sums_or_averages_counted_tokens():
     torch.testing.assert_close(L.sequence_logps(logits, labels, average=True), torch.stack([row0 / 3, row1 / 2]))
 
 
+def test_answer_nll_is_each_rows_summed_cross_entropy_and_its_token_count():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[-100, -100, 3, 4, 6], [-100, 1, 2, -100, -100]])
+    nll, tokens = L.answer_nll(logits, labels)
+    by_hand = [torch.nn.functional.cross_entropy(logits[0, 1:4], labels[0, 2:5], reduction="sum"),
+               torch.nn.functional.cross_entropy(logits[1, 0:2], labels[1, 1:3], reduction="sum")]
+    torch.testing.assert_close(nll, torch.stack(by_hand))
+    assert tokens.tolist() == [3, 2]
+    # summed over rows and divided by every token, it is the SFT loss
+    torch.testing.assert_close(nll.sum() / tokens.sum(), L.sft_loss(logits, labels))
+
+
 def test_logits_needed_start_one_before_the_first_answer_token_and_keep_the_log_probs():
     labels = torch.tensor([[-100, -100, -100, 3, 4, -100], [-100, -100, -100, -100, 2, -100]])
     assert L.logits_needed(labels) == 4  # position 2 predicts row 0's first answer token (at 3)

@@ -47,6 +47,13 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, num_tokens: int | None 
     return -logps.sum() / max(count, 1)
 
 
+def answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's summed next-token cross-entropy over its answer tokens, and their count: [B], [B].
+    SFT sums them per question type for the loss it logs by kind."""
+    logps, mask = token_logps(logits, labels)
+    return -logps.sum(-1), mask.sum(-1)
+
+
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
     """Log-probability of each row's label tokens: [B, L, V] logits, [B, L] labels -> [B].
 
