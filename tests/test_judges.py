@@ -202,8 +202,10 @@ def warm_openai_client():
 
 
 def _openai_cfg(server, **kw):
+    # A timeout well above a loaded machine's reply time: a reply that misses it is asked again and
+    # answered twice, which the tests would read as a judge asking twice. Slow faults sleep past it.
     base = dict(backend="openai", model="judge-model", base_url=server.url, api_key_env=KEY_ENV, max_retries=8,
-                backoff_base=0.005, timeout=0.3, concurrency=8)
+                backoff_base=0.005, timeout=1.0, concurrency=8)
     return JudgeConfig(**{**base, **kw})
 
 
@@ -218,7 +220,7 @@ def _score_requests(n, tag="s"):
 
 def test_openai_judge_survives_faults_and_never_judges_twice(tmp_path, monkeypatch):
     monkeypatch.delenv(KEY_ENV, raising=False)  # local server: a placeholder key is used
-    with FakeJudgeServer(seed=3, rate_limit=0.2, server_error=0.15, slow=0.08, garbage=0.15, slow_s=1.0) as server:
+    with FakeJudgeServer(seed=3, rate_limit=0.2, server_error=0.15, slow=0.08, garbage=0.15, slow_s=2.5) as server:
         cfg = _openai_cfg(server, reask=0)  # unreadable replies stay unread here; re-asking is tested below
         judge = build_judge(cfg, tmp_path / "cache.sqlite", progress=False)
         compares, scores = _compare_requests(30), _score_requests(15)
