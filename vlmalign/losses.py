@@ -49,7 +49,8 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, num_tokens: int | None 
 
 def answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's summed next-token cross-entropy over its answer tokens, and their count: [B], [B].
-    SFT sums them per question type for the loss it logs by kind."""
+    SFT makes its loss from them (their sum over `num_tokens` is `sft_loss`) and sums them per
+    question type for the loss it logs by kind."""
     logps, mask = token_logps(logits, labels)
     return -logps.sum(-1), mask.sum(-1)
 

@@ -17,7 +17,7 @@ from vlmalign.config import CurriculumConfig, SFTConfig
 from vlmalign.data.collate import Collator, EncodedSample, encode_instructions
 from vlmalign.data.formats import InstructionSample, read_instructions
 from vlmalign.errors import ConfigError
-from vlmalign.losses import answer_nll, sft_loss
+from vlmalign.losses import answer_nll
 from vlmalign.model.policy import MANIFEST, build_model, labelled_logits
 from vlmalign.train.common import (
     backward,
@@ -103,7 +103,7 @@ def run(cfg: SFTConfig) -> Path:
     # one type stays on its plateau (the gym's reader and direction in the SFT mix, docs/results.md).
     kinds = sorted({s.kind for _, samples in stages for s in samples if s.kind})
     kind_rows = {kind: i for i, kind in enumerate(kinds)}
-    kind_nll = torch.zeros(len(kinds) + 1, 2, dtype=torch.float64)  # per kind since the last log: NLL, tokens
+    kind_nll = torch.zeros(len(kinds) + 1, 2, device=acc.device)  # per kind since the last log: NLL, tokens; last row: no kind
 
     run = prepare_training(rt, model, train, total_steps, cfg.run.resume)
     model, optimizer, scheduler, checkpointer, step = run.model, run.optimizer, run.scheduler, run.checkpointer, run.step
@@ -120,12 +120,13 @@ def run(cfg: SFTConfig) -> Path:
         for j, batch in enumerate(batches):
             with sync_context(acc, model, sync=j == len(batches) - 1), acc.autocast():
                 logits, labels = labelled_logits(model, batch, acc.device)
-                # sum over tokens / global token count; x world because DDP averages gradients
-                loss = sft_loss(logits, labels, num_tokens) * acc.num_processes
+                # losses.sft_loss, from the per-row sums that the loss per kind reads too (one
+                # log-softmax): sum over tokens / global token count; x world because DDP averages gradients
+                row_nll, row_tokens = answer_nll(logits, labels)
+                loss = row_nll.sum() / max(num_tokens, 1) * acc.num_processes
                 if kinds:
-                    nll, tokens = (t.detach().double().cpu() for t in answer_nll(logits.detach(), labels))
-                    rows = torch.tensor([kind_rows.get(k, len(kinds)) for k in batch["kinds"]])  # last row: no kind
-                    kind_nll.index_add_(0, rows, torch.stack([nll, tokens], 1))
+                    rows = torch.tensor([kind_rows.get(k, len(kinds)) for k in batch["kinds"]], device=acc.device)
+                    kind_nll.index_add_(0, rows, torch.stack([row_nll.detach(), row_tokens.to(row_nll.dtype)], 1))
             backward(acc, loss)
             loss_sum += loss.item() / acc.num_processes
         grad_norm = optimizer_step(acc, model, optimizer, scheduler, train.max_grad_norm)
@@ -138,7 +139,7 @@ def run(cfg: SFTConfig) -> Path:
             if grad_norm is not None:
                 metrics["grad_norm"] = grad_norm
             if kinds:
-                totals = acc.reduce(kind_nll[:-1].to(acc.device), reduction="sum").cpu()
+                totals = acc.reduce(kind_nll[:-1].clone(), reduction="sum").cpu()
                 metrics.update({f"loss/{k}": float(s / n) for k, (s, n) in zip(kinds, totals.tolist()) if n})
                 kind_nll.zero_()
             rt.metrics.log(step, **metrics)
