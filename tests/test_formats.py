@@ -19,6 +19,7 @@ from vlmalign.data.formats import (
     read_preference_pairs,
     read_qa,
     resolve_video,
+    write_json,
     write_jsonl,
 )
 from vlmalign.errors import DataError
@@ -416,6 +417,25 @@ def test_write_jsonl_round_trip_and_atomic(tmp_path):
     # The old file is untouched and no temp file is left behind.
     assert [r for _, r in iter_json_records(path)] == records
     assert os.listdir(path.parent) == ["prefs.jsonl"]
+
+
+def test_write_json_is_whole_or_absent_even_with_writers_side_by_side(tmp_path):
+    """The gym's seeds write the same shared file side by side: each write lands whole."""
+    import threading
+
+    path = tmp_path / "bench" / "rows.json"
+    rows = [{"id": str(i), "text": "é" * 50} for i in range(2000)]
+    threads = [threading.Thread(target=write_json, args=(path, rows)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert json.loads(path.read_text(encoding="utf-8")) == rows and os.listdir(path.parent) == ["rows.json"]
+    write_json(path, {"a": 1}, indent=1)
+    assert path.read_text(encoding="utf-8") == '{\n "a": 1\n}\n'
+    with pytest.raises(TypeError):
+        write_json(path, {"a": object()})  # fails mid-write: the old file stays, no temp file is left
+    assert json.loads(path.read_text(encoding="utf-8")) == {"a": 1} and os.listdir(path.parent) == ["rows.json"]
 
 
 def test_append_jsonl(tmp_path):

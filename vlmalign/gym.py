@@ -56,6 +56,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vlmalign.config import DPOConfig, GRPOConfig, PPOConfig, RMConfig, SFTConfig, load_config
+from vlmalign.data.formats import write_json
 from vlmalign.errors import VlmalignError
 from vlmalign.pipeline import CONFIGS, Budget, Pipeline, _sets, mean_std
 
@@ -238,9 +239,7 @@ class Gym:
             if not rows:
                 raise VlmalignError(f"perception stage: no {', '.join(self.budget.perception_types)} questions about "
                                     f"one-object training videos in {self.bench} (max_objects {self.budget.max_objects})")
-            tmp = data.with_suffix(f".{self.seed}.tmp")  # seeds may run side by side: each writes the same rows
-            tmp.write_text(json.dumps(rows))
-            tmp.replace(data)
+            write_json(data, rows)  # seeds may run side by side: each writes the same rows, whole
         return self.sft("perception", [data.name], steps=self.budget.perception_steps)
 
     def oracle_pairs(self, start: Path) -> Path:
@@ -405,9 +404,7 @@ class Gym:
             for r in rows:
                 order.setdefault(r["video"], len(order))
             rows.sort(key=lambda r: order[r["video"]])  # stable: a video's short questions keep their order
-            tmp = path.with_suffix(f".{self.seed}.tmp")  # seeds may run side by side: each writes the same rows
-            tmp.write_text(json.dumps(rows))
-            tmp.replace(path)
+            write_json(path, rows)  # seeds may run side by side: each writes the same rows, whole
         return path
 
     def isr_dpo(self, start: Path, name: str, mode: str, judge: dict) -> Path:
@@ -465,9 +462,7 @@ def typed_records(records: Path, types: tuple[str, ...], out: Path) -> Path:
         rows = [r for r in json.loads(records.read_text()) if r["question_type"] in types]
         if not rows:
             raise VlmalignError(f"{records}: no {', '.join(types)} records for the reader's first stage")
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rows, ensure_ascii=False))
-        tmp.replace(out)
+        write_json(out, rows)
     return out
 
 
@@ -514,10 +509,7 @@ def reader_records(bench: Path, out: Path) -> Path:
             reply = wordings[int(rng.integers(len(wordings)))]
             records.append({"id": f"{r['id']}_{kind.replace(' ', '_')}", "question_type": r.get("question_type"),
                             "conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": reply}]})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(records, ensure_ascii=False))
-    tmp.replace(out)
+    write_json(out, records)
     return out
 
 

@@ -36,6 +36,7 @@ import os
 import re
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -615,8 +616,10 @@ def _video_name(r: _Record) -> str:
 # ----------------------------------------------------------------------------- writing
 
 
-def write_jsonl(path, records: Iterable[dict]) -> None:
-    """Write records as JSONL atomically: readers see the old file or the whole new one."""
+@contextmanager
+def _atomic_file(path):
+    """A text file that replaces `path` whole when the block ends, and never exists half-written: a
+    reader (or a process writing the same file beside this one) sees the old file or a whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A unique name in the same folder, so os.replace is a rename on one filesystem; created
@@ -624,14 +627,26 @@ def write_jsonl(path, records: Iterable[dict]) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, "x", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_jsonl(path, records: Iterable[dict]) -> None:
+    """Write records as JSONL atomically: readers see the old file or the whole new one."""
+    with _atomic_file(path) as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def write_json(path, obj, indent: int | None = None) -> None:
+    """Write one JSON document atomically, as `write_jsonl` writes lines."""
+    with _atomic_file(path) as f:
+        f.write(json.dumps(obj, ensure_ascii=False, indent=indent) + "\n")
 
 
 def append_jsonl(path, record: dict) -> None:

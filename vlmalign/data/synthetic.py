@@ -50,7 +50,6 @@ import json
 import math
 import os
 import re
-import uuid
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -59,6 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vlmalign.data.formats import write_json
 from vlmalign.errors import VlmalignError
 
 # 1.1: videos encoded deterministically (x264 mbtree off); 1.2: retrieval and action files; 2.0: declared
@@ -612,12 +612,6 @@ def describe_variants(meta: dict, rng) -> list[str]:
 # ------------------------------------------------------------------------------------- writing
 
 
-def _dump(path: Path, obj, indent: int | None = 1) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=indent) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _llava(rid: str, video: str, prompt: str, reply: str, **extra) -> dict:
     return {"id": rid, "video": video,
             "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": reply}], **extra}
@@ -789,9 +783,9 @@ def generate_benchmark(out_dir, num_videos: int = 600, seed: int = 0, num_frames
     if not misalignment.clean:
         files |= {"sft_clean_easy.json": clean_easy, "sft_clean_hard.json": clean_hard}
     for name, records in files.items():
-        _dump(out / name, records)
+        write_json(out / name, records, indent=1)
     (out / "action_classes.txt").write_text("".join(ACTION_CLASS.format(d) + "\n" for d in DIRECTIONS))
-    _dump(out / "captions.json", captions)
+    write_json(out / "captions.json", captions, indent=1)
     with open(out / ".metadata.jsonl.tmp", "w", encoding="utf-8") as fh:
         for meta in metas:
             fh.write(json.dumps(meta, ensure_ascii=False, separators=(",", ":")) + "\n")
@@ -822,7 +816,7 @@ def generate_benchmark(out_dir, num_videos: int = 600, seed: int = 0, num_frames
                        "hard_types": list(HARD_TYPES)},
         "question_templates": {k: list(v) for k, v in QUESTION_TEMPLATES.items()},
     }
-    _dump(out / "manifest.json", manifest)
+    write_json(out / "manifest.json", manifest, indent=1)
     return manifest
 
 
