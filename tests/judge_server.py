@@ -42,11 +42,11 @@ class _Server(ThreadingHTTPServer):
 
 class FakeJudgeServer:
     def __init__(self, seed: int = 0, rate_limit: float = 0.0, server_error: float = 0.0, slow: float = 0.0,
-                 garbage: float = 0.0, slow_s: float = 1.0, model: str = "judge-model-2024-05-13",
+                 garbage: float = 0.0, slow_s: float = 2.5, model: str = "judge-model-2024-05-13",
                  reject_auth: bool = False):
         self.seed = seed
         self.rates = [("429", rate_limit), ("500", server_error), ("slow", slow), ("garbage", garbage)]
-        self.slow_s = slow_s
+        self.slow_s = slow_s  # past the judge tests' client timeout (1 s), with a margin for a loaded machine
         self.model = model
         self.reject_auth = reject_auth  # answer 401, echoing the Authorization header like some servers do
         self.lock = threading.Lock()

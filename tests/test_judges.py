@@ -189,7 +189,7 @@ def test_oracle_tie_is_no_pair(tiny_bench, bench_items, tmp_path):
 
 @pytest.fixture(scope="module", autouse=True)
 def warm_openai_client():
-    """The client's first request pays for lazy imports (~0.3 s), longer than the tiny timeouts
+    """The client's first request pays for lazy imports (~0.3 s), a share of the short timeouts
     the fault tests use; pay it once here, against a throwaway server."""
     import openai
 
@@ -220,7 +220,7 @@ def _score_requests(n, tag="s"):
 
 def test_openai_judge_survives_faults_and_never_judges_twice(tmp_path, monkeypatch):
     monkeypatch.delenv(KEY_ENV, raising=False)  # local server: a placeholder key is used
-    with FakeJudgeServer(seed=3, rate_limit=0.2, server_error=0.15, slow=0.08, garbage=0.15, slow_s=2.5) as server:
+    with FakeJudgeServer(seed=3, rate_limit=0.2, server_error=0.15, slow=0.08, garbage=0.15) as server:
         cfg = _openai_cfg(server, reask=0)  # unreadable replies stay unread here; re-asking is tested below
         judge = build_judge(cfg, tmp_path / "cache.sqlite", progress=False)
         compares, scores = _compare_requests(30), _score_requests(15)

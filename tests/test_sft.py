@@ -183,13 +183,13 @@ def test_killed_sft_process_resumes(tiny_bench, tmp_path):
 
     run_dir = tmp_path / "run"
     args = ["train-sft", "--config", TINY]
-    # ~100 steps, a checkpoint every 2. Kill at the first checkpoint seen, whichever it is: only the
+    # 54 steps, a checkpoint every 2. Kill at the first checkpoint seen, whichever it is: only the
     # newest two are kept, so waiting for one step's folder can miss it and outwait a fast run.
-    for o in sft_overrides(tiny_bench, run_dir, **{"train.save_every": "2", "curriculum.epochs_per_stage": "12"}):
+    for o in sft_overrides(tiny_bench, run_dir, **{"train.save_every": "2", "curriculum.epochs_per_stage": "6"}):
         args += ["--set", o]
     proc = subprocess.Popen([sys.executable, "-m", "vlmalign.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while time.time() < deadline and not list((run_dir / "checkpoints").glob("step-*")):
+    while proc.poll() is None and time.time() < deadline and not list((run_dir / "checkpoints").glob("step-*")):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -217,7 +217,7 @@ class Gym:
         b = self.budget
         length = {"train__epochs": b.sft_epochs}
         if steps is not None:
-            samples = sum(len(json.loads((self.bench / f).read_text())) for f in files)
+            samples = sum(len(json.loads((self.bench / f).read_text(encoding="utf-8"))) for f in files)
             length = {"train__epochs": math.ceil(steps / math.ceil(samples / b.sft_batch_size)), "train__max_steps": steps}
         optimiser = {k: v for k, v in {"train__lr": b.sft_lr, "train__scheduler": b.sft_scheduler,
                                        "train__weight_decay": b.sft_weight_decay}.items() if v is not None}
@@ -232,9 +232,9 @@ class Gym:
         about the training videos that show one object."""
         data = self.bench / "perception_train.json"  # beside the files whose videos its rows name
         if not data.is_file():
-            one_object = {v["id"] for v in map(json.loads, (self.bench / "metadata.jsonl").read_text().splitlines())
+            one_object = {v["id"] for v in map(json.loads, (self.bench / "metadata.jsonl").read_text(encoding="utf-8").splitlines())
                           if v["split"] == "train" and len(v["objects"]) == 1}
-            rows = [r for f in ("sft_clean_easy.json", "sft_clean_hard.json") for r in json.loads((self.bench / f).read_text())
+            rows = [r for f in ("sft_clean_easy.json", "sft_clean_hard.json") for r in json.loads((self.bench / f).read_text(encoding="utf-8"))
                     if r["question_type"] in self.budget.perception_types and r["id"].rsplit("_q", 1)[0] in one_object]
             if not rows:
                 raise VlmalignError(f"perception stage: no {', '.join(self.budget.perception_types)} questions about "
@@ -369,7 +369,7 @@ class Gym:
 
         out = self.out / "reader-probe"
         if (out / "probe.json").is_file():
-            return json.loads((out / "probe.json").read_text())
+            return json.loads((out / "probe.json").read_text(encoding="utf-8"))
         out.mkdir(parents=True, exist_ok=True)
         questions = read_questions([str(self.bench / "qa_test.json")], None, None)
         pairs = true_vs_wrong_pairs(Oracle.from_dir(self.bench), questions, self.seed)
@@ -399,7 +399,7 @@ class Gym:
         (2,100 in the grid designs), and the judge only ever compared two descriptions."""
         path = self.bench / "isr_questions.json"  # beside the files whose videos its rows name
         if not path.is_file():
-            rows = [r for f in ("sft_easy.json", "sft_hard.json") for r in json.loads((self.bench / f).read_text())]
+            rows = [r for f in ("sft_easy.json", "sft_hard.json") for r in json.loads((self.bench / f).read_text(encoding="utf-8"))]
             order: dict[str, int] = {}
             for r in rows:
                 order.setdefault(r["video"], len(order))
@@ -427,7 +427,7 @@ class Gym:
         from vlmalign.eval.synthetic import evaluate_synthetic
 
         out = model_dir.parent / "gym-eval"
-        report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else evaluate_synthetic(
+        report = json.loads((out / "report.json").read_text(encoding="utf-8")) if (out / "report.json").is_file() else evaluate_synthetic(
             model_dir, self.bench, out, limit=self.budget.eval_limit, feature_cache=self.pipe.feature_cache, progress=False)
         row = {q: r["accuracy"] for q, r in report["results"].items()}
         row.update(prior_split(self.bench, out))
@@ -440,12 +440,12 @@ class Gym:
         from vlmalign.feedback.preferences import read_questions
 
         path = self.out / "dpo" / "prefs" / "samples.jsonl"
-        if not path.is_file() or not path.read_text().strip():
+        if not path.is_file() or not path.read_text(encoding="utf-8").strip():
             return {}
         oracle = Oracle.from_dir(self.bench)
         questions = {q.id: q for q in read_questions([str(self.bench / "sft_easy.json")], None, None)}
         hits = []
-        for line in path.read_text().splitlines():
+        for line in path.read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
             q = questions[row["id"]]
             hits.append([oracle.verdict(q.video, q.question, a["text"]).correct for a in row["answers"]])
@@ -459,7 +459,7 @@ READER_CONTEXTS = ("caption", "clip captions", "description", "none")
 def typed_records(records: Path, types: tuple[str, ...], out: Path) -> Path:
     """The records of `records` whose question type is one of `types`, in their order (written once)."""
     if not out.is_file():
-        rows = [r for r in json.loads(records.read_text()) if r["question_type"] in types]
+        rows = [r for r in json.loads(records.read_text(encoding="utf-8")) if r["question_type"] in types]
         if not rows:
             raise VlmalignError(f"{records}: no {', '.join(types)} records for the reader's first stage")
         write_json(out, rows)
@@ -488,12 +488,12 @@ def reader_records(bench: Path, out: Path) -> Path:
         if not (bench / name).is_file():
             raise VlmalignError(f"{bench / name}: missing; the reader judge trains on a benchmark with a declared misalignment")
     oracle = Oracle.from_dir(bench)
-    captions = json.loads((bench / "captions.json").read_text())
-    hard = json.loads((bench / "sft_clean_hard.json").read_text())
+    captions = json.loads((bench / "captions.json").read_text(encoding="utf-8"))
+    hard = json.loads((bench / "sft_clean_hard.json").read_text(encoding="utf-8"))
     describe = {r["id"].rsplit("_q", 1)[0]: r["conversations"][1]["value"] for r in hard}
     rng = np.random.default_rng(0)
     records = []
-    for r in json.loads((bench / "sft_clean_easy.json").read_text()) + hard:
+    for r in json.loads((bench / "sft_clean_easy.json").read_text(encoding="utf-8")) + hard:
         vid = r["id"].rsplit("_q", 1)[0]
         question, answer = r["conversations"][0]["value"], r["conversations"][1]["value"]
         contexts = dict(zip(READER_CONTEXTS, (captions[vid]["caption"], " ".join(captions[vid]["clip_captions"]["3"]),
@@ -519,8 +519,8 @@ def prior_split(bench: Path, eval_dir: Path) -> dict:
     from vlmalign.feedback.oracle import Oracle
 
     oracle = Oracle.from_dir(bench)
-    predictions = [json.loads(line) for line in (eval_dir / "predictions.jsonl").read_text().splitlines()]
-    verdicts = {j["id"]: j["verdict"] == "yes" for j in map(json.loads, (eval_dir / "judgments.jsonl").read_text().splitlines())}
+    predictions = [json.loads(line) for line in (eval_dir / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    verdicts = {j["id"]: j["verdict"] == "yes" for j in map(json.loads, (eval_dir / "judgments.jsonl").read_text(encoding="utf-8").splitlines())}
     groups: dict[str, list[bool]] = {"truth = prior": [], "truth != prior": []}
     for p in predictions:
         parsed = syn.parse_question(p["question"])
@@ -532,7 +532,7 @@ def prior_split(bench: Path, eval_dir: Path) -> dict:
 def tau_over_training(metrics_path: Path) -> dict:
     """Kendall tau between the policy's log-prob ranking and the judge's, at the first and the last
     logged rollout: whether rank training made the policy order its answers as the judge does."""
-    taus = [row["kendall_tau"] for row in map(json.loads, metrics_path.read_text().splitlines())
+    taus = [row["kendall_tau"] for row in map(json.loads, metrics_path.read_text(encoding="utf-8").splitlines())
             if row.get("kendall_tau") is not None]
     return {"tau_first": taus[0], "tau_last": taus[-1]} if taus else {}
 
@@ -614,7 +614,7 @@ def _add_minutes(seed_dir: Path, methods, minutes: float) -> float:
     log = seed_dir / "minutes.jsonl"
     with log.open("a") as f:
         f.write(json.dumps({"methods": list(methods), "minutes": round(minutes, 2)}) + "\n")
-    return sum(json.loads(line)["minutes"] for line in log.read_text().splitlines() if line.strip())
+    return sum(json.loads(line)["minutes"] for line in log.read_text(encoding="utf-8").splitlines() if line.strip())
 
 
 def _run_method(gym: Gym, start: Path, reader: Path | None, method: str, variant: str) -> Path:
@@ -643,11 +643,11 @@ def feedback_stats(seed_dir: Path, method: str, variant: str) -> dict:
     """What the feedback of a judged run was: the judge's agreement with the oracle on the pairs it
     judged (ISR-DPO: per iteration) and the chosen/rejected length ratio."""
     if method == "isr_dpo":
-        summary = json.loads((seed_dir / (method + variant) / "summary.json").read_text())
+        summary = json.loads((seed_dir / (method + variant) / "summary.json").read_text(encoding="utf-8"))
         return {"iterations": [{"agreement": s.get("oracle_agreement", {}).get("agreement"), "pairs": s["pairs"],
                                 "length_ratio": s["length_ratio"]} for s in summary]}
     if method == "vlm_rlaif" and variant != "-control":
-        stats = json.loads((seed_dir / (method + variant) / "prefs" / "stats.json").read_text())
+        stats = json.loads((seed_dir / (method + variant) / "prefs" / "stats.json").read_text(encoding="utf-8"))
         return {"iterations": [{"agreement": stats.get("oracle_agreement", {}).get("agreement"), "pairs": stats["pairs"],
                                 "length_ratio": stats["length_ratio"]}]}
     return {}
@@ -672,7 +672,7 @@ def run_gym(out="runs/gym", budget: GymBudget = PERCEPTION, seeds=(0, 1, 2), pro
         if not (bench / "manifest.json").is_file():
             write_benchmark(bench, budget, progress)
     runs = run_seeds(out, budget, list(seeds), bench, progress, jobs)
-    manifest = json.loads((bench / "manifest.json").read_text())
+    manifest = json.loads((bench / "manifest.json").read_text(encoding="utf-8"))
     text = format_gym(runs, manifest, budget, command)
     (out / "gym.md").write_text(text + "\n")
     (out / "gym.json").write_text(json.dumps({"budget": asdict(budget), "command": command, "seeds": runs}, indent=2))
@@ -752,7 +752,7 @@ def _check_settings(out: Path, budget: GymBudget) -> None:
     settings = {**recordable(budget), "generator": GENERATOR_VERSION}
     path = out / "gym-settings.json"
     if path.is_file():
-        recorded = {**recordable(GymBudget()), **json.loads(path.read_text())}
+        recorded = {**recordable(GymBudget()), **json.loads(path.read_text(encoding="utf-8"))}
         changed = sorted(k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k))
         if changed:
             raise VlmalignError(f"{out} holds a gym run with other settings ({', '.join(changed)}); "

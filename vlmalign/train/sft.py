@@ -103,7 +103,7 @@ def run(cfg: SFTConfig) -> Path:
     # one type stays on its plateau (the gym's reader and direction in the SFT mix, docs/results.md).
     kinds = sorted({s.kind for _, samples in stages for s in samples if s.kind})
     kind_rows = {kind: i for i, kind in enumerate(kinds)}
-    kind_nll = torch.zeros(len(kinds) + 1, 2, device=acc.device)  # per kind since the last log: NLL, tokens; last row: no kind
+    kind_nll = torch.zeros(len(kinds) + 1, 2, dtype=torch.float32, device=acc.device)  # per kind since the last log: NLL, tokens; last row: no kind
 
     run = prepare_training(rt, model, train, total_steps, cfg.run.resume)
     model, optimizer, scheduler, checkpointer, step = run.model, run.optimizer, run.scheduler, run.checkpointer, run.step
