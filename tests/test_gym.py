@@ -291,13 +291,17 @@ def test_table_reports_the_reader_probe_and_the_judged_runs_feedback():
 
 
 @pytest.mark.e2e
-def test_judged_methods_run_with_their_twins_and_controls_from_one_command(tmp_path, one_thread):
+def test_judged_methods_run_with_their_twins_and_controls_from_one_command(tmp_path, one_thread, monkeypatch):
     """`vlmalign gym --methods isr_dpo,vlm_rlaif,ppo,ppo_oracle` at toy sizes: the reader judge is
     trained and probed, each judged method runs with its context-free twin and its control, and the
     table says what the judge read and how often it agreed with the oracle; the oracle's RM + PPO
     trains its reward model on DPO's oracle pairs, and PPO on the oracle's scores needs none.
-    (Whether they learn is the full gym's question: docs/results.md.)"""
+    (Whether they learn is the full gym's question: docs/results.md.) It runs from a folder outside
+    the repository, as users run the gym: no stage may read a path relative to the repository."""
     from vlmalign.gym import run_gym
+
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
 
     toy = GymBudget(videos=40, splits=(0.6, 0.1, 0.3), max_objects=1, sft_epochs=1, sft_batch_size=8, reader_epochs=1,
                     reader_first_types=("colour",), reader_first_epochs=1,

@@ -419,7 +419,10 @@ class Gym:
             loop__sampling__max_new_tokens=64,
             loop__context_mode=mode, loop__preferences__oracle=self.bench, loop__eval_qa="null",
             train__seed=self.seed, train__epochs=max(1, self.budget.dpo_epochs // self.budget.isr_iterations),
-            train__lr=self.budget.dpo_lr, dpo__sft_weight=self.budget.dpo_sft_weight, **judge, **self.common)))
+            train__lr=self.budget.dpo_lr, dpo__sft_weight=self.budget.dpo_sft_weight,
+            # the policy writes its contexts from the tiny prompts whatever judges; isr_dpo.yaml names
+            # them relative to the repository, which is not where a gym runs from
+            **{"loop__judge__prompts": CONFIGS / "prompts", **judge}, **self.common)))
 
     # --- measurements ------------------------------------------------------------------------------
     def evaluate(self, model_dir: Path) -> dict:
