@@ -303,7 +303,7 @@ def test_judged_methods_run_with_their_twins_and_controls_from_one_command(tmp_p
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
 
-    toy = GymBudget(videos=40, splits=(0.6, 0.1, 0.3), max_objects=1, sft_epochs=1, sft_batch_size=8, reader_epochs=1,
+    toy = GymBudget(videos=40, splits=(0.6, 0.1, 0.3), max_objects=1, sft_epochs=1, sft_batch_size=8, sft_lr=1.5e-3, reader_epochs=1,
                     reader_first_types=("colour",), reader_first_epochs=1,
                     dpo_questions=12, dpo_epochs=2, isr_iterations=2, rm_questions=12, ppo_rollouts=1, eval_limit=12,
                     methods=("isr_dpo", "vlm_rlaif", "ppo", "ppo_oracle"))
@@ -317,6 +317,8 @@ def test_judged_methods_run_with_their_twins_and_controls_from_one_command(tmp_p
     assert first["data"]["train"] == [str(gym / "reader-data" / "records-colour.json")] and first["model"]["init_from"] is None
     assert mix["data"]["train"] == [str(gym / "reader-data" / "records.json")]
     assert mix["model"]["init_from"] == str(gym / "reader-first" / "final")
+    # the reader trains with the budget's SFT optimiser, as the SFT models do
+    assert first["train"]["lr"] == mix["train"]["lr"] == 1.5e-3
     for name in ("isr_dpo", "isr_dpo-none", "isr_dpo-control", "vlm_rlaif", "vlm_rlaif-none", "vlm_rlaif-control",
                  "ppo", "ppo-control", "ppo_oracle", "ppo_oracle-control"):
         assert "failed" not in run[name] and 0 <= run[name]["all"] <= 1, (name, run[name])

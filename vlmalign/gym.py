@@ -118,7 +118,7 @@ class GymBudget:
     ppo_rollouts: int = 150
     ppo_lr: float = 3e-4
     # The reader judge: a fresh model of the policy's size, SFT on text only (4 contexts per training
-    # question). Declared before it was run: the SFT models' own batch and lr, 8 epochs.
+    # question). Declared before it was run: the SFT models' own batch and optimiser, 8 epochs.
     reader_epochs: int = 8
     # A first reader stage on the records of these question types alone (none: no first stage), for
     # `reader_first_epochs`, that the mix then continues: in the mix of every type the grid designs'
@@ -170,12 +170,13 @@ GRID = GymBudget(videos=2400, splits=(0.875, 0.035, 0.09), frame_grid=2, visual_
 # SFT models from it; every SFT stage at lr 1e-3, constant, weight decay 0.01 (the optimiser with which
 # direction left its plateau). Measured on 3 seeds: gap +42.0, oracle-fed DPO +31.6 and GRPO +31.5,
 # their controls within about a point; the pooled design's were +18.4, +13.9 and +12.4.
-# Its reader (declared before it ran, fifteenth session): 3 epochs of the colour records (1,029 steps),
-# then 2 epochs of the whole mix (3,084 steps): the 1-epoch reader read colour at chance with every context.
-# Measured on 3 seeds: colour 93% with the caption and 90% with the start's narrative, shape down to 59%,
-# direction at chance; ISR-DPO +9.3 with it (docs/results.md).
+# Its reader (declared before it ran, sixteenth session): 2 epochs of the whole mix (3,084 steps) with
+# the design's SFT optimiser, as every SFT model (`Gym.sft_optimiser`). The fifteenth session's reader
+# (3 epochs of colour first, then the mix at configs/tiny/sft.yaml's lr 2e-3, cosine) read colour but
+# lost shape and never read direction: 73.6% with the caption on 3 seeds; this one 95.2% on seed 0's
+# probe, every type above 92% (docs/results.md).
 PERCEPTION = dataclasses.replace(GRID, sft_lr=1e-3, sft_scheduler="constant", sft_weight_decay=0.01, perception_steps=3000,
-                                 reader_first_types=("colour",), reader_epochs=2)
+                                 reader_epochs=2)
 DESIGNS = {"perception": PERCEPTION, "grid": GRID, "pooled": POOLED, "quick": QUICK}
 
 
@@ -219,13 +220,18 @@ class Gym:
         if steps is not None:
             samples = sum(len(json.loads((self.bench / f).read_text(encoding="utf-8"))) for f in files)
             length = {"train__epochs": math.ceil(steps / math.ceil(samples / b.sft_batch_size)), "train__max_steps": steps}
-        optimiser = {k: v for k, v in {"train__lr": b.sft_lr, "train__scheduler": b.sft_scheduler,
-                                       "train__weight_decay": b.sft_weight_decay}.items() if v is not None}
         cfg = load_config(SFTConfig, CONFIGS / "sft.yaml", _sets(
             run__dir=self.out / name, curriculum__criterion="none", train__batch_size=b.sft_batch_size,
             train__seed=self.seed, data__train="[" + ",".join(str(self.bench / f) for f in files) + "]", data__max_length=512,
-            **length, **optimiser, **({"model__init_from": start} if start else self.initial_model()), **self.common))
+            **length, **self.sft_optimiser(), **({"model__init_from": start} if start else self.initial_model()), **self.common))
         return sft.run(cfg)
+
+    def sft_optimiser(self) -> dict:
+        """The budget's SFT optimiser settings, where it sets them (else configs/tiny/sft.yaml's): every
+        SFT model of the gym trains with them, the reader judge included."""
+        b = self.budget
+        return {k: v for k, v in {"train__lr": b.sft_lr, "train__scheduler": b.sft_scheduler,
+                                  "train__weight_decay": b.sft_weight_decay}.items() if v is not None}
 
     def perception(self) -> Path:
         """The perception stage's model: SFT on the true answers to the `perception_types` questions
@@ -335,7 +341,8 @@ class Gym:
         def train(run_dir: Path, records: Path, epochs: int, start: dict) -> Path:
             return sft.run(load_config(SFTConfig, CONFIGS / "sft.yaml", _sets(
                 run__dir=run_dir, curriculum__criterion="none", train__epochs=epochs, train__batch_size=b.sft_batch_size,
-                train__seed=b.bench_seed, data__train=f"[{records}]", data__max_length=512, **start, **self.common)))
+                train__seed=b.bench_seed, data__train=f"[{records}]", data__max_length=512, **self.sft_optimiser(),
+                **start, **self.common)))
 
         with one_writer(root / ".reader.lock"):
             records = reader_records(self.bench, root / "reader-data" / "records.json")

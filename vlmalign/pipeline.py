@@ -148,7 +148,8 @@ class Pipeline:
     def prefs_config(self, run_dir: Path, policy: Path, **extra) -> PrefsConfig:
         values = dict(run__dir=run_dir, policy=policy, data__train=f"[{self.bench}/sft_easy.json]",
                       context__captions=self.bench / "captions.json", judge__bench=self.bench,
-                      preferences__oracle=self.bench, seed=self.budget.seed, **self.common(tokenizer=False))
+                      preferences__oracle=self.bench, seed=self.budget.seed, **self.common(tokenizer=False),
+                      judge__prompts=CONFIGS / "prompts")  # prefs.yaml's is relative to the repository
         values.update(extra)
         return load_config(PrefsConfig, CONFIGS / "prefs.yaml", _sets(**values))
 
