@@ -121,9 +121,9 @@ class GymBudget:
     # question). Declared before it was run: the SFT models' own batch and optimiser, 8 epochs.
     reader_epochs: int = 8
     # A first reader stage on the records of these question types alone (none: no first stage), for
-    # `reader_first_epochs`, that the mix then continues: in the mix of every type the grid designs'
-    # reader never learnt to copy a colour from its context; alone it did, and kept it through the
-    # mix after (docs/results.md, "The reader").
+    # `reader_first_epochs`, that the mix then continues. The fifteenth session's perception reader
+    # read colour only after such a stage; with the SFT models' optimiser the mix alone reads every
+    # type (docs/results.md), so no design has one now.
     reader_first_types: tuple[str, ...] = ()
     reader_first_epochs: int = 3
     # ISR-DPO takes DPO's budget (questions, lr, 8 epochs in all), split over its iterations.
