@@ -16,6 +16,7 @@ from vlmalign.data.formats import (
     iter_json_records,
     read_generative,
     read_instructions,
+    read_json,
     read_preference_pairs,
     read_qa,
     resolve_video,
@@ -436,6 +437,23 @@ def test_write_json_is_whole_or_absent_even_with_writers_side_by_side(tmp_path):
     with pytest.raises(TypeError):
         write_json(path, {"a": object()})  # fails mid-write: the old file stays, no temp file is left
     assert json.loads(path.read_text(encoding="utf-8")) == {"a": 1} and os.listdir(path.parent) == ["rows.json"]
+
+
+def test_read_json_round_trips_and_names_the_file_in_one_line(tmp_path):
+    """A truncated summary (a run killed while an old version wrote it) or a missing report is
+    one line naming the file, not a JSONDecodeError's traceback from deep inside the gym."""
+    path = tmp_path / "run" / "summary.json"
+    write_json(path, {"accuracy": 0.5, "name": "é"}, indent=2)
+    assert read_json(path) == {"accuracy": 0.5, "name": "é"}
+    path.write_text('{\n  "accuracy": 0.5,\n  "name"', encoding="utf-8")
+    with pytest.raises(DataError, match=r"summary\.json:3: invalid JSON") as e:
+        read_json(path)
+    assert "\n" not in str(e.value)
+    with pytest.raises(DataError, match=r"report\.json: file not found"):
+        read_json(tmp_path / "run" / "report.json")
+    path.write_bytes(b'{"name": "\xff"}')
+    with pytest.raises(DataError, match=r"summary\.json: not UTF-8 text"):
+        read_json(path)
 
 
 def test_append_jsonl(tmp_path):

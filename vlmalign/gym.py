@@ -56,7 +56,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vlmalign.config import DPOConfig, GRPOConfig, PPOConfig, RMConfig, SFTConfig, load_config
-from vlmalign.data.formats import write_json
+from vlmalign.data.formats import append_jsonl, iter_json_records, read_json, write_json
 from vlmalign.errors import VlmalignError
 from vlmalign.pipeline import CONFIGS, Budget, Pipeline, _sets, mean_std
 
@@ -218,7 +218,7 @@ class Gym:
         b = self.budget
         length = {"train__epochs": b.sft_epochs}
         if steps is not None:
-            samples = sum(len(json.loads((self.bench / f).read_text(encoding="utf-8"))) for f in files)
+            samples = sum(len(read_json(self.bench / f)) for f in files)
             length = {"train__epochs": math.ceil(steps / math.ceil(samples / b.sft_batch_size)), "train__max_steps": steps}
         cfg = load_config(SFTConfig, CONFIGS / "sft.yaml", _sets(
             run__dir=self.out / name, curriculum__criterion="none", train__batch_size=b.sft_batch_size,
@@ -238,9 +238,9 @@ class Gym:
         about the training videos that show one object."""
         data = self.bench / "perception_train.json"  # beside the files whose videos its rows name
         if not data.is_file():
-            one_object = {v["id"] for v in map(json.loads, (self.bench / "metadata.jsonl").read_text(encoding="utf-8").splitlines())
+            one_object = {v["id"] for _, v in iter_json_records(self.bench / "metadata.jsonl")
                           if v["split"] == "train" and len(v["objects"]) == 1}
-            rows = [r for f in ("sft_clean_easy.json", "sft_clean_hard.json") for r in json.loads((self.bench / f).read_text(encoding="utf-8"))
+            rows = [r for f in ("sft_clean_easy.json", "sft_clean_hard.json") for r in read_json(self.bench / f)
                     if r["question_type"] in self.budget.perception_types and r["id"].rsplit("_q", 1)[0] in one_object]
             if not rows:
                 raise VlmalignError(f"perception stage: no {', '.join(self.budget.perception_types)} questions about "
@@ -376,7 +376,7 @@ class Gym:
 
         out = self.out / "reader-probe"
         if (out / "probe.json").is_file():
-            return json.loads((out / "probe.json").read_text(encoding="utf-8"))
+            return read_json(out / "probe.json")
         out.mkdir(parents=True, exist_ok=True)
         questions = read_questions([str(self.bench / "qa_test.json")], None, None)
         pairs = true_vs_wrong_pairs(Oracle.from_dir(self.bench), questions, self.seed)
@@ -394,7 +394,7 @@ class Gym:
         for name, ctx in contexts.items():
             result[name] = probe_judge(judge, pairs, ctx)  # each pair judged once: the split below reads the cache
             result[name]["by_type"] = {t: probe_judge(judge, typed, ctx)["accuracy"] for t, typed in by_type.items() if typed}
-        (out / "probe.json").write_text(json.dumps(result, indent=2))
+        write_json(out / "probe.json", result, indent=2)
         return result
 
     def isr_questions(self) -> Path:
@@ -406,7 +406,7 @@ class Gym:
         (2,100 in the grid designs), and the judge only ever compared two descriptions."""
         path = self.bench / "isr_questions.json"  # beside the files whose videos its rows name
         if not path.is_file():
-            rows = [r for f in ("sft_easy.json", "sft_hard.json") for r in json.loads((self.bench / f).read_text(encoding="utf-8"))]
+            rows = [r for f in ("sft_easy.json", "sft_hard.json") for r in read_json(self.bench / f)]
             order: dict[str, int] = {}
             for r in rows:
                 order.setdefault(r["video"], len(order))
@@ -437,7 +437,7 @@ class Gym:
         from vlmalign.eval.synthetic import evaluate_synthetic
 
         out = model_dir.parent / "gym-eval"
-        report = json.loads((out / "report.json").read_text(encoding="utf-8")) if (out / "report.json").is_file() else evaluate_synthetic(
+        report = read_json(out / "report.json") if (out / "report.json").is_file() else evaluate_synthetic(
             model_dir, self.bench, out, limit=self.budget.eval_limit, feature_cache=self.pipe.feature_cache, progress=False)
         row = {q: r["accuracy"] for q, r in report["results"].items()}
         row.update(prior_split(self.bench, out))
@@ -455,8 +455,7 @@ class Gym:
         oracle = Oracle.from_dir(self.bench)
         questions = {q.id: q for q in read_questions([str(self.bench / "sft_easy.json")], None, None)}
         hits = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
+        for _, row in iter_json_records(path):
             q = questions[row["id"]]
             hits.append([oracle.verdict(q.video, q.question, a["text"]).correct for a in row["answers"]])
         return {"k": len(hits[0]), "pass_at_k": sum(any(h) for h in hits) / len(hits),
@@ -469,7 +468,7 @@ READER_CONTEXTS = ("caption", "clip captions", "description", "none")
 def typed_records(records: Path, types: tuple[str, ...], out: Path) -> Path:
     """The records of `records` whose question type is one of `types`, in their order (written once)."""
     if not out.is_file():
-        rows = [r for r in json.loads(records.read_text(encoding="utf-8")) if r["question_type"] in types]
+        rows = [r for r in read_json(records) if r["question_type"] in types]
         if not rows:
             raise VlmalignError(f"{records}: no {', '.join(types)} records for the reader's first stage")
         write_json(out, rows)
@@ -498,12 +497,12 @@ def reader_records(bench: Path, out: Path) -> Path:
         if not (bench / name).is_file():
             raise VlmalignError(f"{bench / name}: missing; the reader judge trains on a benchmark with a declared misalignment")
     oracle = Oracle.from_dir(bench)
-    captions = json.loads((bench / "captions.json").read_text(encoding="utf-8"))
-    hard = json.loads((bench / "sft_clean_hard.json").read_text(encoding="utf-8"))
+    captions = read_json(bench / "captions.json")
+    hard = read_json(bench / "sft_clean_hard.json")
     describe = {r["id"].rsplit("_q", 1)[0]: r["conversations"][1]["value"] for r in hard}
     rng = np.random.default_rng(0)
     records = []
-    for r in json.loads((bench / "sft_clean_easy.json").read_text(encoding="utf-8")) + hard:
+    for r in read_json(bench / "sft_clean_easy.json") + hard:
         vid = r["id"].rsplit("_q", 1)[0]
         question, answer = r["conversations"][0]["value"], r["conversations"][1]["value"]
         contexts = dict(zip(READER_CONTEXTS, (captions[vid]["caption"], " ".join(captions[vid]["clip_captions"]["3"]),
@@ -529,8 +528,8 @@ def prior_split(bench: Path, eval_dir: Path) -> dict:
     from vlmalign.feedback.oracle import Oracle
 
     oracle = Oracle.from_dir(bench)
-    predictions = [json.loads(line) for line in (eval_dir / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
-    verdicts = {j["id"]: j["verdict"] == "yes" for j in map(json.loads, (eval_dir / "judgments.jsonl").read_text(encoding="utf-8").splitlines())}
+    predictions = [row for _, row in iter_json_records(eval_dir / "predictions.jsonl")]
+    verdicts = {j["id"]: j["verdict"] == "yes" for _, j in iter_json_records(eval_dir / "judgments.jsonl")}
     groups: dict[str, list[bool]] = {"truth = prior": [], "truth != prior": []}
     for p in predictions:
         parsed = syn.parse_question(p["question"])
@@ -542,7 +541,7 @@ def prior_split(bench: Path, eval_dir: Path) -> dict:
 def tau_over_training(metrics_path: Path) -> dict:
     """Kendall tau between the policy's log-prob ranking and the judge's, at the first and the last
     logged rollout: whether rank training made the policy order its answers as the judge does."""
-    taus = [row["kendall_tau"] for row in map(json.loads, metrics_path.read_text(encoding="utf-8").splitlines())
+    taus = [row["kendall_tau"] for _, row in iter_json_records(metrics_path)
             if row.get("kendall_tau") is not None]
     return {"tau_first": taus[0], "tau_last": taus[-1]} if taus else {}
 
@@ -622,9 +621,8 @@ def _add_minutes(seed_dir: Path, methods, minutes: float) -> float:
     """Log this run's wall minutes in SEED/minutes.jsonl and return the folder's total: a rerun
     reuses finished stages, so its own time alone would read ~0 for work done by earlier runs."""
     log = seed_dir / "minutes.jsonl"
-    with log.open("a") as f:
-        f.write(json.dumps({"methods": list(methods), "minutes": round(minutes, 2)}) + "\n")
-    return sum(json.loads(line)["minutes"] for line in log.read_text(encoding="utf-8").splitlines() if line.strip())
+    append_jsonl(log, {"methods": list(methods), "minutes": round(minutes, 2)})
+    return sum(row["minutes"] for _, row in iter_json_records(log))
 
 
 def _run_method(gym: Gym, start: Path, reader: Path | None, method: str, variant: str) -> Path:
@@ -653,11 +651,11 @@ def feedback_stats(seed_dir: Path, method: str, variant: str) -> dict:
     """What the feedback of a judged run was: the judge's agreement with the oracle on the pairs it
     judged (ISR-DPO: per iteration) and the chosen/rejected length ratio."""
     if method == "isr_dpo":
-        summary = json.loads((seed_dir / (method + variant) / "summary.json").read_text(encoding="utf-8"))
+        summary = read_json(seed_dir / (method + variant) / "summary.json")
         return {"iterations": [{"agreement": s.get("oracle_agreement", {}).get("agreement"), "pairs": s["pairs"],
                                 "length_ratio": s["length_ratio"]} for s in summary]}
     if method == "vlm_rlaif" and variant != "-control":
-        stats = json.loads((seed_dir / (method + variant) / "prefs" / "stats.json").read_text(encoding="utf-8"))
+        stats = read_json(seed_dir / (method + variant) / "prefs" / "stats.json")
         return {"iterations": [{"agreement": stats.get("oracle_agreement", {}).get("agreement"), "pairs": stats["pairs"],
                                 "length_ratio": stats["length_ratio"]}]}
     return {}
@@ -682,10 +680,10 @@ def run_gym(out="runs/gym", budget: GymBudget = PERCEPTION, seeds=(0, 1, 2), pro
         if not (bench / "manifest.json").is_file():
             write_benchmark(bench, budget, progress)
     runs = run_seeds(out, budget, list(seeds), bench, progress, jobs)
-    manifest = json.loads((bench / "manifest.json").read_text(encoding="utf-8"))
+    manifest = read_json(bench / "manifest.json")
     text = format_gym(runs, manifest, budget, command)
     (out / "gym.md").write_text(text + "\n")
-    (out / "gym.json").write_text(json.dumps({"budget": asdict(budget), "command": command, "seeds": runs}, indent=2))
+    write_json(out / "gym.json", {"budget": asdict(budget), "command": command, "seeds": runs}, indent=2)
     print("\n" + text + f"\n\nresults: {out / 'gym.md'}", flush=True)
     from vlmalign.plots import MissingMatplotlib, plot_gym_tau
 
@@ -762,7 +760,7 @@ def _check_settings(out: Path, budget: GymBudget) -> None:
     settings = {**recordable(budget), "generator": GENERATOR_VERSION}
     path = out / "gym-settings.json"
     if path.is_file():
-        recorded = {**recordable(GymBudget()), **json.loads(path.read_text(encoding="utf-8"))}
+        recorded = {**recordable(GymBudget()), **read_json(path)}
         changed = sorted(k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k))
         if changed:
             raise VlmalignError(f"{out} holds a gym run with other settings ({', '.join(changed)}); "
@@ -771,7 +769,7 @@ def _check_settings(out: Path, budget: GymBudget) -> None:
     if out.exists() and any(out.iterdir()):
         raise VlmalignError(f"{out} is not empty and holds no gym run ({path.name} is missing); use another --out")
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=2))
+    write_json(path, settings, indent=2)
 
 
 def gains(runs: list[dict], name: str, column: str = "all") -> list[float]:

@@ -649,6 +649,18 @@ def write_json(path, obj, indent: int | None = None) -> None:
         f.write(json.dumps(obj, ensure_ascii=False, indent=indent) + "\n")
 
 
+def read_json(path):
+    """One JSON document (a summary, a report, a manifest), or a one-line error naming the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
 def append_jsonl(path, record: dict) -> None:
     """Append one record as a line and make it durable, for outputs that resume after a crash."""
     path = Path(path)

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from vlmalign.config import ContextConfig, PrefsConfig, SamplingConfig, save_config
-from vlmalign.data.formats import VIDEO_TOKEN, iter_json_records, read_instructions, read_qa
+from vlmalign.data.formats import VIDEO_TOKEN, iter_json_records, read_instructions, read_json, read_qa
 from vlmalign.errors import ConfigError, DataError
 from vlmalign.feedback.context import caption_for, load_captions, narratives, retrospective_contexts
 from vlmalign.feedback.judges import JudgeRequest, build_judge
@@ -147,7 +147,7 @@ def load_contexts(path: Path, settings: dict | None = None, videos=()) -> dict |
     after its context settings changed writes them again instead of judging with stale ones)."""
     if not path.is_file():
         return None
-    saved = json.loads(path.read_text(encoding="utf-8"))
+    saved = read_json(path)
     if "settings" not in saved:  # a bare {video: context}, as runs before the settings were kept wrote it
         return saved if settings is None else None
     if settings is not None:

@@ -7,11 +7,10 @@ JSONL the line.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
-from vlmalign.data.formats import iter_json_records
+from vlmalign.data.formats import iter_json_records, read_json
 from vlmalign.errors import DataError
 
 
@@ -26,14 +25,6 @@ def read_jsonl(path: Path, check: Callable[[dict], str | None] | None = None) ->
             raise DataError(f"{path}:{line}: {problem}")
         rows.append(row)
     return rows
-
-
-def read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid JSON ({e.msg})") from None
-
 
 
 def read_json_object(path: Path) -> dict:

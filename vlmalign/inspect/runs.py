@@ -28,7 +28,8 @@ import yaml
 from vlmalign.data.formats import VIDEO_TOKEN
 from vlmalign.errors import DataError, VlmalignError
 from vlmalign.feedback.preferences import load_contexts, video_key
-from vlmalign.inspect.jsonfiles import read_json, read_json_object, read_jsonl
+from vlmalign.data.formats import read_json
+from vlmalign.inspect.jsonfiles import read_json_object, read_jsonl
 
 # folders that hold weights, caches or media, never artifacts to show
 _SKIP = {"checkpoints", "final", "feature_cache", "tensorboard", "videos", "llm", "tokenizer", "vision", "frames",

@@ -79,7 +79,7 @@ from safetensors.torch import load_file, save_file
 
 from vlmalign.config import ModelConfig, QuantizationConfig, config_from_dict, to_dict
 from vlmalign.data.features import VideoCache, frame_count_and_rate, load_frames_at
-from vlmalign.data.formats import VIDEO_TOKEN, Turn
+from vlmalign.data.formats import VIDEO_TOKEN, read_json, Turn
 from vlmalign.data.template import IGNORE_INDEX, Encoded
 from vlmalign.errors import ConfigError, DataError
 from vlmalign.model.generation import DecodeState, cache_name, left_positions
@@ -947,7 +947,7 @@ def _image_stats(path: Path) -> tuple[list[float], list[float]]:
 
     config = path / "preprocessor_config.json" if path.exists() else cached_file(
         str(path), "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
-    stats = json.loads(Path(config).read_text()) if config and Path(config).is_file() else {}
+    stats = read_json(Path(config)) if config and Path(config).is_file() else {}
     return stats.get("image_mean", list(CLIP_MEAN)), stats.get("image_std", list(CLIP_STD))
 
 
@@ -1046,7 +1046,7 @@ def load_hf_video(path, trainable: bool = False, quantization: QuantizationConfi
         base = {"hf": str(path.resolve()) if path.exists() else str(path)}
         model = family(cfg, hf, tokenizer, family.make_frames(cfg, hf.config, mean, std), base, arch)
     else:
-        manifest = json.loads((path / MANIFEST).read_text())
+        manifest = read_json(path / MANIFEST)
         cfg = config_from_dict(ModelConfig, manifest["config"], source=str(path / MANIFEST))
         arch, base = manifest["architecture"], manifest["base"]
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")

@@ -37,7 +37,6 @@ then only call these operations:
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -46,6 +45,7 @@ from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
 from vlmalign.config import ModelConfig, QuantizationConfig
+from vlmalign.data.formats import read_json
 from vlmalign.errors import ConfigError
 from vlmalign.losses import logits_needed
 
@@ -111,7 +111,7 @@ def hf_architecture(path: str | Path) -> str | None:
     path = Path(path)
     if path.exists():
         config = path / "config.json"
-        return (json.loads(config.read_text()).get("architectures") or [None])[0] if config.is_file() else None
+        return (read_json(config).get("architectures") or [None])[0] if config.is_file() else None
     from transformers import AutoConfig
 
     try:
@@ -122,7 +122,7 @@ def hf_architecture(path: str | Path) -> str | None:
 
 def _family(path: Path) -> str:
     if (path / MANIFEST).is_file():
-        return json.loads((path / MANIFEST).read_text()).get("family", "video_lm")
+        return read_json(path / MANIFEST).get("family", "video_lm")
     from vlmalign.model.hf_video import is_hf_video
 
     return "hf_video" if is_hf_video(path) else "video_lm"

@@ -25,7 +25,7 @@ from torch import nn
 
 from vlmalign.config import ModelConfig
 from vlmalign.data.collate import Collator, EncodedSample
-from vlmalign.data.formats import VIDEO_TOKEN, Turn
+from vlmalign.data.formats import VIDEO_TOKEN, read_json, Turn
 from vlmalign.data.template import IGNORE_INDEX
 from vlmalign.errors import ConfigError
 from vlmalign.model.policy import Policy, build_model, load_model
@@ -122,7 +122,7 @@ def load_reward_model(path: str | Path, trainable: bool = False) -> RewardModel:
     if not (path / HEAD_FILE).is_file() or not (path / REWARD_FILE).is_file():
         raise ConfigError(f"not a reward model directory (no {HEAD_FILE} / {REWARD_FILE}; train one with `vlmalign train-rm`): {path}")
     backbone = load_model(path, trainable=trainable)
-    info = json.loads((path / REWARD_FILE).read_text())
+    info = read_json(path / REWARD_FILE)
     head = nn.Linear(backbone.hidden_size, 1)
     head.load_state_dict(load_file(path / HEAD_FILE))
     model = RewardModel(backbone, head, info["evaluation_prompt"], info["prompt"])

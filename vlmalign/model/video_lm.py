@@ -29,6 +29,7 @@ from torch import nn
 
 from vlmalign.config import ModelConfig, QuantizationConfig, config_from_dict, to_dict
 from vlmalign.data import template
+from vlmalign.data.formats import read_json
 from vlmalign.data.template import VISUAL_TOKEN_ID
 from vlmalign.errors import ConfigError
 from vlmalign.model.generation import DecodeState, cache_name, left_positions
@@ -408,7 +409,7 @@ def _model_type(path: Path) -> str | None:
     """model_type of an HF checkpoint: a local folder's config.json, or a hub name (needs the hub)."""
     if path.is_dir():
         config = path / "config.json"
-        return json.loads(config.read_text()).get("model_type") if config.is_file() else None
+        return read_json(config).get("model_type") if config.is_file() else None
     if path.exists():
         return None
     from transformers import AutoConfig
@@ -432,7 +433,7 @@ def load_video_lm(path: str | Path, trainable: bool = False, quantization: Quant
 
             return load_llava_hf(path if path.exists() else str(path))
         raise ConfigError(f"not a vlmalign model directory (no {MANIFEST}) nor a llava-hf checkpoint: {path}")
-    manifest = json.loads((path / MANIFEST).read_text())
+    manifest = read_json(path / MANIFEST)
     cfg = config_from_dict(ModelConfig, manifest["config"], source=str(path / MANIFEST))
     llm_cfg = cfg if quantization is None else dataclasses.replace(cfg, quantization=quantization)
     from transformers import AutoTokenizer

@@ -23,6 +23,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from vlmalign.config import RunConfig, TrainConfig, config_from_dict, save_config, to_dict
+from vlmalign.data.formats import read_json
 from vlmalign.errors import ConfigError, VlmalignError
 
 # --- run directory and metrics --------------------------------------------------------------------
@@ -386,7 +387,7 @@ class Checkpointer:
 
     def load(self, path: Path, model, optimizer, scheduler) -> dict:
         acc = self.runtime.accelerator
-        state = json.loads((path / "state.json").read_text())
+        state = read_json(path / "state.json")
         if uses_deepspeed(acc):
             if not (path / DEEPSPEED_TAG).is_dir():
                 raise VlmalignError(f"{path}: not a DeepSpeed checkpoint; resume it without DeepSpeed, or start a new run.dir")

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from vlmalign.config import DPOConfig, PrefsConfig, RunConfig
 from vlmalign.data.collate import Collator, EncodedSample
-from vlmalign.data.formats import PreferencePair, Turn, read_preference_pairs
+from vlmalign.data.formats import PreferencePair, read_json, read_preference_pairs, Turn
 from vlmalign.errors import ConfigError, DataError
 from vlmalign.losses import dpo_loss, sequence_logps, sft_loss
 from vlmalign.model.policy import MANIFEST, build_model, labelled_logits
@@ -227,7 +227,7 @@ def run_iterative(cfg: DPOConfig) -> Path:
     for t in range(1, loop.iterations + 1):
         it_dir = root / f"iter-{t:02d}"
         contexts_path = it_dir / "contexts.json"
-        done = json.loads((it_dir / "summary.json").read_text()) if (it_dir / "summary.json").is_file() else None
+        done = read_json(it_dir / "summary.json") if (it_dir / "summary.json").is_file() else None
         if done is not None and (Path(done["policy_out"]) / MANIFEST).is_file():
             final = Path(done["policy_out"])
             print(f"iteration {t}: done ({final})", flush=True)
@@ -271,7 +271,7 @@ def run_iterative(cfg: DPOConfig) -> Path:
             if loop.eval_qa:
                 record["eval"] = _evaluate(final, loop, cfg.data.feature_cache, it_dir)
             (it_dir / "summary.json").write_text(json.dumps(record, indent=2))
-        summary.append(json.loads((it_dir / "summary.json").read_text()))
+        summary.append(read_json(it_dir / "summary.json"))
         first = first if first is not None else contexts
         previous = contexts
         policy = str(final)
