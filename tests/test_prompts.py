@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -112,8 +113,18 @@ def test_unknown_names():
         load_prompt("judge.nope")
     with pytest.raises(VlmalignError, match="family.key"):
         load_prompt("compare")
-    with pytest.raises(VlmalignError, match="does not exist"):
+    with pytest.raises(VlmalignError, match="does not exist$"):
         load_prompt("judge.compare", path="/no/such/prompts.yaml")
+
+
+def test_a_missing_relative_prompt_path_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    """configs/tiny name their prompts relative to the repository: run from elsewhere, the error
+    must say that the path was read from the working folder, and which."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(VlmalignError) as e:
+        load_prompt("context.narrative_part", path="configs/tiny/prompts")
+    assert str(e.value) == (f"prompt file configs/tiny/prompts does not exist (relative paths are read from "
+                            f"the working folder, {Path.cwd()})")
 
 
 @pytest.mark.parametrize("reply, expected", [

@@ -159,7 +159,9 @@ def _user_families(path) -> dict[str, dict[str, Prompt]]:
     elif p.is_file():
         files = [p]
     else:
-        raise VlmalignError(f"prompt file {p} does not exist")
+        # Config files name paths relative to the folder a command runs in, not to the config file.
+        where = "" if p.is_absolute() else f" (relative paths are read from the working folder, {Path.cwd()})"
+        raise VlmalignError(f"prompt file {p} does not exist{where}")
     return {f.stem: _read_family(f) for f in files}
 
 
