@@ -25,10 +25,9 @@ from pathlib import Path
 
 import yaml
 
-from vlmalign.data.formats import VIDEO_TOKEN
+from vlmalign.data.formats import VIDEO_TOKEN, read_json
 from vlmalign.errors import DataError, VlmalignError
 from vlmalign.feedback.preferences import load_contexts, video_key
-from vlmalign.data.formats import read_json
 from vlmalign.inspect.jsonfiles import read_json_object, read_jsonl
 
 # folders that hold weights, caches or media, never artifacts to show
