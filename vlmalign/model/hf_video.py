@@ -79,7 +79,7 @@ from safetensors.torch import load_file, save_file
 
 from vlmalign.config import ModelConfig, QuantizationConfig, config_from_dict, to_dict
 from vlmalign.data.features import VideoCache, frame_count_and_rate, load_frames_at
-from vlmalign.data.formats import VIDEO_TOKEN, read_json, Turn
+from vlmalign.data.formats import VIDEO_TOKEN, Turn, read_json
 from vlmalign.data.template import IGNORE_INDEX, Encoded
 from vlmalign.errors import ConfigError, DataError
 from vlmalign.model.generation import DecodeState, cache_name, left_positions

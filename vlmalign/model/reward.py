@@ -25,7 +25,7 @@ from torch import nn
 
 from vlmalign.config import ModelConfig
 from vlmalign.data.collate import Collator, EncodedSample
-from vlmalign.data.formats import VIDEO_TOKEN, read_json, Turn
+from vlmalign.data.formats import VIDEO_TOKEN, Turn, read_json
 from vlmalign.data.template import IGNORE_INDEX
 from vlmalign.errors import ConfigError
 from vlmalign.model.policy import Policy, build_model, load_model

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from vlmalign.config import DPOConfig, PrefsConfig, RunConfig
 from vlmalign.data.collate import Collator, EncodedSample
-from vlmalign.data.formats import PreferencePair, read_json, read_preference_pairs, Turn
+from vlmalign.data.formats import PreferencePair, Turn, read_json, read_preference_pairs, write_json
 from vlmalign.errors import ConfigError, DataError
 from vlmalign.losses import dpo_loss, sequence_logps, sft_loss
 from vlmalign.model.policy import MANIFEST, build_model, labelled_logits
@@ -232,6 +232,7 @@ def run_iterative(cfg: DPOConfig) -> Path:
             final = Path(done["policy_out"])
             print(f"iteration {t}: done ({final})", flush=True)
             contexts = load_contexts(contexts_path) or {}
+            record = done
         else:
             print(f"iteration {t}/{loop.iterations}: policy {policy}", flush=True)
             set_seed(cfg.train.seed + t)
@@ -270,12 +271,12 @@ def run_iterative(cfg: DPOConfig) -> Path:
             record = {"iteration": t, "policy_in": str(policy), "policy_out": str(final), **stats}
             if loop.eval_qa:
                 record["eval"] = _evaluate(final, loop, cfg.data.feature_cache, it_dir)
-            (it_dir / "summary.json").write_text(json.dumps(record, indent=2))
-        summary.append(read_json(it_dir / "summary.json"))
+            write_json(it_dir / "summary.json", record, indent=2)  # atomic: it marks the iteration done
+        summary.append(record)
         first = first if first is not None else contexts
         previous = contexts
         policy = str(final)
-    (root / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(root / "summary.json", summary, indent=2)
     for rec in summary:
         acc = rec.get("eval", {}).get("all")
         print(
