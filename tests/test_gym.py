@@ -295,7 +295,8 @@ def test_judged_methods_run_with_their_twins_and_controls_from_one_command(tmp_p
     """`vlmalign gym --methods isr_dpo,vlm_rlaif,ppo,ppo_oracle` at toy sizes: the reader judge is
     trained and probed, each judged method runs with its context-free twin and its control, and the
     table says what the judge read and how often it agreed with the oracle; the oracle's RM + PPO
-    trains its reward model on DPO's oracle pairs, and PPO on the oracle's scores needs none.
+    trains its reward model on oracle pairs of its own `rm_questions`, PPO on the oracle's scores
+    needs none, and every PPO row takes the budget's KL coefficient.
     (Whether they learn is the full gym's question: docs/results.md.) It runs from a folder outside
     the repository, as users run the gym: no stage may read a path relative to the repository."""
     from vlmalign.gym import run_gym
@@ -305,8 +306,8 @@ def test_judged_methods_run_with_their_twins_and_controls_from_one_command(tmp_p
 
     toy = GymBudget(videos=40, splits=(0.6, 0.1, 0.3), max_objects=1, sft_epochs=1, sft_batch_size=8, sft_lr=1.5e-3, reader_epochs=1,
                     reader_first_types=("colour",), reader_first_epochs=1,
-                    dpo_questions=12, dpo_epochs=2, isr_iterations=2, rm_questions=12, ppo_rollouts=1, eval_limit=12,
-                    methods=("isr_dpo", "vlm_rlaif", "ppo", "ppo_oracle"))
+                    dpo_questions=12, dpo_epochs=2, isr_iterations=2, rm_questions=16, ppo_rollouts=1, ppo_kl_coef=0.5,
+                    eval_limit=12, methods=("isr_dpo", "vlm_rlaif", "ppo", "ppo_oracle"))
     (run,) = run_gym(tmp_path / "gym", toy, seeds=(0,), command="vlmalign gym --methods isr_dpo,vlm_rlaif,ppo,ppo_oracle")
     # the reader's first stage read the colour records alone, and the mix continued from it
     gym = tmp_path / "gym"
@@ -330,11 +331,14 @@ def test_judged_methods_run_with_their_twins_and_controls_from_one_command(tmp_p
                              ("isr_dpo-control/iter-01", "random")):
         stats = json.loads((seed_dir / run_dir / "stats.json").read_text())
         assert stats["judge"].startswith(backend), stats["judge"]
-    # the oracle's reward model: every good answer against every poor one of DPO's scored samples
-    dpo_pairs = [(r["chosen"], r["rejected"]) for r in map(json.loads, (seed_dir / "dpo" / "prefs" / "preferences.jsonl").open())]
+    # the oracle's reward model: every good answer against every poor one of its own rm_questions'
+    # samples, scored as DPO's (DPO, not run here, would sample its dpo_questions in dpo/prefs)
+    scored = [json.loads(line) for line in (seed_dir / "ppo" / "prefs" / "samples.jsonl").read_text().splitlines()]
+    assert len(scored) == 16 and len(scored[0]["answers"]) == 6 and not (seed_dir / "dpo").exists()
+    dpo_style = [(r["chosen"], r["rejected"]) for r in map(json.loads, (seed_dir / "ppo" / "prefs" / "preferences.jsonl").open())]
     rm_data = seed_dir / "ppo" / "every_pair.jsonl"
     rm_pairs = [(r["chosen"], r["rejected"]) for r in map(json.loads, rm_data.open())]
-    assert not (seed_dir / "ppo" / "prefs").exists() and set(dpo_pairs) <= set(rm_pairs)
+    assert set(dpo_style) <= set(rm_pairs)
     assert str(rm_data) in (seed_dir / "ppo" / "rm" / "config.yaml").read_text()
     swapped = [json.loads(line) for line in (seed_dir / "ppo-control" / "swapped.jsonl").read_text().splitlines()]
     assert [(r["chosen"], r["rejected"]) for r in swapped] == [(b, a) for a, b in rm_pairs]
@@ -343,6 +347,8 @@ def test_judged_methods_run_with_their_twins_and_controls_from_one_command(tmp_p
         cfg = yaml.safe_load((seed_dir / name / "config.yaml").read_text())
         assert (cfg["reward"], cfg["judge"]["backend"], cfg["reward_model"]) == ("judge", backend, ""), name
         assert not (seed_dir / name / "rm").exists()
+    for name in ("ppo_oracle", "ppo_oracle-control", "ppo/ppo", "ppo-control/ppo", "vlm_rlaif/ppo", "vlm_rlaif-none/ppo"):
+        assert yaml.safe_load((seed_dir / name / "config.yaml").read_text())["ppo"]["kl_coef"] == 0.5, name
     # ISR-DPO's questions: short and describe ones of the same videos (listing every describe question
     # first had left no short one once the training videos outnumbered the questions asked)
     asked = [json.loads(line)["id"] for line in (seed_dir / "isr_dpo" / "iter-01" / "samples.jsonl").read_text().splitlines()]

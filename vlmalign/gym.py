@@ -17,7 +17,8 @@ Per seed, from one benchmark:
             grpo_rank  Oracle-RLAIF's rank advantage on the oracle's ranking
             grpo_rank_monotone  the same ranking, an advantage that always prefers better-ranked
                        answers (losses.grpo_rank_monotone_advantages)
-            ppo        VLM-RLAIF's RM + PPO: a reward model on DPO's oracle pairs, PPO against it
+            ppo        VLM-RLAIF's RM + PPO: a reward model on oracle pairs (scored as DPO's, from a sample
+                       of its own), PPO against it
             ppo_oracle PPO with the oracle's 1-5 score as its reward, no reward model: RM + PPO with a
                        perfect reward model, which tells what the reward model costs from what PPO does
   controls  the same run with the feedback destroyed, same budget: grpo and ppo_oracle on random
@@ -109,14 +110,17 @@ class GymBudget:
     dpo_sft_weight: float = 1.0
     grpo_rollouts: int = 150
     grpo_lr: float = 3e-4
-    # Questions whose 2 samples a judge compares for VLM-RLAIF's reward model (the judged rows). The
-    # oracle's RM + PPO trains its reward model on DPO's pairs instead: judged pairwise, 690 of 800
-    # seed-0 pairs were ties (both answers equally right or wrong; docs/results.md).
+    # The reward models' training questions. VLM-RLAIF's: 2 samples each, compared by a judge (the
+    # judged rows). The oracle's RM + PPO scores 6 samples of each as DPO's pairs are scored and takes
+    # every good-against-poor pair (judged pairwise, 690 of 800 seed-0 pairs were ties: both answers
+    # equally right or wrong; docs/results.md).
     rm_questions: int = 800
     # RM + PPO takes GRPO's budget (rollouts of 16 questions, lr), as declared before it was run; the
     # reward model trains on its pairs with configs/tiny/rm.yaml's own settings.
     ppo_rollouts: int = 150
     ppo_lr: float = 3e-4
+    # PPO's KL coefficient for every PPO row (None: configs/tiny/ppo.yaml's 0.1, VLM-RLAIF's released value).
+    ppo_kl_coef: float | None = None
     # The reader judge: a fresh model of the policy's size, SFT on text only (4 contexts per training
     # question). Declared before it was run: the SFT models' own batch and optimiser, 8 epochs.
     reader_epochs: int = 8
@@ -175,8 +179,12 @@ GRID = GymBudget(videos=2400, splits=(0.875, 0.035, 0.09), frame_grid=2, visual_
 # (3 epochs of colour first, then the mix at configs/tiny/sft.yaml's lr 2e-3, cosine) read colour but
 # lost shape and never read direction: 73.6% with the caption on 3 seeds; this one 95.2% on seed 0's
 # probe, every type above 92% (docs/results.md).
+# Its reward models (declared before it ran, eighteenth session): 3,200 training questions each, and PPO
+# at KL 0.5. With 800 the oracle pairs' reward model reached ~61% held out and RM + PPO lost 2.4 ± 11.7;
+# with 3,200 it reached 65-73%, and PPO at 0.1 found off-topic answers its reward model never saw
+# ("it is a yellow." to shape questions), while at 0.5 it gained +14.2 ± 8.2 (docs/results.md).
 PERCEPTION = dataclasses.replace(GRID, sft_lr=1e-3, sft_scheduler="constant", sft_weight_decay=0.01, perception_steps=3000,
-                                 reader_epochs=2)
+                                 reader_epochs=2, rm_questions=3200, ppo_kl_coef=0.5)
 DESIGNS = {"perception": PERCEPTION, "grid": GRID, "pooled": POOLED, "quick": QUICK}
 
 
@@ -248,15 +256,16 @@ class Gym:
             write_json(data, rows)  # seeds may run side by side: each writes the same rows, whole
         return self.sft("perception", [data.name], steps=self.budget.perception_steps)
 
-    def oracle_pairs(self, start: Path) -> Path:
-        """The oracle's preference pairs (DPO/prefs): 6 samples of the start per question, scored 1-5,
-        chosen >= 3 against rejected <= 2. Every oracle-fed pairwise method (DPO, the reward model of
-        RM + PPO) learns from these same pairs."""
+    def oracle_pairs(self, start: Path, name: str = "dpo", questions: int | None = None) -> Path:
+        """The oracle's preference pairs (NAME/prefs): 6 samples of the start for each of `questions`
+        training questions (DPO's `dpo_questions` by default), scored 1-5, chosen >= 3 against
+        rejected <= 2: DPO's pairs, and the samples of RM + PPO's reward model."""
         from vlmalign.feedback import preferences
 
-        prefs_dir = self.out / "dpo" / "prefs"
+        prefs_dir = self.out / name / "prefs"
         if not (prefs_dir / "stats.json").is_file():
-            preferences.run(self.pipe.prefs_config(prefs_dir, start, preferences__limit=self.budget.dpo_questions))
+            preferences.run(self.pipe.prefs_config(
+                prefs_dir, start, preferences__limit=self.budget.dpo_questions if questions is None else questions))
         return prefs_dir / "preferences.jsonl"
 
     def dpo(self, start: Path, control: bool) -> Path:
@@ -284,19 +293,19 @@ class Gym:
             eval_qa="null", **judge, **self.common)))
 
     def ppo(self, start: Path, control: bool, name: str = "ppo", feedback: dict | None = None) -> Path:
-        """RM + PPO: a reward model on preference pairs (swapped for the control), PPO against it. The
-        pairs: the oracle's, from the samples DPO's pairs come from, every good answer of a question
-        against every poor one (`preferences.every_pair`: DPO keeps one pair per question, a reward
-        model learns from all of them); or, with `feedback` (judge and context settings of
-        make-prefs), 2 samples per question judged pairwise, VLM-RLAIF's protocol, in NAME/prefs. The
-        runs live in NAME[-control]/."""
+        """RM + PPO: a reward model on preference pairs of `rm_questions` training questions (swapped
+        for the control), PPO against it. The pairs: the oracle's, its samples scored as DPO's
+        (`oracle_pairs`, in NAME/prefs), every good answer of a question against every poor one
+        (`preferences.every_pair`: DPO keeps one pair per question, a reward model learns from all of
+        them); or, with `feedback` (judge and context settings of make-prefs), 2 samples per question
+        judged pairwise, VLM-RLAIF's protocol, in NAME/prefs. The runs live in NAME[-control]/."""
         from vlmalign.feedback import preferences
         from vlmalign.train import ppo, rm
 
         if feedback is None:
-            dpo_pairs = self.oracle_pairs(start)
-            thresholds = self.pipe.prefs_config(dpo_pairs.parent, start).preferences  # the settings DPO's pairs took
-            pairs = preferences.every_pair(dpo_pairs, self.out / name / "every_pair.jsonl",
+            scored = self.oracle_pairs(start, name, self.budget.rm_questions)
+            thresholds = self.pipe.prefs_config(scored.parent, start).preferences  # the settings its pairs took
+            pairs = preferences.every_pair(scored, self.out / name / "every_pair.jsonl",
                                            thresholds.chosen_min, thresholds.rejected_max)
         else:
             prefs_dir = self.out / name / "prefs"
@@ -313,8 +322,7 @@ class Gym:
             data__train=f"[{pairs}]", **self.common)))
         return ppo.run(load_config(PPOConfig, CONFIGS / "ppo.yaml", _sets(
             run__dir=self.out / run_name / "ppo", model__init_from=start, reward_model=rm_final, eval_qa="null",
-            data__train=f"[{self.bench}/sft_easy.json]", train__max_steps=self.budget.ppo_rollouts,
-            train__lr=self.budget.ppo_lr, train__seed=self.seed, **self.common)))
+            data__train=f"[{self.bench}/sft_easy.json]", **self.ppo_budget(), **self.common)))
 
     def ppo_oracle(self, start: Path, control: bool) -> Path:
         """PPO on the oracle's 1-5 scores (the random judge's for the control), RM + PPO's budget; no
@@ -325,8 +333,13 @@ class Gym:
         return ppo.run(load_config(PPOConfig, CONFIGS / "ppo.yaml", _sets(
             run__dir=self.out / ("ppo_oracle-control" if control else "ppo_oracle"), model__init_from=start,
             reward="judge", reward_model="", eval_qa="null", data__train=f"[{self.bench}/sft_easy.json]",
-            train__max_steps=self.budget.ppo_rollouts, train__lr=self.budget.ppo_lr, train__seed=self.seed,
-            **judge, **self.common)))
+            **self.ppo_budget(), **judge, **self.common)))
+
+    def ppo_budget(self) -> dict:
+        """Every PPO row's budget: rollouts, lr, seed, and the KL coefficient where the budget sets one."""
+        b = self.budget
+        kl = {} if b.ppo_kl_coef is None else {"ppo__kl_coef": b.ppo_kl_coef}
+        return {"train__max_steps": b.ppo_rollouts, "train__lr": b.ppo_lr, "train__seed": self.seed, **kl}
 
     # --- the reader judge and the methods it feeds ---------------------------------------------------
     def reader(self) -> Path:
