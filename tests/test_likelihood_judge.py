@@ -87,3 +87,43 @@ def test_likelihood_judge_of_the_policy_follows_its_weights(tiny_policy, tiny_be
         model.language_model.get_input_embeddings().weight.add_(0.1)
     second = judge.score([JudgeRequest(q.video, q.question, ("Red.",))])[0]
     assert not second.cached and second.value != pytest.approx(first.value, abs=1e-6)
+
+
+def test_likelihood_judge_calls_a_tie_under_its_margin_and_caches_apart(tiny_policy, tiny_bench, tmp_path):
+    """judge.tie_margin: two answers whose log-probabilities differ by less than the margin make no
+    preference (status "tie", which make-prefs drops as such); wider gaps are judged as without one.
+    Verdicts cached without a margin are not read back by a judge with one."""
+    from vlmalign.errors import JudgeError
+    from vlmalign.feedback.preferences import build_records
+    from vlmalign.config import PrefsConfig
+    from vlmalign.model.generation import Sample
+
+    questions = read_questions([str(tiny_bench / "sft_easy.json")], None)[:4]
+    pairs = [("Red.", "It is blue."), ("It is red.", "It moves to the left."), ("Blue.", "Two."), ("Green.", "It is a circle.")]
+    requests = [JudgeRequest(q.video, q.question, p) for q, p in zip(questions, pairs)]
+    cache = tmp_path / "cache.sqlite"
+    plain = build_judge(JudgeConfig(backend="likelihood", model=str(tiny_policy), max_length=512), cache, progress=False)
+    scores = [plain.score([JudgeRequest(r.video, r.question, (a,)) for a in r.answers]) for r in requests]
+    gaps = [abs(a.value - b.value) for a, b in scores]
+    margin = (min(gaps) + max(gaps)) / 2
+    assert min(gaps) < margin < max(gaps)
+    plain_verdicts = plain.compare(requests)
+
+    judge = build_judge(JudgeConfig(backend="likelihood", model=str(tiny_policy), max_length=512, tie_margin=margin), cache,
+                        progress=False)
+    verdicts = judge.compare(requests)
+    assert judge.stats()["cache_hits"] == 0  # the margin is part of what a verdict was judged under
+    for gap, (a, b), verdict, plain_verdict in zip(gaps, scores, verdicts, plain_verdicts):
+        if gap < margin:
+            assert (verdict.status, verdict.value) == ("tie", None)
+        else:
+            assert (verdict.status, verdict.value) == ("ok", 0 if a.value >= b.value else 1) == ("ok", plain_verdict.value)
+    # make-prefs keeps a pair only where the judge preferred one answer
+    samples = [[Sample(a, [], [0.0], True) for a in p] for p in pairs]
+    records, dropped = build_records(PrefsConfig(), questions, samples, verdicts, {}, seed=0)
+    assert len(records) == sum(g >= margin for g in gaps) and dropped == {"tie": sum(g < margin for g in gaps)}
+
+    for bad in (JudgeConfig(backend="likelihood", model=str(tiny_policy), tie_margin=-1.0),
+                JudgeConfig(backend="oracle", bench=str(tiny_bench), tie_margin=1.0)):
+        with pytest.raises(JudgeError, match="judge.tie_margin"):
+            build_judge(bad, tmp_path / "other.sqlite", progress=False)

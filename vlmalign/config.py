@@ -200,6 +200,9 @@ class JudgeConfig:
     max_length: int = 2048  # reward, likelihood: tokens of one answer's input, visual tokens included
     read_video: bool = True  # hf, likelihood: show the judge model the video; false: it reads context and question only
     swap_check: bool = False  # compare: judge (A,B) and (B,A), keep consistent verdicts only
+    # likelihood, reward: compare calls a tie (no preference pair) when the two answers' scores differ
+    # by less than this (log-probability in nats, or reward); 0: the higher score always wins.
+    tie_margin: float = 0.0
     explain: bool = False  # score: a short explanation, then "Score: N" (LLaVA-Hound's judge)
     prompts: str | None = None  # a user prompt YAML file or folder overriding the packaged ones
     cache: str | None = None  # SQLite file; None = <run dir>/judge_cache.sqlite

@@ -43,6 +43,8 @@ Backends
   then question), and compares and ranks by that score. The gym's reader judge, a small model
   trained on true answers after captions, judges this way.
 - `reward` (`RewardJudge`): a reward model trained by `train-rm` scores, compares and ranks by reward.
+  Both scoring backends can call a comparison a tie (`cfg.tie_margin`): two answers whose scores
+  differ by less than the margin make no preference pair.
 
 - `random` (`RandomJudge`): the negative control of the gym; verdicts drawn at random (seeded by
   `cfg.seed` and the item), so whatever a method gains under it does not come from feedback.
@@ -755,14 +757,22 @@ class HFJudge(_LocalModelJudge, _PromptedJudge):
 # ------------------------------------------------------------------------------------- reward
 
 
-def _scored_judgment(judge_id: str, task: _Task, scores: list[float], what: str, model: str) -> CachedJudgment:
+def _scoring_params(cfg: JudgeConfig) -> dict:
+    """What a scoring backend's cached verdicts depend on besides the prompt (the tie margin only
+    where one is set, so that verdicts cached without one stay valid)."""
+    return {"max_length": cfg.max_length, **({"tie_margin": cfg.tie_margin} if cfg.tie_margin else {})}
+
+
+def _scored_judgment(judge_id: str, task: _Task, scores: list[float], what: str, model: str,
+                     tie_margin: float = 0.0) -> CachedJudgment:
     """The judgment of a backend that gives each answer a number (reward, log-probability): score:
-    the number; compare: the higher one (A on a tie); rank: by number, best first (ties by position).
-    The raw record lists the numbers."""
+    the number; compare: the higher one (A on equal numbers), or a tie (value None) when they differ
+    by less than `tie_margin`; rank: by number, best first (ties by position). The raw record lists
+    the numbers."""
     if task.kind == "score":
         value = scores[0]
     elif task.kind == "compare":
-        value = 0 if scores[0] >= scores[1] else 1
+        value = None if abs(scores[0] - scores[1]) < tie_margin else 0 if scores[0] >= scores[1] else 1
     else:
         value = sorted(range(task.n), key=lambda i: (-scores[i], i))
     raw = f"{what}: " + ", ".join(f"{x:.6g}" for x in scores)
@@ -772,14 +782,15 @@ def _scored_judgment(judge_id: str, task: _Task, scores: list[float], what: str,
 class RewardJudge(_LocalModelJudge):
     """A trained vlmalign reward model (`train-rm`) as the judge: Oracle-RLAIF's oracle. It sees the
     video and reads question and answer; it ignores any text context. score: the answer's reward (a
-    real number, not 1-5); compare: the answer with the higher reward (A on a tie); rank: answers by
-    reward, best first (ties by position). The raw record lists the rewards."""
+    real number, not 1-5); compare: the answer with the higher reward (A on equal rewards; a tie
+    under `cfg.tie_margin`); rank: answers by reward, best first (ties by position). The raw record
+    lists the rewards."""
 
     backend = "reward"
 
     def _task(self, kind: str, request: JudgeRequest) -> _Task:
         text = json.dumps([request.question, list(request.answers)], ensure_ascii=False)
-        key = judgment_key(self.id, f"reward.{kind}", text, request.video, {"max_length": self.cfg.max_length})
+        key = judgment_key(self.id, f"reward.{kind}", text, request.video, _scoring_params(self.cfg))
         return _Task(kind, f"reward.{kind}", text, request.video, key, len(request.answers), request)
 
     def _run(self, tasks: list[_Task], finish: Callable) -> None:
@@ -795,7 +806,7 @@ class RewardJudge(_LocalModelJudge):
             rewards = score_samples(self.model, collate, samples, size).tolist()
             for t in chunk:
                 own, rewards = rewards[: t.n], rewards[t.n :]
-                finish(t, _scored_judgment(self.id, t, own, "rewards", self.name))
+                finish(t, _scored_judgment(self.id, t, own, "rewards", self.name, self.cfg.tie_margin))
 
 
 # --------------------------------------------------------------------------------- likelihood
@@ -812,7 +823,8 @@ def likelihood_prompt(question: str, context: str, prompts=None, video=None) -> 
 class LikelihoodJudge(_LocalModelJudge):
     """A local model judges by reading: each answer's score is the log-probability the model gives
     it as its reply to judge.likelihood (the context, then the question), summed over the answer's
-    tokens. compare: the likelier answer (A on a tie); rank: answers by log-probability, best first
+    tokens. compare: the likelier answer (A on equal log-probabilities; a tie when they differ by less
+    than `cfg.tie_margin` nats); rank: answers by log-probability, best first
     (ties by position); score: the log-probability itself (a real number, not 1-5). Nothing is
     generated, so no reply can be unreadable; the raw record lists the log-probabilities.
 
@@ -827,7 +839,7 @@ class LikelihoodJudge(_LocalModelJudge):
         prompt_id, text = likelihood_prompt(request.question, request.context, self.cfg.prompts, video)
         answers = [_PLACEHOLDER.sub("", a) for a in request.answers]
         key = judgment_key(self.id, prompt_id, json.dumps([text, answers], ensure_ascii=False), video,
-                           {"max_length": self.cfg.max_length})
+                           _scoring_params(self.cfg))
         return _Task(kind, prompt_id, text, video, key, len(answers), dataclasses.replace(request, answers=tuple(answers)))
 
     def _run(self, tasks: list[_Task], finish: Callable) -> None:
@@ -855,7 +867,7 @@ class LikelihoodJudge(_LocalModelJudge):
                     logps = sequence_logps(*labelled_logits(self.model, batch, self.model.device)).tolist()
                 for t in chunk:
                     own, logps = logps[: t.n], logps[t.n :]
-                    finish(t, _scored_judgment(self.id, t, own, "log-probs", self.name))
+                    finish(t, _scored_judgment(self.id, t, own, "log-probs", self.name, self.cfg.tie_margin))
 
 
 # -------------------------------------------------------------------------------------- build
@@ -865,6 +877,9 @@ def build_judge(cfg: JudgeConfig, cache_path=None, model=None, visual=None, prog
     """The judge `cfg` describes, caching to `cfg.cache` or else `cache_path` (the caller's
     run-dir default). hf: cfg.model names a saved model to load, or is "policy" (or empty): then the
     judge is `model`, the loaded policy, with `visual` (its VisualInputs; default: no feature cache)."""
+    if cfg.tie_margin < 0 or (cfg.tie_margin and cfg.backend not in ("likelihood", "reward")):
+        raise JudgeError(f"judge.tie_margin: {cfg.tie_margin} (a margin of 0 or more, for the likelihood and reward "
+                         f"backends, which score answers; {cfg.backend} does not)")
     path = cfg.cache or cache_path
     if path is None:
         raise JudgeError("no judgment cache file: set judge.cache (or pass the run's cache path)")
