@@ -256,23 +256,22 @@ class Gym:
             write_json(data, rows)  # seeds may run side by side: each writes the same rows, whole
         return self.sft("perception", [data.name], steps=self.budget.perception_steps)
 
-    def oracle_pairs(self, start: Path, name: str = "dpo", questions: int | None = None) -> Path:
+    def oracle_pairs(self, start: Path, name: str, questions: int) -> Path:
         """The oracle's preference pairs (NAME/prefs): 6 samples of the start for each of `questions`
-        training questions (DPO's `dpo_questions` by default), scored 1-5, chosen >= 3 against
-        rejected <= 2: DPO's pairs, and the samples of RM + PPO's reward model."""
+        training questions, scored 1-5, chosen >= 3 against rejected <= 2: DPO's pairs, and the
+        samples of RM + PPO's reward model."""
         from vlmalign.feedback import preferences
 
         prefs_dir = self.out / name / "prefs"
         if not (prefs_dir / "stats.json").is_file():
-            preferences.run(self.pipe.prefs_config(
-                prefs_dir, start, preferences__limit=self.budget.dpo_questions if questions is None else questions))
+            preferences.run(self.pipe.prefs_config(prefs_dir, start, preferences__limit=questions))
         return prefs_dir / "preferences.jsonl"
 
     def dpo(self, start: Path, control: bool) -> Path:
         from vlmalign.feedback import preferences
         from vlmalign.train import dpo
 
-        pairs = self.oracle_pairs(start)
+        pairs = self.oracle_pairs(start, "dpo", self.budget.dpo_questions)
         if control:
             pairs = preferences.swap_preferences(pairs, self.out / "dpo-control" / "swapped.jsonl")
         return dpo.run(load_config(DPOConfig, CONFIGS / "dpo.yaml", _sets(
