@@ -56,8 +56,12 @@ def test_likelihood_judge_scores_compares_and_ranks_by_answer_log_probability(ti
     assert all(j.status == "ok" and j.prompt == "judge.likelihood@v1" for j in scored + ranked + compared)
     assert [j.value for j in scored] == pytest.approx([x for row in expected for x in row], abs=1e-4)
     for row, rank, comp in zip(expected, ranked, compared):
-        assert rank.value == sorted(range(3), key=lambda i: -row[i]) and rank.raw.startswith("log-probs: ")
+        # each answer's rank: how many answers are likelier (0 = best)
+        assert rank.value == [sorted(row, reverse=True).index(x) for x in row] and rank.raw.startswith("log-probs: ")
         assert comp.value == (0 if row[1] >= row[2] else 1)
+    # a ranking of two answers is not read back from the cached comparison of the same two
+    pairs = judge.rank([JudgeRequest(q.video, q.question, answers[1:], context=context) for q in questions])
+    assert [j.value for j in pairs] == [[0, 1] if row[1] > row[2] else [1, 0] for row in expected]
     # what the judge reads matters: the video (when shown) and the context change the scores
     without_context = judge.score([JudgeRequest(questions[0].video, questions[0].question, (answers[0],))])[0].value
     assert without_context != pytest.approx(expected[0][0], abs=1e-4)

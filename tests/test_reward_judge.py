@@ -52,7 +52,8 @@ def test_reward_judge_scores_compares_and_ranks_by_reward(tiny_reward_model, tin
     assert all(j.status == "ok" for j in ranked + scored + compared)
     assert [j.value for j in scored] == pytest.approx([r for row in expected for r in row], abs=1e-5)
     for row, rank, comp in zip(expected, ranked, compared):
-        assert rank.value == sorted(range(3), key=lambda i: -row[i]) and rank.raw.startswith("rewards: ")
+        # each answer's rank: how many answers have a higher reward (0 = best)
+        assert rank.value == [sorted(row, reverse=True).index(r) for r in row] and rank.raw.startswith("rewards: ")
         assert comp.value == (0 if row[0] >= row[1] else 1)
     assert len({tuple(round(r, 4) for r in row) for row in expected}) > 1  # the video changes the rewards
     # cached: asked again, nothing is computed
@@ -91,6 +92,23 @@ def test_grpo_and_make_prefs_take_the_reward_judge(tiny_policy, tiny_reward_mode
     ordered = sum(len(set(oracle.rank(questions[r["id"]].video, questions[r["id"]].question, [a["text"] for a in r["answers"]]))) > 1
                   for r in samples)
     assert len(samples) == 4 and stats["oracle_agreement"]["n"] == ordered
+    # every pair: the answer with the highest reward against the one with the lowest
+    for record in map(json.loads, path.read_text().splitlines()):
+        rewards = [float(x) for x in record["judge_replies"][0].split(":")[1].split(",")]
+        reward = dict(zip(record["answers"], rewards))
+        assert reward[record["chosen"]] == max(rewards) and reward[record["rejected"]] == min(rewards)
     prefs.update({"preferences.method": "score_threshold", "run.dir": str(tmp_path / "bad")})
     with pytest.raises(ConfigError, match="use pairwise or ranked"):
         preferences.run(load_config(PrefsConfig, "configs/tiny/prefs.yaml", [f"{k}={v}" for k, v in prefs.items()]))
+
+
+def test_a_scoring_judge_ranks_each_answer_by_how_many_score_higher():
+    """A ranking is each answer's rank (0 = best), the convention of Oracle.rank, parse_ranking,
+    GRPO_rank and make-prefs, not the answers listed best first: the two differ whenever the order is
+    not its own inverse, as here."""
+    from vlmalign.feedback.judges import _scored_judgment, _Task
+
+    task = _Task("rank", "reward.rank", "", None, "key", 4)
+    # answer 2 scores highest and answer 0 lowest: best first [2, 3, 1, 0], ranks [3, 2, 0, 1]
+    assert _scored_judgment("judge", task, [-1.0, 0.5, 2.0, 1.0], "rewards", "rm").value == [3, 2, 0, 1]
+    assert _scored_judgment("judge", task, [1.0, 1.0, 3.0, 0.0], "rewards", "rm").value == [1, 1, 0, 3]  # a tie shares

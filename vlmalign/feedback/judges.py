@@ -757,24 +757,29 @@ class HFJudge(_LocalModelJudge, _PromptedJudge):
 # ------------------------------------------------------------------------------------- reward
 
 
-def _scoring_params(cfg: JudgeConfig) -> dict:
+def _scoring_params(cfg: JudgeConfig, kind: str) -> dict:
     """What a scoring backend's cached verdicts depend on besides the prompt (the tie margin only
-    where one is set, so that verdicts cached without one stay valid)."""
-    return {"max_length": cfg.max_length, **({"tie_margin": cfg.tie_margin} if cfg.tie_margin else {})}
+    where one is set, so that verdicts cached without one stay valid). A ranking is marked apart:
+    the likelihood judge's prompt is the same for every kind, so a comparison of two answers would
+    otherwise answer a ranking of the same two; and rankings cached before 2026-12-05 held the
+    answers in order of score, not each answer's rank, and must not be read back."""
+    return {"max_length": cfg.max_length, **({"tie_margin": cfg.tie_margin} if cfg.tie_margin else {}),
+            **({"rank": "ranks per answer"} if kind == "rank" else {})}
 
 
 def _scored_judgment(judge_id: str, task: _Task, scores: list[float], what: str, model: str,
                      tie_margin: float = 0.0) -> CachedJudgment:
     """The judgment of a backend that gives each answer a number (reward, log-probability): score:
     the number; compare: the higher one (A on equal numbers), or a tie (value None) when they differ
-    by less than `tie_margin`; rank: by number, best first (ties by position). The raw record lists
-    the numbers."""
+    by less than `tie_margin`; rank: each answer's rank, 0 = best, the number of answers with a
+    higher number (equal numbers share a rank, as in `Oracle.rank`; the margin, which is not
+    transitive, does not apply). The raw record lists the numbers."""
     if task.kind == "score":
         value = scores[0]
     elif task.kind == "compare":
         value = None if abs(scores[0] - scores[1]) < tie_margin else 0 if scores[0] >= scores[1] else 1
     else:
-        value = sorted(range(task.n), key=lambda i: (-scores[i], i))
+        value = [sum(other > mine for other in scores) for mine in scores]
     raw = f"{what}: " + ", ".join(f"{x:.6g}" for x in scores)
     return CachedJudgment(judge_id, task.prompt, task.kind, raw, value, True, model)
 
@@ -783,14 +788,14 @@ class RewardJudge(_LocalModelJudge):
     """A trained vlmalign reward model (`train-rm`) as the judge: Oracle-RLAIF's oracle. It sees the
     video and reads question and answer; it ignores any text context. score: the answer's reward (a
     real number, not 1-5); compare: the answer with the higher reward (A on equal rewards; a tie
-    under `cfg.tie_margin`); rank: answers by reward, best first (ties by position). The raw record
+    under `cfg.tie_margin`); rank: each answer's rank by reward, 0 = best (equal rewards share one). The raw record
     lists the rewards."""
 
     backend = "reward"
 
     def _task(self, kind: str, request: JudgeRequest) -> _Task:
         text = json.dumps([request.question, list(request.answers)], ensure_ascii=False)
-        key = judgment_key(self.id, f"reward.{kind}", text, request.video, _scoring_params(self.cfg))
+        key = judgment_key(self.id, f"reward.{kind}", text, request.video, _scoring_params(self.cfg, kind))
         return _Task(kind, f"reward.{kind}", text, request.video, key, len(request.answers), request)
 
     def _run(self, tasks: list[_Task], finish: Callable) -> None:
@@ -824,8 +829,8 @@ class LikelihoodJudge(_LocalModelJudge):
     """A local model judges by reading: each answer's score is the log-probability the model gives
     it as its reply to judge.likelihood (the context, then the question), summed over the answer's
     tokens. compare: the likelier answer (A on equal log-probabilities; a tie when they differ by less
-    than `cfg.tie_margin` nats); rank: answers by log-probability, best first
-    (ties by position); score: the log-probability itself (a real number, not 1-5). Nothing is
+    than `cfg.tie_margin` nats); rank: each answer's rank by log-probability, 0 = best (equal ones
+    share a rank); score: the log-probability itself (a real number, not 1-5). Nothing is
     generated, so no reply can be unreadable; the raw record lists the log-probabilities.
 
     A model trained on true answers after a caption or a narrative (`vlmalign gym`'s reader judge)
@@ -839,7 +844,7 @@ class LikelihoodJudge(_LocalModelJudge):
         prompt_id, text = likelihood_prompt(request.question, request.context, self.cfg.prompts, video)
         answers = [_PLACEHOLDER.sub("", a) for a in request.answers]
         key = judgment_key(self.id, prompt_id, json.dumps([text, answers], ensure_ascii=False), video,
-                           _scoring_params(self.cfg))
+                           _scoring_params(self.cfg, kind))
         return _Task(kind, prompt_id, text, video, key, len(answers), dataclasses.replace(request, answers=tuple(answers)))
 
     def _run(self, tasks: list[_Task], finish: Callable) -> None:
