@@ -13,8 +13,14 @@ from vlmalign.gym import GymBudget, format_gym, gains, prior_split, tau_over_tra
 def test_prior_split_counts_by_truth_equal_to_the_prior(tiny_bench, tmp_path):
     questions = json.loads((tiny_bench / "qa_test.json").read_text())
     oracle = Oracle.from_dir(tiny_bench)
-    # every other answer judged right
-    preds = [{"id": q["question_id"], "video_name": q["video_name"], "question": q["question"]} for q in questions]
+    # every other answer judged right; every third answer states the question's prior
+    preds = []
+    for i, q in enumerate(questions):
+        parsed = syn.parse_question(q["question"])
+        prior = syn.PRIORS[parsed.qtype][parsed.template]
+        said = {"colour": f"It is {prior}.", "shape": f"A {prior}.", "count": f"There are {prior} objects.",
+                "direction": f"It moves {prior}."}[parsed.qtype] if i % 3 == 0 else "I cannot tell."
+        preds.append({"id": q["question_id"], "video_name": q["video_name"], "question": q["question"], "pred": said})
     verdicts = {p["id"]: i % 2 == 0 for i, p in enumerate(preds)}
     (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
     (tmp_path / "judgments.jsonl").write_text("".join(json.dumps({"id": k, "verdict": "yes" if v else "no"}) + "\n"
@@ -26,8 +32,11 @@ def test_prior_split_counts_by_truth_equal_to_the_prior(tiny_bench, tmp_path):
     assert 0 < sum(at_prior) < len(preds)
     hits_at = [verdicts[p["id"]] for p, a in zip(preds, at_prior) if a]
     hits_off = [verdicts[p["id"]] for p, a in zip(preds, at_prior) if not a]
+    stated_off = [i % 3 == 0 for i, a in enumerate(at_prior) if not a]
     split = prior_split(tiny_bench, tmp_path)
-    assert split == {"truth = prior": sum(hits_at) / len(hits_at), "truth != prior": sum(hits_off) / len(hits_off)}
+    assert split == {"truth = prior": sum(hits_at) / len(hits_at), "truth != prior": sum(hits_off) / len(hits_off),
+                     "prior stated": sum(stated_off) / len(stated_off)}
+    assert 0 < split["prior stated"] < 1
 
 
 def test_table_gains_are_over_each_seeds_own_start():

@@ -535,18 +535,25 @@ def reader_records(bench: Path, out: Path) -> Path:
 
 
 def prior_split(bench: Path, eval_dir: Path) -> dict:
-    """Accuracy on held-out questions whose truth equals the question's prior, and on the rest."""
+    """Accuracy on held-out questions whose truth equals the question's prior, and on the rest; and
+    on the rest, the share of answers that still state the prior ("prior stated"). A model that
+    leaves the prior without feedback (any drift flattens a peaked answer distribution) gains where
+    its second choice is the truth: this column tells leaving the prior from finding the truth."""
     from vlmalign.data import synthetic as syn
-    from vlmalign.feedback.oracle import Oracle
+    from vlmalign.feedback.oracle import Oracle, extract_values
 
     oracle = Oracle.from_dir(bench)
     predictions = [row for _, row in iter_json_records(eval_dir / "predictions.jsonl")]
     verdicts = {j["id"]: j["verdict"] == "yes" for _, j in iter_json_records(eval_dir / "judgments.jsonl")}
-    groups: dict[str, list[bool]] = {"truth = prior": [], "truth != prior": []}
+    groups: dict[str, list[bool]] = {"truth = prior": [], "truth != prior": [], "prior stated": []}
     for p in predictions:
         parsed = syn.parse_question(p["question"])
-        truth = syn.true_value(oracle.metadata(p["video_name"]), parsed)
-        groups["truth = prior" if truth == syn.prior_value(parsed) else "truth != prior"].append(verdicts[p["id"]])
+        prior = syn.prior_value(parsed)
+        if syn.true_value(oracle.metadata(p["video_name"]), parsed) == prior:
+            groups["truth = prior"].append(verdicts[p["id"]])
+        else:
+            groups["truth != prior"].append(verdicts[p["id"]])
+            groups["prior stated"].append(prior in extract_values(parsed.qtype, p["pred"]))
     return {name: (sum(v) / len(v) if v else None) for name, v in groups.items()}
 
 
@@ -810,16 +817,17 @@ def format_gym(runs: list[dict], manifest: dict, budget: GymBudget, command: str
         f"{m['invent_rate']}; {altered} of {short} short SFT answers state the question's prior instead of the truth, "
         f"{m['altered_sft_answers'].get('describe', 0)} of {m['sft_answers'].get('describe', 0)} descriptions gain an "
         f"invented object. Held-out accuracy (%) on {n_test} questions (greedy, oracle-judged), mean ± sd over seeds "
-        f"{seeds}; gain in points over each seed's own start.",
+        f"{seeds}; gain in points over each seed's own start; prior stated: where truth != prior, the answers that "
+        f"still state the prior.",
         "",
-        "| model | " + " | ".join(QTYPES) + " | all | truth = prior | truth != prior | gain (all) |",
-        "|---|" + "---|" * (len(QTYPES) + 4),
+        "| model | " + " | ".join(QTYPES) + " | all | truth = prior | truth != prior | prior stated | gain (all) |",
+        "|---|" + "---|" * (len(QTYPES) + 5),
     ]
     for name, label in ROWS.items():
         if name not in runs[0]:
             continue
         cols = [cell([100 * r[name][q] for r in runs if r.get(name, {}).get(q) is not None])
-                for q in (*QTYPES, "all", "truth = prior", "truth != prior")]
+                for q in (*QTYPES, "all", "truth = prior", "truth != prior", "prior stated")]
         gain = "" if name in ("perception", "ceiling", "start") else cell(gains(runs, name), signed=True)
         lines.append(f"| {label} | " + " | ".join(cols) + f" | {gain} |")
     for r in runs:
