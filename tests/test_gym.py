@@ -60,6 +60,11 @@ def test_table_gains_are_over_each_seeds_own_start():
     assert "4 of 12 short SFT answers" in text and "2 of 4 descriptions" in text and "1000 questions" in text
     assert "Gap (ceiling - start): +29.0 ± 1.4 points" in text and "`vlmalign gym --seeds 0,1`" in text
     assert "Kendall tau" not in text  # no rank method ran
+    # with a runner-up, the altered short answers are told apart: 1 of the 4 states the runner-up
+    manifest["misalignment"].update(runner_up_rate=0.6, runner_up_sft_answers={"colour": 1, "count": 0})
+    text = format_gym(runs, manifest, GymBudget(methods=("dpo",)), "vlmalign gym --seeds 0,1")
+    assert "3 of 12 short SFT answers state the question's prior instead of the truth, 1 its runner-up " \
+           "(runner-up rate 0.6), 2 of 4 descriptions" in text
 
 
 def test_kendall_tau_over_training_is_read_from_the_metrics(tmp_path):

@@ -341,6 +341,42 @@ def test_misalignment_alters_only_the_sft_answers(bench, injected):
     assert injected[1]["files"]["sft_clean_easy.json"]["records"] == len(easy)
 
 
+def test_a_runner_up_takes_answers_from_the_truth_and_none_from_the_prior(injected, tmp_path):
+    """`runner_up_rate` gives a share of the answers the prior leaves alone the question's runner-up
+    value: the prior's answers stay as they were at the same prior rate (one draw decides both), and
+    each runner-up answer states its runner-up, and only it, in the true answer's wording."""
+    from vlmalign.feedback.oracle import Oracle, extract_values
+
+    manifest = syn.generate_benchmark(tmp_path, num_videos=NUM_VIDEOS, seed=0, num_frames=NUM_FRAMES, size=SIZE,
+                                      misalignment=syn.Misalignment(prior_rate=0.5, invent_rate=0.5, runner_up_rate=0.6),
+                                      workers=0, progress=False)
+    for name in ("captions.json", "judge_train.json", "qa_test.json", "sft_hard.json", "sft_clean_easy.json", "metadata.jsonl"):
+        assert (tmp_path / name).read_bytes() == (injected[0] / name).read_bytes(), name
+    oracle = Oracle.from_dir(tmp_path)
+    before = {r["id"]: r for r in _load(injected, "sft_easy.json")}
+    truth = {r["id"]: r["conversations"][1]["value"] for r in _load(injected, "sft_clean_easy.json")}
+    runner_ups = Counter()
+    for r in json.loads((tmp_path / "sft_easy.json").read_text()):
+        question, answer = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        if before[r["id"]]["injected"]:  # the prior's answer, unchanged
+            assert r == before[r["id"]]
+            continue
+        assert r["injected"] == (answer != truth[r["id"]])
+        if r["injected"]:
+            parsed = syn.parse_question(question)
+            runner_up = syn.RUNNER_UPS[parsed.qtype][parsed.template]
+            assert extract_values(parsed.qtype, answer) == [runner_up] and runner_up != syn.prior_value(parsed)
+            assert not oracle.verdict(r["video"], question, answer).correct
+            runner_ups[parsed.qtype] += 1
+    m = manifest["misalignment"]
+    assert m["runner_up_rate"] == 0.6 and m["runner_up_sft_answers"] == {t: runner_ups[t] for t in syn.EASY_TYPES}
+    left = sum(not r["injected"] for r in before.values())
+    assert 0.3 < sum(runner_ups.values()) / left < 0.8  # 0.6 drawn, less the answers whose truth is the runner-up
+    assert "runner_up_rate" not in injected[1]["misalignment"]  # a benchmark without one records none
+    with pytest.raises(VlmalignError, match="runner_up_rate"):
+        syn.Misalignment(runner_up_rate=1.5)
+
+
 def test_priors_depend_on_the_wording_not_one_word():
     for qtype, priors in syn.PRIORS.items():
         assert len(set(priors)) > 1 and len(priors) == len(syn.QUESTION_TEMPLATES[qtype])

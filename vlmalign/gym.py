@@ -76,6 +76,9 @@ class GymBudget:
     # holds its prior and its samples still hold the truth. Declared here, the same for every method.
     prior_rate: float = 0.75
     invent_rate: float = 0.5
+    # Of the short answers the prior leaves alone, the share given the question's runner-up (a second
+    # wrong value, `synthetic.RUNNER_UPS`), so that the start's second choice is not the truth.
+    runner_up_rate: float = 0.0
     # SFT on 240 training videos: 4 epochs at batch 32 left even colour at chance (24%), 8 reached
     # colour 74% / count 78%; batch 8 did better at 4 epochs (50%) but not at 8 (52% / 47%). At 8 the
     # clean SFT was still learning (3 seeds: 40.5 +- 2.1 overall, and oracle-fed DPO and GRPO ended
@@ -720,10 +723,11 @@ def write_benchmark(bench: Path, budget: GymBudget, progress: bool) -> None:
     from vlmalign.data.synthetic import Misalignment, generate_benchmark
 
     print(f"[gym] benchmark: {budget.videos} videos, prior rate {budget.prior_rate}, invent rate "
-          f"{budget.invent_rate}", flush=True)
+          f"{budget.invent_rate}, runner-up rate {budget.runner_up_rate}", flush=True)
     generate_benchmark(bench, num_videos=budget.videos, seed=budget.bench_seed, splits=budget.splits,
                        max_objects=budget.max_objects,
-                       misalignment=Misalignment(budget.prior_rate, budget.invent_rate), progress=progress)
+                       misalignment=Misalignment(budget.prior_rate, budget.invent_rate, budget.runner_up_rate),
+                       progress=progress)
 
 
 def run_seeds(out: Path, budget: GymBudget, seeds: list[int], bench: Path, progress: bool, jobs: int) -> list[dict]:
@@ -806,15 +810,18 @@ def format_gym(runs: list[dict], manifest: dict, budget: GymBudget, command: str
         return text + (f" ± {sd:.{digits}f}" if len(values) > 1 else "")
 
     m = manifest["misalignment"]
-    altered = sum(v for k, v in m["altered_sft_answers"].items() if k != "describe")
+    runner_ups = sum(m.get("runner_up_sft_answers", {}).values())
+    altered = sum(v for k, v in m["altered_sft_answers"].items() if k != "describe") - runner_ups
     short = sum(v for k, v in m["sft_answers"].items() if k != "describe")
+    runner_up = (f", {runner_ups} its runner-up (runner-up rate {m['runner_up_rate']})" if runner_ups else "")
     n_test = manifest["files"]["qa_test.json"]["records"]
     seeds = [r["seed"] for r in runs]
     lines = [
         f"# Alignment gym: `{command}`",
         "",
         f"Declared misalignment (the same for every method): prior rate {m['prior_rate']}, invent rate "
-        f"{m['invent_rate']}; {altered} of {short} short SFT answers state the question's prior instead of the truth, "
+        f"{m['invent_rate']}; {altered} of {short} short SFT answers state the question's prior instead of the truth"
+        f"{runner_up}, "
         f"{m['altered_sft_answers'].get('describe', 0)} of {m['sft_answers'].get('describe', 0)} descriptions gain an "
         f"invented object. Held-out accuracy (%) on {n_test} questions (greedy, oracle-judged), mean ± sd over seeds "
         f"{seeds}; gain in points over each seed's own start; prior stated: where truth != prior, the answers that "
