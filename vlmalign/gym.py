@@ -540,8 +540,8 @@ def reader_records(bench: Path, out: Path) -> Path:
 def prior_split(bench: Path, eval_dir: Path) -> dict:
     """Accuracy on held-out questions whose truth equals the question's prior, and on the rest; and
     on the rest, the share of answers that still state the prior ("prior stated"). A model that
-    leaves the prior without feedback (any drift flattens a peaked answer distribution) gains where
-    its second choice is the truth: this column tells leaving the prior from finding the truth."""
+    leaves the prior with no information to go on (a control) still gains where its second choice is
+    the truth: this column tells leaving the prior from finding the truth."""
     from vlmalign.data import synthetic as syn
     from vlmalign.feedback.oracle import Oracle, extract_values
 

@@ -92,11 +92,11 @@ PRIORS: dict[str, tuple] = {
     "count": (2, 1, 2),
     "direction": ("left", "right", "up"),
 }
-# The runner-up value that a share of the short answers the prior leaves alone state instead of the truth
-# (`Misalignment.runner_up_rate`): a second wrong answer per type and template, never its prior. Without it the SFT model's
-# second choice is the truth, so a policy that leaves the prior for any reason, feedback or none,
-# gains (docs/results.md, "What moves in the controls that gain"). Count takes 3, which no video
-# of at most two objects has.
+# The runner-up value that a share of the short answers the prior leaves alone state instead of the
+# truth (`Misalignment.runner_up_rate`): a second wrong answer per type and template, never its
+# prior. Without it the SFT model's second choice is the truth, so a policy that leaves the prior
+# for any reason, feedback or none, gains (docs/results.md, "What moves in the controls that
+# gain"). Count takes 3, which no video of at most two objects has.
 RUNNER_UPS: dict[str, tuple] = {
     "colour": ("green", "blue", "red"),
     "shape": ("circle", "triangle", "square"),
@@ -741,7 +741,8 @@ def generate_benchmark(out_dir, num_videos: int = 600, seed: int = 0, num_frames
 
     compare_p, score_p = prompts.load_prompt("judge.compare"), prompts.load_prompt("judge.score")
     sft_easy, sft_hard, qa = [], [], {"val": [], "test": []}
-    clean_easy, clean_hard, injected, runner_up = [], [], {t: 0 for t in QUESTION_TYPES}, {t: 0 for t in EASY_TYPES}
+    clean_easy, clean_hard = [], []
+    injected, runner_up = {t: 0 for t in QUESTION_TYPES}, {t: 0 for t in EASY_TYPES}
     judge, mcq, generative, consistency, retrieval, action = [], [], [], [], [], []
     for meta in metas:
         vid, video, split = meta["id"], meta["video"], meta["split"]

@@ -788,8 +788,8 @@ class RewardJudge(_LocalModelJudge):
     """A trained vlmalign reward model (`train-rm`) as the judge: Oracle-RLAIF's oracle. It sees the
     video and reads question and answer; it ignores any text context. score: the answer's reward (a
     real number, not 1-5); compare: the answer with the higher reward (A on equal rewards; a tie
-    under `cfg.tie_margin`); rank: each answer's rank by reward, 0 = best (equal rewards share one). The raw record
-    lists the rewards."""
+    under `cfg.tie_margin`); rank: each answer's rank by reward, 0 = best (equal rewards share one).
+    The raw record lists the rewards."""
 
     backend = "reward"
 
