@@ -809,6 +809,7 @@ def format_gym(runs: list[dict], manifest: dict, budget: GymBudget, command: str
         text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
         return text + (f" ± {sd:.{digits}f}" if len(values) > 1 else "")
 
+    columns = (*QTYPES, "all", "truth = prior", "truth != prior", "prior stated")
     m = manifest["misalignment"]
     runner_ups = sum(m.get("runner_up_sft_answers", {}).values())
     altered = sum(v for k, v in m["altered_sft_answers"].items() if k != "describe") - runner_ups
@@ -827,14 +828,13 @@ def format_gym(runs: list[dict], manifest: dict, budget: GymBudget, command: str
         f"{seeds}; gain in points over each seed's own start; prior stated: where truth != prior, the answers that "
         f"still state the prior.",
         "",
-        "| model | " + " | ".join(QTYPES) + " | all | truth = prior | truth != prior | prior stated | gain (all) |",
-        "|---|" + "---|" * (len(QTYPES) + 5),
+        "| model | " + " | ".join(columns) + " | gain (all) |",
+        "|---|" + "---|" * (len(columns) + 1),
     ]
     for name, label in ROWS.items():
         if name not in runs[0]:
             continue
-        cols = [cell([100 * r[name][q] for r in runs if r.get(name, {}).get(q) is not None])
-                for q in (*QTYPES, "all", "truth = prior", "truth != prior", "prior stated")]
+        cols = [cell([100 * r[name][q] for r in runs if r.get(name, {}).get(q) is not None]) for q in columns]
         gain = "" if name in ("perception", "ceiling", "start") else cell(gains(runs, name), signed=True)
         lines.append(f"| {label} | " + " | ".join(cols) + f" | {gain} |")
     for r in runs:
